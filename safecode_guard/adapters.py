@@ -1,0 +1,160 @@
+"""The one place where model families differ: encoding the two views and stepping the cache.
+
+SafeCoDe's loop needs four things from a model: encode a batch of prompts
+with their images, prefill it, feed one more token per row, and drop rows
+from the KV cache. Hugging Face models already describe their per-family
+needs to `generate` through `prepare_inputs_for_generation`,
+`_prepare_position_ids_for_generation` and `_update_model_kwargs_for_generation`
+(M-RoPE positions for Qwen-VL, `token_type_ids` for PaliGemma and Gemma3, ...),
+so `Decoder` drives those same hooks instead of re-implementing them.
+
+What those hooks do not cover lives in `Quirks`, detected once per model:
+
+- processors that want one image list per sample (`images=[[a], [b]]`);
+- composite models whose top-level forward insists on `pixel_values` on every
+  call (InstructBLIP): decode steps go through their `language_model`;
+- per-row state kept on the model after a prefill (`rope_deltas` on Qwen-VL),
+  which must be sliced with the cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+__all__ = ["Decoder", "Quirks", "detect_quirks"]
+
+# Processors whose image argument is one list per sample in a batch.
+_NESTED_IMAGE_PROCESSORS = ("Idefics3Processor", "SmolVLMProcessor", "Gemma3Processor", "Idefics2Processor")
+
+# Keys that grow with the sequence (or describe it) and survive the prefill;
+# everything else the processor returned (pixels, grids, sizes) is prefill-only.
+_PER_TOKEN_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+
+
+@dataclass(frozen=True)
+class Quirks:
+    nested_images: bool
+    """The processor takes `images=[[...], [...]]`, one list per prompt."""
+    step_through_language_model: bool
+    """Decode steps must call `model.language_model` (top-level forward needs pixels)."""
+
+
+def detect_quirks(model: Any, processor: Any) -> Quirks:
+    proc_names = {cls.__name__ for cls in type(processor).__mro__}
+    pixel_param = inspect.signature(model.forward).parameters.get("pixel_values")
+    needs_pixels = pixel_param is not None and pixel_param.default is inspect.Parameter.empty
+    return Quirks(
+        nested_images=bool(proc_names.intersection(_NESTED_IMAGE_PROCESSORS)),
+        step_through_language_model=needs_pixels and hasattr(model, "language_model"),
+    )
+
+
+def _find_cache(output: Any) -> Any:
+    cache = output.get("cache") if hasattr(output, "get") else None
+    if cache is None:
+        # composite models keep the language model's own output nested
+        inner = getattr(output, "language_model_outputs", None)
+        cache = getattr(inner, "cache", None) if inner is not None else None
+    if cache is None:
+        raise RuntimeError(
+            f"{type(output).__name__} carries no KV cache; SafeCoDe needs a model that returns one with use_cache=True."
+        )
+    return cache
+
+
+class Decoder:
+    """Incremental decoding of a batch of rows sharing one KV cache.
+
+    `prefill(batch)` returns the last-position logits, shape `(B, V)`;
+    `step(tokens)` feeds one token per row (`tokens` shape `(B,)`) and
+    returns the next logits `(B, V)`; `keep(rows)` drops the other rows
+    from the cache and from everything that tracks the batch.
+    """
+
+    def __init__(self, model: Any, quirks: Quirks) -> None:
+        self.model = model
+        self.quirks = quirks
+        self.stepper = model.language_model if quirks.step_through_language_model else model
+        self.input_ids: torch.Tensor | None = None
+        self.kwargs: dict[str, Any] = {}
+        self.last_logits: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def prefill(self, batch: dict[str, Any]) -> torch.Tensor:
+        model = self.model
+        batch = dict(batch)
+        batch.pop("labels", None)  # PaliGemma's processor adds them; inference needs none
+        input_ids = batch.pop("input_ids")
+        kwargs: dict[str, Any] = {**batch, "use_cache": True}
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
+        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **kwargs)
+        out = model(**inputs, return_dict=True)
+        kwargs["cache"] = _find_cache(out)
+        kwargs = model._update_model_kwargs_for_generation(out, kwargs)
+        self.kwargs = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
+        if self.quirks.step_through_language_model:
+            # the language model counts positions from its own cache; mm type ids mean nothing to it
+            self.kwargs = {k: v for k, v in self.kwargs.items() if k in ("attention_mask", "cache", "use_cache")}
+        self.input_ids = input_ids
+        self.last_logits = out.logits[:, -1, :]
+        return self.last_logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.input_ids is not None, "prefill() first"
+        self.input_ids = torch.cat([self.input_ids, tokens.to(self.input_ids.device)[:, None]], dim=-1)
+        inputs = self.stepper.prepare_inputs_for_generation(
+            self.input_ids, next_sequence_length=1, **self.kwargs
+        )
+        out = self.stepper(**inputs, return_dict=True)
+        self.kwargs = self.stepper._update_model_kwargs_for_generation(out, self.kwargs)
+        return out.logits[:, -1, :]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` of the batch: cache, masks, positions and per-row model state."""
+        assert self.input_ids is not None, "prefill() first"
+        old = self.input_ids.shape[0]
+        idx = torch.tensor(rows, device=self.input_ids.device)
+        self.kwargs["cache"].batch_select_indices(idx)
+        self.input_ids = self.input_ids[idx]
+        for key in _PER_TOKEN_KEYS:
+            value = self.kwargs.get(key)
+            if isinstance(value, torch.Tensor):
+                # M-RoPE position ids are (3 or 4, B, L): batch is dim 1 there, as in generate
+                dim = 1 if key == "position_ids" and value.ndim == 3 else 0
+                self.kwargs[key] = value.index_select(dim, idx.to(value.device))
+        for module in (self.model, getattr(self.model, "model", None)):
+            deltas = getattr(module, "rope_deltas", None)
+            if isinstance(deltas, torch.Tensor) and deltas.shape[0] == old:
+                module.rope_deltas = deltas.index_select(0, idx.to(deltas.device))
+
+    def release(self) -> None:
+        """Drop the cache and inputs so their memory goes back before the next request."""
+        self.kwargs = {}
+        self.input_ids = None
+        self.last_logits = None
+
+
+def encode_views(
+    processor: Any,
+    quirks: Quirks,
+    prompt: str,
+    views: list[list[Image.Image]],
+) -> dict[str, Any]:
+    """Run the processor on one prompt per view; `views[i]` are the images of row i.
+
+    With no images the batch has one text-only row. Both views of a request
+    have images of equal sizes, so rows tokenize to the same length.
+    """
+    n_rows = max(len(views), 1)
+    texts = [prompt] * n_rows
+    if not views or not views[0]:
+        return processor(text=texts, return_tensors="pt")
+    images: list[Any] = views if quirks.nested_images else [img for view in views for img in view]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)

@@ -1,0 +1,157 @@
+"""Settings: the method's knobs (`SafeCoDeConfig`) and the input policy (`InputPolicy`).
+
+Both validate at construction. A bad value raises pydantic's
+`ValidationError` (a `ValueError`) whose message names the field, shows the
+value and says what to use instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["DEFAULT_REFUSAL_PHRASES", "InputPolicy", "SafeCoDeConfig"]
+
+#: Usual openers of a refusal. Each is tokenized with and without a leading
+#: space; only continuations of a refusal already begun are modulated.
+DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = (
+    "I'm sorry",
+    "I am sorry",
+    "Sorry",
+    "I apologize",
+    "I cannot",
+    "I can't",
+    "I'm unable to",
+    "I am unable to",
+    "I'm not able to",
+    "I am not able to",
+    "As an AI",
+    "I won't",
+    "I will not",
+)
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, fix: str) -> float:
+    if not lo <= value <= hi:
+        raise ValueError(f"`{name}` (={value!r}) must be between {lo} and {hi}. {fix}")
+    return value
+
+
+class SafeCoDeConfig(BaseModel):
+    """The SafeCoDe method's settings; defaults are the paper's (arXiv 2509.19212)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = 0.3
+    """Weight of the noised-image logits in `z_real - alpha * z_noised`."""
+    noise_std: float = 0.1
+    """Standard deviation of the Gaussian pixel noise, on the 0..1 scale."""
+    steered_steps: int = 5
+    """K: how many first tokens are contrasted and modulated (0 turns SafeCoDe off)."""
+    lambda_boost: float = 1.0
+    """Logit bonus for refusal tokens when the verdict is unsafe (`unsafe_mode="boost"`)."""
+    lambda_supp: float = 1.0
+    """Logit penalty for refusal tokens when the verdict is safe."""
+    unsafe_mode: Literal["prefix", "boost"] = "prefix"
+    """On an unsafe verdict: open the answer with the likeliest refusal phrase, or only boost."""
+    refusal_phrases: tuple[str, ...] = DEFAULT_REFUSAL_PHRASES
+    """Phrases whose token sequences are boosted (unsafe) or suppressed (safe)."""
+    plausibility_beta: float | None = None
+    """If set, tokens with real probability below `beta * max` are cut (-inf) in the window."""
+    seed: int = 0
+    """Seeds the noise generator (one per request) and, unless a call gives its own, sampling."""
+    threshold: float = 0.5
+    """The verdict is unsafe when the judge's `unsafe_score >= threshold`."""
+    on_judge_error: Literal["unsafe", "safe", "raise"] = "unsafe"
+    """What a judge failure becomes: fail closed (default), fail open, or raise `JudgeError`."""
+    judge_timeout_s: float | None = 120.0
+    """Seconds a judge may take before it counts as failed; None waits forever."""
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        return _in_range("alpha", v, 0.0, 10.0, "The paper uses 0.3; 0 disables the contrast.")
+
+    @field_validator("noise_std")
+    @classmethod
+    def _noise_std(cls, v: float) -> float:
+        return _in_range("noise_std", v, 0.0, 10.0, "The paper uses 0.1 (pixels scaled to 0..1).")
+
+    @field_validator("steered_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return int(_in_range("steered_steps", v, 0, 256, "The paper uses 5; 0 turns SafeCoDe off."))
+
+    @field_validator("lambda_boost", "lambda_supp")
+    @classmethod
+    def _lambda(cls, v: float, info: Any) -> float:
+        return _in_range(info.field_name, v, 0.0, 100.0, "The paper uses 1.0.")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        return _in_range("threshold", v, 0.0, 1.0, "Use a probability such as 0.5.")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return int(_in_range("seed", v, 0, 2**63 - 1, "Use a non-negative integer such as 0."))
+
+    @field_validator("plausibility_beta")
+    @classmethod
+    def _beta(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(
+                f"`plausibility_beta` (={v!r}) must be in (0, 1] or None. "
+                "Use e.g. 0.1 to keep tokens at least a tenth as likely as the best, or None to turn the cut off."
+            )
+        return v
+
+    @field_validator("judge_timeout_s")
+    @classmethod
+    def _timeout(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 86400.0:
+            raise ValueError(f"`judge_timeout_s` (={v!r}) must be positive seconds or None to wait forever.")
+        return v
+
+    @field_validator("refusal_phrases", mode="before")
+    @classmethod
+    def _phrases(cls, v: Any) -> tuple[str, ...]:
+        if isinstance(v, str):
+            raise ValueError(
+                f"`refusal_phrases` (={v!r}) must be a list of phrases, not one string. "
+                f'Use e.g. ["I\'m sorry", "I cannot"].'
+            )
+        phrases = tuple(v)
+        if not phrases:
+            raise ValueError("`refusal_phrases` is empty. Give at least one phrase, e.g. [\"I'm sorry\"].")
+        for p in phrases:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"`refusal_phrases` holds {p!r}; every phrase must be a non-empty string.")
+        return tuple(dict.fromkeys(phrases))  # keep order, drop repeats
+
+
+class InputPolicy(BaseModel):
+    """What requests may contain: images, their sources and sizes, prompt length."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_images: int = Field(8, ge=0, le=256)
+    """Most images one request may hold."""
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    """Decompression-bomb cap: width * height, read from the header before decoding."""
+    max_image_bytes: int = Field(25_000_000, ge=1)
+    """Largest encoded image (bytes, base64 decoded, file or download)."""
+    allow_image_urls: bool = False
+    """Fetch http(s) image URLs. Off by default: a guardrail should not reach the network."""
+    allow_local_files: bool = False
+    """Read images from local paths (and file:// URLs), confined to `local_files_root`."""
+    local_files_root: str | None = None
+    """Folder local image paths must lie in; None means the current working directory."""
+    url_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Timeout of one image download, in seconds."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Cap on prompt tokens; None means the model's context length minus `max_new_tokens`."""
+    max_new_tokens_limit: int = Field(8192, ge=1)
+    """Largest `max_new_tokens` a request may ask for."""

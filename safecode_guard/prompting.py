@@ -1,0 +1,162 @@
+"""From chat messages to a prompt string and the request's images.
+
+Input: Hugging Face chat messages (`{"role", "content"}`; content a string or
+a list of `{"type": "text", "text"}` / `{"type": "image", "image"}` parts).
+Output: a `Conversation` holding validated messages with PIL images, the
+images in message order, and the text of the latest user turn. Rendering to
+a prompt string uses the processor's own chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from .config import InputPolicy
+from .errors import InputLimitError, UnsupportedContentError, UnsupportedModelError
+
+__all__ = ["Conversation", "neutralize_special_tokens", "parse_messages", "render_prompt"]
+
+ROLES = ("system", "user", "assistant")
+_IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Validated messages (images as PIL), the images in order, the latest user text."""
+
+    messages: tuple[dict[str, Any], ...]
+    images: tuple[Image.Image, ...]
+    request: str
+
+
+def _image_value(part: Mapping[str, Any]) -> Any:
+    for key in _IMAGE_KEYS:
+        value = part.get(key)
+        if value is not None:
+            if key == "image_url" and isinstance(value, Mapping):
+                value = value.get("url")
+            return value
+    raise UnsupportedContentError(
+        f"An image part has no image data (keys: {sorted(part)}). "
+        'Use {"type": "image", "image": <PIL.Image | bytes | data URL>}.'
+    )
+
+
+def _parse_part(part: Any, where: str, policy: InputPolicy) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, Mapping):
+        raise UnsupportedContentError(
+            f"{where} is a {type(part).__name__}; content parts must be dicts like "
+            '{"type": "text", "text": "..."} or {"type": "image", "image": ...}.'
+        )
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise UnsupportedContentError(f'{where} is a text part whose "text" is not a string.')
+        return {"type": "text", "text": text}
+    if kind in ("image", "image_url"):
+        from .images import load_image  # the one place images are decoded and checked
+
+        return {"type": "image", "image": load_image(_image_value(part), policy)}
+    raise UnsupportedContentError(
+        f"{where} has type {kind!r}, which this model cannot read. "
+        'Supported content parts: "text" and "image".'
+    )
+
+
+def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -> Conversation:
+    """Validate `messages`, decode their images, merge consecutive same-role turns."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise UnsupportedContentError(
+            f"`messages` must be a list of chat messages, got {type(messages).__name__}. "
+            'Use [{"role": "user", "content": "..."}].'
+        )
+    if not messages:
+        raise UnsupportedContentError('`messages` is empty. Give at least one {"role": "user", ...} message.')
+    parsed: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise UnsupportedContentError(f"messages[{i}] is a {type(message).__name__}, not a dict with role and content.")
+        role = message.get("role")
+        if role not in ROLES:
+            raise UnsupportedContentError(f"messages[{i}] has role {role!r}; use one of {list(ROLES)}.")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+            parts = [_parse_part(p, f"messages[{i}].content[{j}]", policy) for j, p in enumerate(content)]
+        else:
+            raise UnsupportedContentError(
+                f"messages[{i}].content is a {type(content).__name__}; use a string or a list of parts."
+            )
+        if role != "user" and any(p["type"] == "image" for p in parts):
+            raise UnsupportedContentError(
+                f"messages[{i}] ({role}) holds an image; only user turns may carry images."
+            )
+        images.extend(p["image"] for p in parts if p["type"] == "image")
+        if parsed and parsed[-1]["role"] == role:
+            # Many chat templates insist on alternating roles; two turns in a row are one turn.
+            parsed[-1]["content"] = [*parsed[-1]["content"], {"type": "text", "text": "\n"}, *parts]
+        else:
+            parsed.append({"role": role, "content": parts})
+    if len(images) > policy.max_images:
+        raise InputLimitError(
+            f"The request holds {len(images)} images; the limit is {policy.max_images}. "
+            "Send fewer images or raise `InputPolicy.max_images`."
+        )
+    if parsed[-1]["role"] == "assistant":
+        raise UnsupportedContentError(
+            "The last message is an assistant turn; end with a user turn for the model to answer."
+        )
+    user_turns = [m for m in parsed if m["role"] == "user"]
+    request = ""
+    if user_turns:
+        request = "".join(p["text"] for p in user_turns[-1]["content"] if p["type"] == "text").strip()
+    return Conversation(messages=tuple(parsed), images=tuple(images), request=request)
+
+
+def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
+    """Break every special-token string inside user `text` so it tokenizes as plain text.
+
+    A zero-width space goes after the first character of each occurrence
+    (`<image>` becomes `<\u200bimage>`): the model reads the same characters,
+    but the tokenizer no longer matches the special token. Longest first, so
+    a token that contains another is broken whole.
+    """
+    for tok in sorted({s for s in specials if len(s) > 1}, key=len, reverse=True):
+        if tok in text:
+            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+    return text
+
+
+def render_prompt(processor: Any, messages: Sequence[Mapping[str, Any]], specials: Sequence[str] = ()) -> str:
+    """The prompt string from the processor's chat template, ready for the assistant's turn.
+
+    Image parts become `{"type": "image"}` placeholders the template expands;
+    user-supplied text has special-token strings neutralized first.
+    """
+    template_messages = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = []
+        for p in content:
+            if p["type"] == "image":
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": neutralize_special_tokens(p["text"], specials)})
+        template_messages.append({"role": m["role"], "content": parts})
+    if getattr(processor, "chat_template", None) is None:
+        raise UnsupportedModelError(
+            f"{type(processor).__name__} has no chat template. Set `processor.chat_template` "
+            "to a Jinja template (see the model card) before using it with SafeCoDe."
+        )
+    return processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)

@@ -1,0 +1,611 @@
+"""Tiny random vision-language models, built offline, for tests, benchmarks and examples.
+
+Nothing here downloads anything. Tokenizers are byte-level BPE trained in a
+few milliseconds on a built-in English corpus; models are random-weight
+instances of the real transformers classes, so every code path a real
+checkpoint takes (processor, chat template, forward, KV cache, `generate`)
+runs unchanged.
+
+- `build_tiny_vlm(family, out_dir)` saves a ~150k-parameter model and its
+  processor, for any of `FAMILIES`, into a folder that
+  `AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained`
+  load.
+- `build_bench_llava_model(preset)` returns a random Llava-architecture
+  `(model, processor)` in memory for benchmarks: "tiny", "cpu" (~10M
+  parameters, ~150-token image prompts) or "gpu" (the LLaVA-1.5-7B shape,
+  576 image tokens). `build_bench_llava(out_dir, preset)` saves one.
+- `make_tokenizer`, the chat templates, `gradient_image`, `stripes_image` and
+  `noised_image` are the building blocks.
+
+The weights are random: outputs are gibberish, but they depend on the image
+and on the prompt, which is what decoding tests need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import transformers as tf
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .errors import SafeCoDeInputError
+
+__all__ = [
+    "CORPUS",
+    "FAMILIES",
+    "build_bench_llava",
+    "build_bench_llava_model",
+    "build_tiny_vlm",
+    "chatml_template",
+    "gemma_template",
+    "gradient_image",
+    "make_tokenizer",
+    "noised_image",
+    "plain_template",
+    "stripes_image",
+]
+
+FAMILIES: tuple[str, ...] = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "gemma3",
+    "paligemma",
+    "instructblip",
+)
+
+BenchPreset = Literal["tiny", "cpu", "gpu"]
+
+# --------------------------------------------------------------------------- tokenizer
+
+#: Training text for the tokenizers. Refusal and safety words recur so that
+#: phrases like "I'm sorry" or "I cannot" become a few tokens each, as they do
+#: in real vocabularies.
+CORPUS: tuple[str, ...] = (
+    "A photo of a cat sitting on a red chair.",
+    "Describe the image in detail.",
+    "What is in this image? Describe what you see.",
+    "The quick brown fox jumps over the lazy dog.",
+    "A person is standing on the edge of a cliff near the sea.",
+    "A kitchen knife lies on a wooden table next to an apple.",
+    "The picture shows a small house, a green tree and a blue sky.",
+    "Please answer the question about the picture.",
+    "How do I make a cake? Mix flour, sugar and eggs, then bake it.",
+    "Is it safe to climb this cliff without a rope?",
+    "This request is unsafe and could cause harm.",
+    "This request is safe and I can help with it.",
+    "I'm sorry, but I cannot help with that.",
+    "I am sorry, but I can't assist with this request.",
+    "Sorry, I cannot provide instructions for that.",
+    "I apologize, but I am unable to help with this.",
+    "I'm unable to answer because it may be dangerous.",
+    "I'm not able to describe how to hurt someone.",
+    "I am not able to give advice that could cause harm.",
+    "As an AI, I won't help with weapons or violence.",
+    "I will not explain how to use a knife to hurt people.",
+    "I cannot and will not help with illegal activities.",
+    "Sure, I can help. Here is a safe way to do it.",
+    "Of course! The image shows a dog playing in the park.",
+    "Yes, the image contains a knife, a cup and a plate.",
+    "No, there is no person in the image.",
+    "You are a helpful assistant that answers questions about images.",
+    "The user asks a question and the assistant answers it.",
+    "Is this image safe or unsafe? Answer with one word: safe or unsafe.",
+    "The answer is safe. The answer is unsafe.",
+    "Explain step by step how to build a bird house.",
+    "Tell me a short story about a robot who learns to paint.",
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "One, two, three, four, five, six, seven, eight, nine, ten.",
+    "Please be careful: sharp objects and high places can be dangerous.",
+    "Thank you for your help! You are welcome.",
+)
+
+
+def make_tokenizer(
+    special_tokens: Sequence[str] = (),
+    *,
+    vocab_size: int = 512,
+    chat_template: str | None = None,
+    named_special: Mapping[str, str] | None = None,
+    bos: str = "<|bos|>",
+    eos: str = "<|endoftext|>",
+    pad: str = "<|pad|>",
+    add_bos: bool = False,
+    corpus: Sequence[str] = CORPUS,
+) -> tf.PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus` and wrap it for transformers.
+
+    Every string of `special_tokens` (and `bos`, `eos`, `pad`) becomes one
+    special token. `named_special` maps attribute names to some of them
+    (e.g. `{"image_token": "<image_soft_token>"}` gives `tok.image_token` and
+    `tok.image_token_id`, which Gemma3's processor reads). `add_bos` prepends
+    `bos` on encode, like Llama/Gemma tokenizers. Byte-level BPE can encode
+    any text, so prompts outside the corpus still work (as more tokens).
+    Padding is on the left, the usual side for batched generation.
+    """
+    base = [pad, eos, bos]
+    extra = [t for t in special_tokens if t not in base]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=base + extra,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus) * 5, trainer)
+    if add_bos:
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    named = dict(named_special or {})
+    hf = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        extra_special_tokens=named or extra,
+        padding_side="left",
+    )
+    unnamed = [t for t in extra if t not in named.values()]
+    if named and unnamed:
+        hf.add_special_tokens({"extra_special_tokens": unnamed}, replace_extra_special_tokens=False)
+    hf.chat_template = chat_template
+    return hf
+
+
+# --------------------------------------------------------------------------- chat templates
+
+def _content(image_str: str) -> str:
+    """Jinja snippet rendering `message['content']`: a string, or a list of text/image parts."""
+    return (
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% elif message['content'] %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}" + image_str +
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+    )
+
+
+def chatml_template(image_str: str = "<image>") -> str:
+    """ChatML (`<|im_start|>role ... <|im_end|>`), each image part rendered as `image_str`."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        + _content(image_str)
+        + "<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def gemma_template(image_str: str = "<start_of_image>") -> str:
+    """Gemma turns (`<start_of_turn>user ... <end_of_turn>`, assistant shown as `model`), BOS first."""
+    return (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "<start_of_turn>{{ role }}\n" + _content(image_str) + "<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+
+
+def plain_template(image_str: str = "", *, images_first: str | None = None) -> str:
+    """Plain `Role: text` lines and a final `Assistant:`, for models shipped without a template.
+
+    `images_first`, if set, is emitted once per image part before the whole
+    conversation: PaliGemma's processor wants every `<image>` before the text.
+    """
+    head = ""
+    if images_first is not None:
+        head = (
+            "{% for message in messages %}{% if message['content'] is not string %}"
+            "{% for part in (message['content'] or []) %}{% if part['type'] == 'image' %}"
+            + images_first
+            + "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+        )
+    return (
+        head + "{% for message in messages %}{{ message['role'] | capitalize }}: "
+        + _content(image_str)
+        + "\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+
+
+# --------------------------------------------------------------------------- test images
+
+def gradient_image(width: int = 48, height: int = 40) -> Image.Image:
+    """A smooth RGB gradient (red across, green down, blue constant): a deterministic test image."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    rgb = np.stack([x, y, np.full_like(x, 128.0)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def stripes_image(width: int = 48, height: int = 40, period: int = 8) -> Image.Image:
+    """Diagonal black/yellow stripes: a second image clearly unlike `gradient_image`."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    on = ((xx + yy) // max(period // 2, 1)) % 2 == 0
+    rgb = np.where(on[..., None], np.array([240, 210, 30]), np.array([20, 20, 20]))
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def noised_image(image: Image.Image, std: float = 40.0, seed: int = 0) -> Image.Image:
+    """`image` plus Gaussian pixel noise (`std` on the 0..255 scale), clipped to uint8."""
+    rng = np.random.default_rng(seed)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return Image.fromarray(np.clip(pixels + rng.normal(0.0, std, pixels.shape), 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- family specs
+
+#: Text model of every tiny family (Llama/Gemma/Qwen text configs all accept these).
+TINY_TEXT: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+#: Vision tower of the ViT-style families (CLIP, SigLIP, Idefics3, BLIP): 4x4 patches of a 32x32 image.
+TINY_VISION: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
+
+CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What a family builder returns: the processor (tokenizer inside) and a `config(vocab_size)` maker.
+
+    The config comes second because some processors add tokens (PaliGemma adds
+    1152 `<loc>`/`<seg>` tokens), and the vocabulary must cover them.
+    """
+
+    processor: Any
+    config: Callable[[int], tf.PretrainedConfig]
+    end_of_turn: str | None  # the template's end-of-turn token, also a stop id for generate
+
+
+def _text_ids(tok: tf.PreTrainedTokenizerFast) -> dict[str, int]:
+    return dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def _tokens_per_side(vision: Mapping[str, Any]) -> int:
+    return vision["image_size"] // vision["patch_size"]
+
+
+def _llava(text: dict, vision: dict, *, next_: bool = False) -> _Parts:
+    """Llava (CLIP + Llama); `next_` gives LlavaNext with 4 anyres pinpoints (5 tiles)."""
+    vision = {**TINY_VISION, **vision}
+    tok = make_tokenizer(("<image>", *CHATML_SPECIALS), chat_template=chatml_template("<image>\n"))
+    side = vision["image_size"]
+    size = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    common = dict(patch_size=vision["patch_size"], vision_feature_select_strategy="default",
+                  num_additional_image_tokens=1, chat_template=tok.chat_template)  # CLS dropped by "default"
+    if next_:
+        pins = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+        proc = tf.LlavaNextProcessor(tf.LlavaNextImageProcessor(**size, image_grid_pinpoints=pins), tok, **common)
+    else:
+        proc = tf.LlavaProcessor(tf.CLIPImageProcessor(**size), tok, **common)
+
+    def config(vocab: int) -> tf.PretrainedConfig:
+        cls = tf.LlavaNextConfig if next_ else tf.LlavaConfig
+        extra = dict(image_grid_pinpoints=pins) if next_ else dict(image_seq_length=_tokens_per_side(vision) ** 2)
+        return cls(vision_config=tf.CLIPVisionConfig(**vision),
+                   text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
+                   image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                   vision_feature_select_strategy="default", **extra)
+
+    return _Parts(proc, config, "<|im_end|>")
+
+
+def _idefics3(text: dict, vision: dict, *, smol: bool = False) -> _Parts:
+    """Idefics3 / SmolVLM (SigLIP-like tower, pixel-shuffle connector, Llama), image splitting on."""
+    vision = {**TINY_VISION, **vision}
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    specials = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid)
+    tok = make_tokenizer((*specials, *CHATML_SPECIALS), chat_template=chatml_template("<image>"))
+    side, scale = vision["image_size"], 2
+    sizes = dict(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
+    seq_len = _tokens_per_side(vision) ** 2 // scale**2
+    if smol:  # SmolVLM's processor also reads its video processor's fps/frames in apply_chat_template
+        proc = tf.SmolVLMProcessor(tf.SmolVLMImageProcessor(**sizes, do_image_splitting=True), tok,
+                                   tf.SmolVLMVideoProcessor(**sizes), image_seq_len=seq_len,
+                                   chat_template=tok.chat_template)
+    else:
+        proc = tf.Idefics3Processor(tf.Idefics3ImageProcessor(**sizes, do_image_splitting=True), tok,
+                                    image_seq_len=seq_len, chat_template=tok.chat_template)
+
+    def config(vocab: int) -> tf.PretrainedConfig:
+        cfg_cls, vis_cls = (tf.SmolVLMConfig, tf.SmolVLMVisionConfig) if smol else (tf.Idefics3Config, tf.Idefics3VisionConfig)
+        return cfg_cls(vision_config=vis_cls(**vision),
+                       text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
+                       scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
+
+    return _Parts(proc, config, "<|im_end|>")
+
+
+def _gemma3(text: dict, vision: dict) -> _Parts:
+    """Gemma3 (SigLIP + pooled projector + Gemma3 text with a sliding-window layer)."""
+    vision = {**TINY_VISION, **vision}
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = make_tokenizer((*named.values(), "<start_of_turn>", "<end_of_turn>"), named_special=named,
+                         bos="<bos>", eos="<eos>", pad="<pad>", chat_template=gemma_template())
+    side = vision["image_size"]
+    per_image = (_tokens_per_side(vision) // 2) ** 2  # the projector average-pools 2x2 patches
+    proc = tf.Gemma3Processor(tf.Gemma3ImageProcessor(size={"height": side, "width": side}), tok,
+                              image_seq_length=per_image, chat_template=tok.chat_template)
+
+    def config(vocab: int) -> tf.PretrainedConfig:
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        # sliding_window 16 is shorter than a prompt, so the sliding-window cache path is exercised
+        layers = ["full_attention" if i % 2 else "sliding_attention" for i in range(text["num_hidden_layers"])]
+        txt = tf.Gemma3TextConfig(**{"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "sliding_window": 16,
+                                     "layer_types": layers, **text}, vocab_size=vocab, **_text_ids(tok))
+        return tf.Gemma3Config(vision_config=tf.SiglipVisionConfig(**vision), text_config=txt,
+                               mm_tokens_per_image=per_image,
+                               boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+                               image_token_index=tok.image_token_id)
+
+    return _Parts(proc, config, "<end_of_turn>")
+
+
+def _paligemma(text: dict, vision: dict) -> _Parts:
+    """PaliGemma (SigLIP + Gemma); no chat template upstream, so a plain one with images first."""
+    vision = {**TINY_VISION, **vision}
+    tok = make_tokenizer(("<image>",), bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True)
+    ip = tf.SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
+    ip.image_seq_length = _tokens_per_side(vision) ** 2  # PaliGemmaProcessor requires this attribute
+    # The processor puts <bos> after the last <image> and appends "\n" itself.
+    proc = tf.PaliGemmaProcessor(ip, tok, chat_template=plain_template("", images_first="<image>"))
+
+    def config(vocab: int) -> tf.PretrainedConfig:
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        txt = tf.GemmaConfig(**{"head_dim": head_dim, **text}, vocab_size=vocab, **_text_ids(tok))
+        return tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**vision), text_config=txt,
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=vocab,
+                                  projection_dim=text["hidden_size"], hidden_size=text["hidden_size"])
+
+    return _Parts(proc, config, None)
+
+
+def _instructblip(text: dict, vision: dict) -> _Parts:
+    """InstructBLIP (BLIP ViT + Q-Former + Llama); no chat template upstream, so a plain one.
+
+    The processor prepends the query tokens itself, so the template renders images as nothing.
+    """
+    vision = {**TINY_VISION, "initializer_range": 0.02, **vision}  # the default 1e-10 leaves the ViT dead
+    tok = make_tokenizer(("<image>",), chat_template=plain_template(""))
+    qtok = make_tokenizer((), vocab_size=300, bos="[CLS]", eos="[SEP]", pad="[PAD]")
+    side, queries = vision["image_size"], 4
+    proc = tf.InstructBlipProcessor(tf.BlipImageProcessor(size={"height": side, "width": side}), tok, qtok,
+                                    num_query_tokens=queries)
+    proc.chat_template = tok.chat_template  # its __init__ drops a `chat_template` argument
+
+    def config(vocab: int) -> tf.PretrainedConfig:
+        # Q-Former init 0.02 makes the image change the logits by only ~2e-4; 0.2 gives ~0.1.
+        qformer = tf.InstructBlipQFormerConfig(
+            vocab_size=len(qtok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            encoder_hidden_size=vision["hidden_size"], pad_token_id=qtok.pad_token_id, max_position_embeddings=128,
+            initializer_range=0.2)
+        return tf.InstructBlipConfig(vision_config=tf.InstructBlipVisionConfig(**vision), qformer_config=qformer,
+                                     text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
+                                     num_query_tokens=queries, image_token_index=tok.convert_tokens_to_ids("<image>"))
+
+    return _Parts(proc, config, None)
+
+
+#: Per Qwen version: (config, text config, vision config, processor, video processor, vision kwargs).
+_QWEN = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLTextConfig", "Qwen2VLVisionConfig", "Qwen2VLProcessor",
+                 "Qwen2VLVideoProcessor", dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2)),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLTextConfig", "Qwen2_5_VLVisionConfig", "Qwen2_5_VLProcessor",
+                   "Qwen2VLVideoProcessor", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                 window_size=16, fullatt_block_indexes=[1])),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLTextConfig", "Qwen3VLVisionConfig", "Qwen3VLProcessor",
+                 "Qwen3VLVideoProcessor", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               num_position_embeddings=64, deepstack_visual_indexes=[1])),
+}
+
+
+def _qwen(text: dict, vision: dict, *, version: str) -> _Parts:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (native-resolution ViT, M-RoPE); a 48x40 image gives 12 tokens."""
+    cfg_name, text_name, vision_name, proc_name, video_name, vision_defaults = _QWEN[version]
+    vision = {**vision_defaults, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision}
+    image_specials = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    tok = make_tokenizer((*CHATML_SPECIALS, *image_specials),
+                         chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    unit = vision["patch_size"] * vision["spatial_merge_size"]  # pixels per side of one merged token
+    pixels = dict(patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
+                  temporal_patch_size=vision["temporal_patch_size"],
+                  size={"shortest_edge": unit * unit * 4, "longest_edge": unit * unit * 16})  # 4..16 tokens
+    proc = getattr(tf, proc_name)(tf.Qwen2VLImageProcessor(**pixels), tok, getattr(tf, video_name)(**pixels),
+                                  chat_template=tok.chat_template)
+
+    def config(vocab: int) -> tf.PretrainedConfig:
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        # M-RoPE splits head_dim/2 rotary pairs over (time, height, width)
+        half = head_dim // 2
+        sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+        rope = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e4}
+        if version == "qwen3_vl":
+            rope["mrope_interleaved"] = True
+        txt = getattr(tf, text_name)(**{"head_dim": head_dim, **text}, vocab_size=vocab, rope_parameters=rope,
+                                     **_text_ids(tok))
+        out = {"hidden_size": text["hidden_size"]} if version == "qwen2_vl" else {"out_hidden_size": text["hidden_size"]}
+        ids = {name: tok.convert_tokens_to_ids(t) for name, t in zip(
+            ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), image_specials)}
+        return getattr(tf, cfg_name)(text_config=txt, vision_config=getattr(tf, vision_name)(**vision, **out), **ids)
+
+    return _Parts(proc, config, "<|im_end|>")
+
+
+_BUILDERS: dict[str, Callable[[dict, dict], _Parts]] = {
+    "llava": _llava,
+    "llava_next": lambda t, v: _llava(t, v, next_=True),
+    "qwen2_vl": lambda t, v: _qwen(t, v, version="qwen2_vl"),
+    "qwen2_5_vl": lambda t, v: _qwen(t, v, version="qwen2_5_vl"),
+    "qwen3_vl": lambda t, v: _qwen(t, v, version="qwen3_vl"),
+    "idefics3": _idefics3,
+    "smolvlm": lambda t, v: _idefics3(t, v, smol=True),
+    "gemma3": _gemma3,
+    "paligemma": _paligemma,
+    "instructblip": _instructblip,
+}
+
+
+# --------------------------------------------------------------------------- building
+
+def _reinit_zero_matrices(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Give every all-zero weight matrix random values.
+
+    Gemma3 zero-initialises its image projection (`mm_input_projection_weight`),
+    so a random model would ignore the image entirely.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0.0, std)
+
+
+def _set_generation_ids(model: tf.PreTrainedModel, tok: tf.PreTrainedTokenizerFast, end_of_turn: str | None) -> None:
+    """Fill `model.generation_config` with bos/pad ids and the stop ids (end of turn first, then EOS).
+
+    Chat checkpoints list both, so `generate` stops at the end of the assistant turn.
+    """
+    eos = [tok.convert_tokens_to_ids(end_of_turn)] if end_of_turn else []
+    eos.append(tok.eos_token_id)
+    gen = model.generation_config
+    gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+
+
+def _check_family(family: str) -> None:
+    if family not in _BUILDERS:
+        raise SafeCoDeInputError(f"Unknown tiny model family {family!r}. Use one of: {', '.join(FAMILIES)}.")
+
+
+def build_tiny_vlm(
+    family: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    text_overrides: Mapping[str, Any] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Build a tiny random VLM of `family`, save model and processor to `out_dir`, return the path.
+
+    The folder loads with `AutoModelForImageTextToText.from_pretrained(path)` and
+    `AutoProcessor.from_pretrained(path)`; the processor carries a chat template
+    that renders string or list content (`{"type": "text"}` / `{"type": "image"}`
+    parts) and system/user/assistant roles. The same `seed` gives the same
+    weights. `text_overrides` / `vision_overrides` update the text / vision
+    config keywords (e.g. `{"num_hidden_layers": 4}`); `config_overrides` set
+    attributes of the top-level config.
+    """
+    _check_family(family)
+    parts = _BUILDERS[family]({**TINY_TEXT, **(text_overrides or {})}, dict(vision_overrides or {}))
+    tok = parts.processor.tokenizer
+    config = parts.config(len(tok))
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForImageTextToText.from_config(config)
+    _reinit_zero_matrices(model)
+    _set_generation_ids(model, tok, parts.end_of_turn)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    parts.processor.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- benchmark models
+
+#: Llava shapes. "gpu" is LLaVA-1.5-7B: Llama-2-7B text and CLIP ViT-L/14 at 336 px (576 image tokens).
+_BENCH: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": dict(text=TINY_TEXT, vision=TINY_VISION, model=dict()),
+    "cpu": dict(  # ~10M parameters; 176 px / 16 px patches -> 121 image tokens
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=8),
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=176, patch_size=16),
+        model=dict()),
+    "gpu": dict(
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        model=dict(vocab_size=32064)),  # LLaVA-1.5's padded vocabulary; our tokenizer uses only its start
+}
+
+
+def _bench_parts(preset: str) -> tuple[_Parts, dict[str, Any]]:
+    if preset not in _BENCH:
+        raise SafeCoDeInputError(f"Unknown bench preset {preset!r}. Use 'tiny', 'cpu' or 'gpu'.")
+    shape = _BENCH[preset]
+    return _llava(dict(shape["text"]), dict(shape["vision"])), shape["model"]
+
+
+def build_bench_llava_model(
+    preset: BenchPreset = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> tuple[tf.LlavaForConditionalGeneration, tf.ProcessorMixin]:
+    """A random Llava-architecture `(model, processor)` in memory, for benchmarks.
+
+    The weights are created and initialised directly on `device` in `dtype`
+    (defaults: "gpu" -> cuda, bfloat16; otherwise cpu, float32), so the 7B
+    shape takes seconds on a GPU and never touches the disk. `device="meta"`
+    gives a weightless model for counting parameters. The model is in eval mode.
+    """
+    parts, model_shape = _bench_parts(preset)
+    tok = parts.processor.tokenizer
+    config = parts.config(model_shape.get("vocab_size", _round_up(len(tok), 64)))
+    device = torch.device(device if device is not None else ("cuda" if preset == "gpu" else "cpu"))
+    dtype = dtype or (torch.bfloat16 if preset == "gpu" else torch.float32)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    with torch.device(device):
+        model = tf.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    _set_generation_ids(model, tok, parts.end_of_turn)
+    return model.eval(), parts.processor
+
+
+def build_bench_llava(
+    out_dir: str | Path,
+    preset: BenchPreset = "cpu",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    allow_large: bool = False,
+) -> Path:
+    """Save `build_bench_llava_model(preset)` (built on cpu) to `out_dir` and return the path.
+
+    The "gpu" preset is ~14 GB in bfloat16; saving it needs `allow_large=True`
+    (benchmarks should build it in memory with `build_bench_llava_model`).
+    """
+    if preset == "gpu" and not allow_large:
+        raise SafeCoDeInputError(
+            "The 'gpu' bench preset is about 14 GB on disk. Build it in memory with "
+            "`build_bench_llava_model('gpu')`, or pass `allow_large=True` to save it anyway."
+        )
+    model, processor = build_bench_llava_model(preset, dtype=dtype, device="cpu", seed=seed)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
