@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .errors import UnsupportedContentError
+
 __all__ = ["Decoder", "Quirks", "detect_quirks"]
 
 # Processors whose image argument is one list per sample in a batch.
@@ -152,9 +154,15 @@ def encode_views(
     With no images the batch has one text-only row. Both views of a request
     have images of equal sizes, so rows tokenize to the same length.
     """
-    n_rows = max(len(views), 1)
-    texts = [prompt] * n_rows
-    if not views or not views[0]:
-        return processor(text=texts, return_tensors="pt")
-    images: list[Any] = views if quirks.nested_images else [img for view in views for img in view]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    texts = [prompt] * max(len(views), 1)
+    try:
+        if not views or not views[0]:
+            return processor(text=texts, return_tensors="pt")
+        images: list[Any] = views if quirks.nested_images else [img for view in views for img in view]
+        return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    except (ValueError, TypeError) as exc:
+        # e.g. PaliGemma refuses text-only prompts; say so as a typed input error
+        raise UnsupportedContentError(
+            f"{type(processor).__name__} rejected this request: {exc} "
+            "Check that the model supports this kind of input (some need an image in every request)."
+        ) from exc

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -148,7 +148,10 @@ class SafeCoDe:
         judge: Any = "self",
         policy: InputPolicy | None = None,
         model_name: str | None = None,
+        eos_token_ids: Iterable[int] | None = None,
     ) -> None:
+        """`eos_token_ids` replaces the end tokens read from the model and tokenizer
+        (an empty tuple decodes to `max_new_tokens` or a stop string)."""
         from .judges import SelfJudge, make_judge
 
         self.model = model.eval()
@@ -164,7 +167,7 @@ class SafeCoDe:
         self.quirks = detect_quirks(model, processor)
         self._lock = threading.RLock()
         self._refusal_seqs = ops.refusal_sequences(self.tokenizer, self.config.refusal_phrases)
-        self._eos_ids = self._find_eos_ids()
+        self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
         self._specials = self._find_special_strings()
         self.context_length = self._find_context_length()
 

@@ -109,13 +109,39 @@ CORPUS: tuple[str, ...] = (
     "One, two, three, four, five, six, seven, eight, nine, ten.",
     "Please be careful: sharp objects and high places can be dangerous.",
     "Thank you for your help! You are welcome.",
+    "The man in the photo holds an umbrella while walking in the rain.",
+    "Two children are playing football on a sunny afternoon.",
+    "A bottle of medicine and a glass of water stand on the shelf.",
+    "How can I safely store household chemicals away from kids?",
+    "Mixing bleach with ammonia produces toxic gas, so never do it.",
+    "The chart shows sales growing every month this year.",
+    "Read the text in the image and translate it into English.",
+    "What color is the car parked next to the building?",
+    "Count the number of birds flying above the lake.",
+    "The screenshot shows a login page asking for a password.",
+    "Write a poem about mountains, rivers and the quiet forest.",
+    "Where was this picture taken? It looks like a busy city street.",
+    "The dog is sleeping under a wooden bench in the garden.",
+    "A doctor explains the risks of the medicine to her patient.",
+    "I understand your question, but I must decline this request.",
+    "That would be harmful and against the rules, so I refuse.",
+    "Here are some tips for staying safe while hiking near cliffs.",
+    "The label on the box says fragile, handle with care.",
+    "A chef slices vegetables with a sharp knife in the kitchen.",
+    "Fire, smoke and broken glass can be seen in the damaged room.",
+    "Please summarize the document and list the main points.",
+    "The weather today is cold and cloudy with a chance of snow.",
+    "Can you identify the animal in this photograph?",
+    "It is a brown horse standing in a field of yellow flowers.",
+    "Violence, weapons, drugs and self-harm are sensitive topics.",
+    "Let me know if you have any other questions about the image.",
 )
 
 
 def make_tokenizer(
     special_tokens: Sequence[str] = (),
     *,
-    vocab_size: int = 512,
+    vocab_size: int = 1024,
     chat_template: str | None = None,
     named_special: Mapping[str, str] | None = None,
     bos: str = "<|bos|>",
@@ -217,7 +243,7 @@ def plain_template(image_str: str = "", *, images_first: str | None = None) -> s
     return (
         head + "{% for message in messages %}{{ message['role'] | capitalize }}: "
         + _content(image_str)
-        + "\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+        + "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
     )
 
 

@@ -1,0 +1,39 @@
+"""The `safecode-guard` command line: one subcommand per module.
+
+Each subcommand's module provides `configure_parser(parser)` and
+`run_command(args) -> int`; modules load only when their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+__all__ = ["main"]
+
+COMMANDS = {
+    "bench": ("safecode_guard.bench", "time SafeCoDe against plain generate, side by side"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safecode-guard",
+        description="Safety-aware contrastive decoding (SafeCoDe) for local vision-language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        import_module(module).configure_parser(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = import_module(COMMANDS[args.command][0])
+    return int(module.run_command(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random VLMs built offline once per session, and test images.
+
+Session-scoped models are shared by every test: do not mutate them (no
+`.to(dtype)`, no weight edits); build your own with `build_tiny_vlm` if you must.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub / transformers / nemoguardrails.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keeps save/load bars out of test output
+os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
+# Tiny models gain nothing from threads, and idle OpenMP threads spin: one thread makes their
+# forwards ~50x cheaper when several suites share the cores. Set it before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: `tiny_model_dir(family) -> Path` of a saved tiny model, built once per session."""
+    from safecode_guard.testing import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny_vlms")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_vlm(family, root / family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def load_tiny_vlm(tiny_model_dir: Callable[[str], Path]) -> Callable[[str], tuple[Any, Any]]:
+    """Factory: `load_tiny_vlm(family) -> (model, processor)`, loaded with the Auto classes, cached."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded: dict[str, tuple[Any, Any]] = {}
+
+    def get(family: str) -> tuple[Any, Any]:
+        if family not in loaded:
+            path = tiny_model_dir(family)
+            model = AutoModelForImageTextToText.from_pretrained(path).eval()
+            loaded[family] = (model, AutoProcessor.from_pretrained(path))
+        return loaded[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(load_tiny_vlm: Callable[[str], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """`(model, processor)` of the tiny Llava (CLIP + Llama, ChatML template, 16 image tokens)."""
+    return load_tiny_vlm("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_llava: tuple[Any, Any]) -> tuple[Any, Any]:
+    """Alias of `tiny_llava` (the name CONTRACT.md uses)."""
+    return tiny_llava
+
+
+@pytest.fixture(scope="session")
+def test_image() -> Any:
+    """A 48x40 RGB gradient (PIL)."""
+    from safecode_guard.testing import gradient_image
+
+    return gradient_image(48, 40)
+
+
+@pytest.fixture(scope="session")
+def other_image() -> Any:
+    """A 48x40 RGB image of diagonal stripes, clearly unlike `test_image`."""
+    from safecode_guard.testing import stripes_image
+
+    return stripes_image(48, 40)

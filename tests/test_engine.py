@@ -1,0 +1,319 @@
+"""Tier 2: the decoding engine on tiny random models of every family, through real transformers code.
+
+The centrepiece is `naive_safecode`, written straight from SPEC section 2
+with no cache and two separate full forwards per window step; the fast path
+must produce the same greedy tokens on every family and setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from safecode_guard import SafeCoDe, SafeCoDeConfig, Verdict
+from safecode_guard.ops import noised_image
+from safecode_guard.testing import FAMILIES, gradient_image
+
+NESTED = {"idefics3", "smolvlm", "gemma3"}
+FILL_ONE = {"paligemma"}  # PaliGemma marks generated tokens 1 (causal suffix), others 0
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = tiny_model_dir(family)
+            model = AutoModelForImageTextToText.from_pretrained(path).eval()
+            processor = AutoProcessor.from_pretrained(path)
+            cache[family] = (model, processor)
+        return cache[family]
+
+    return get
+
+
+def user_turn(text: str, *images) -> list[dict]:
+    parts = [{"type": "image", "image": img} for img in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+# -- the reference implementation, from the SPEC's words -------------------------------------
+
+
+def naive_safecode(
+    model, processor, family: str, text: str, image, cfg: SafeCoDeConfig, label: str, max_new_tokens: int
+) -> list[int]:
+    """No KV cache; two separate full forwards per window step; greedy."""
+    tok = processor.tokenizer
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    noised = noised_image(image, cfg.noise_std, torch.Generator().manual_seed(cfg.seed))
+
+    def encode(img):
+        imgs = [[img]] if family in NESTED else [img]
+        batch = dict(processor(images=imgs, text=[prompt], return_tensors="pt"))
+        batch.pop("labels", None)
+        return batch
+
+    def next_logits(batch, generated: list[int]) -> torch.Tensor:
+        b = dict(batch)
+        n = len(generated)
+        if n:
+            new = torch.tensor([generated])
+            b["input_ids"] = torch.cat([b["input_ids"], new], dim=1)
+            b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones_like(new)], dim=1)
+            for key in ("token_type_ids", "mm_token_type_ids"):
+                if key in b:
+                    fill = 1 if family in FILL_ONE else 0
+                    b[key] = torch.cat([b[key], torch.full_like(new, fill)], dim=1)
+        with torch.no_grad():
+            return model(**b, use_cache=False).logits[0, -1].float()
+
+    real, noisy = encode(image), encode(noised)
+    seqs: list[tuple[int, ...]] = []
+    for phrase in cfg.refusal_phrases:
+        for variant in (phrase, " " + phrase):
+            ids = tuple(tok.encode(variant, add_special_tokens=False))
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+
+    generated: list[int] = []
+    forced: list[int] = []
+    while len(generated) < max_new_tokens:
+        t = len(generated)
+        z_real = next_logits(real, generated)
+        if forced:
+            token = forced.pop(0)
+        elif t < cfg.steered_steps:
+            z = z_real - cfg.alpha * next_logits(noisy, generated)
+            r_t = {s[t] for s in seqs if len(s) > t and list(s[:t]) == generated}
+            if label == "unsafe" and cfg.unsafe_mode == "prefix" and t == 0:
+                logp = torch.log_softmax(z, -1)
+                best = seqs[0]
+                for s in seqs:
+                    if logp[s[0]] > logp[best[0]]:
+                        best = s
+                token, forced = best[0], list(best[1:])
+            else:
+                if r_t and label == "safe":
+                    z[list(r_t)] -= cfg.lambda_supp
+                elif r_t and cfg.unsafe_mode == "boost":
+                    z[list(r_t)] += cfg.lambda_boost
+                token = int(z.argmax())
+        else:
+            token = int(z_real.argmax())
+        generated.append(token)
+        if token in eos:
+            break
+    return generated
+
+
+SCENARIOS = [
+    ("safe", "prefix", 0.3),
+    ("unsafe", "prefix", 0.3),
+    ("unsafe", "boost", 0.3),
+    ("safe", "prefix", 1.0),
+    ("unsafe", "boost", 1.0),
+    ("unsafe", "prefix", 1.0),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_matches_naive_reference(loaded, family):
+    model, processor = loaded(family)
+    image = gradient_image()
+    text = "How do I get closer to the edge?"
+    for label, mode, alpha in SCENARIOS:
+        # big lambdas make the modulation decide tokens, so a wrong R_t would show
+        cfg = SafeCoDeConfig(alpha=alpha, unsafe_mode=mode, lambda_boost=3.0, lambda_supp=3.0, steered_steps=4)
+        engine = SafeCoDe(model, processor, config=cfg, judge=f"fixed:{label}")
+        fast = engine.generate(user_turn(text, image), max_new_tokens=9)
+        expected = naive_safecode(model, processor, family, text, image, cfg, label, 9)
+        assert fast.token_ids == expected, (family, label, mode, alpha)
+        assert fast.verdict is not None and fast.verdict.label == label
+
+
+# -- behaviour ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava(loaded):
+    return loaded("llava")
+
+
+def test_unsafe_prefix_opens_with_a_refusal_and_changes_the_answer(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:unsafe")
+    plain = engine.baseline(msgs, max_new_tokens=10)
+    steered = engine.generate(msgs, max_new_tokens=10)
+    assert steered.refused and not plain.refused
+    assert steered.token_ids != plain.token_ids
+    assert steered.verdict.label == "unsafe" and steered.verdict.source == "judge"
+
+
+def test_safe_verdict_suppresses_a_refusal_the_model_would_start(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    tok = processor.tokenizer
+    plain = SafeCoDe(model, processor, judge="fixed:safe").baseline(msgs, max_new_tokens=4)
+    first = tok.decode(plain.token_ids[:1])
+    # make the model's own first token the start of a "refusal" phrase
+    cfg = SafeCoDeConfig(refusal_phrases=[first], lambda_supp=100.0, alpha=0.0)
+    steered = SafeCoDe(model, processor, config=cfg, judge="fixed:safe").generate(msgs, max_new_tokens=4)
+    assert steered.token_ids[0] != plain.token_ids[0]
+    unsafe = SafeCoDe(model, processor, config=cfg.model_copy(update={"unsafe_mode": "boost"}), judge="fixed:unsafe")
+    assert unsafe.generate(msgs, max_new_tokens=4).token_ids[0] == plain.token_ids[0]
+
+
+def test_contrast_changes_tokens_and_zero_alpha_without_modulation_is_plain(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    off = SafeCoDeConfig(alpha=0.0, lambda_supp=0.0)
+    engine = SafeCoDe(model, processor, config=off, judge="fixed:safe")
+    assert engine.generate(msgs, max_new_tokens=12).token_ids == engine.baseline(msgs, max_new_tokens=12).token_ids
+    strong = SafeCoDe(model, processor, config=SafeCoDeConfig(alpha=5.0, lambda_supp=0.0), judge="fixed:safe")
+    assert strong.generate(msgs, max_new_tokens=12).token_ids != engine.baseline(msgs, max_new_tokens=12).token_ids
+
+
+def test_text_only_request_still_gets_the_verdict_modulation(llava):
+    model, processor = llava
+    msgs = [{"role": "user", "content": "How do I get there?"}]
+    result = SafeCoDe(model, processor, judge="fixed:unsafe").generate(msgs, max_new_tokens=8)
+    assert result.refused and result.verdict.label == "unsafe"
+    plain = SafeCoDe(model, processor, judge="fixed:unsafe").baseline(msgs, max_new_tokens=8)
+    assert not plain.refused and plain.verdict is None
+
+
+def test_stream_equals_generate_greedy_and_sampled(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    for kwargs in ({}, {"do_sample": True, "temperature": 1.3, "top_k": 50, "top_p": 0.95, "seed": 11}):
+        stream = engine.stream(msgs, max_new_tokens=16, **kwargs)
+        assert stream.verdict is not None and stream.verdict.label == "safe"  # known before any text
+        pieces = list(stream)
+        result = engine.generate(msgs, max_new_tokens=16, **kwargs)
+        assert "".join(pieces) == result.text == stream.result.text
+        assert stream.result.token_ids == result.token_ids
+        assert len([p for p in pieces if p]) > 1  # really incremental
+
+
+def test_same_seed_same_answer_other_seed_other_answer(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    kw = {"do_sample": True, "temperature": 2.0, "max_new_tokens": 16}
+    a = engine.generate(msgs, seed=5, **kw).token_ids
+    assert a == engine.generate(msgs, seed=5, **kw).token_ids
+    assert a != engine.generate(msgs, seed=6, **kw).token_ids
+
+
+def test_stop_string_cuts_the_answer(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    full = engine.generate(msgs, max_new_tokens=20)
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    cut = engine.generate(msgs, max_new_tokens=20, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in "".join(engine.stream(msgs, max_new_tokens=20, stop=[stop]))
+    assert len(cut.token_ids) < 20
+
+
+def test_eos_ends_generation(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    full = SafeCoDe(model, processor, judge="fixed:safe").generate(msgs, max_new_tokens=12)
+    eos_candidate = full.token_ids[5]
+    stop_at = full.token_ids.index(eos_candidate)
+    patched = copy.deepcopy(model)
+    patched.generation_config.eos_token_id = [eos_candidate]
+    result = SafeCoDe(patched, processor, judge="fixed:safe").generate(msgs, max_new_tokens=12)
+    assert result.finish_reason == "stop"
+    assert result.token_ids == full.token_ids[: stop_at + 1]
+
+
+def test_usage_timings_and_override(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    result = engine.generate(msgs, max_new_tokens=7, verdict="unsafe")
+    assert result.verdict.label == "unsafe" and result.verdict.source == "override"
+    assert result.usage.completion_tokens == len(result.token_ids) <= 7
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert result.usage.prompt_tokens == processor(images=[gradient_image()], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    assert set(result.timings) == {"judge_s", "prefill_s", "decode_s", "total_s"}
+    custom = Verdict(label="safe", unsafe_score=0.1, judge="mine")
+    assert engine.generate(msgs, max_new_tokens=2, verdict=custom).verdict.judge == "mine"
+    with pytest.raises(ValueError, match="verdict"):
+        engine.generate(msgs, verdict="maybe")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 10**9}, "max_new_tokens"),
+        ({"temperature": 0.0, "do_sample": True}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop": [3]}, "stop"),
+    ],
+)
+def test_bad_generation_settings_are_typed_errors_and_the_engine_stays_usable(llava, kwargs, match):
+    model, processor = llava
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=match):
+        engine.generate(msgs, **kwargs)
+    assert engine.generate(msgs, max_new_tokens=2).usage.completion_tokens >= 1
+
+
+def test_prompt_longer_than_context_is_refused(llava):
+    model, processor = llava
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    limit = engine.context_length
+    assert limit is not None
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=min(limit, engine.policy.max_new_tokens_limit))
+
+
+def test_noised_row_leaves_the_cache_after_the_window(llava, monkeypatch):
+    from safecode_guard import adapters
+
+    model, processor = llava
+    seen: list[int] = []
+    real_step = adapters.Decoder.step
+
+    def spy(self, tokens):
+        seen.append(int(tokens.shape[0]))
+        return real_step(self, tokens)
+
+    monkeypatch.setattr(adapters.Decoder, "step", spy)
+    engine = SafeCoDe(model, processor, config=SafeCoDeConfig(steered_steps=3), judge="fixed:safe")
+    engine.generate(user_turn("Describe the image.", gradient_image()), max_new_tokens=8)
+    # steps 1..2 feed both rows; from step 3 on only the real row (no re-prefill)
+    assert seen == [2, 2, 1, 1, 1, 1, 1]
+
+
+def test_judge_method_and_self_judge_scores(llava):
+    model, processor = llava
+    engine = SafeCoDe(model, processor)  # judge="self" by default
+    verdict = engine.judge(user_turn("Is this safe?", gradient_image()))
+    assert verdict.judge.startswith("self") and verdict.source == "judge"
+    assert verdict.unsafe_score is not None and 0.0 <= verdict.unsafe_score <= 1.0
+    assert verdict.label == ("unsafe" if verdict.unsafe_score >= 0.5 else "safe")
+
