@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ from .errors import SafeCoDeInputError
 __all__ = [
     "CORPUS",
     "FAMILIES",
+    "TINY_TEXT",
+    "TINY_VISION",
     "build_bench_llava",
     "build_bench_llava_model",
     "build_tiny_vlm",
@@ -274,56 +277,67 @@ def noised_image(image: Image.Image, std: float = 40.0, seed: int = 0) -> Image.
 
 # --------------------------------------------------------------------------- family specs
 
-#: Text model of every tiny family (Llama/Gemma/Qwen text configs all accept these).
+#: Text model of every tiny family (Llama, Gemma and Qwen text configs all accept these).
 TINY_TEXT: dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2,
 )
-#: Vision tower of the ViT-style families (CLIP, SigLIP, Idefics3, BLIP): 4x4 patches of a 32x32 image.
+#: Vision tower of the ViT-style families (CLIP, SigLIP, Idefics3, BLIP): 4x4 patches of 32x32 px.
 TINY_VISION: dict[str, Any] = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    image_size=32, patch_size=8,
 )
 
-CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>")
+_CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>")
 
 
 @dataclass(frozen=True)
 class _Parts:
-    """What a family builder returns: the processor (tokenizer inside) and a `config(vocab_size)` maker.
+    """What a family builder returns.
 
-    The config comes second because some processors add tokens (PaliGemma adds
-    1152 `<loc>`/`<seg>` tokens), and the vocabulary must cover them.
+    The config is made after the processor because some processors add tokens
+    (PaliGemma adds 1152 `<loc>`/`<seg>` tokens) that the vocabulary must cover.
     """
 
     processor: Any
-    config: Callable[[int], tf.PretrainedConfig]
-    end_of_turn: str | None  # the template's end-of-turn token, also a stop id for generate
+    config: Callable[[int], tf.PretrainedConfig]  # vocab_size -> top-level config
+    end_of_turn: str | None  # the template's end-of-turn token, also a stop id for `generate`
 
 
 def _text_ids(tok: tf.PreTrainedTokenizerFast) -> dict[str, int]:
-    return dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
 
 
 def _tokens_per_side(vision: Mapping[str, Any]) -> int:
     return vision["image_size"] // vision["patch_size"]
 
 
+def _head_dim(text: Mapping[str, Any]) -> int:
+    return text["hidden_size"] // text["num_attention_heads"]
+
+
 def _llava(text: dict, vision: dict, *, next_: bool = False) -> _Parts:
     """Llava (CLIP + Llama); `next_` gives LlavaNext with 4 anyres pinpoints (5 tiles)."""
     vision = {**TINY_VISION, **vision}
-    tok = make_tokenizer(("<image>", *CHATML_SPECIALS), chat_template=chatml_template("<image>\n"))
+    tok = make_tokenizer(("<image>", *_CHATML_SPECIALS), chat_template=chatml_template("<image>\n"))
     side = vision["image_size"]
-    size = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    sizes = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    # "default" drops CLIP's CLS token, hence one additional token per image
     common = dict(patch_size=vision["patch_size"], vision_feature_select_strategy="default",
-                  num_additional_image_tokens=1, chat_template=tok.chat_template)  # CLS dropped by "default"
+                  num_additional_image_tokens=1, chat_template=tok.chat_template)
+    pins = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
     if next_:
-        pins = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
-        proc = tf.LlavaNextProcessor(tf.LlavaNextImageProcessor(**size, image_grid_pinpoints=pins), tok, **common)
+        image_processor = tf.LlavaNextImageProcessor(**sizes, image_grid_pinpoints=pins)
+        proc = tf.LlavaNextProcessor(image_processor, tok, **common)
     else:
-        proc = tf.LlavaProcessor(tf.CLIPImageProcessor(**size), tok, **common)
+        proc = tf.LlavaProcessor(tf.CLIPImageProcessor(**sizes), tok, **common)
 
     def config(vocab: int) -> tf.PretrainedConfig:
-        cls = tf.LlavaNextConfig if next_ else tf.LlavaConfig
-        extra = dict(image_grid_pinpoints=pins) if next_ else dict(image_seq_length=_tokens_per_side(vision) ** 2)
+        if next_:
+            cls, extra = tf.LlavaNextConfig, dict(image_grid_pinpoints=pins)
+        else:
+            cls, extra = tf.LlavaConfig, dict(image_seq_length=_tokens_per_side(vision) ** 2)
         return cls(vision_config=tf.CLIPVisionConfig(**vision),
                    text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
                    image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
@@ -337,31 +351,35 @@ def _idefics3(text: dict, vision: dict, *, smol: bool = False) -> _Parts:
     vision = {**TINY_VISION, **vision}
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     specials = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid)
-    tok = make_tokenizer((*specials, *CHATML_SPECIALS), chat_template=chatml_template("<image>"))
+    tok = make_tokenizer((*specials, *_CHATML_SPECIALS), chat_template=chatml_template("<image>"))
     side, scale = vision["image_size"], 2
+    # a 48x40 image becomes 4 tiles of `side` px plus a global view
     sizes = dict(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
     seq_len = _tokens_per_side(vision) ** 2 // scale**2
-    if smol:  # SmolVLM's processor also reads its video processor's fps/frames in apply_chat_template
-        proc = tf.SmolVLMProcessor(tf.SmolVLMImageProcessor(**sizes, do_image_splitting=True), tok,
-                                   tf.SmolVLMVideoProcessor(**sizes), image_seq_len=seq_len,
-                                   chat_template=tok.chat_template)
+    if smol:  # SmolVLM's apply_chat_template also reads its video processor's settings
+        image_processor = tf.SmolVLMImageProcessor(**sizes, do_image_splitting=True)
+        proc = tf.SmolVLMProcessor(image_processor, tok, tf.SmolVLMVideoProcessor(**sizes),
+                                   image_seq_len=seq_len, chat_template=tok.chat_template)
+        config_cls, vision_cls = tf.SmolVLMConfig, tf.SmolVLMVisionConfig
     else:
-        proc = tf.Idefics3Processor(tf.Idefics3ImageProcessor(**sizes, do_image_splitting=True), tok,
-                                    image_seq_len=seq_len, chat_template=tok.chat_template)
+        image_processor = tf.Idefics3ImageProcessor(**sizes, do_image_splitting=True)
+        proc = tf.Idefics3Processor(image_processor, tok, image_seq_len=seq_len,
+                                    chat_template=tok.chat_template)
+        config_cls, vision_cls = tf.Idefics3Config, tf.Idefics3VisionConfig
 
     def config(vocab: int) -> tf.PretrainedConfig:
-        cfg_cls, vis_cls = (tf.SmolVLMConfig, tf.SmolVLMVisionConfig) if smol else (tf.Idefics3Config, tf.Idefics3VisionConfig)
-        return cfg_cls(vision_config=vis_cls(**vision),
-                       text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
-                       scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
+        return config_cls(vision_config=vision_cls(**vision),
+                          text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
+                          scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
 
     return _Parts(proc, config, "<|im_end|>")
 
 
 def _gemma3(text: dict, vision: dict) -> _Parts:
-    """Gemma3 (SigLIP + pooled projector + Gemma3 text with a sliding-window layer)."""
+    """Gemma3 (SigLIP + pooled projector + Gemma3 text, sliding-window and full layers)."""
     vision = {**TINY_VISION, **vision}
-    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+             "image_token": "<image_soft_token>"}
     tok = make_tokenizer((*named.values(), "<start_of_turn>", "<end_of_turn>"), named_special=named,
                          bos="<bos>", eos="<eos>", pad="<pad>", chat_template=gemma_template())
     side = vision["image_size"]
@@ -370,33 +388,39 @@ def _gemma3(text: dict, vision: dict) -> _Parts:
                               image_seq_length=per_image, chat_template=tok.chat_template)
 
     def config(vocab: int) -> tf.PretrainedConfig:
-        head_dim = text["hidden_size"] // text["num_attention_heads"]
-        # sliding_window 16 is shorter than a prompt, so the sliding-window cache path is exercised
-        layers = ["full_attention" if i % 2 else "sliding_attention" for i in range(text["num_hidden_layers"])]
-        txt = tf.Gemma3TextConfig(**{"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "sliding_window": 16,
-                                     "layer_types": layers, **text}, vocab_size=vocab, **_text_ids(tok))
-        return tf.Gemma3Config(vision_config=tf.SiglipVisionConfig(**vision), text_config=txt,
-                               mm_tokens_per_image=per_image,
-                               boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
-                               image_token_index=tok.image_token_id)
+        head_dim = _head_dim(text)
+        layers = ["full_attention" if i % 2 else "sliding_attention"
+                  for i in range(text["num_hidden_layers"])]
+        # a window of 16 is shorter than any image prompt, so the sliding-window cache is exercised
+        defaults = dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16,
+                        layer_types=layers)
+        text_config = tf.Gemma3TextConfig(**{**defaults, **text}, vocab_size=vocab, **_text_ids(tok))
+        return tf.Gemma3Config(vision_config=tf.SiglipVisionConfig(**vision), text_config=text_config,
+                               mm_tokens_per_image=per_image, boi_token_index=tok.boi_token_id,
+                               eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id)
 
     return _Parts(proc, config, "<end_of_turn>")
 
 
 def _paligemma(text: dict, vision: dict) -> _Parts:
-    """PaliGemma (SigLIP + Gemma); no chat template upstream, so a plain one with images first."""
+    """PaliGemma (SigLIP + Gemma); no chat template upstream, so a plain one with images first.
+
+    The processor itself puts `<bos>` after the last `<image>` and appends "\\n".
+    """
     vision = {**TINY_VISION, **vision}
     tok = make_tokenizer(("<image>",), bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True)
-    ip = tf.SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
-    ip.image_seq_length = _tokens_per_side(vision) ** 2  # PaliGemmaProcessor requires this attribute
-    # The processor puts <bos> after the last <image> and appends "\n" itself.
-    proc = tf.PaliGemmaProcessor(ip, tok, chat_template=plain_template("", images_first="<image>"))
+    side = vision["image_size"]
+    image_processor = tf.SiglipImageProcessor(size={"height": side, "width": side})
+    image_processor.image_seq_length = _tokens_per_side(vision) ** 2  # the processor requires it
+    proc = tf.PaliGemmaProcessor(image_processor, tok,
+                                 chat_template=plain_template("", images_first="<image>"))
 
     def config(vocab: int) -> tf.PretrainedConfig:
-        head_dim = text["hidden_size"] // text["num_attention_heads"]
-        txt = tf.GemmaConfig(**{"head_dim": head_dim, **text}, vocab_size=vocab, **_text_ids(tok))
-        return tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**vision), text_config=txt,
-                                  image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=vocab,
+        text_config = tf.GemmaConfig(**{"head_dim": _head_dim(text), **text}, vocab_size=vocab,
+                                     **_text_ids(tok))
+        return tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**vision),
+                                  text_config=text_config, vocab_size=vocab,
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
                                   projection_dim=text["hidden_size"], hidden_size=text["hidden_size"])
 
     return _Parts(proc, config, None)
@@ -407,80 +431,92 @@ def _instructblip(text: dict, vision: dict) -> _Parts:
 
     The processor prepends the query tokens itself, so the template renders images as nothing.
     """
-    vision = {**TINY_VISION, "initializer_range": 0.02, **vision}  # the default 1e-10 leaves the ViT dead
+    vision = {**TINY_VISION, "initializer_range": 0.02, **vision}  # the default 1e-10 kills the ViT
     tok = make_tokenizer(("<image>",), chat_template=plain_template(""))
-    qtok = make_tokenizer((), vocab_size=300, bos="[CLS]", eos="[SEP]", pad="[PAD]")
+    qformer_tok = make_tokenizer((), vocab_size=300, bos="[CLS]", eos="[SEP]", pad="[PAD]")
     side, queries = vision["image_size"], 4
-    proc = tf.InstructBlipProcessor(tf.BlipImageProcessor(size={"height": side, "width": side}), tok, qtok,
-                                    num_query_tokens=queries)
+    image_processor = tf.BlipImageProcessor(size={"height": side, "width": side})
+    proc = tf.InstructBlipProcessor(image_processor, tok, qformer_tok, num_query_tokens=queries)
     proc.chat_template = tok.chat_template  # its __init__ drops a `chat_template` argument
 
     def config(vocab: int) -> tf.PretrainedConfig:
-        # Q-Former init 0.02 makes the image change the logits by only ~2e-4; 0.2 gives ~0.1.
+        # With the Q-Former's usual 0.02 init the image moves the logits by ~2e-4; 0.2 gives ~0.1.
         qformer = tf.InstructBlipQFormerConfig(
-            vocab_size=len(qtok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            encoder_hidden_size=vision["hidden_size"], pad_token_id=qtok.pad_token_id, max_position_embeddings=128,
-            initializer_range=0.2)
-        return tf.InstructBlipConfig(vision_config=tf.InstructBlipVisionConfig(**vision), qformer_config=qformer,
-                                     text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
-                                     num_query_tokens=queries, image_token_index=tok.convert_tokens_to_ids("<image>"))
+            vocab_size=len(qformer_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, encoder_hidden_size=vision["hidden_size"],
+            pad_token_id=qformer_tok.pad_token_id, max_position_embeddings=128, initializer_range=0.2)
+        return tf.InstructBlipConfig(
+            vision_config=tf.InstructBlipVisionConfig(**vision), qformer_config=qformer,
+            text_config=tf.LlamaConfig(**text, vocab_size=vocab, **_text_ids(tok)),
+            num_query_tokens=queries, image_token_index=tok.convert_tokens_to_ids("<image>"))
 
     return _Parts(proc, config, None)
 
 
-#: Per Qwen version: (config, text config, vision config, processor, video processor, vision kwargs).
-_QWEN = {
-    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLTextConfig", "Qwen2VLVisionConfig", "Qwen2VLProcessor",
-                 "Qwen2VLVideoProcessor", dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2)),
-    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLTextConfig", "Qwen2_5_VLVisionConfig", "Qwen2_5_VLProcessor",
-                   "Qwen2VLVideoProcessor", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                                 window_size=16, fullatt_block_indexes=[1])),
-    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLTextConfig", "Qwen3VLVisionConfig", "Qwen3VLProcessor",
-                 "Qwen3VLVideoProcessor", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                               num_position_embeddings=64, deepstack_visual_indexes=[1])),
+#: Per Qwen version: transformers class names (config, text config, vision config, processor,
+#: video processor) and the vision tower's own keywords. Names, so nothing imports until used.
+_QWEN: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "qwen2_vl": (
+        ("Qwen2VLConfig", "Qwen2VLTextConfig", "Qwen2VLVisionConfig", "Qwen2VLProcessor",
+         "Qwen2VLVideoProcessor"),
+        dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2)),
+    "qwen2_5_vl": (
+        ("Qwen2_5_VLConfig", "Qwen2_5_VLTextConfig", "Qwen2_5_VLVisionConfig", "Qwen2_5_VLProcessor",
+         "Qwen2VLVideoProcessor"),
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=16,
+             fullatt_block_indexes=[1])),
+    "qwen3_vl": (
+        ("Qwen3VLConfig", "Qwen3VLTextConfig", "Qwen3VLVisionConfig", "Qwen3VLProcessor",
+         "Qwen3VLVideoProcessor"),
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64,
+             deepstack_visual_indexes=[1])),
 }
+_QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN_IMAGE_IDS = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
 
 
 def _qwen(text: dict, vision: dict, *, version: str) -> _Parts:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (native-resolution ViT, M-RoPE); a 48x40 image gives 12 tokens."""
-    cfg_name, text_name, vision_name, proc_name, video_name, vision_defaults = _QWEN[version]
-    vision = {**vision_defaults, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision}
-    image_specials = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-    tok = make_tokenizer((*CHATML_SPECIALS, *image_specials),
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (native-resolution ViT, M-RoPE); 48x40 px -> 12 tokens."""
+    names, vision_defaults = _QWEN[version]
+    config_cls, text_cls, vision_cls, proc_cls, video_cls = (getattr(tf, n) for n in names)
+    vision = {**vision_defaults, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              **vision}
+    tok = make_tokenizer((*_CHATML_SPECIALS, *_QWEN_IMAGE_TOKENS),
                          chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"))
-    unit = vision["patch_size"] * vision["spatial_merge_size"]  # pixels per side of one merged token
+    unit = vision["patch_size"] * vision["spatial_merge_size"]  # pixels per side of one token
     pixels = dict(patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
                   temporal_patch_size=vision["temporal_patch_size"],
-                  size={"shortest_edge": unit * unit * 4, "longest_edge": unit * unit * 16})  # 4..16 tokens
-    proc = getattr(tf, proc_name)(tf.Qwen2VLImageProcessor(**pixels), tok, getattr(tf, video_name)(**pixels),
-                                  chat_template=tok.chat_template)
+                  size={"shortest_edge": 4 * unit**2, "longest_edge": 16 * unit**2})  # 4..16 tokens
+    proc = proc_cls(tf.Qwen2VLImageProcessor(**pixels), tok, video_cls(**pixels),
+                    chat_template=tok.chat_template)
 
     def config(vocab: int) -> tf.PretrainedConfig:
-        head_dim = text["hidden_size"] // text["num_attention_heads"]
-        # M-RoPE splits head_dim/2 rotary pairs over (time, height, width)
-        half = head_dim // 2
-        sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-        rope = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e4}
+        # M-RoPE splits the head_dim/2 rotary frequencies over (time, height, width)
+        half = _head_dim(text) // 2
+        hw = half * 3 // 8
+        rope = {"rope_type": "default", "mrope_section": [half - 2 * hw, hw, hw], "rope_theta": 1e4}
         if version == "qwen3_vl":
             rope["mrope_interleaved"] = True
-        txt = getattr(tf, text_name)(**{"head_dim": head_dim, **text}, vocab_size=vocab, rope_parameters=rope,
-                                     **_text_ids(tok))
-        out = {"hidden_size": text["hidden_size"]} if version == "qwen2_vl" else {"out_hidden_size": text["hidden_size"]}
-        ids = {name: tok.convert_tokens_to_ids(t) for name, t in zip(
-            ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), image_specials)}
-        return getattr(tf, cfg_name)(text_config=txt, vision_config=getattr(tf, vision_name)(**vision, **out), **ids)
+        text_config = text_cls(**{"head_dim": _head_dim(text), **text}, vocab_size=vocab,
+                               rope_parameters=rope, **_text_ids(tok))
+        # the vision tower's merger projects into the text model's width
+        width_key = "hidden_size" if version == "qwen2_vl" else "out_hidden_size"
+        vision_config = vision_cls(**vision, **{width_key: text["hidden_size"]})
+        ids = {name: tok.convert_tokens_to_ids(t)
+               for name, t in zip(_QWEN_IMAGE_IDS, _QWEN_IMAGE_TOKENS, strict=True)}
+        return config_cls(text_config=text_config, vision_config=vision_config, **ids)
 
     return _Parts(proc, config, "<|im_end|>")
 
 
 _BUILDERS: dict[str, Callable[[dict, dict], _Parts]] = {
     "llava": _llava,
-    "llava_next": lambda t, v: _llava(t, v, next_=True),
-    "qwen2_vl": lambda t, v: _qwen(t, v, version="qwen2_vl"),
-    "qwen2_5_vl": lambda t, v: _qwen(t, v, version="qwen2_5_vl"),
-    "qwen3_vl": lambda t, v: _qwen(t, v, version="qwen3_vl"),
+    "llava_next": partial(_llava, next_=True),
+    "qwen2_vl": partial(_qwen, version="qwen2_vl"),
+    "qwen2_5_vl": partial(_qwen, version="qwen2_5_vl"),
+    "qwen3_vl": partial(_qwen, version="qwen3_vl"),
     "idefics3": _idefics3,
-    "smolvlm": lambda t, v: _idefics3(t, v, smol=True),
+    "smolvlm": partial(_idefics3, smol=True),
     "gemma3": _gemma3,
     "paligemma": _paligemma,
     "instructblip": _instructblip,
@@ -501,7 +537,9 @@ def _reinit_zero_matrices(model: torch.nn.Module, std: float = 0.02) -> None:
                 param.normal_(0.0, std)
 
 
-def _set_generation_ids(model: tf.PreTrainedModel, tok: tf.PreTrainedTokenizerFast, end_of_turn: str | None) -> None:
+def _set_generation_ids(
+    model: tf.PreTrainedModel, tok: tf.PreTrainedTokenizerFast, end_of_turn: str | None
+) -> None:
     """Fill `model.generation_config` with bos/pad ids and the stop ids (end of turn first, then EOS).
 
     Chat checkpoints list both, so `generate` stops at the end of the assistant turn.
@@ -515,7 +553,9 @@ def _set_generation_ids(model: tf.PreTrainedModel, tok: tf.PreTrainedTokenizerFa
 
 def _check_family(family: str) -> None:
     if family not in _BUILDERS:
-        raise SafeCoDeInputError(f"Unknown tiny model family {family!r}. Use one of: {', '.join(FAMILIES)}.")
+        raise SafeCoDeInputError(
+            f"Unknown tiny model family {family!r}. Use one of: {', '.join(FAMILIES)}."
+        )
 
 
 def build_tiny_vlm(
@@ -555,21 +595,27 @@ def build_tiny_vlm(
 
 # --------------------------------------------------------------------------- benchmark models
 
-#: Llava shapes. "gpu" is LLaVA-1.5-7B: Llama-2-7B text and CLIP ViT-L/14 at 336 px (576 image tokens).
+#: Llava shapes per bench preset: text and vision config keywords, plus a fixed model vocabulary.
 _BENCH: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": dict(text=TINY_TEXT, vision=TINY_VISION, model=dict()),
-    "cpu": dict(  # ~10M parameters; 176 px / 16 px patches -> 121 image tokens
-        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=8),
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=176, patch_size=16),
+    # ~10M parameters (6.4M text, 3.4M vision); 176 px in 16 px patches -> 121 image tokens
+    "cpu": dict(
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=8),
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                    num_attention_heads=4, image_size=176, patch_size=16),
         model=dict()),
+    # LLaVA-1.5-7B: Llama-2-7B text, CLIP ViT-L/14 at 336 px (576 image tokens), 7.06B parameters
     "gpu": dict(
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
-        model=dict(vocab_size=32064)),  # LLaVA-1.5's padded vocabulary; our tokenizer uses only its start
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                    hidden_act="quick_gelu"),
+        # LLaVA-1.5's padded vocabulary: the lm_head costs what it costs there, though our
+        # ~1k-token tokenizer never produces the higher ids (they decode to "")
+        model=dict(vocab_size=32064)),
 }
 
 
@@ -586,13 +632,16 @@ def build_bench_llava_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> tuple[tf.LlavaForConditionalGeneration, tf.ProcessorMixin]:
     """A random Llava-architecture `(model, processor)` in memory, for benchmarks.
 
     The weights are created and initialised directly on `device` in `dtype`
     (defaults: "gpu" -> cuda, bfloat16; otherwise cpu, float32), so the 7B
     shape takes seconds on a GPU and never touches the disk. `device="meta"`
-    gives a weightless model for counting parameters. The model is in eval mode.
+    gives a weightless model for counting parameters. `attn_implementation`
+    ("sdpa", the default, or "eager", ...) goes to transformers. The model is in
+    eval mode. The processor returns float32 `pixel_values`; Llava casts them.
     """
     parts, model_shape = _bench_parts(preset)
     tok = parts.processor.tokenizer
@@ -603,7 +652,9 @@ def build_bench_llava_model(
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
     with torch.device(device):
-        model = tf.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = tf.LlavaForConditionalGeneration._from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
     _set_generation_ids(model, tok, parts.end_of_turn)
     return model.eval(), parts.processor
 

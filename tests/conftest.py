@@ -17,11 +17,11 @@ os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
 # forwards ~50x cheaper when several suites share the cores. Set it before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

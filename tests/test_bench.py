@@ -1,0 +1,32 @@
+"""The benchmark runs end to end (on the tiny preset); what it measures is not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+from safecode_guard.bench import METHODS, run_bench
+from safecode_guard.cli import main
+
+
+def test_run_bench_measures_every_method_for_the_same_token_count():
+    report = run_bench("tiny", rounds=1, new_tokens=6)
+    assert [m.name for m in report.methods] == list(METHODS)
+    assert all(m.new_tokens == 6 for m in report.methods)
+    assert report.ratio("plain") == 1.0
+    assert all(m.total_s > 0 and m.ms_per_token > 0 for m in report.methods)
+    assert report.prompt_tokens > 20 and report.target_ratio == 1.3
+    assert len(report.verdicts()) == 3 and "plain" in report.table()
+
+
+def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--rounds", "1", "--new-tokens", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "x plain" in printed and "reference" in printed and "target <= 1.3" in printed
+    data = json.loads(out.read_text())
+    assert {m["name"] for m in data["methods"]} == set(METHODS)
+
+
+def test_bench_command_rejects_bad_arguments(capsys):
+    assert main(["bench", "--preset", "tiny", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
