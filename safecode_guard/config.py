@@ -118,9 +118,9 @@ class SafeCoDeConfig(BaseModel):
     @field_validator("refusal_phrases", mode="before")
     @classmethod
     def _phrases(cls, v: Any) -> tuple[str, ...]:
-        if isinstance(v, str):
+        if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple, set, frozenset)):
             raise ValueError(
-                f"`refusal_phrases` (={v!r}) must be a list of phrases, not one string. "
+                f"`refusal_phrases` (={v!r}) must be a list of phrases. "
                 f'Use e.g. ["I\'m sorry", "I cannot"].'
             )
         phrases = tuple(v)

@@ -36,6 +36,7 @@ def test_defaults_are_the_papers():
         ("plausibility_beta", 2.0, "None"),
         ("judge_timeout_s", -1.0, "None"),
         ("refusal_phrases", "I'm sorry", "list"),
+        ("refusal_phrases", None, "list"),
         ("refusal_phrases", [], "at least one"),
         ("refusal_phrases", ["ok", "  "], "non-empty"),
     ],

@@ -1,0 +1,69 @@
+"""Issue 4.7: property-based tests. Whatever comes in, only typed errors or valid results come out."""
+
+from __future__ import annotations
+
+import io
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pydantic import ValidationError
+
+from safecode_guard import InputPolicy, SafeCoDeConfig, SafeCoDeInputError
+from safecode_guard.prompting import Conversation, parse_messages
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20), st.binary(max_size=20)
+)
+text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=30), junk)})
+image_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["image", "image_url"]), "image": st.one_of(st.just(_png()), st.binary(max_size=30), junk)}
+)
+odd_part = st.dictionaries(st.sampled_from(["type", "text", "image", "url", "x"]), junk, max_size=3)
+part = st.one_of(text_part, image_part, odd_part, st.text(max_size=10), junk)
+content = st.one_of(st.text(max_size=40), st.lists(part, max_size=4), junk)
+message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "", "x"]), "content": content}),
+    st.dictionaries(st.text(max_size=5), junk, max_size=3),
+    junk,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.lists(message, max_size=5), junk))
+def test_parse_messages_gives_a_conversation_or_a_typed_error(messages):
+    try:
+        conv = parse_messages(messages, InputPolicy(max_images=2))
+    except SafeCoDeInputError as exc:
+        assert str(exc)  # every error says something
+        return
+    assert isinstance(conv, Conversation)
+    assert conv.messages and conv.messages[-1]["role"] != "assistant"
+    assert len(conv.images) <= 2
+    assert all(img.mode == "RGB" and img.width > 0 for img in conv.images)
+    for m in conv.messages:
+        assert m["role"] in ("system", "user", "assistant")
+        assert all(p["type"] in ("text", "image") for p in m["content"])
+
+
+settings_values = st.one_of(junk, st.floats(-1e9, 1e9), st.integers(-10, 10_000), st.lists(st.text(max_size=5), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(list(SafeCoDeConfig.model_fields) + ["bogus"]), settings_values, max_size=4))
+def test_config_gives_a_valid_config_or_a_validation_error(kwargs):
+    try:
+        cfg = SafeCoDeConfig(**kwargs)
+    except ValidationError as exc:
+        assert isinstance(exc, ValueError) and exc.errors()
+        return
+    assert 0 <= cfg.alpha <= 10 and 0 <= cfg.steered_steps <= 256 and 0 <= cfg.threshold <= 1
+    assert cfg.refusal_phrases and all(p.strip() for p in cfg.refusal_phrases)
+    assert cfg.plausibility_beta is None or 0 < cfg.plausibility_beta <= 1
