@@ -10,7 +10,6 @@ so `Decoder` drives those same hooks instead of re-implementing them.
 
 What those hooks do not cover lives in `Quirks`, detected once per model:
 
-- processors that want one image list per sample (`images=[[a], [b]]`);
 - composite models whose top-level forward insists on `pixel_values` on every
   call (InstructBLIP): decode steps go through their `language_model`;
 - per-row state kept on the model after a prefill (`rope_deltas` on Qwen-VL),
@@ -30,9 +29,6 @@ from .errors import UnsupportedContentError
 
 __all__ = ["Decoder", "Quirks", "detect_quirks"]
 
-# Processors whose image argument is one list per sample in a batch.
-_NESTED_IMAGE_PROCESSORS = ("Idefics3Processor", "SmolVLMProcessor", "Gemma3Processor", "Idefics2Processor")
-
 # Keys that grow with the sequence (or describe it) and survive the prefill;
 # everything else the processor returned (pixels, grids, sizes) is prefill-only.
 _PER_TOKEN_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
@@ -40,20 +36,14 @@ _PER_TOKEN_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token
 
 @dataclass(frozen=True)
 class Quirks:
-    nested_images: bool
-    """The processor takes `images=[[...], [...]]`, one list per prompt."""
     step_through_language_model: bool
     """Decode steps must call `model.language_model` (top-level forward needs pixels)."""
 
 
-def detect_quirks(model: Any, processor: Any) -> Quirks:
-    proc_names = {cls.__name__ for cls in type(processor).__mro__}
+def detect_quirks(model: Any) -> Quirks:
     pixel_param = inspect.signature(model.forward).parameters.get("pixel_values")
     needs_pixels = pixel_param is not None and pixel_param.default is inspect.Parameter.empty
-    return Quirks(
-        nested_images=bool(proc_names.intersection(_NESTED_IMAGE_PROCESSORS)),
-        step_through_language_model=needs_pixels and hasattr(model, "language_model"),
-    )
+    return Quirks(step_through_language_model=needs_pixels and hasattr(model, "language_model"))
 
 
 def _find_cache(output: Any) -> Any:
@@ -145,21 +135,20 @@ class Decoder:
 
 def encode_views(
     processor: Any,
-    quirks: Quirks,
     prompt: str,
     views: list[list[Image.Image]],
 ) -> dict[str, Any]:
     """Run the processor on one prompt per view; `views[i]` are the images of row i.
 
     With no images the batch has one text-only row. Both views of a request
-    have images of equal sizes, so rows tokenize to the same length.
+    have images of equal sizes, so rows tokenize to the same length. Images go
+    as one list per prompt (`[[a, b], [a', b']]`), the form every family takes.
     """
     texts = [prompt] * max(len(views), 1)
     try:
         if not views or not views[0]:
             return processor(text=texts, return_tensors="pt")
-        images: list[Any] = views if quirks.nested_images else [img for view in views for img in view]
-        return processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return processor(images=views, text=texts, return_tensors="pt", padding=True)
     except (ValueError, TypeError) as exc:
         # e.g. PaliGemma refuses text-only prompts; say so as a typed input error
         raise UnsupportedContentError(

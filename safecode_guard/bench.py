@@ -147,8 +147,8 @@ def _reference_pattern(engine: Any, messages: list[dict], new_tokens: int) -> in
     noise = torch.Generator().manual_seed(cfg.seed)
     noised = [ops.noised_image(img, cfg.noise_std, noise) for img in conv.images]
     prompt = render_prompt(engine.processor, conv.messages, engine._specials)
-    real = encode_views(engine.processor, engine.quirks, prompt, [list(conv.images)]).to(model.device)
-    fake = encode_views(engine.processor, engine.quirks, prompt, [noised]).to(model.device)
+    real = encode_views(engine.processor, prompt, [list(conv.images)]).to(model.device)
+    fake = encode_views(engine.processor, prompt, [noised]).to(model.device)
     for batch in (real, fake):
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     ids = real["input_ids"]

@@ -164,7 +164,7 @@ class SafeCoDe:
         if isinstance(judge_impl, SelfJudge) and judge_impl.engine is None:
             judge_impl = judge_impl.bind(self)
         self.judge_impl = judge_impl
-        self.quirks = detect_quirks(model, processor)
+        self.quirks = detect_quirks(model)
         self._lock = threading.RLock()
         self._refusal_seqs = ops.refusal_sequences(self.tokenizer, self.config.refusal_phrases)
         self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
@@ -376,7 +376,7 @@ class SafeCoDe:
     ) -> tuple[Decoder, int]:
         """Render, encode, check the length, prefill; returns the decoder and the prompt length."""
         prompt = render_prompt(self.processor, conv.messages, self._specials)
-        batch = encode_views(self.processor, self.quirks, prompt, views)
+        batch = encode_views(self.processor, prompt, views)
         prompt_len = int(batch["input_ids"].shape[1])
         limit = self.policy.max_prompt_tokens
         if limit is not None and prompt_len > limit:

@@ -154,9 +154,16 @@ def render_prompt(processor: Any, messages: Sequence[Mapping[str, Any]], special
             else:
                 parts.append({"type": "text", "text": neutralize_special_tokens(p["text"], specials)})
         template_messages.append({"role": m["role"], "content": parts})
-    if getattr(processor, "chat_template", None) is None:
+    # Some processors (InstructBLIP in transformers 5.x) drop their template on reload
+    # while their tokenizer keeps it.
+    template = getattr(processor, "chat_template", None) or getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None
+    )
+    if template is None:
         raise UnsupportedModelError(
             f"{type(processor).__name__} has no chat template. Set `processor.chat_template` "
             "to a Jinja template (see the model card) before using it with SafeCoDe."
         )
-    return processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        template_messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    )

@@ -6,7 +6,7 @@ instances of the real transformers classes, so every code path a real
 checkpoint takes (processor, chat template, forward, KV cache, `generate`)
 runs unchanged.
 
-- `build_tiny_vlm(family, out_dir)` saves a ~150k-parameter model and its
+- `build_tiny_vlm(family, out_dir)` saves a 0.2M-parameter (~1 MB) model and its
   processor, for any of `FAMILIES`, into a folder that
   `AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained`
   load.
@@ -174,7 +174,7 @@ def make_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(corpus) * 5, trainer)
+    tok.train_from_iterator(corpus, trainer)
     if add_bos:
         bos_id = tok.token_to_id(bos)
         tok.post_processor = processors.TemplateProcessing(

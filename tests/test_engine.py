@@ -16,7 +16,6 @@ from safecode_guard import SafeCoDe, SafeCoDeConfig, Verdict
 from safecode_guard.ops import noised_image
 from safecode_guard.testing import FAMILIES, gradient_image
 
-NESTED = {"idefics3", "smolvlm", "gemma3"}
 FILL_ONE = {"paligemma"}  # PaliGemma marks generated tokens 1 (causal suffix), others 0
 
 
@@ -49,12 +48,13 @@ def naive_safecode(
     """No KV cache; two separate full forwards per window step; greedy."""
     tok = processor.tokenizer
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # InstructBLIP's processor loses its template on reload (transformers 5.x); its tokenizer keeps it
+    template = processor.chat_template or processor.tokenizer.chat_template
+    prompt = processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
     noised = noised_image(image, cfg.noise_std, torch.Generator().manual_seed(cfg.seed))
 
     def encode(img):
-        imgs = [[img]] if family in NESTED else [img]
-        batch = dict(processor(images=imgs, text=[prompt], return_tensors="pt"))
+        batch = dict(processor(images=[[img]], text=[prompt], return_tensors="pt"))
         batch.pop("labels", None)
         return batch
 

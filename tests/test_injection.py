@@ -28,7 +28,7 @@ def _special_ids(engine: SafeCoDe, text: str, image) -> Counter:
         engine.policy,
     )
     prompt = render_prompt(engine.processor, conv.messages, engine._specials)
-    ids = encode_views(engine.processor, engine.quirks, prompt, [list(conv.images)])["input_ids"][0].tolist()
+    ids = encode_views(engine.processor, prompt, [list(conv.images)])["input_ids"][0].tolist()
     special = set(engine.tokenizer.all_special_ids) | {
         i for i, t in engine.tokenizer.added_tokens_decoder.items() if t.special
     }

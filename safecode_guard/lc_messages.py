@@ -1,0 +1,207 @@
+"""LangChain messages -> Hugging Face chat messages, as small pure functions.
+
+Input: LangChain `BaseMessage`s as `ChatSafeCoDe` receives them. Content is
+read through `message.content_blocks`, which already turns every shape
+LangChain produces into v1 standard blocks: plain strings, OpenAI
+`image_url` parts (data URLs become `{"type": "image", "base64", "mime_type"}`),
+v0 `source_type` blocks, Anthropic `source` blocks and v1 blocks.
+
+Output: `[{"role": "system" | "user" | "assistant", "content": [parts]}]` with
+parts `{"type": "text", "text": str}` and `{"type": "image", "image": PIL.Image}`,
+the format `SafeCoDe.generate` takes. Images are decoded here, by
+`safecode_guard.images.load_image` under the caller's `InputPolicy`, so an
+http(s) URL is fetched only when the policy allows URLs.
+Consecutive turns of one role are left as they are: the engine merges them.
+
+Anything that cannot be shown to the model faithfully raises
+`UnsupportedContentError` naming the block and the fix: audio, video and
+file blocks, images by provider `file_id`, tool messages and tool calls (no
+tool calling yet). Reasoning blocks in earlier assistant turns are dropped,
+as chat templates drop a model's private reasoning from history.
+
+To support a new message type or block type, add an entry to `ROLE_BY_TYPE`
+or `BLOCK_CONVERTERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from langchain_core.messages import BaseMessage, ChatMessage
+
+from .config import InputPolicy
+from .errors import UnsupportedContentError
+from .images import decode_base64, load_image
+
+__all__ = [
+    "BLOCK_CONVERTERS",
+    "ROLE_BY_TYPE",
+    "block_to_part",
+    "image_from_block",
+    "message_role",
+    "to_hf_message",
+    "to_hf_messages",
+]
+
+Part = dict[str, Any]
+BlockConverter = Callable[[Mapping[str, Any], str, str, InputPolicy], "Part | None"]
+
+#: LangChain `message.type` -> chat-template role.
+ROLE_BY_TYPE: dict[str, str] = {"system": "system", "human": "user", "ai": "assistant"}
+
+#: Roles a generic `ChatMessage(role=...)` may carry, and the template role each means.
+_CHAT_MESSAGE_ROLES: dict[str, str] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+}
+
+_PROVIDER_REASONING = ("thinking", "redacted_thinking")
+
+_NO_TOOLS = (
+    "ChatSafeCoDe has no tool calling yet: leave tools out of this chain, or put the tool's "
+    "result into a HumanMessage as text."
+)
+
+
+def message_role(message: BaseMessage, where: str) -> str:
+    """The chat-template role of `message`, or `UnsupportedContentError` for tool turns and unknown types."""
+    if isinstance(message, ChatMessage):
+        role = _CHAT_MESSAGE_ROLES.get(message.role.lower())
+        if role is None:
+            raise UnsupportedContentError(
+                f"{where} is a ChatMessage with role {message.role!r}. "
+                f"Use one of {sorted(_CHAT_MESSAGE_ROLES)}, or a SystemMessage / HumanMessage / AIMessage."
+            )
+        return role
+    role = ROLE_BY_TYPE.get(message.type)
+    if role is not None:
+        return role
+    if message.type in ("tool", "function"):
+        raise UnsupportedContentError(f"{where} is a {type(message).__name__}. {_NO_TOOLS}")
+    raise UnsupportedContentError(
+        f"{where} is a {type(message).__name__} (type {message.type!r}), which ChatSafeCoDe cannot read. "
+        "Use SystemMessage, HumanMessage and AIMessage."
+    )
+
+
+def image_from_block(block: Mapping[str, Any], where: str, policy: InputPolicy) -> Any:
+    """A PIL RGB image from a v1 image block (`base64`, `url`, or an in-memory `image`).
+
+    `url` may be a data URL, an http(s) URL (fetched only if
+    `policy.allow_image_urls`) or a file:// URL (only if `policy.allow_local_files`).
+    """
+    if block.get("base64") is not None:
+        # Decode ourselves: bare base64 holds '/' and could otherwise be read as a path.
+        return load_image(decode_base64(str(block["base64"]), policy.max_image_bytes), policy)
+    if block.get("url") is not None:
+        return load_image(block["url"], policy)
+    if block.get("image") is not None:  # an HF-style part holding a PIL image or bytes
+        return load_image(block["image"], policy)
+    if block.get("file_id") is not None:
+        raise UnsupportedContentError(
+            f"{where} is an image given by provider file id {block['file_id']!r}; a local model cannot "
+            'resolve file ids. Send the image itself: {"type": "image", "base64": ..., "mime_type": "image/png"}.'
+        )
+    raise UnsupportedContentError(
+        f"{where} is an image block without image data (keys: {sorted(block)}). "
+        'Give "base64" (with "mime_type") or a data URL in "url".'
+    )
+
+
+def _text(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise UnsupportedContentError(f'{where} is a text block whose "text" is not a string.')
+    return {"type": "text", "text": text}
+
+
+def _image(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    if role != "user":
+        raise UnsupportedContentError(
+            f"{where} is an image in a {role} turn; only user (HumanMessage) turns may carry images. "
+            "Move the image into a HumanMessage."
+        )
+    return {"type": "image", "image": image_from_block(block, where, policy)}
+
+
+def _reasoning(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> None:
+    return None  # earlier turns' private reasoning is not replayed to the model
+
+
+def _tool_call(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    raise UnsupportedContentError(f"{where} is a {block['type']!r} block. {_NO_TOOLS}")
+
+
+def _non_standard(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    value = block.get("value")
+    # `{"type": "image_url", "image_url": "<url>"}` (a bare string, not a dict) is a common
+    # OpenAI shorthand that `content_blocks` does not recognise.
+    if isinstance(value, Mapping) and value.get("type") == "image_url" and isinstance(value.get("image_url"), str):
+        return _image({"type": "image", "url": value["image_url"]}, where, role, policy)
+    if role == "assistant" and isinstance(value, Mapping) and value.get("type") in _PROVIDER_REASONING:
+        return None  # provider-specific reasoning (Anthropic "thinking"), dropped like "reasoning"
+    kind = value.get("type") if isinstance(value, Mapping) else type(value).__name__
+    raise UnsupportedContentError(
+        f"{where} is a {kind!r} block, which ChatSafeCoDe cannot read. "
+        'Send text blocks and image blocks ({"type": "image", "base64": ..., "mime_type": ...}).'
+    )
+
+
+def _unsupported_media(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    kind = block["type"]
+    raise UnsupportedContentError(
+        f"{where} is a {kind!r} block; ChatSafeCoDe reads text and images only. "
+        f"Remove the {kind} block, or describe its content in text."
+    )
+
+
+#: v1 block type -> converter returning an HF part, or None to drop the block.
+BLOCK_CONVERTERS: dict[str, BlockConverter] = {
+    "text": _text,
+    "image": _image,
+    "reasoning": _reasoning,
+    "tool_call": _tool_call,
+    "tool_call_chunk": _tool_call,
+    "invalid_tool_call": _tool_call,
+    "server_tool_call": _tool_call,
+    "server_tool_call_chunk": _tool_call,
+    "server_tool_result": _tool_call,
+    "non_standard": _non_standard,
+    "audio": _unsupported_media,
+    "video": _unsupported_media,
+    "file": _unsupported_media,
+    "text-plain": _unsupported_media,
+}
+
+
+def block_to_part(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part | None:
+    """One v1 content block as an HF content part (None: dropped on purpose)."""
+    converter = BLOCK_CONVERTERS.get(str(block.get("type")))
+    if converter is None:
+        raise UnsupportedContentError(
+            f"{where} has type {block.get('type')!r}, which ChatSafeCoDe cannot read. "
+            "Send text blocks and image blocks."
+        )
+    return converter(block, where, role, policy)
+
+
+def to_hf_message(message: BaseMessage, index: int, policy: InputPolicy) -> dict[str, Any]:
+    """`message` (the `index`-th of the request) as `{"role", "content": [parts]}`."""
+    where = f"messages[{index}] ({type(message).__name__})"
+    role = message_role(message, where)
+    parts: list[Part] = []
+    for j, block in enumerate(message.content_blocks):
+        part = block_to_part(block, f"{where}.content[{j}]", role, policy)
+        if part is not None:
+            parts.append(part)
+    return {"role": role, "content": parts}
+
+
+def to_hf_messages(messages: Sequence[BaseMessage], policy: InputPolicy) -> list[dict[str, Any]]:
+    """A LangChain conversation as Hugging Face chat messages, images decoded to PIL."""
+    return [to_hf_message(m, i, policy) for i, m in enumerate(messages)]
