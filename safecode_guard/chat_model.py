@@ -50,7 +50,7 @@ from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from . import ops
 from .config import InputPolicy, SafeCoDeConfig
@@ -245,6 +245,17 @@ class ChatSafeCoDe(BaseChatModel):
     _hf_objects: tuple[Any, Any] | None = PrivateAttr(default=None)
 
     # -- validation -------------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_max_tokens(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and "max_tokens" in values and "max_new_tokens" in values:
+            if values["max_tokens"] != values["max_new_tokens"]:
+                raise ValueError(
+                    f"`max_tokens` (={values['max_tokens']!r}) and `max_new_tokens` (={values['max_new_tokens']!r}) "
+                    "are the same setting; give one of them."
+                )
+        return values
 
     @field_validator("judge")
     @classmethod

@@ -13,8 +13,34 @@ from importlib import import_module
 __all__ = ["main"]
 
 COMMANDS = {
+    "demo": ("safecode_guard.demo", "show SafeCoDe on built-in scenes (embedded demo model by default)"),
+    "chat": ("safecode_guard.chat_cli", "one-shot chat with an image, streamed, with the verdict"),
     "bench": ("safecode_guard.bench", "time SafeCoDe against plain generate, side by side"),
 }
+
+
+def add_safecode_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every `SafeCoDeConfig` setting; unset flags keep the paper's defaults."""
+    group = parser.add_argument_group("SafeCoDe settings (defaults: the paper's)")
+    group.add_argument("--alpha", type=float, help="contrast weight (0.3)")
+    group.add_argument("--noise-std", type=float, help="pixel noise std on the 0..1 scale (0.1)")
+    group.add_argument("--steered-steps", type=int, help="tokens steered at the start (5)")
+    group.add_argument("--unsafe-mode", choices=("prefix", "boost"), help="on unsafe: open with a refusal, or boost (prefix)")
+    group.add_argument("--lambda-boost", type=float, help="refusal boost when unsafe (1.0)")
+    group.add_argument("--lambda-supp", type=float, help="refusal suppression when safe (1.0)")
+    group.add_argument("--plausibility-beta", type=float, help="plausibility cut (off)")
+    group.add_argument("--threshold", type=float, help="unsafe when score >= threshold (0.5)")
+    group.add_argument("--on-judge-error", choices=("unsafe", "safe", "raise"), help="judge failure policy (unsafe)")
+    group.add_argument("--seed", type=int, help="noise and sampling seed (0)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The `SafeCoDeConfig` the flags describe (validation errors name the flag's field)."""
+    from .config import SafeCoDeConfig
+
+    fields = ("alpha", "noise_std", "steered_steps", "unsafe_mode", "lambda_boost", "lambda_supp",
+              "plausibility_beta", "threshold", "on_judge_error", "seed")
+    return SafeCoDeConfig(**{f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
