@@ -15,6 +15,7 @@ __all__ = ["main"]
 COMMANDS = {
     "demo": ("safecode_guard.demo", "show SafeCoDe on built-in scenes (embedded demo model by default)"),
     "chat": ("safecode_guard.chat_cli", "one-shot chat with an image, streamed, with the verdict"),
+    "eval": ("safecode_guard.evaluation", "compare SafeCoDe with plain decoding on MSSBench, MOSSBench or your own JSONL data"),
     "bench": ("safecode_guard.bench", "time SafeCoDe against plain generate, side by side"),
 }
 

@@ -1097,6 +1097,8 @@ def run_eval(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_safecode_arguments
+
     parser.add_argument("--model", required=True, help="local folder or hub id of an image-text-to-text model")
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --data")
     parser.add_argument(
@@ -1110,13 +1112,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     parser.add_argument("--judge", default="self", help="judge spec: self, self:caption, fixed:safe, fixed:unsafe, chat:<provider>:<model> (default: self)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default: 256)")
-    group = parser.add_argument_group("SafeCoDe settings (defaults: the paper's)")
-    group.add_argument("--alpha", type=float, default=None)
-    group.add_argument("--noise-std", type=float, default=None)
-    group.add_argument("--steered-steps", type=int, default=None)
-    group.add_argument("--unsafe-mode", choices=("prefix", "boost"), default=None)
-    group.add_argument("--lambda-boost", type=float, default=None)
-    group.add_argument("--lambda-supp", type=float, default=None)
+    add_safecode_arguments(parser)
     parser.add_argument(
         "--refusal-check",
         choices=("contains", "prefix"),
@@ -1130,16 +1126,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip comparison.png")
 
 
-def _config_from_args(args: argparse.Namespace) -> Any:
-    from .config import SafeCoDeConfig
-
-    names = ("alpha", "noise_std", "steered_steps", "unsafe_mode", "lambda_boost", "lambda_supp")
-    return SafeCoDeConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
-
-
 def run_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from .cli import config_from_args
     from .engine import SafeCoDe
 
     if args.limit is not None and args.limit < 1:
@@ -1152,7 +1142,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"error: {args.data} holds no items", file=sys.stderr)
             return 2
         items = items[: args.limit] if args.limit else items
-        config = _config_from_args(args)
+        config = config_from_args(args)
         grader = make_grader(args.grader)
         engine = SafeCoDe.from_pretrained(args.model, judge=args.judge, config=config, device=args.device, dtype=args.dtype)
         print(f"[eval] {len(items)} {args.format} items -> {args.out}", file=sys.stderr)

@@ -83,13 +83,14 @@ __all__ = [
     "clear_caches",
     "expand_env",
     "init",
-    "judge_conversation",
     "provider",
+    "request_messages",
     "register_provider",
     "resolve_judge",
     "resolve_model",
     "safecode_check_input",
     "safecode_check_input_outcome",
+    "safecode_generate",
 ]
 
 ENGINE_NAME = "safecode"
@@ -280,7 +281,7 @@ def _judge_for(spec: Any, engine: Callable[[], SafeCoDe]) -> Judge:
         return judges[spec]
 
 
-def _judge_setup(llm: Any, spec: str | None) -> tuple[Judge, SafeCoDeConfig, InputPolicy]:
+def _judge_setup(llm: Any, spec: Any) -> tuple[Judge, SafeCoDeConfig, InputPolicy]:
     """The judge, the settings its verdict follows, and the image policy, for one rail call.
 
     With a `ChatSafeCoDe` main model, its settings apply to the rail too (threshold,
@@ -291,17 +292,17 @@ def _judge_setup(llm: Any, spec: str | None) -> tuple[Judge, SafeCoDeConfig, Inp
     if chat is not None:
         judge = _judge_for(chat.judge if spec is None else spec, lambda: _chat_engine(chat))
         return judge, chat.safecode, chat.policy
-    judge = _judge_for(spec or DEFAULT_JUDGE, lambda: _engine_for_path(resolve_model(os.environ.get(MODEL_ENV))))
+    judge = _judge_for(DEFAULT_JUDGE if spec is None else spec, lambda: _engine_for_path(resolve_model(os.environ.get(MODEL_ENV))))
     return judge, SafeCoDeConfig(), InputPolicy()
 
 
 _ROLES = ("system", "user", "assistant")
 
 
-def judge_conversation(
+def request_messages(
     user_message: Any, conversation: Sequence[Mapping[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """The OpenAI-style messages to judge: earlier turns of `conversation`, then the current user turn.
+    """The request as OpenAI-style messages: earlier turns of `conversation`, then the current user turn.
 
     `user_message` is NeMo's `$user_message` (a string, or a list of content
     blocks when images are sent); it stands for the last user turn of
@@ -336,7 +337,7 @@ def check_input(
     user_message: Any,
     *,
     llm: Any = None,
-    judge: str | None = None,
+    judge: Any = None,
     conversation: Sequence[Mapping[str, Any]] | None = None,
 ) -> Verdict:
     """The verdict on the current user turn (text and images), in the context of `conversation`.
@@ -348,8 +349,9 @@ def check_input(
             or LangChain content blocks.
         llm: NeMo's main model (an `LLMModel`, e.g. `LangChainLLMAdapter`) or a
             LangChain model; a `ChatSafeCoDe` lends its engine and settings.
-        judge: a judge spec; None: `$SAFECODE_JUDGE`, else the main model's own
-            judge when it is a `ChatSafeCoDe`, else "self".
+        judge: a judge spec or judge object (see `make_judge`); None:
+            `$SAFECODE_JUDGE`, else the main model's own judge when it is a
+            `ChatSafeCoDe`, else "self".
         conversation: the whole request as OpenAI-style messages (NeMo's raw
             request); its earlier turns are judged too.
     """
@@ -357,9 +359,10 @@ def check_input(
     from .lc_messages import to_hf_messages
     from .prompting import parse_messages
 
-    judge_impl, config, policy = _judge_setup(llm, resolve_judge(judge))
+    spec = resolve_judge(judge) if judge is None or isinstance(judge, str) else judge
+    judge_impl, config, policy = _judge_setup(llm, spec)
     try:
-        lc_messages = _to_langchain(judge_conversation(user_message, conversation))
+        lc_messages = _to_langchain(request_messages(user_message, conversation))
         conv = parse_messages(to_hf_messages(lc_messages, policy), policy)
     except ValueError as exc:  # SafeCoDeInputError, and langchain-core rejecting a message shape
         # Fail closed: content the judge cannot read, the model cannot answer either.
@@ -443,8 +446,58 @@ async def safecode_check_input_outcome(
     return RailOutcome.allow(metadata=verdict.to_dict())
 
 
+def _verdict_option(llm: Any, verdict: Any) -> dict[str, Any]:
+    """`{"verdict": Verdict}` for a `ChatSafeCoDe` main model given the rail's verdict, else `{}`."""
+    if verdict is None or _as_chat_safecode(llm) is None:
+        return {}
+    if isinstance(verdict, Mapping):
+        verdict = Verdict.model_validate(dict(verdict))
+    if isinstance(verdict, str):
+        verdict = Verdict(label=verdict, judge="rail", source="override")
+    if not isinstance(verdict, Verdict):
+        raise SafeCoDeInputError(
+            f"`verdict` is a {type(verdict).__name__}; pass the rail's verdict dict, a Verdict, "
+            "'safe' or 'unsafe' (or nothing, to let the model judge)."
+        )
+    return {"verdict": verdict}
+
+
+@action(name="safecode_generate", is_system_action=True)
+async def safecode_generate(
+    llm: Any = None,
+    context: dict | None = None,
+    user_message: Any = None,
+    verdict: Any = None,
+    **kwargs: Any,
+) -> str:
+    """NeMo action: the main model's answer to the current request, images and earlier turns included.
+
+    For Colang 2.x, whose own passthrough flow first asks the LLM for a user
+    intent and then sends it only `$user_message` (no earlier turns). Colang
+    1.0 configs use `passthrough: true` instead. Goes through NeMo's
+    `llm_call`, so the model's `response_metadata` (the `safety` dict) becomes
+    the `llm_metadata` of `rails.generate(..., options=...)`.
+
+    `verdict` (the rail's verdict dict or label) is handed to a `ChatSafeCoDe`
+    main model so it steers with that verdict instead of judging the request
+    a second time; its `safety["source"]` is then "override".
+    """
+    from nemoguardrails.llm.call import llm_call
+
+    if llm is None:
+        raise SafeCoDeError(
+            "safecode_generate got no LLM: add a `type: main` model to config.yml "
+            "(e.g. `engine: safecode`) or pass one with LLMRails(config, llm=...)."
+        )
+    message = user_message if user_message is not None else (context or {}).get("user_message", "")
+    messages = request_messages(message, _current_request())
+    response = await llm_call(llm, messages, llm_params=_verdict_option(llm, verdict) or None)
+    return response.content
+
+
 def init(app: Any) -> None:
-    """Register the `safecode` engine and both actions with an `LLMRails` (call from config.py)."""
+    """Register the `safecode` engine and the three actions with an `LLMRails` (call from config.py)."""
     register_provider()
     app.register_action(safecode_check_input, name="safecode_check_input")
     app.register_action(safecode_check_input_outcome, name="safecode_check_input_outcome")
+    app.register_action(safecode_generate, name="safecode_generate")

@@ -13,7 +13,7 @@ from safecode_guard.demo import SCENES, run_demo
 
 def test_every_subcommand_has_help():
     parser = build_parser()
-    for name in ("demo", "chat", "bench"):
+    for name in ("demo", "chat", "eval", "bench"):
         with pytest.raises(SystemExit) as info:
             parser.parse_args([name, "--help"])
         assert info.value.code == 0

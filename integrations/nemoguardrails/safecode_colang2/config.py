@@ -1,0 +1,10 @@
+"""NeMo loads this file while building LLMRails and calls `init(app)`.
+
+`safecode_guard.nemo.init` registers the `safecode` engine (config.yml's main
+model) and the `safecode_check_input` actions. Nothing is loaded here: the
+model loads on the first request.
+"""
+
+from safecode_guard.nemo import init
+
+__all__ = ["init"]

@@ -1,0 +1,735 @@
+"""`ChatSafeCoDe` and the LangChain message conversion.
+
+Tier 1: the pure functions (`lc_messages`, `safety_metadata`,
+`refusal_decision`, `sampling_kwargs`) and construction, no model.
+Tier 2: the chat model on the tiny random Llava through every LangChain call
+style, compared with the engine itself, plus threads, the event loop,
+callbacks, caching and per-call overrides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.caches import InMemoryCache
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models._utils import _normalize_messages
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from PIL import Image
+
+from safecode_guard import (
+    ChatSafeCoDe,
+    ImageInputError,
+    InputPolicy,
+    SafeCoDe,
+    SafeCoDeConfig,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+    Verdict,
+)
+from safecode_guard import images as images_module
+from safecode_guard.chat_model import refusal_decision, safety_metadata, sampling_kwargs
+from safecode_guard.lc_messages import to_hf_messages
+from safecode_guard.ops import opens_with_refusal
+from safecode_guard.testing import gradient_image, stripes_image
+
+SAFETY_KEYS = {
+    "verdict", "unsafe_score", "threshold", "judge", "source", "caption", "error",
+    "steered_steps", "unsafe_mode", "refused",
+}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def merge(chunks: list[AIMessageChunk]) -> AIMessageChunk:
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    return full
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+# =========================================================================== tier 1: messages
+
+IMAGE = gradient_image(48, 40)
+
+
+def image_blocks(image: Image.Image) -> dict[str, dict[str, Any]]:
+    """Every shape in which LangChain code hands us one image."""
+    data = b64(image)
+    return {
+        "v1 base64": {"type": "image", "base64": data, "mime_type": "image/png"},
+        "image_url data URL": {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+        "image_url bare string": {"type": "image_url", "image_url": f"data:image/png;base64,{data}"},
+        "v0 source_type base64": {"type": "image", "source_type": "base64", "data": data, "mime_type": "image/png"},
+        "v0 source_type url (data URL)": {"type": "image", "source_type": "url", "url": f"data:image/png;base64,{data}"},
+        "v1 url (data URL)": {"type": "image", "url": f"data:image/png;base64,{data}"},
+        "anthropic source": {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+        "in-memory PIL": {"type": "image", "image": image},
+    }
+
+
+@pytest.mark.parametrize("shape", list(image_blocks(IMAGE)))
+@pytest.mark.parametrize("normalised", [False, True], ids=["raw", "normalised"])
+def test_every_image_shape_becomes_the_same_pil_image(shape: str, normalised: bool) -> None:
+    messages: list[BaseMessage] = [HumanMessage([image_blocks(IMAGE)[shape], {"type": "text", "text": "What is this?"}])]
+    if normalised:  # what BaseChatModel does before calling us
+        messages = _normalize_messages(messages)
+    [hf] = to_hf_messages(messages, InputPolicy())
+    assert hf["role"] == "user"
+    image_part, text_part = hf["content"]
+    assert text_part == {"type": "text", "text": "What is this?"}
+    assert image_part["type"] == "image" and isinstance(image_part["image"], Image.Image)
+    assert np.array_equal(pixels(image_part["image"]), pixels(IMAGE))
+
+
+def test_roles_and_order_of_a_multi_turn_conversation() -> None:
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage([{"type": "text", "text": "Look:"}, image_blocks(IMAGE)["v1 base64"]]),
+        AIMessage("A gradient."),
+        HumanMessage("And now?"),
+        HumanMessage("Second user turn in a row."),
+        ChatMessage(role="assistant", content="ok"),
+        ChatMessage(role="developer", content="sys2"),
+        ChatMessage(role="user", content="last"),
+    ]
+    hf = to_hf_messages(messages, InputPolicy())
+    assert [m["role"] for m in hf] == ["system", "user", "assistant", "user", "user", "assistant", "system", "user"]
+    assert hf[0]["content"] == [{"type": "text", "text": "Be brief."}]
+    assert [p["type"] for p in hf[1]["content"]] == ["text", "image"]
+    assert hf[4]["content"] == [{"type": "text", "text": "Second user turn in a row."}]
+
+
+def test_reasoning_in_earlier_assistant_turns_is_dropped() -> None:
+    messages = [
+        HumanMessage("hi"),
+        AIMessage([{"type": "reasoning", "reasoning": "secret"}, {"type": "text", "text": "Hello"}]),
+        AIMessage([{"type": "thinking", "thinking": "hmm", "signature": "x"}, {"type": "text", "text": "Again"}]),
+        HumanMessage("bye"),
+    ]
+    hf = to_hf_messages(messages, InputPolicy())
+    assert hf[1]["content"] == [{"type": "text", "text": "Hello"}]
+    assert hf[2]["content"] == [{"type": "text", "text": "Again"}]
+
+
+UNSUPPORTED: dict[str, tuple[BaseMessage, str]] = {
+    "audio": (HumanMessage([{"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}]), "'audio'"),
+    "openai input_audio": (HumanMessage([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]), "'audio'"),
+    "video": (HumanMessage([{"type": "video", "base64": "AAAA", "mime_type": "video/mp4"}]), "'video'"),
+    "pdf file": (HumanMessage([{"type": "file", "base64": "AAAA", "mime_type": "application/pdf"}]), "'file'"),
+    "text-plain file": (HumanMessage([{"type": "text-plain", "text": "x", "mime_type": "text/plain"}]), "'text-plain'"),
+    "image file_id": (HumanMessage([{"type": "image", "file_id": "file-123"}]), "file id 'file-123'"),
+    "v0 image id": (HumanMessage([{"type": "image", "source_type": "id", "id": "file-9"}]), "file id 'file-9'"),
+    "unknown block": (HumanMessage([{"type": "hologram", "data": 1}]), "'hologram'"),
+    "tool message": (ToolMessage("42", tool_call_id="1"), "ToolMessage"),
+    "function message": (FunctionMessage("42", name="f"), "FunctionMessage"),
+    "ai tool call": (AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1", "type": "tool_call"}]), "'tool_call'"),
+    "image in an assistant turn": (AIMessage([image_blocks(IMAGE)["v1 base64"]]), "only user"),
+    "image in a system turn": (SystemMessage([image_blocks(IMAGE)["v1 base64"]]), "only user"),
+    "unknown chat role": (ChatMessage(role="narrator", content="x"), "'narrator'"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_unsupported_content_is_rejected_naming_the_block_and_the_fix(case: str) -> None:
+    message, named = UNSUPPORTED[case]
+    with pytest.raises(UnsupportedContentError) as err:
+        to_hf_messages([HumanMessage("first"), message], InputPolicy())
+    text = str(err.value)
+    assert "messages[1]" in text and named in text
+    # every message says what to do instead
+    assert any(w in text for w in ("Use", "Send", "Remove", "Move", "call it", "leave tools out", "Give"))
+
+
+def test_url_images_are_fetched_only_when_the_policy_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched: list[str] = []
+
+    def fake_fetch(url: str, policy: InputPolicy) -> bytes:
+        fetched.append(url)
+        return png_bytes(IMAGE)
+
+    monkeypatch.setattr(images_module, "fetch_image_bytes", fake_fetch)
+    message = HumanMessage([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])
+    with pytest.raises(ImageInputError, match="allow_image_urls"):
+        to_hf_messages([message], InputPolicy())
+    assert fetched == []
+    [hf] = to_hf_messages([message], InputPolicy(allow_image_urls=True))
+    assert fetched == ["https://example.com/cat.png"]
+    assert np.array_equal(pixels(hf["content"][0]["image"]), pixels(IMAGE))
+
+
+def test_corrupt_and_oversized_images_are_typed_errors() -> None:
+    truncated = base64.b64encode(png_bytes(IMAGE)[:40]).decode()
+    with pytest.raises(ImageInputError):
+        to_hf_messages([HumanMessage([{"type": "image", "base64": truncated, "mime_type": "image/png"}])], InputPolicy())
+    with pytest.raises(ImageInputError):
+        to_hf_messages([HumanMessage([image_blocks(IMAGE)["v1 base64"]])], InputPolicy(max_image_pixels=100))
+
+
+# =========================================================================== tier 1: pure helpers
+
+
+def test_safety_metadata_has_exactly_the_spec_keys() -> None:
+    verdict = Verdict(label="unsafe", unsafe_score=0.8, caption="a cliff", judge="self:caption", latency_s=0.2)
+    config = SafeCoDeConfig(threshold=0.4, steered_steps=7, unsafe_mode="boost")
+    meta = safety_metadata(verdict, config, refused=True)
+    assert set(meta) == SAFETY_KEYS
+    assert meta == {
+        "verdict": "unsafe", "unsafe_score": 0.8, "threshold": 0.4, "judge": "self:caption", "source": "judge",
+        "caption": "a cliff", "error": None, "steered_steps": 7, "unsafe_mode": "boost", "refused": True,
+    }
+
+
+PHRASES = ("I'm sorry", "I cannot", "Sorry", "As an AI")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", None), ("   ", None), ("I", None), (" I", None), ("I'", None), ("I\u2019m sor", None), ("i CAN", None),
+        ("I'm sorry", True), ("  sorry, no", True), ("As an AI model", True),
+        ("It", False), ("I think", False), ("Sure", False), ("As a", None), ("As an Ai", True), ("Asa", False),
+    ],
+)
+def test_refusal_decision_examples(text: str, expected: bool | None) -> None:
+    assert refusal_decision(text, PHRASES) is expected
+
+
+_ALPHABET = st.sampled_from(list("I'm sorycantAS \u2019xzN"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(_ALPHABET, max_size=14), cut=st.integers(0, 14))
+def test_refusal_decision_never_contradicts_the_whole_answer(text: str, cut: int) -> None:
+    decided = refusal_decision(text[:cut], PHRASES)
+    if decided is not None:
+        assert decided == opens_with_refusal(text, PHRASES)
+    assert refusal_decision(text, PHRASES) in (None, opens_with_refusal(text, PHRASES))
+
+
+def test_sampling_kwargs_follow_langchain_conventions() -> None:
+    assert sampling_kwargs(None, None, None, None)["do_sample"] is False
+    assert sampling_kwargs(0, 0.9, 5, None) == {"do_sample": False, "temperature": None, "top_p": 0.9, "top_k": 5}
+    assert sampling_kwargs(0.7, None, None, None) == {"do_sample": True, "temperature": 0.7, "top_p": None, "top_k": None}
+    assert sampling_kwargs(0.7, None, None, False)["do_sample"] is False
+    assert sampling_kwargs(None, None, None, True)["do_sample"] is True
+    with pytest.raises(SafeCoDeInputError, match="temperature"):
+        sampling_kwargs(0, None, None, True)
+
+
+# =========================================================================== tier 1: construction
+
+
+def test_init_never_loads_and_a_bad_path_fails_on_first_use(tmp_path: Path) -> None:
+    llm = ChatSafeCoDe(model=str(tmp_path / "missing"))
+    assert llm._engines.slots == {}
+    with pytest.raises(UnsupportedModelError, match="missing"):
+        llm.invoke("hi")
+
+
+def test_construction_validates_settings() -> None:
+    with pytest.raises(ValueError, match="Unknown judge spec"):
+        ChatSafeCoDe(model="m", judge="selff")
+    with pytest.raises(ValueError, match="dtype"):
+        ChatSafeCoDe(model="m", dtype="float8")
+    with pytest.raises(ValueError, match="give one of them"):
+        ChatSafeCoDe(model="m", max_tokens=3, max_new_tokens=4)
+    with pytest.raises(ValueError):
+        ChatSafeCoDe(model="m", top_p=1.5)
+    assert ChatSafeCoDe(model="m", max_tokens=7).max_new_tokens == 7
+    assert ChatSafeCoDe(model="m", max_new_tokens=7).max_new_tokens == 7
+    import torch
+
+    assert ChatSafeCoDe(model="m", dtype=torch.bfloat16).dtype == "bfloat16"
+
+
+def test_langchain_identity_ls_params_and_profile() -> None:
+    llm = ChatSafeCoDe(model="org/vlm", temperature=0.5, max_new_tokens=9, stop=["\n\n"])
+    assert llm._llm_type == "safecode"
+    ls = llm._get_ls_params()
+    assert ls == {"ls_provider": "safecode", "ls_model_name": "org/vlm", "ls_model_type": "chat",
+                  "ls_temperature": 0.5, "ls_max_tokens": 9, "ls_stop": ["\n\n"]}
+    assert llm._get_ls_params(model="other", stop=["x"])["ls_model_name"] == "other"
+    assert llm._get_ls_params(stop=["x"])["ls_stop"] == ["x"]
+    assert llm.profile is not None and llm.profile["image_inputs"] is True
+    assert llm.profile["image_url_inputs"] is False and llm.profile["tool_calling"] is False
+    assert ChatSafeCoDe(model="m", policy=InputPolicy(allow_image_urls=True)).profile["image_url_inputs"] is True
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "other"}, {"judge": "fixed:safe"}, {"safecode": SafeCoDeConfig(alpha=0.5)},
+        {"safecode": SafeCoDeConfig(threshold=0.7)}, {"safecode": SafeCoDeConfig(refusal_phrases=["No"])},
+        {"policy": InputPolicy(max_images=2)}, {"max_new_tokens": 9}, {"temperature": 0.5}, {"top_p": 0.9},
+        {"top_k": 5}, {"do_sample": True}, {"seed": 3}, {"stop": ["x"]}, {"device": "cpu"},
+        {"dtype": "float32"}, {"model_kwargs": {"revision": "v2"}},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_every_setting_is_part_of_the_cache_key(change: dict[str, Any]) -> None:
+    base = ChatSafeCoDe(model="m")
+    other = ChatSafeCoDe(**{"model": "m", **change})
+    assert base._get_llm_string() != other._get_llm_string()
+    assert base._get_llm_string() == ChatSafeCoDe(model="m")._get_llm_string()
+    # per-call settings and stop are part of it too
+    assert base._get_llm_string(stop=["y"]) != base._get_llm_string()
+    assert base._get_llm_string(verdict="unsafe") != base._get_llm_string()
+
+
+# =========================================================================== tier 2: on a tiny model
+
+
+@pytest.fixture(scope="module")
+def llava_path(tiny_model_dir: Callable[[str], Path]) -> str:
+    return str(tiny_model_dir("llava"))
+
+
+@pytest.fixture(scope="module")
+def llava_next_path(tiny_model_dir: Callable[[str], Path]) -> str:
+    return str(tiny_model_dir("llava_next"))
+
+
+@pytest.fixture(scope="module")
+def llm(llava_path: str) -> ChatSafeCoDe:
+    """Self judge, 24 tokens: shared by tests that only read (one loaded engine)."""
+    return ChatSafeCoDe(model=llava_path, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def engine(llava_path: str) -> SafeCoDe:
+    return SafeCoDe.from_pretrained(llava_path)
+
+
+def user_turn(text: str, *images: Image.Image) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
+
+
+def image_question(image: Image.Image, text: str = "What should I do here?") -> HumanMessage:
+    return HumanMessage([{"type": "image", "base64": b64(image), "mime_type": "image/png"}, {"type": "text", "text": text}])
+
+
+def test_invoke_returns_the_engine_answer_with_metadata_and_usage(llm: ChatSafeCoDe, engine: SafeCoDe) -> None:
+    message = llm.invoke([image_question(IMAGE)])
+    expected = engine.generate(user_turn("What should I do here?", IMAGE), max_new_tokens=24)
+    assert isinstance(message, AIMessage) and isinstance(message.content, str)
+    assert message.content == expected.text  # the answer only: no prompt echo
+    meta = message.response_metadata
+    assert meta["model_name"] == llm.model and meta["model_provider"] == "safecode"
+    assert meta["finish_reason"] == expected.finish_reason
+    assert meta["safety"] == safety_metadata(expected.verdict, engine.config, expected.refused)
+    assert set(meta["safety"]) == SAFETY_KEYS
+    assert message.usage_metadata == {
+        "input_tokens": expected.usage.prompt_tokens,
+        "output_tokens": len(expected.token_ids),
+        "total_tokens": expected.usage.prompt_tokens + len(expected.token_ids),
+    }
+    # the image reached the model: the prompt holds its image tokens, and another image changes the answer
+    assert message.usage_metadata["input_tokens"] > llm.invoke("What should I do here?").usage_metadata["input_tokens"] + 10
+    assert llm.invoke([image_question(stripes_image(48, 40))]).content != message.content
+
+
+def test_verdicts_from_fixed_judges_and_per_call_overrides(llava_path: str) -> None:
+    unsafe = ChatSafeCoDe(model=llava_path, judge="fixed:unsafe", max_new_tokens=12).invoke([image_question(IMAGE)])
+    safety = unsafe.response_metadata["safety"]
+    assert (safety["verdict"], safety["judge"], safety["source"], safety["refused"]) == ("unsafe", "fixed:unsafe", "judge", True)
+    assert opens_with_refusal(unsafe.content, SafeCoDeConfig().refusal_phrases)
+
+    safe_llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=12)
+    safe = safe_llm.invoke([image_question(IMAGE)])
+    assert safe.response_metadata["safety"]["verdict"] == "safe"
+    assert safe.response_metadata["safety"]["refused"] is False
+
+    overridden = safe_llm.invoke([image_question(IMAGE)], verdict="unsafe")
+    assert overridden.response_metadata["safety"]["source"] == "override"
+    assert overridden.content == unsafe.content
+
+
+def test_safecode_settings_reach_the_engine(llava_path: str) -> None:
+    cfg = SafeCoDeConfig(threshold=0.9, steered_steps=3, unsafe_mode="boost")
+    message = ChatSafeCoDe(model=llava_path, safecode=cfg, max_new_tokens=4).invoke("hi")
+    safety = message.response_metadata["safety"]
+    assert (safety["threshold"], safety["steered_steps"], safety["unsafe_mode"]) == (0.9, 3, "boost")
+    assert safety["verdict"] == ("unsafe" if safety["unsafe_score"] >= 0.9 else "safe")
+
+
+def test_stop_strings_from_init_and_from_the_call(llava_path: str) -> None:
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=40)
+    full = llm.invoke("Tell me about the picture.").content
+    words = [w for w in full.split(" ")[2:] if len(w) >= 3 and "\ufffd" not in w]
+    assert words, full
+    stop = words[0]
+    expected = full[: full.index(stop)]
+
+    by_call = llm.invoke("Tell me about the picture.", stop=[stop])
+    assert by_call.content == expected
+    assert by_call.response_metadata["finish_reason"] == "stop"
+
+    by_init = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=40, stop=[stop])
+    assert by_init.invoke("Tell me about the picture.").content == expected
+    streamed = "".join(c.text for c in by_init.stream("Tell me about the picture."))
+    assert streamed == expected
+    # the call's own stop replaces the default
+    assert by_init.invoke("Tell me about the picture.", stop=["\x00never"]).content == full
+
+
+def test_stream_yields_incremental_text_with_metadata_once_each(llm: ChatSafeCoDe) -> None:
+    messages = [image_question(IMAGE)]
+    chunks = list(llm.stream(messages))
+    texts = [c.text for c in chunks]
+    assert sum(1 for t in texts if t) >= 5  # real incremental text, not one blob
+
+    with_safety = [i for i, c in enumerate(chunks) if "safety" in c.response_metadata]
+    assert with_safety == [0]  # exactly one chunk, the first...
+    assert texts[0]  # ...and no text came before it
+    assert [i for i, c in enumerate(chunks) if "model_name" in c.response_metadata] == [len(chunks) - 1]
+    assert [i for i, c in enumerate(chunks) if c.usage_metadata] == [len(chunks) - 1]
+    assert chunks[-1].chunk_position == "last"
+    assert chunks[-1].response_metadata["finish_reason"] in ("stop", "length")
+
+    full = merge(chunks)
+    invoked = llm.invoke(messages)
+    assert full.content == invoked.content
+    assert full.response_metadata["safety"] == invoked.response_metadata["safety"]
+    for key in ("model_name", "finish_reason", "model_provider"):
+        assert full.response_metadata[key] == invoked.response_metadata[key]
+    assert full.usage_metadata == invoked.usage_metadata
+
+
+def test_stream_v1_output_keeps_one_text_block_and_the_verdict(llava_path: str) -> None:
+    llm = ChatSafeCoDe(model=llava_path, max_new_tokens=16, output_version="v1")
+    full = merge(list(llm.stream("hi")))
+    invoked = llm.invoke("hi")
+    assert [b["type"] for b in full.content_blocks] == ["text"]
+    assert full.content_blocks[0]["text"] == invoked.content_blocks[0]["text"]
+    assert full.response_metadata["safety"] == invoked.response_metadata["safety"]
+
+
+async def test_astream_and_events_match_invoke(llm: ChatSafeCoDe) -> None:
+    messages = [image_question(IMAGE)]
+    invoked = await llm.ainvoke(messages)
+    assert invoked.content == llm.invoke(messages).content
+
+    chunks = [c async for c in llm.astream(messages)]
+    assert [i for i, c in enumerate(chunks) if "safety" in c.response_metadata] == [0]
+    full = merge(chunks)
+    assert full.content == invoked.content
+    assert full.response_metadata["safety"] == invoked.response_metadata["safety"]
+    assert full.usage_metadata == invoked.usage_metadata
+
+    events = [e async for e in llm.astream_events(messages, version="v2")]
+    streamed = [e["data"]["chunk"] for e in events if e["event"] == "on_chat_model_stream"]
+    assert "safety" in streamed[0].response_metadata
+    [end] = [e for e in events if e["event"] == "on_chat_model_end"]
+    assert end["data"]["output"].content == invoked.content
+    assert end["data"]["output"].response_metadata["safety"] == invoked.response_metadata["safety"]
+
+    v3 = llm.stream_events(messages, version="v3")
+    list(v3)
+    assert v3.output.text == invoked.content
+    assert v3.output.response_metadata["safety"] == invoked.response_metadata["safety"]
+
+
+def test_batch_matches_single_calls(llm: ChatSafeCoDe) -> None:
+    prompts = ["Hello", [image_question(IMAGE)], "Hey"]
+    singles = [llm.invoke(p).content for p in prompts]
+    assert [m.content for m in llm.batch(prompts)] == singles
+    assert [m.content for m in asyncio.run(llm.abatch(prompts))] == singles
+
+
+def test_callbacks_get_every_token_once(llm: ChatSafeCoDe) -> None:
+    for call in ("invoke", "stream"):
+        recorder = TokenRecorder()
+        if call == "invoke":
+            content = llm.invoke("Hello", config={"callbacks": [recorder]}).content
+        else:
+            content = "".join(c.text for c in llm.stream("Hello", config={"callbacks": [recorder]}))
+        assert len([t for t in recorder.tokens if t]) >= 5, call
+        assert "".join(recorder.tokens) == content, call
+
+    async def astream() -> str:
+        return "".join([c.text async for c in llm.astream("Hello", config={"callbacks": [recorder]})])
+
+    recorder = TokenRecorder()
+    assert "".join(recorder.tokens) == "" and "".join(recorder.tokens) == ""
+    content = asyncio.run(astream())
+    assert "".join(recorder.tokens) == content
+
+
+def test_streaming_field_routes_invoke_through_stream(llava_path: str) -> None:
+    llm = ChatSafeCoDe(model=llava_path, max_new_tokens=12, streaming=True)
+    recorder = TokenRecorder()
+    message = llm.invoke("Hello", config={"callbacks": [recorder]})
+    assert "".join(recorder.tokens) == message.content
+    assert set(message.response_metadata["safety"]) == SAFETY_KEYS
+    assert message.usage_metadata["output_tokens"] >= 1
+
+
+# -- async: the event loop stays free ----------------------------------------------------------
+
+
+def slow_judge(request: Any) -> str:
+    time.sleep(0.4)  # a blocking judge: if it ran on the loop, nothing else could
+    return "safe"
+
+
+async def _ticks_during(awaitable: Any) -> tuple[Any, int]:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        result = await awaitable
+    finally:
+        task.cancel()
+    return result, ticks
+
+
+async def test_ainvoke_and_astream_do_not_block_the_event_loop(llava_path: str) -> None:
+    llm = ChatSafeCoDe(model=llava_path, judge=slow_judge, max_new_tokens=8)
+    message, ticks = await _ticks_during(llm.ainvoke("Hello"))
+    assert message.response_metadata["safety"]["judge"] == "slow_judge"
+    assert ticks >= 10, ticks
+
+    async def collect() -> list[AIMessageChunk]:
+        return [c async for c in llm.astream("Hello")]
+
+    chunks, ticks = await _ticks_during(collect())
+    assert merge(chunks).content == message.content
+    assert ticks >= 10, ticks
+
+
+class _GatedStream:
+    """Wraps an engine stream; after `after` pieces it waits for `release` (set by the test)."""
+
+    def __init__(self, inner: Any, release: threading.Event, after: int) -> None:
+        self.inner, self.verdict = inner, inner.verdict
+        self._pieces = self._gate(release, after)
+
+    def _gate(self, release: threading.Event, after: int) -> Any:
+        for i, piece in enumerate(self.inner):
+            if i == after:
+                assert release.wait(30), "the test never released the stream"
+            yield piece
+
+    @property
+    def result(self) -> Any:
+        return self.inner.result
+
+    def __iter__(self) -> _GatedStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.inner.close()
+
+
+async def test_astream_delivers_chunks_while_decoding_goes_on(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    original = SafeCoDe.stream
+
+    def gated(self: SafeCoDe, *args: Any, **kwargs: Any) -> _GatedStream:
+        return _GatedStream(original(self, *args, **kwargs), release, after=10)
+
+    monkeypatch.setattr(SafeCoDe, "stream", gated)
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=30)
+    stream = llm.astream("Hello")
+    first = await asyncio.wait_for(stream.__anext__(), timeout=20)
+    # decoding is parked at piece 10, yet the first chunk (with the verdict) is here
+    assert "safety" in first.response_metadata and not release.is_set()
+    release.set()
+    rest = [c async for c in stream]
+    assert rest[-1].chunk_position == "last"
+    monkeypatch.undo()
+    assert merge([first, *rest]).content == llm.invoke("Hello").content
+
+
+# -- threads, lazy loading, abandoned streams --------------------------------------------------
+
+
+def test_concurrent_first_calls_load_once_and_do_not_interleave(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[str] = []
+    original = SafeCoDe.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[SafeCoDe], path: str, **kwargs: Any) -> SafeCoDe:
+        loads.append(path)
+        time.sleep(0.2)  # widen the window in which a second load could start
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(SafeCoDe, "from_pretrained", classmethod(counting))
+    llm = ChatSafeCoDe(model=llava_path, max_new_tokens=16)
+    prompts = ["Hello", "Hey", "hi", "how are you"]
+    barrier = threading.Barrier(len(prompts))
+    results: dict[int, str] = {}
+
+    def work(i: int) -> None:
+        barrier.wait()
+        results[i] = llm.invoke(prompts[i]).content
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert loads == [llava_path]
+    assert [results[i] for i in range(len(prompts))] == [llm.invoke(p).content for p in prompts]
+
+
+def _invoke_in_thread(llm: ChatSafeCoDe, timeout: float = 30) -> str:
+    out: list[str] = []
+    worker = threading.Thread(target=lambda: out.append(llm.invoke("Hello").content))
+    worker.start()
+    worker.join(timeout)
+    assert out, "the model stayed locked by an abandoned stream"
+    return out[0]
+
+
+def test_an_abandoned_stream_releases_the_model(llava_path: str) -> None:
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=30)
+    for chunk in llm.stream("Hello"):
+        assert "safety" in chunk.response_metadata
+        break
+    assert _invoke_in_thread(llm)
+
+
+async def test_an_abandoned_astream_releases_the_model(llava_path: str) -> None:
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=30)
+    stream = llm.astream("Hello")
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert await asyncio.to_thread(_invoke_in_thread, llm)
+
+
+# -- overrides, injected objects, bad input, cache ----------------------------------------------
+
+
+def test_per_call_model_override_loads_once_and_reports_its_name(
+    llava_path: str, llava_next_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str] = []
+    original = SafeCoDe.from_pretrained.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        SafeCoDe, "from_pretrained", classmethod(lambda cls, p, **k: (loads.append(p), original(cls, p, **k))[1])
+    )
+    llm = ChatSafeCoDe(model=llava_path, max_new_tokens=8)
+    assert llm.invoke("hi").response_metadata["model_name"] == llava_path
+    for _ in range(2):
+        assert llm.invoke("hi", model=llava_next_path).response_metadata["model_name"] == llava_next_path
+    bound = llm.bind(model=llava_next_path)
+    assert merge(list(bound.stream("hi"))).response_metadata["model_name"] == llava_next_path
+    assert llm.invoke("hi").response_metadata["model_name"] == llava_path
+    assert loads == [llava_path, llava_next_path]
+
+
+def test_from_model_uses_the_given_objects(tiny_llava: tuple[Any, Any], llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("from_model must not load anything")
+
+    monkeypatch.setattr(SafeCoDe, "from_pretrained", no_loading)
+    model, processor = tiny_llava
+    llm = ChatSafeCoDe.from_model(model, processor, model_name="my-llava", judge="fixed:safe", max_new_tokens=12)
+    message = llm.invoke([image_question(IMAGE)])
+    assert message.response_metadata["model_name"] == "my-llava"
+    assert llm._engine(None).model is model
+    monkeypatch.undo()
+    same = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=12).invoke([image_question(IMAGE)])
+    assert message.content == same.content
+
+
+def test_changed_settings_rebuild_the_engine(tiny_llava: tuple[Any, Any]) -> None:
+    model, processor = tiny_llava
+    llm = ChatSafeCoDe.from_model(model, processor, judge="fixed:safe", max_new_tokens=6)
+    assert llm.invoke("hi").response_metadata["safety"]["verdict"] == "safe"
+    llm.judge = "fixed:unsafe"
+    assert llm.invoke("hi").response_metadata["safety"]["verdict"] == "unsafe"
+    copy = llm.model_copy(update={"safecode": SafeCoDeConfig(threshold=0.3)})
+    assert copy.invoke("hi").response_metadata["safety"]["threshold"] == 0.3
+
+
+def test_unknown_options_and_tools_are_refused(llm: ChatSafeCoDe) -> None:
+    with pytest.raises(SafeCoDeInputError, match="frequency_penalty"):
+        llm.invoke("hi", frequency_penalty=1.0)
+    with pytest.raises(UnsupportedContentError, match="tool calling"):
+        llm.invoke("hi", tools=[{"type": "function"}])
+    with pytest.raises(SafeCoDeInputError, match="not both"):
+        llm.invoke("hi", max_tokens=3, max_new_tokens=4)
+    assert llm.invoke("hi", max_tokens=3).usage_metadata["output_tokens"] <= 3
+
+
+def test_bad_input_leaves_the_model_usable(llm: ChatSafeCoDe) -> None:
+    with pytest.raises(ImageInputError):
+        llm.invoke([HumanMessage([{"type": "image", "base64": "bm90IGFuIGltYWdl", "mime_type": "image/png"}])])
+    with pytest.raises(UnsupportedContentError):
+        list(llm.stream([HumanMessage([{"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}])]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.invoke("hi", max_new_tokens=10**9)
+    assert llm.invoke("Hello").content
+
+
+def test_langchain_cache_hits_only_for_identical_settings(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = SafeCoDe.stream
+
+    def counting(self: SafeCoDe, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SafeCoDe, "stream", counting)
+    cache = InMemoryCache()
+    first = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache)
+    answer = first.invoke("Hello")
+    assert ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache).invoke("Hello") == answer
+    assert len(calls) == 1
+    stricter = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache, safecode=SafeCoDeConfig(threshold=0.9))
+    assert stricter.invoke("Hello").response_metadata["safety"]["threshold"] == 0.9
+    assert len(calls) == 2
