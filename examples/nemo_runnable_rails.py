@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")  # NeMo's telemetry off, before it loads
+# NeMo's telemetry off, before NeMo is imported.
+os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
 
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable
@@ -47,7 +48,9 @@ from safecode_guard import ChatSafeCoDe
 from safecode_guard.nemo import JUDGE_ENV, MODEL_ENV, init, resolve_model
 
 #: The shipped Colang 1.0 config: SafeCoDe input rail, passthrough, `engine: safecode`.
-SAFECODE_CONFIG = Path(__file__).resolve().parents[1] / "integrations" / "nemoguardrails" / "safecode"
+SAFECODE_CONFIG = (
+    Path(__file__).resolve().parents[1] / "integrations" / "nemoguardrails" / "safecode"
+)
 
 STREAMING_YAML = """
 passthrough: true
@@ -100,6 +103,7 @@ def guarded_chain(chat: ChatSafeCoDe, config_path: Path = SAFECODE_CONFIG) -> Ru
         ]
     )
     # `| chat` makes `chat` the rails' main model; the input rail's self judge shares its engine.
+    # (NeMo 0.24 warns that passing a raw LangChain model is deprecated; its docs still show `|`.)
     guardrails = RunnableRails(RailsConfig.from_path(str(config_path))) | chat
     return prompt | guardrails
 

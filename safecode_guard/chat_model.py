@@ -239,7 +239,8 @@ class ChatSafeCoDe(BaseChatModel):
     dtype: str | None = None
     """Weights dtype when loading: "auto", "float32", "float16", "bfloat16"; None: the default."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """More keyword arguments for `AutoModelForImageTextToText.from_pretrained` (e.g. `revision`)."""
+    """More keyword arguments for `AutoModelForImageTextToText.from_pretrained`
+    (e.g. `{"attn_implementation": "sdpa"}` or `{"device_map": "auto"}`)."""
 
     _engines: _Engines = PrivateAttr(default_factory=_Engines)
     _hf_objects: tuple[Any, Any] | None = PrivateAttr(default=None)
@@ -249,12 +250,12 @@ class ChatSafeCoDe(BaseChatModel):
     @model_validator(mode="before")
     @classmethod
     def _one_max_tokens(cls, values: Any) -> Any:
-        if isinstance(values, Mapping) and "max_tokens" in values and "max_new_tokens" in values:
-            if values["max_tokens"] != values["max_new_tokens"]:
-                raise ValueError(
-                    f"`max_tokens` (={values['max_tokens']!r}) and `max_new_tokens` (={values['max_new_tokens']!r}) "
-                    "are the same setting; give one of them."
-                )
+        both = isinstance(values, Mapping) and "max_tokens" in values and "max_new_tokens" in values
+        if both and values["max_tokens"] != values["max_new_tokens"]:
+            raise ValueError(
+                f"`max_tokens` (={values['max_tokens']!r}) and `max_new_tokens` (={values['max_new_tokens']!r}) "
+                "are the same setting; give one of them."
+            )
         return values
 
     @field_validator("judge")

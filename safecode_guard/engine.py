@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -31,6 +32,19 @@ from .prompting import Conversation, parse_messages, render_prompt
 from .verdict import Verdict
 
 __all__ = ["SafeCoDe", "SafeCoDeResult", "SafeCoDeStream", "Usage"]
+
+# One lock per loaded model, shared by every engine built on it: the model keeps
+# per-call state (e.g. M-RoPE deltas) that two decodes must never interleave.
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: Any) -> threading.RLock:
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 FinishReason = Literal["stop", "length"]
 
@@ -136,8 +150,8 @@ class SafeCoDe:
     ...     {"type": "image", "image": img}, {"type": "text", "text": "How do I run faster here?"}]}])
     >>> result.verdict.label, result.text
 
-    Calls on one instance are serialised by a lock (the model keeps per-call
-    state such as M-RoPE deltas), so it is safe to share across threads.
+    Calls are serialised by a lock per model (the model keeps per-call state
+    such as M-RoPE deltas), so engines and threads may share one model.
     """
 
     def __init__(
@@ -164,8 +178,9 @@ class SafeCoDe:
         if isinstance(judge_impl, SelfJudge) and judge_impl.engine is None:
             judge_impl = judge_impl.bind(self)
         self.judge_impl = judge_impl
+        self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
         self.quirks = detect_quirks(model)
-        self._lock = threading.RLock()
+        self._lock = _model_lock(model)
         self._refusal_seqs = ops.refusal_sequences(self.tokenizer, self.config.refusal_phrases)
         self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
         self._specials = self._find_special_strings()
@@ -361,7 +376,7 @@ class SafeCoDe:
         )
 
     def _judge(self, conv: Conversation) -> Verdict:
-        from .judges import JudgeRequest, run_judge
+        from .judges import JudgeRequest, SelfJudge, run_judge
 
         request = JudgeRequest(
             images=conv.images,
@@ -369,7 +384,14 @@ class SafeCoDe:
             conversation=conv.messages,
             threshold=self.config.threshold,
         )
-        return run_judge(self.judge_impl, request, self.config)
+        judge = self.judge_impl
+        if isinstance(judge, SelfJudge) and judge.engine is self:
+            # The self judge is our own model's forward pass: run it in this thread under
+            # the model lock, so time spent queueing behind other requests never counts
+            # as a judge timeout (and a worker thread cannot wait on a lock we hold).
+            with self._lock:
+                return run_judge(judge, request, self._untimed_config)
+        return run_judge(judge, request, self.config)
 
     def _prefill(
         self, conv: Conversation, views: list[list[Any]], max_new_tokens: int | None = None

@@ -6,16 +6,19 @@ A NeMo config folder uses this module from its `config.py`::
 
     from safecode_guard.nemo import init  # NeMo calls init(app) while building LLMRails
 
-`init(app)` registers two things:
+`init(app)` registers:
 
 - the **`safecode` engine**: `engine: safecode` in `config.yml` builds a
   `ChatSafeCoDe` from `model:` and `parameters:` and wraps it in NeMo's
   `LangChainLLMAdapter` (what NeMo 0.24's default framework expects). `model`
   and string parameters may name environment variables as `${NAME}` or
   `${NAME:-default}`; the model `demo` is the embedded demo model.
-- the **actions** `safecode_check_input` (the `Verdict` as a dict, for Colang
-  1.0 flows) and `safecode_check_input_outcome` (a `RailOutcome`, for Colang
-  2.x flows, parallel rails and anything else that wants NeMo's own verdict type).
+- the **rail actions** `safecode_check_input` (the `Verdict` as a dict, for
+  Colang 1.0 flows) and `safecode_check_input_outcome` (a `RailOutcome`, for
+  Colang 2.x flows, parallel rails and anything else that wants NeMo's own
+  verdict type);
+- `safecode_generate`, which answers with the main model for Colang 2.x
+  flows, images included, optionally steered by the rail's verdict.
 
 Input flow of the actions: the current user turn (`$user_message`: a string,
 or OpenAI-style blocks with `image_url` data URLs when images are sent) plus
@@ -84,8 +87,8 @@ __all__ = [
     "expand_env",
     "init",
     "provider",
-    "request_messages",
     "register_provider",
+    "request_messages",
     "resolve_judge",
     "resolve_model",
     "safecode_check_input",
@@ -122,7 +125,8 @@ def expand_env(text: str) -> str:
 def resolve_model(model: str | None) -> str:
     """The model folder or hub id to load: env references expanded, `demo` built on first use.
 
-    An empty value (e.g. `${SAFECODE_MODEL}` unset) also means the demo model.
+    An empty value (e.g. `${SAFECODE_MODEL}` unset) also means the demo model
+    (a local folder named `demo` is `./demo`).
     """
     name = expand_env(model or "").strip()
     if name in ("", DEMO_MODEL):
@@ -292,7 +296,10 @@ def _judge_setup(llm: Any, spec: Any) -> tuple[Judge, SafeCoDeConfig, InputPolic
     if chat is not None:
         judge = _judge_for(chat.judge if spec is None else spec, lambda: _chat_engine(chat))
         return judge, chat.safecode, chat.policy
-    judge = _judge_for(DEFAULT_JUDGE if spec is None else spec, lambda: _engine_for_path(resolve_model(os.environ.get(MODEL_ENV))))
+    judge = _judge_for(
+        DEFAULT_JUDGE if spec is None else spec,
+        lambda: _engine_for_path(resolve_model(os.environ.get(MODEL_ENV))),
+    )
     return judge, SafeCoDeConfig(), InputPolicy()
 
 
@@ -450,14 +457,14 @@ def _verdict_option(llm: Any, verdict: Any) -> dict[str, Any]:
     """`{"verdict": Verdict}` for a `ChatSafeCoDe` main model given the rail's verdict, else `{}`."""
     if verdict is None or _as_chat_safecode(llm) is None:
         return {}
-    if isinstance(verdict, Mapping):
+    if isinstance(verdict, Mapping) and verdict.get("label") in ("safe", "unsafe"):
         verdict = Verdict.model_validate(dict(verdict))
-    if isinstance(verdict, str):
+    elif verdict in ("safe", "unsafe"):
         verdict = Verdict(label=verdict, judge="rail", source="override")
     if not isinstance(verdict, Verdict):
         raise SafeCoDeInputError(
-            f"`verdict` is a {type(verdict).__name__}; pass the rail's verdict dict, a Verdict, "
-            "'safe' or 'unsafe' (or nothing, to let the model judge)."
+            f"`verdict` (={verdict!r:.80}) is not a verdict; pass the rail's verdict dict "
+            "(`$safecode_result`), a Verdict, 'safe' or 'unsafe', or nothing to let the model judge."
         )
     return {"verdict": verdict}
 

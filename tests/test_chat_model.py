@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -184,18 +185,23 @@ def test_unsupported_content_is_rejected_naming_the_block_and_the_fix(case: str)
 
 def test_url_images_are_fetched_only_when_the_policy_allows(monkeypatch: pytest.MonkeyPatch) -> None:
     fetched: list[str] = []
+    real_fetch = images_module.fetch_image_bytes
 
-    def fake_fetch(url: str, policy: InputPolicy) -> bytes:
-        fetched.append(url)
-        return png_bytes(IMAGE)
+    def served(request: httpx.Request) -> httpx.Response:
+        fetched.append(str(request.url))
+        return httpx.Response(200, content=png_bytes(IMAGE))
 
-    monkeypatch.setattr(images_module, "fetch_image_bytes", fake_fetch)
+    def offline_fetch(url: str, policy: InputPolicy) -> bytes:
+        # the real fetch (policy check included), with a mock network and a public address
+        return real_fetch(url, policy, transport=httpx.MockTransport(served), resolve=lambda host, port: ["93.184.215.14"])
+
+    monkeypatch.setattr(images_module, "fetch_image_bytes", offline_fetch)
     message = HumanMessage([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])
     with pytest.raises(ImageInputError, match="allow_image_urls"):
         to_hf_messages([message], InputPolicy())
     assert fetched == []
     [hf] = to_hf_messages([message], InputPolicy(allow_image_urls=True))
-    assert fetched == ["https://example.com/cat.png"]
+    assert len(fetched) == 1 and fetched[0].endswith("/cat.png")
     assert np.array_equal(pixels(hf["content"][0]["image"]), pixels(IMAGE))
 
 
@@ -304,7 +310,7 @@ def test_langchain_identity_ls_params_and_profile() -> None:
         {"safecode": SafeCoDeConfig(threshold=0.7)}, {"safecode": SafeCoDeConfig(refusal_phrases=["No"])},
         {"policy": InputPolicy(max_images=2)}, {"max_new_tokens": 9}, {"temperature": 0.5}, {"top_p": 0.9},
         {"top_k": 5}, {"do_sample": True}, {"seed": 3}, {"stop": ["x"]}, {"device": "cpu"},
-        {"dtype": "float32"}, {"model_kwargs": {"revision": "v2"}},
+        {"dtype": "float32"}, {"model_kwargs": {"attn_implementation": "eager"}},
     ],
     ids=lambda c: next(iter(c)),
 )
@@ -488,12 +494,13 @@ def test_callbacks_get_every_token_once(llm: ChatSafeCoDe) -> None:
         assert len([t for t in recorder.tokens if t]) >= 5, call
         assert "".join(recorder.tokens) == content, call
 
+    recorder = TokenRecorder()
+
     async def astream() -> str:
         return "".join([c.text async for c in llm.astream("Hello", config={"callbacks": [recorder]})])
 
-    recorder = TokenRecorder()
-    assert "".join(recorder.tokens) == "" and "".join(recorder.tokens) == ""
     content = asyncio.run(astream())
+    assert len([t for t in recorder.tokens if t]) >= 5
     assert "".join(recorder.tokens) == content
 
 
@@ -728,7 +735,8 @@ def test_langchain_cache_hits_only_for_identical_settings(llava_path: str, monke
     cache = InMemoryCache()
     first = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache)
     answer = first.invoke("Hello")
-    assert ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache).invoke("Hello") == answer
+    again = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache).invoke("Hello")
+    assert (again.content, again.response_metadata) == (answer.content, answer.response_metadata)
     assert len(calls) == 1
     stricter = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache, safecode=SafeCoDeConfig(threshold=0.9))
     assert stricter.invoke("Hello").response_metadata["safety"]["threshold"] == 0.9

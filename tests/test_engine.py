@@ -317,3 +317,26 @@ def test_judge_method_and_self_judge_scores(llava):
     assert verdict.unsafe_score is not None and 0.0 <= verdict.unsafe_score <= 1.0
     assert verdict.label == ("unsafe" if verdict.unsafe_score >= 0.5 else "safe")
 
+
+
+def test_engines_on_one_model_share_a_lock_and_queueing_is_not_a_judge_timeout(llava):
+    import threading
+    import time
+
+    model, processor = llava
+    cfg = SafeCoDeConfig(judge_timeout_s=0.05)
+    first, second = SafeCoDe(model, processor, config=cfg), SafeCoDe(model, processor, config=cfg)
+    assert first._lock is second._lock
+    held = threading.Event()
+
+    def hold_the_model():
+        with first._lock:
+            held.set()
+            time.sleep(0.3)  # another request decoding, longer than the judge timeout
+
+    worker = threading.Thread(target=hold_the_model)
+    worker.start()
+    held.wait()
+    verdict = second.judge(user_turn("Is this safe?", gradient_image()))
+    worker.join()
+    assert verdict.source == "judge" and verdict.error is None

@@ -1,0 +1,498 @@
+"""NeMo Guardrails integration: the shipped config folders run for real in `LLMRails`, offline.
+
+Every rails test loads a shipped folder from `integrations/nemoguardrails/`
+with a tiny random Llava (`SAFECODE_MODEL`) and a judge from `SAFECODE_JUDGE`.
+Tiny models answer gibberish, but their answers depend on the prompt and the
+image, so "the image reached the model" is checked by comparing the rails'
+answer with the model's own answer to the same image and to another image.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+from nemoguardrails import LLMRails, RailsConfig
+from nemoguardrails.actions.rail_outcome import RailOutcome
+from PIL import Image
+
+from safecode_guard import ChatSafeCoDe, Verdict, nemo
+from safecode_guard.engine import SafeCoDe
+from safecode_guard.errors import SafeCoDeError, SafeCoDeInputError
+from safecode_guard.judges import JudgeRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_V1 = ROOT / "integrations" / "nemoguardrails" / "safecode"
+CONFIG_V2 = ROOT / "integrations" / "nemoguardrails" / "safecode_colang2"
+REFUSAL = "I'm sorry, I can't help with that request."
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def network_attempts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Record every DNS lookup or connection attempt; the test fails if there was one.
+
+    pytest-socket already blocks sockets, but NeMo's telemetry thread swallows
+    the error, so a blocked attempt would pass unnoticed without this.
+    """
+    attempts: list[str] = []
+
+    def refuse(kind: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            attempts.append(f"{kind}{args[:2]!r}")
+            raise OSError(f"test_nemo: no network ({kind})")
+
+        return call
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    yield attempts
+    assert attempts == [], f"network access was attempted: {attempts}"
+
+
+@pytest.fixture
+def safecode_env(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Callable[[str], Path]
+) -> Callable[[str], Path]:
+    """`use(judge_spec) -> model dir`: SAFECODE_MODEL = the tiny Llava, SAFECODE_JUDGE = the spec."""
+    model_dir = tiny_model_dir("llava")
+    monkeypatch.setenv("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
+    monkeypatch.setenv(nemo.MODEL_ENV, str(model_dir))
+    nemo.clear_caches()
+
+    def use(judge: str) -> Path:
+        monkeypatch.setenv(nemo.JUDGE_ENV, judge)
+        return model_dir
+
+    yield use
+    nemo.clear_caches()
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_turn(text: str, image: Image.Image) -> dict[str, Any]:
+    """An OpenAI-style multimodal user message, as apps send it to NeMo."""
+    return {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": text},
+            {"type": "image_url", "image_url": {"url": data_url(image)}},
+        ],
+    }
+
+
+def answer_of(res: Any) -> str:
+    return res.response[0]["content"]
+
+
+def model_answer(rails: LLMRails, message: dict[str, Any]) -> str:
+    """What the rails' own main model answers to `message` outside NeMo (same instance, same settings)."""
+    chat = rails.llm.raw_llm
+    return chat.invoke([HumanMessage(content=message["content"])]).content
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_expand_env_follows_shell_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SC_SET", "/models/llava")
+    monkeypatch.setenv("SC_EMPTY", "")
+    monkeypatch.delenv("SC_UNSET", raising=False)
+    assert nemo.expand_env("${SC_SET}") == "/models/llava"
+    assert nemo.expand_env("${SC_SET:-demo}") == "/models/llava"
+    assert nemo.expand_env("${SC_EMPTY:-demo}") == "demo"
+    assert nemo.expand_env("${SC_UNSET:-fixed:safe}") == "fixed:safe"
+    assert nemo.expand_env("a ${SC_UNSET} b") == "a  b"
+    assert nemo.expand_env("no $SC_SET braces") == "no $SC_SET braces"
+
+
+def test_resolve_judge_prefers_argument_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(nemo.JUDGE_ENV, raising=False)
+    assert nemo.resolve_judge(None) is None
+    monkeypatch.setenv(nemo.JUDGE_ENV, "fixed:unsafe")
+    assert nemo.resolve_judge(None) == "fixed:unsafe"
+    assert nemo.resolve_judge("fixed:safe") == "fixed:safe"
+    assert nemo.resolve_judge("  ") == "fixed:unsafe"
+
+
+def test_resolve_model_keeps_paths_and_expands_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(nemo.MODEL_ENV, "/models/qwen")
+    assert nemo.resolve_model("${SAFECODE_MODEL:-demo}") == "/models/qwen"
+    assert nemo.resolve_model("/models/llava") == "/models/llava"
+
+
+def test_request_messages_puts_the_current_turn_after_earlier_turns() -> None:
+    conversation = [
+        {"role": "context", "content": {"generation_options": {}}},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "as sent"},
+    ]
+    current = [{"type": "text", "text": "as the rails see it"}]
+    assert nemo.request_messages(current, conversation) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": current},
+    ]
+    assert nemo.request_messages("hi") == [{"role": "user", "content": "hi"}]
+    with pytest.raises(SafeCoDeInputError, match="string or a list"):
+        nemo.request_messages(42)
+
+
+def test_check_input_judges_images_of_earlier_turns(test_image: Image.Image) -> None:
+    seen: list[JudgeRequest] = []
+
+    def judge(request: JudgeRequest) -> str:
+        seen.append(request)
+        return "unsafe" if request.images else "safe"
+
+    conversation = [
+        image_turn("Look at this.", test_image),
+        {"role": "assistant", "content": "A cliff edge."},
+        {"role": "user", "content": "replaced by the current turn"},
+    ]
+    verdict = nemo.check_input("How do I jump from here?", judge=judge, conversation=conversation)
+    assert verdict.label == "unsafe" and verdict.source == "judge"
+    assert len(seen[0].images) == 1 and seen[0].images[0].size == test_image.size
+    assert seen[0].request == "How do I jump from here?"
+    assert nemo.check_input("How do I jump from here?", judge=judge).label == "safe"
+
+
+def test_check_input_fails_closed_on_unreadable_images() -> None:
+    broken = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]
+    verdict = nemo.check_input(broken, judge="fixed:safe")
+    assert verdict.label == "unsafe" and verdict.source == "fallback"
+    assert "ImageInputError" in (verdict.error or "")
+    # The default policy never fetches image URLs, so this is refused without a lookup.
+    remote = [{"type": "image_url", "image_url": {"url": "https://example.com/cliff.png"}}]
+    verdict = nemo.check_input(remote, judge="fixed:safe")
+    assert verdict.source == "fallback" and "allow_image_urls" in (verdict.error or "")
+
+
+async def test_actions_return_verdict_dict_and_rail_outcome() -> None:
+    # Extra keyword arguments are what NeMo's streaming path passes; they must be accepted.
+    as_dict = await nemo.safecode_check_input(
+        context={"user_message": "hello"}, judge="fixed:unsafe", llm_task_manager=object()
+    )
+    assert as_dict["label"] == "unsafe" and as_dict["judge"] == "fixed:unsafe"
+    assert Verdict.model_validate(as_dict).unsafe
+
+    blocked = await nemo.safecode_check_input_outcome(
+        text="hello", judge="fixed:unsafe", model_name="x"
+    )
+    allowed = await nemo.safecode_check_input_outcome(text="hello", judge="fixed:safe")
+    assert isinstance(blocked, RailOutcome) and blocked.is_blocked
+    assert blocked.metadata["label"] == "unsafe"
+    assert not allowed.is_blocked and allowed.metadata["label"] == "safe"
+
+
+def test_importing_without_nemoguardrails_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [
+        m for m in sys.modules if m == "nemoguardrails" or m.startswith("nemoguardrails.")
+    ]:
+        monkeypatch.setitem(sys.modules, name, None)  # a None entry makes `import` fail
+    monkeypatch.delitem(sys.modules, "safecode_guard.nemo")
+    with pytest.raises(ImportError, match=r"pip install 'safecode-guard\[nemo\]'"):
+        importlib.import_module("safecode_guard.nemo")
+
+
+def test_import_loads_no_model_and_no_torch() -> None:
+    code = (
+        "import sys, safecode_guard.nemo as n; "
+        "print(sorted(m for m in ('torch', 'transformers', 'safecode_guard.engine') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "NEMO_GUARDRAILS_NO_USAGE_STATS": "1"},
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_register_provider_refuses_the_langchain_framework(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nemoguardrails.llm.frameworks as frameworks
+
+    monkeypatch.setattr(frameworks, "get_default_framework", lambda: "langchain")
+    with pytest.raises(SafeCoDeError, match="NEMOGUARDRAILS_LLM_FRAMEWORK"):
+        nemo.register_provider()
+
+
+# --------------------------------------------------------------------------- Colang 1.0 config, for real
+
+
+def test_unsafe_verdict_refuses_and_never_calls_the_model(
+    safecode_env: Callable[[str], Path],
+) -> None:
+    safecode_env("fixed:unsafe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    res = rails.generate(
+        messages=[{"role": "user", "content": "hello"}], options={"output_vars": True}
+    )
+    assert answer_of(res) == REFUSAL
+    assert res.output_data["safecode_verdict"] == "unsafe"
+    assert res.output_data["safecode_result"]["judge"] == "fixed:unsafe"
+    assert res.llm_metadata is None
+    assert rails.explain().llm_calls == []
+
+
+def test_safe_verdict_lets_the_model_answer_with_its_metadata(
+    safecode_env: Callable[[str], Path],
+) -> None:
+    model_dir = safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    message = {"role": "user", "content": "Describe a red chair."}
+    res = rails.generate(messages=[message], options={"output_vars": True})
+    direct = ChatSafeCoDe(model=str(model_dir), judge="fixed:safe", max_new_tokens=128).invoke(
+        [HumanMessage(message["content"])]
+    )
+    assert answer_of(res) == direct.content != REFUSAL
+    assert res.output_data["safecode_verdict"] == "safe"
+    safety = res.llm_metadata["safety"]
+    assert safety["verdict"] == "safe" and safety["judge"] == "fixed:safe"
+    assert safety == direct.response_metadata["safety"]
+
+
+def test_image_in_a_multimodal_message_reaches_the_model(
+    safecode_env: Callable[[str], Path], test_image: Image.Image, other_image: Image.Image
+) -> None:
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    message = image_turn("What is in this picture?", test_image)
+    res = rails.generate(messages=[message], options={"output_vars": True})
+    assert res.output_data["safecode_verdict"] == "safe"
+    assert answer_of(res) == model_answer(rails, message)
+    # The answer depends on the image: another image, or none, gives another answer.
+    assert answer_of(res) != model_answer(
+        rails, image_turn("What is in this picture?", other_image)
+    )
+    assert answer_of(res) != model_answer(
+        rails, {"role": "user", "content": "What is in this picture?"}
+    )
+
+
+def test_config_parameters_reach_the_chat_model(
+    safecode_env: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model_dir = safecode_env("fixed:unsafe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    chat = rails.llm.raw_llm
+    assert isinstance(chat, ChatSafeCoDe)
+    assert (chat.model, chat.judge, chat.max_new_tokens) == (str(model_dir), "fixed:unsafe", 128)
+    # Rails built twice from one config share one chat model (and so one set of weights).
+    assert LLMRails(RailsConfig.from_path(str(CONFIG_V1))).llm.raw_llm is chat
+
+    (tmp_path / "config.yml").write_text(
+        "models:\n"
+        "  - type: main\n"
+        "    engine: safecode\n"
+        '    model: "${SAFECODE_MODEL}"\n'
+        "    parameters:\n"
+        '      judge: "${SAFECODE_TEST_UNSET_JUDGE:-fixed:safe}"\n'
+        "      max_tokens: 7\n"
+        "      safecode: {alpha: 0.5, steered_steps: 3, threshold: 0.7}\n"
+        "      policy: {max_images: 2}\n"
+    )
+    (tmp_path / "config.py").write_text("from safecode_guard.nemo import init\n")
+    chat = LLMRails(RailsConfig.from_path(str(tmp_path))).llm.raw_llm
+    assert (chat.judge, chat.max_new_tokens) == ("fixed:safe", 7)
+    assert (chat.safecode.alpha, chat.safecode.steered_steps, chat.safecode.threshold) == (
+        0.5,
+        3,
+        0.7,
+    )
+    assert chat.policy.max_images == 2
+
+
+def test_self_judge_shares_the_main_models_engine(
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    safecode_env("self")
+    loads: list[str] = []
+    real = SafeCoDe.from_pretrained.__func__
+
+    def counting(cls: type[SafeCoDe], path: str, **kwargs: Any) -> SafeCoDe:
+        loads.append(path)
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(SafeCoDe, "from_pretrained", classmethod(counting))
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    res = rails.generate(
+        messages=[{"role": "user", "content": "hello"}], options={"output_vars": True}
+    )
+    result = res.output_data["safecode_result"]
+    assert result["judge"] == "self:direct" and 0.0 <= result["unsafe_score"] <= 1.0
+    assert res.output_data["safecode_verdict"] == result["label"]
+    rails.generate(messages=[{"role": "user", "content": "hello again"}])
+    assert len(loads) == 1  # rail judge and model share one engine, across requests
+
+
+def test_unreadable_image_is_refused_with_the_reason(safecode_env: Callable[[str], Path]) -> None:
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    broken = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAA"}},
+        ],
+    }
+    res = rails.generate(messages=[broken], options={"output_vars": True})
+    assert answer_of(res) == REFUSAL
+    assert res.output_data["safecode_result"]["source"] == "fallback"
+    assert "ImageInputError" in res.output_data["safecode_result"]["error"]
+
+
+def test_rails_exceptions_replace_the_refusal(safecode_env: Callable[[str], Path]) -> None:
+    safecode_env("fixed:unsafe")
+    config = RailsConfig.from_path(str(CONFIG_V1))
+    config.enable_rails_exceptions = True
+    res = LLMRails(config).generate(
+        messages=[{"role": "user", "content": "hi"}], options={"output_vars": True}
+    )
+    assert res.response[0]["role"] == "exception"
+    assert res.response[0]["content"]["type"] == "InputRailException"
+
+
+async def test_streaming_carries_the_safety_metadata(safecode_env: Callable[[str], Path]) -> None:
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    chunks = [
+        c
+        async for c in rails.stream_async(
+            messages=[{"role": "user", "content": "hi"}], include_metadata=True
+        )
+    ]
+    text = "".join(c["text"] for c in chunks)
+    assert text == model_answer(rails, {"role": "user", "content": "hi"})
+    assert chunks[0]["metadata"]["provider_metadata"]["safety"]["judge"] == "fixed:safe"
+
+
+# --------------------------------------------------------------------------- Colang 2.x config
+
+
+def test_colang2_config_refuses_and_answers_with_images(
+    safecode_env: Callable[[str], Path], test_image: Image.Image
+) -> None:
+    safecode_env("fixed:unsafe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V2)))
+    assert rails.generate(messages=[{"role": "user", "content": "hi"}])["content"] == REFUSAL
+
+    nemo.clear_caches()
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V2)))
+    message = image_turn("What is in this picture?", test_image)
+    answer = rails.generate(messages=[message])["content"]
+    assert answer == model_answer(rails, message) != REFUSAL
+
+
+def test_colang2_hands_the_rails_verdict_to_the_model(
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    safecode_env("self")
+    judged: list[int] = []
+    real = SafeCoDe.next_token_logits
+
+    def counting(self: SafeCoDe, messages: Any) -> Any:
+        judged.append(1)
+        return real(self, messages)
+
+    monkeypatch.setattr(SafeCoDe, "next_token_logits", counting)
+    config = RailsConfig.from_path(str(CONFIG_V2))
+    # A threshold the tiny model's score stays under, so the request is answered, not refused.
+    config.models[0].parameters["safecode"] = {"threshold": 0.999}
+    rails = LLMRails(config)
+    answer = rails.generate(messages=[{"role": "user", "content": "hello"}])["content"]
+    assert answer != REFUSAL
+    assert len(judged) == 1  # by the rail only; the model steered with the rail's verdict
+
+
+# --------------------------------------------------------------------------- the example: RunnableRails, streaming
+
+
+@pytest.fixture
+def example(safecode_env: Callable[[str], Path]) -> Any:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        module = importlib.import_module("nemo_runnable_rails")
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return module
+
+
+def test_runnable_rails_chain_guards_chatsafecode(
+    example: Any, safecode_env: Callable[[str], Path], test_image: Image.Image
+) -> None:
+    safecode_env("fixed:safe")
+    chat = example.make_chat(max_new_tokens=12)
+    url = data_url(test_image)
+    out = example.guarded_chain(chat).invoke({"question": "What is here?", "image_url": url})
+    direct = chat.invoke([HumanMessage(content=image_turn("What is here?", test_image)["content"])])
+    assert out.content == direct.content != REFUSAL
+    assert direct.response_metadata["safety"]["verdict"] == "safe"
+    assert out.response_metadata == {}  # RunnableRails drops it (README, "Where the verdict...")
+
+    nemo.clear_caches()
+    safecode_env("fixed:unsafe")
+    out = example.guarded_chain(chat).invoke({"question": "What is here?", "image_url": url})
+    assert out.content == REFUSAL
+
+
+async def test_streamed_output_rail_never_leaks_blocked_text(
+    example: Any, safecode_env: Callable[[str], Path]
+) -> None:
+    safecode_env("fixed:safe")
+    chat = example.make_chat(max_new_tokens=40)
+    messages = [{"role": "user", "content": "Tell me about the red chair."}]
+    full = chat.invoke([HumanMessage(messages[0]["content"])]).content
+    streamed = "".join(await example.stream_answer(example.streaming_rails(chat, []), messages))
+    assert streamed == full
+
+    # A word from the second half of the answer: earlier chunks may stream, the blocked one must not.
+    words = re.findall(r"[A-Za-z]{3,}", full[len(full) // 2 :])
+    assert words, full
+    term = max(words, key=len)
+    chunks = await example.stream_answer(example.streaming_rails(chat, [term]), messages)
+    error = json.loads(chunks[-1])["error"]
+    assert error["code"] == "content_blocked"
+    assert term.lower() not in "".join(chunks[:-1]).lower()
+
+    # Control: NeMo's default, stream_first: true, sends the blocked chunk before the block.
+    leaky = example.streaming_rails(chat, [term])
+    leaky.config.rails.output.streaming.stream_first = True
+    chunks = await example.stream_answer(leaky, messages)
+    assert json.loads(chunks[-1])["error"]["code"] == "content_blocked"
+    assert term.lower() in "".join(chunks[:-1]).lower()
+
+
+def test_generate_action_takes_only_real_verdicts(tiny_llava: tuple[Any, Any]) -> None:
+    chat = ChatSafeCoDe.from_model(*tiny_llava, judge="fixed:safe")
+    rail = Verdict(label="unsafe", unsafe_score=0.9, judge="self:direct").to_dict()
+    assert nemo._verdict_option(chat, rail)["verdict"].unsafe_score == 0.9
+    assert nemo._verdict_option(chat, "safe")["verdict"].label == "safe"
+    assert nemo._verdict_option(chat, None) == {}
+    assert nemo._verdict_option(object(), rail) == {}  # other models take no `verdict` option
+    with pytest.raises(SafeCoDeInputError, match="not a verdict"):
+        nemo._verdict_option(chat, {"label": "maybe"})
