@@ -8,6 +8,7 @@ must produce the same greedy tokens on every family and setting.
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -57,7 +57,7 @@ settings_values = st.one_of(junk, st.floats(-1e9, 1e9), st.integers(-10, 10_000)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(list(SafeCoDeConfig.model_fields) + ["bogus"]), settings_values, max_size=4))
+@given(st.dictionaries(st.sampled_from([*SafeCoDeConfig.model_fields, "bogus"]), settings_values, max_size=4))
 def test_config_gives_a_valid_config_or_a_validation_error(kwargs):
     try:
         cfg = SafeCoDeConfig(**kwargs)

@@ -17,7 +17,13 @@ import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 from PIL import Image
 
-from safecode_guard import ChatSafeCoDe, ImageInputError, InputLimitError, InputPolicy, SafeCoDeConfig
+from safecode_guard import (
+    ChatSafeCoDe,
+    ImageInputError,
+    InputLimitError,
+    InputPolicy,
+    SafeCoDeConfig,
+)
 from safecode_guard.adapters import Decoder
 
 
