@@ -27,7 +27,15 @@ from .verdict import Verdict
 if TYPE_CHECKING:
     from .chat_model import ChatSafeCoDe
     from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream, Usage
-    from .judges import CallableJudge, ChatModelJudge, FixedJudge, Judge, JudgeRequest, SelfJudge, make_judge
+    from .judges import (
+        CallableJudge,
+        ChatModelJudge,
+        FixedJudge,
+        Judge,
+        JudgeRequest,
+        SelfJudge,
+        make_judge,
+    )
 
 __version__ = "0.1.0"
 
