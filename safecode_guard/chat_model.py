@@ -28,6 +28,19 @@ Output flow:
   goes out as soon as the opening settles it (`refusal_decision`): usually
   within the first few tokens, always before any text is shown.
 
+Tools (`bind_tools`, SPEC section 4; `safecode_guard.tools`): the tool
+schemas go through the chat template's own `tools=`; the answer is split
+into text and `tool_calls` (`<tool_call>{json}</tool_call>` or plain-JSON
+calls; unreadable calls land in `invalid_tool_calls`). `tool_choice` "any" or
+a tool name opens the answer with the template's call prefix. When the
+verdict is unsafe the answer carries NO tool calls: whatever the model tried
+to call is listed in `safety["blocked_tool_calls"]` instead (the key is there,
+maybe empty, whenever tools were bound). Streaming sends each call as one
+`tool_call_chunks` chunk once its closing tag arrives; blocked calls ride on
+the last chunk's `safety`. `with_structured_output` works through a forced
+tool call (default) or a JSON mode (`method="json_schema"`), and raises
+LangChain's `ModelRefusalError` under an unsafe verdict.
+
 Async never blocks the event loop: `ainvoke` runs the engine in a worker
 thread (LangChain's default `_agenerate`), and `astream` runs the sync
 stream in one dedicated thread that hands chunks over through an
@@ -40,22 +53,40 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import (
+    InvalidToolCall,
+    ToolCall,
+    ToolCallChunk,
+    invalid_tool_call,
+    tool_call_chunk,
+)
+from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from . import ops
+from . import tools as tools_mod
 from .config import InputPolicy, SafeCoDeConfig
 from .errors import SafeCoDeInputError, UnsupportedContentError
 from .lc_messages import to_hf_messages
+from .prompting import render_prompt
 from .verdict import Verdict
 
 if TYPE_CHECKING:
@@ -76,6 +107,10 @@ CALL_OPTIONS = (
     "do_sample",
     "seed",
     "verdict",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
 )
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
@@ -154,6 +189,124 @@ def _judge_key(judge: Any) -> str:
         return judge
     name = getattr(judge, "name", None) or getattr(judge, "__name__", None) or ""
     return f"{type(judge).__module__}.{type(judge).__qualname__}:{name}"
+
+
+# --------------------------------------------------------------------------- tools and JSON mode
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How one call uses tools or JSON mode: what the prompt gets and how the answer is read."""
+
+    names: tuple[str, ...] | None = None
+    """The bound tools' names; None when no tools are bound (no tool parsing, no `blocked_tool_calls`)."""
+    parse: bool = False
+    """Read tool calls out of the answer (False for `tool_choice="none"` and JSON mode)."""
+    prefix: str = ""
+    """The answer's forced opening (a tool call's start, or "{" in JSON mode); part of the answer."""
+    parallel: bool = True
+    """False keeps only the first valid call (`parallel_tool_calls=False`); later ones become invalid."""
+
+
+_TEMPLATES: weakref.WeakKeyDictionary[Any, tuple[str, tools_mod.ToolTemplate]] = weakref.WeakKeyDictionary()
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
+    """What `engine`'s chat template does with tools, probed once per template (`UnsupportedModelError` if nothing)."""
+    processor = engine.processor
+    template = getattr(processor, "chat_template", None) or getattr(engine.tokenizer, "chat_template", None)
+    key = str(template)
+    with _TEMPLATES_LOCK:
+        held = _TEMPLATES.get(engine)
+        if held is not None and held[0] == key:
+            return held[1]
+
+    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
+        return render_prompt(processor, messages, engine._specials, tools=tools, add_generation_prompt=gen)
+
+    probed = tools_mod.probe_tool_template(render, repr(engine.model_name))
+    with _TEMPLATES_LOCK:
+        _TEMPLATES[engine] = (key, probed)
+    return probed
+
+
+def _uses_tools(hf_messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(m["role"] == "tool" or m.get("tool_calls") for m in hf_messages)
+
+
+def _response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema of an OpenAI-style `response_format` (None for plain JSON mode)."""
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind == "json_object":
+        return None
+    if kind == "json_schema":
+        inner = response_format.get("json_schema", response_format)
+        schema = inner.get("schema") if isinstance(inner, Mapping) else None
+        if isinstance(schema, Mapping):
+            return dict(schema)
+    raise SafeCoDeInputError(
+        f"`response_format` (={response_format!r}) must be {{'type': 'json_object'}} or "
+        "{'type': 'json_schema', 'json_schema': {'schema': {...}}}. Or use with_structured_output(schema)."
+    )
+
+
+@dataclass
+class AnswerReader:
+    """Reads an answer's text under a `CallPlan`: text, tool calls, and calls blocked by an unsafe verdict.
+
+    `feed` / `finish` return `(text, tool_call_chunks)` pairs for streaming;
+    the same calls land in `tool_calls` / `invalid_tool_calls` / `blocked`
+    for `invoke`, so both paths read an answer the same way.
+    """
+
+    plan: CallPlan | None
+    unsafe: bool
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+    blocked: list[dict[str, Any]] = field(default_factory=list)
+    _splitter: tools_mod.ToolCallSplitter | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.plan is not None and self.plan.parse:
+            self._splitter = tools_mod.ToolCallSplitter()
+
+    def feed(self, text: str) -> list[tuple[str, list[ToolCallChunk]]]:
+        events = self._splitter.feed(text) if self._splitter else ([text] if text else [])
+        return self._convert(events)
+
+    def finish(self) -> list[tuple[str, list[ToolCallChunk]]]:
+        return self._convert(self._splitter.finish()) if self._splitter else []
+
+    def _convert(self, events: list[tools_mod.Event]) -> list[tuple[str, list[ToolCallChunk]]]:
+        out: list[tuple[str, list[ToolCallChunk]]] = []
+        for event in events:
+            if isinstance(event, str):
+                self.content += event
+                out.append((event, []))
+                continue
+            assert self.plan is not None and self.plan.names is not None
+            call: Any = tools_mod.parse_raw_call(event, self.plan.names)
+            if self.unsafe:
+                self.blocked.append(dict(call))  # an unsafe scene must not trigger actions
+                continue
+            if call["type"] == "tool_call" and self.tool_calls and not self.plan.parallel:
+                call = invalid_tool_call(
+                    name=call["name"], args=json.dumps(call["args"]), id=call["id"],
+                    error="parallel_tool_calls=False: only the first tool call is kept",
+                )
+            index = len(self.tool_calls) + len(self.invalid_tool_calls)
+            if call["type"] == "tool_call":
+                self.tool_calls.append(call)
+                args = json.dumps(call["args"], ensure_ascii=False)
+            else:
+                self.invalid_tool_calls.append(call)
+                # A JSON string, never an object: LangChain's chunk merging repairs truncated
+                # JSON objects, which would turn a cut-off call into a runnable one.
+                args = json.dumps(call["args"], ensure_ascii=False)
+            out.append(("", [tool_call_chunk(name=call["name"], args=args, id=call["id"], index=index)]))
+        return out
 
 
 # --------------------------------------------------------------------------- engine cache
@@ -339,6 +492,90 @@ class ChatSafeCoDe(BaseChatModel):
             structured_output=False,
         )
 
+    # -- tools and structured output -------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[Mapping[str, Any] | type | Callable[..., Any] | Any],
+        *,
+        tool_choice: str | bool | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, AIMessage]:
+        """Offer `tools` to the model through its chat template's `tools=` argument.
+
+        `tool_choice`: "auto"/None (the model decides), "none" (tools not
+        offered), "any"/"required" (the answer opens a call), or a tool's name
+        (the answer opens a call of that tool). `parallel_tool_calls=False`
+        keeps only the first call. The model's template must support tools
+        (checked on first use, or now when the model is already loaded):
+        otherwise `UnsupportedModelError`. Under an unsafe verdict the answer
+        carries no tool calls (see `response_metadata["safety"]["blocked_tool_calls"]`).
+
+        `strict` is accepted and has no effect: without constrained decoding a
+        local model cannot promise schema-exact arguments, so validate them
+        where they are used (`with_structured_output` does).
+        """
+        del strict  # accepted for LangChain compatibility; see the docstring
+        formatted = tools_mod.format_tools(tools)
+        choice = tools_mod.normalize_tool_choice(tool_choice, tools_mod.tool_names(formatted))
+        if self._hf_objects is not None:  # loaded already: fail now, not on the first call
+            tools_mod.forced_prefix(tool_template(self._engine(None)), choice, tools_mod.tool_names(formatted))
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: Mapping[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, Any]:
+        """Answers as `schema` (a pydantic class -> instances; a JSON schema / TypedDict -> dicts).
+
+        `method="function_calling"` (default) binds `schema` as the one tool and
+        forces a call of it (needs a tool-capable template); `"json_schema"`
+        puts the schema in a system instruction and opens the answer with "{"
+        (any model); `"json_mode"` asks for JSON without a schema. Parse errors
+        raise `OutputParserException`; an unsafe verdict raises
+        `ModelRefusalError`. With `include_raw=True` the result is
+        `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` and nothing raises.
+        """
+        if kwargs:
+            raise SafeCoDeInputError(f"Unsupported argument(s) {sorted(kwargs)} for with_structured_output.")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm: Runnable[Any, Any] = self.bind_tools([schema], tool_choice=name, strict=strict, **trace)
+            inner = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+            parser: Runnable[Any, Any] = tools_mod.ToolsAnswerParser(inner=inner)
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_mode":
+                response_format: dict[str, Any] = {"type": "json_object"}
+            else:
+                response_format = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            llm = self.bind(response_format=response_format, **trace)
+            inner = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = tools_mod.JsonAnswerParser(inner=inner)
+        else:
+            raise SafeCoDeInputError(
+                f"`method` (={method!r}) must be 'function_calling', 'json_schema' or 'json_mode'."
+            )
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        keep_raw = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([keep_raw], exception_key="parsing_error")
+
     # -- the engine -------------------------------------------------------------------------
 
     def _engine_key(self, model: str) -> tuple[Any, ...]:
@@ -371,12 +608,16 @@ class ChatSafeCoDe(BaseChatModel):
     # -- one call ---------------------------------------------------------------------------
 
     def _call_settings(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
-        """(model override, keyword arguments for `SafeCoDe.stream`) for one call."""
+        """(model override, keyword arguments for `SafeCoDe.stream`) for one call.
+
+        Tool and JSON-mode options (`tools`, `tool_choice`, `parallel_tool_calls`,
+        `response_format`) are checked here and left in `options` for `_plan`.
+        """
         options = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own routing flag
         unknown = sorted(set(options) - set(CALL_OPTIONS))
-        if {"tools", "tool_choice", "functions"} & set(unknown):
+        if "functions" in unknown:
             raise UnsupportedContentError(
-                "ChatSafeCoDe has no tool calling yet; call it without tools (no bind_tools, no tools=...)."
+                "Legacy `functions` are not supported; bind tools with llm.bind_tools([...]) instead."
             )
         if unknown:
             raise SafeCoDeInputError(
@@ -401,12 +642,46 @@ class ChatSafeCoDe(BaseChatModel):
 
     def _start(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
-    ) -> tuple[SafeCoDe, SafeCoDeStream]:
+    ) -> tuple[SafeCoDe, SafeCoDeStream, CallPlan | None]:
         """Check the call, convert the messages (before any loading), load, judge, start decoding."""
         model, engine_kwargs = self._call_settings(stop, kwargs)
+        tools = tools_mod.format_tools(kwargs["tools"]) if kwargs.get("tools") else None
+        names = tools_mod.tool_names(tools) if tools else []
+        choice = tools_mod.normalize_tool_choice(kwargs.get("tool_choice"), names) if tools else "auto"
+        if kwargs.get("tool_choice") not in (None, "auto", "none") and not tools:
+            raise SafeCoDeInputError(
+                f"`tool_choice` (={kwargs['tool_choice']!r}) was given without tools. Use llm.bind_tools(tools, tool_choice=...)."
+            )
+        json_schema: dict[str, Any] | None = None
+        json_mode = kwargs.get("response_format") is not None
+        if json_mode:
+            if tools:
+                raise SafeCoDeInputError(
+                    "Give `tools` or `response_format`, not both: JSON mode answers with one JSON object, "
+                    "tool calling with calls. For a schema-shaped answer with tools, bind the schema as a tool."
+                )
+            json_schema = _response_format_schema(kwargs["response_format"])
         hf_messages = to_hf_messages(messages, self.policy)
         engine = self._engine(model)
-        return engine, engine.stream(hf_messages, **engine_kwargs)
+        plan: CallPlan | None = None
+        if tools or _uses_tools(hf_messages):
+            template = tool_template(engine)  # UnsupportedModelError when the template has no tools
+            if tools:
+                plan = CallPlan(
+                    names=tuple(names),
+                    parse=choice != "none",
+                    prefix=tools_mod.forced_prefix(template, choice, names),
+                    parallel=kwargs.get("parallel_tool_calls") is not False,
+                )
+                if choice != "none":  # "none": the tools are not offered at all
+                    engine_kwargs["tools"] = tools
+        if json_mode:
+            plan = CallPlan(prefix="{")
+            instruction = {"role": "system", "content": [{"type": "text", "text": tools_mod.json_instruction(json_schema)}]}
+            hf_messages = [instruction, *hf_messages]
+        if plan is not None and plan.prefix:
+            engine_kwargs["answer_prefix"] = plan.prefix
+        return engine, engine.stream(hf_messages, **engine_kwargs), plan
 
     def _generate(
         self,
@@ -415,7 +690,7 @@ class ChatSafeCoDe(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        engine, pieces = self._start(messages, stop, kwargs)
+        engine, pieces, plan = self._start(messages, stop, kwargs)
         try:
             for piece in pieces:
                 if run_manager:
@@ -425,10 +700,18 @@ class ChatSafeCoDe(BaseChatModel):
             pieces.close()
         result = pieces.result
         assert result is not None and result.verdict is not None  # set once iteration ends
+        reader = AnswerReader(plan, unsafe=result.verdict.label == "unsafe")
+        reader.feed((plan.prefix if plan else "") + result.text)
+        reader.finish()
+        safety = safety_metadata(result.verdict, engine.config, result.refused)
+        if plan is not None and plan.names is not None:
+            safety["blocked_tool_calls"] = reader.blocked
         message = AIMessage(
-            content=result.text,
+            content=reader.content,
+            tool_calls=reader.tool_calls,
+            invalid_tool_calls=reader.invalid_tool_calls,
             response_metadata={
-                "safety": safety_metadata(result.verdict, engine.config, result.refused),
+                "safety": safety,
                 "model_provider": PROVIDER,
                 "model_name": engine.model_name,
                 "finish_reason": result.finish_reason,
@@ -444,9 +727,9 @@ class ChatSafeCoDe(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        engine, pieces = self._start(messages, stop, kwargs)
+        engine, pieces, plan = self._start(messages, stop, kwargs)
         try:
-            for chunk in _chunks(engine, pieces):
+            for chunk in _chunks(engine, pieces, plan):
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
@@ -467,41 +750,71 @@ class ChatSafeCoDe(BaseChatModel):
             yield chunk
 
 
-def _chunks(engine: SafeCoDe, pieces: SafeCoDeStream) -> Iterator[ChatGenerationChunk]:
+def _chunks(engine: SafeCoDe, pieces: SafeCoDeStream, plan: CallPlan | None = None) -> Iterator[ChatGenerationChunk]:
     """Engine text pieces as LangChain chunks: `safety` on the first, the accounting on the last.
 
-    Text is held back only until `refusal_decision` can fill `safety["refused"]`.
+    Text is held back only until `refusal_decision` can fill `safety["refused"]`
+    (decided on the engine's text, as `invoke` does). With tools bound, an
+    `AnswerReader` turns the text into content and one `tool_call_chunks`
+    chunk per finished call; calls blocked by an unsafe verdict ride on the
+    last chunk's `safety["blocked_tool_calls"]`.
     """
     verdict = pieces.verdict
     assert verdict is not None  # SafeCoDe.stream decides the verdict before returning
+    reader = AnswerReader(plan, unsafe=verdict.label == "unsafe")
+    pending = reader.feed(plan.prefix) if plan is not None else []
     held, refused = "", None
     for piece in pieces:
-        if refused is not None:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        pending.extend(reader.feed(piece))
+        if refused is None:
+            held += piece
+            refused = refusal_decision(held, engine.config.refusal_phrases)
+            if refused is not None:
+                yield _first_chunk(pending, verdict, engine.config, refused, plan)
+                pending = []
             continue
-        held += piece
-        refused = refusal_decision(held, engine.config.refusal_phrases)
-        if refused is not None:
-            yield _first_chunk(held, verdict, engine.config, refused)
+        yield from (_chunk(text, calls) for text, calls in pending)
+        pending = []
+    pending.extend(reader.finish())
     result = pieces.result
     assert result is not None
     if refused is None:  # the answer ended before its opening decided (e.g. an empty answer)
-        yield _first_chunk(held, verdict, engine.config, result.refused)
+        yield _first_chunk(pending, verdict, engine.config, result.refused, plan)
+        pending = []
+    yield from (_chunk(text, calls) for text, calls in pending)
+    last_meta: dict[str, Any] = {"model_name": engine.model_name, "finish_reason": result.finish_reason}
+    if reader.blocked:
+        # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
+        last_meta["safety"] = {"blocked_tool_calls": reader.blocked}
     yield ChatGenerationChunk(
         message=AIMessageChunk(
             content="",
             chunk_position="last",
-            response_metadata={"model_name": engine.model_name, "finish_reason": result.finish_reason},
+            response_metadata=last_meta,
             usage_metadata=usage_metadata(result),
         )
     )
 
 
-def _first_chunk(text: str, verdict: Verdict, config: SafeCoDeConfig, refused: bool) -> ChatGenerationChunk:
+def _chunk(text: str, calls: list[ToolCallChunk]) -> ChatGenerationChunk:
+    return ChatGenerationChunk(message=AIMessageChunk(content=text, tool_call_chunks=calls))
+
+
+def _first_chunk(
+    pending: list[tuple[str, list[ToolCallChunk]]],
+    verdict: Verdict,
+    config: SafeCoDeConfig,
+    refused: bool,
+    plan: CallPlan | None,
+) -> ChatGenerationChunk:
+    safety = safety_metadata(verdict, config, refused)
+    if plan is not None and plan.names is not None:
+        safety["blocked_tool_calls"] = []
     return ChatGenerationChunk(
         message=AIMessageChunk(
-            content=text,
-            response_metadata={"safety": safety_metadata(verdict, config, refused), "model_provider": PROVIDER},
+            content="".join(text for text, _ in pending),
+            tool_call_chunks=[c for _, calls in pending for c in calls],
+            response_metadata={"safety": safety, "model_provider": PROVIDER},
         )
     )
 

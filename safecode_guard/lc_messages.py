@@ -6,18 +6,22 @@ LangChain produces into v1 standard blocks: plain strings, OpenAI
 `image_url` parts (data URLs become `{"type": "image", "base64", "mime_type"}`),
 v0 `source_type` blocks, Anthropic `source` blocks and v1 blocks.
 
-Output: `[{"role": "system" | "user" | "assistant", "content": [parts]}]` with
+Output: `[{"role": "system" | "user" | "assistant" | "tool", "content": [parts]}]` with
 parts `{"type": "text", "text": str}` and `{"type": "image", "image": PIL.Image}`,
-the format `SafeCoDe.generate` takes. Images are decoded here, by
+the format `SafeCoDe.generate` takes. Tool calling uses the transformers
+conventions: an `AIMessage`'s `tool_calls` become the assistant turn's
+`tool_calls` (`{"type": "function", "id", "function": {"name", "arguments"}}`)
+and a `ToolMessage` becomes `{"role": "tool", "content", "tool_call_id", "name"}`. Images are decoded here, by
 `safecode_guard.images.load_image` under the caller's `InputPolicy`, so an
 http(s) URL is fetched only when the policy allows URLs.
 Consecutive turns of one role are left as they are: the engine merges them.
 
 Anything that cannot be shown to the model faithfully raises
 `UnsupportedContentError` naming the block and the fix: audio, video and
-file blocks, images by provider `file_id`, tool messages and tool calls (no
-tool calling yet). Reasoning blocks in earlier assistant turns are dropped,
-as chat templates drop a model's private reasoning from history.
+file blocks, images by provider `file_id`, images in tool results, legacy
+`FunctionMessage`s and provider server-side tool blocks. Reasoning blocks in
+earlier assistant turns are dropped, as chat templates drop a model's private
+reasoning from history; so are earlier invalid tool calls (they were never run).
 
 To support a new message type or block type, add an entry to `ROLE_BY_TYPE`
 or `BLOCK_CONVERTERS`.
@@ -33,6 +37,7 @@ from langchain_core.messages import BaseMessage, ChatMessage
 from .config import InputPolicy
 from .errors import UnsupportedContentError
 from .images import decode_base64, load_image
+from .tools import hf_tool_calls
 
 __all__ = [
     "BLOCK_CONVERTERS",
@@ -48,7 +53,7 @@ Part = dict[str, Any]
 BlockConverter = Callable[[Mapping[str, Any], str, str, InputPolicy], "Part | None"]
 
 #: LangChain `message.type` -> chat-template role.
-ROLE_BY_TYPE: dict[str, str] = {"system": "system", "human": "user", "ai": "assistant"}
+ROLE_BY_TYPE: dict[str, str] = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 
 #: Roles a generic `ChatMessage(role=...)` may carry, and the template role each means.
 _CHAT_MESSAGE_ROLES: dict[str, str] = {
@@ -62,14 +67,18 @@ _CHAT_MESSAGE_ROLES: dict[str, str] = {
 
 _PROVIDER_REASONING = ("thinking", "redacted_thinking")
 
-_NO_TOOLS = (
-    "ChatSafeCoDe has no tool calling yet: leave tools out of this chain, or put the tool's "
-    "result into a HumanMessage as text."
+_NO_FUNCTIONS = (
+    "Legacy function messages are not supported. Use tool calling (bind_tools) and answer each call "
+    "with a ToolMessage(content, tool_call_id=...)."
+)
+_SERVER_TOOLS = (
+    "Provider server-side tools cannot run on a local model. Remove the block, or use bind_tools "
+    "with function tools and ToolMessage results."
 )
 
 
 def message_role(message: BaseMessage, where: str) -> str:
-    """The chat-template role of `message`, or `UnsupportedContentError` for tool turns and unknown types."""
+    """The chat-template role of `message`, or `UnsupportedContentError` for function messages and unknown types."""
     if isinstance(message, ChatMessage):
         role = _CHAT_MESSAGE_ROLES.get(message.role.lower())
         if role is None:
@@ -81,8 +90,8 @@ def message_role(message: BaseMessage, where: str) -> str:
     role = ROLE_BY_TYPE.get(message.type)
     if role is not None:
         return role
-    if message.type in ("tool", "function"):
-        raise UnsupportedContentError(f"{where} is a {type(message).__name__}. {_NO_TOOLS}")
+    if message.type == "function":
+        raise UnsupportedContentError(f"{where} is a {type(message).__name__}. {_NO_FUNCTIONS}")
     raise UnsupportedContentError(
         f"{where} is a {type(message).__name__} (type {message.type!r}), which ChatSafeCoDe cannot read. "
         "Use SystemMessage, HumanMessage and AIMessage."
@@ -121,6 +130,11 @@ def _text(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) 
 
 
 def _image(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    if role == "tool":
+        raise UnsupportedContentError(
+            f"{where} is an image in a tool result; local chat templates show tool results as text. "
+            "Move the image into a HumanMessage, or return text from the tool."
+        )
     if role != "user":
         raise UnsupportedContentError(
             f"{where} is an image in a {role} turn; only user (HumanMessage) turns may carry images. "
@@ -133,8 +147,17 @@ def _reasoning(block: Mapping[str, Any], where: str, role: str, policy: InputPol
     return None  # earlier turns' private reasoning is not replayed to the model
 
 
-def _tool_call(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
-    raise UnsupportedContentError(f"{where} is a {block['type']!r} block. {_NO_TOOLS}")
+def _tool_call(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part | None:
+    if role == "assistant":
+        return None  # read from `AIMessage.tool_calls` by `to_hf_message`, in the template's format
+    raise UnsupportedContentError(
+        f"{where} is a {block['type']!r} block in a {role} turn; only AIMessages make tool calls. "
+        "Move tool calls into AIMessage(tool_calls=[...])."
+    )
+
+
+def _server_tool(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
+    raise UnsupportedContentError(f"{where} is a {block['type']!r} block. {_SERVER_TOOLS}")
 
 
 def _non_standard(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
@@ -145,6 +168,8 @@ def _non_standard(block: Mapping[str, Any], where: str, role: str, policy: Input
         return _image({"type": "image", "url": value["image_url"]}, where, role, policy)
     if role == "assistant" and isinstance(value, Mapping) and value.get("type") in _PROVIDER_REASONING:
         return None  # provider-specific reasoning (Anthropic "thinking"), dropped like "reasoning"
+    if role == "assistant" and isinstance(value, Mapping) and value.get("type") == "tool_use":
+        return None  # Anthropic's copy of a call that `AIMessage.tool_calls` also holds
     kind = value.get("type") if isinstance(value, Mapping) else type(value).__name__
     raise UnsupportedContentError(
         f"{where} is a {kind!r} block, which ChatSafeCoDe cannot read. "
@@ -168,9 +193,9 @@ BLOCK_CONVERTERS: dict[str, BlockConverter] = {
     "tool_call": _tool_call,
     "tool_call_chunk": _tool_call,
     "invalid_tool_call": _tool_call,
-    "server_tool_call": _tool_call,
-    "server_tool_call_chunk": _tool_call,
-    "server_tool_result": _tool_call,
+    "server_tool_call": _server_tool,
+    "server_tool_call_chunk": _server_tool,
+    "server_tool_result": _server_tool,
     "non_standard": _non_standard,
     "audio": _unsupported_media,
     "video": _unsupported_media,
@@ -199,7 +224,14 @@ def to_hf_message(message: BaseMessage, index: int, policy: InputPolicy) -> dict
         part = block_to_part(block, f"{where}.content[{j}]", role, policy)
         if part is not None:
             parts.append(part)
-    return {"role": role, "content": parts}
+    hf: dict[str, Any] = {"role": role, "content": parts}
+    if role == "assistant" and getattr(message, "tool_calls", None):
+        hf["tool_calls"] = hf_tool_calls(message.tool_calls)
+    if role == "tool":
+        hf["tool_call_id"] = str(getattr(message, "tool_call_id", ""))
+        if message.name:
+            hf["name"] = message.name
+    return hf
 
 
 def to_hf_messages(messages: Sequence[BaseMessage], policy: InputPolicy) -> list[dict[str, Any]]:

@@ -2,9 +2,13 @@
 
 Input: Hugging Face chat messages (`{"role", "content"}`; content a string or
 a list of `{"type": "text", "text"}` / `{"type": "image", "image"}` parts).
+Tool turns follow the transformers convention: an assistant message may carry
+`tool_calls` (`[{"type": "function", "id", "function": {"name", "arguments": dict}}]`)
+and a `{"role": "tool", "content", "tool_call_id", "name"}` message answers one call.
 Output: a `Conversation` holding validated messages with PIL images, the
 images in message order, and the text of the latest user turn. Rendering to
-a prompt string uses the processor's own chat template.
+a prompt string uses the processor's own chat template (with `tools=` when
+the request offers tools).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from .errors import InputLimitError, UnsupportedContentError, UnsupportedModelEr
 
 __all__ = ["Conversation", "neutralize_special_tokens", "parse_messages", "render_prompt"]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
 
 
@@ -70,6 +74,28 @@ def _parse_part(part: Any, where: str, policy: InputPolicy) -> dict[str, Any]:
     )
 
 
+def _tool_fields(message: Mapping[str, Any], role: str, where: str) -> dict[str, Any]:
+    """The tool-calling fields of one message: `tool_calls` (assistant), `tool_call_id` / `name` (tool)."""
+    if role == "assistant" and message.get("tool_calls"):
+        calls = message["tool_calls"]
+        ok = isinstance(calls, Sequence) and not isinstance(calls, (str, bytes)) and all(
+            isinstance(c, Mapping)
+            and isinstance(c.get("function"), Mapping)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), Mapping)
+            for c in calls
+        )
+        if not ok:
+            raise UnsupportedContentError(
+                f"{where}.tool_calls must be a list of "
+                '{"type": "function", "id": ..., "function": {"name": str, "arguments": dict}}.'
+            )
+        return {"tool_calls": [dict(c) for c in calls]}
+    if role == "tool":
+        return {k: str(message[k]) for k in ("tool_call_id", "name") if message.get(k) is not None}
+    return {}
+
+
 def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -> Conversation:
     """Validate `messages`, decode their images, merge consecutive same-role turns."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -101,11 +127,13 @@ def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -
                 f"messages[{i}] ({role}) holds an image; only user turns may carry images."
             )
         images.extend(p["image"] for p in parts if p["type"] == "image")
-        if parsed and parsed[-1]["role"] == role:
+        extras = _tool_fields(message, role, f"messages[{i}]")
+        if parsed and parsed[-1]["role"] == role and role != "tool" and not extras and len(parsed[-1]) == 2:
             # Many chat templates insist on alternating roles; two turns in a row are one turn.
+            # (Tool results and tool-calling turns stay apart: each answers or makes its own calls.)
             parsed[-1]["content"] = [*parsed[-1]["content"], {"type": "text", "text": "\n"}, *parts]
         else:
-            parsed.append({"role": role, "content": parts})
+            parsed.append({"role": role, "content": parts, **extras})
     if len(images) > policy.max_images:
         raise InputLimitError(
             f"The request holds {len(images)} images; the limit is {policy.max_images}. "
@@ -136,11 +164,31 @@ def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
     return text
 
 
-def render_prompt(processor: Any, messages: Sequence[Mapping[str, Any]], specials: Sequence[str] = ()) -> str:
+def _neutralize_values(value: Any, specials: Sequence[str]) -> Any:
+    """`value` (tool-call arguments: dicts, lists, strings) with every string neutralized."""
+    if isinstance(value, str):
+        return neutralize_special_tokens(value, specials)
+    if isinstance(value, Mapping):
+        return {k: _neutralize_values(v, specials) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_neutralize_values(v, specials) for v in value]
+    return value
+
+
+def render_prompt(
+    processor: Any,
+    messages: Sequence[Mapping[str, Any]],
+    specials: Sequence[str] = (),
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
     """The prompt string from the processor's chat template, ready for the assistant's turn.
 
     Image parts become `{"type": "image"}` placeholders the template expands;
-    user-supplied text has special-token strings neutralized first.
+    user-supplied text (tool results and tool-call arguments included) has
+    special-token strings neutralized first. `tools` (OpenAI-format function
+    schemas) go to the template's `tools=` argument.
     """
     template_messages = []
     for m in messages:
@@ -153,7 +201,18 @@ def render_prompt(processor: Any, messages: Sequence[Mapping[str, Any]], special
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": neutralize_special_tokens(p["text"], specials)})
-        template_messages.append({"role": m["role"], "content": parts})
+        rendered: dict[str, Any] = {"role": m["role"], "content": parts}
+        if m["role"] == "tool" or m.get("tool_calls"):
+            # Tool-capable templates written for text models read these turns' content as a
+            # string (some `tojson` a list), so text-only tool turns go in as one string.
+            rendered["content"] = "".join(p["text"] for p in parts)
+            rendered.update({k: m[k] for k in ("tool_call_id", "name") if k in m})
+        if m.get("tool_calls"):
+            rendered["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _neutralize_values(c["function"]["arguments"], specials)}}
+                for c in m["tool_calls"]
+            ]
+        template_messages.append(rendered)
     # Some processors (InstructBLIP in transformers 5.x) drop their template on reload
     # while their tokenizer keeps it.
     template = getattr(processor, "chat_template", None) or getattr(
@@ -164,6 +223,11 @@ def render_prompt(processor: Any, messages: Sequence[Mapping[str, Any]], special
             f"{type(processor).__name__} has no chat template. Set `processor.chat_template` "
             "to a Jinja template (see the model card) before using it with SafeCoDe."
         )
+    extra: dict[str, Any] = {"tools": [dict(t) for t in tools]} if tools else {}
     return processor.apply_chat_template(
-        template_messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        template_messages,
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+        **extra,
     )

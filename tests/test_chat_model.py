@@ -163,9 +163,10 @@ UNSUPPORTED: dict[str, tuple[BaseMessage, str]] = {
     "image file_id": (HumanMessage([{"type": "image", "file_id": "file-123"}]), "file id 'file-123'"),
     "v0 image id": (HumanMessage([{"type": "image", "source_type": "id", "id": "file-9"}]), "file id 'file-9'"),
     "unknown block": (HumanMessage([{"type": "hologram", "data": 1}]), "'hologram'"),
-    "tool message": (ToolMessage("42", tool_call_id="1"), "ToolMessage"),
+    "image in a tool result": (ToolMessage([image_blocks(IMAGE)["v1 base64"]], tool_call_id="1"), "tool result"),
     "function message": (FunctionMessage("42", name="f"), "FunctionMessage"),
-    "ai tool call": (AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1", "type": "tool_call"}]), "'tool_call'"),
+    "tool call in a user turn": (HumanMessage([{"type": "tool_call", "name": "f", "args": {}, "id": "1"}]), "'tool_call'"),
+    "server tool call": (AIMessage([{"type": "server_tool_call", "name": "web_search", "args": {}, "id": "1"}]), "'server_tool_call'"),
     "image in an assistant turn": (AIMessage([image_blocks(IMAGE)["v1 base64"]]), "only user"),
     "image in a system turn": (SystemMessage([image_blocks(IMAGE)["v1 base64"]]), "only user"),
     "unknown chat role": (ChatMessage(role="narrator", content="x"), "'narrator'"),
@@ -703,11 +704,15 @@ def test_changed_settings_rebuild_the_engine(tiny_llava: tuple[Any, Any]) -> Non
     assert copy.invoke("hi").response_metadata["safety"]["threshold"] == 0.3
 
 
-def test_unknown_options_and_tools_are_refused(llm: ChatSafeCoDe) -> None:
+def test_unknown_options_bad_tools_and_tools_without_template_support_are_refused(llm: ChatSafeCoDe) -> None:
     with pytest.raises(SafeCoDeInputError, match="frequency_penalty"):
         llm.invoke("hi", frequency_penalty=1.0)
-    with pytest.raises(UnsupportedContentError, match="tool calling"):
+    with pytest.raises(UnsupportedContentError, match="no function schema"):
         llm.invoke("hi", tools=[{"type": "function"}])
+    # the tiny Llava's ChatML template ignores tools: a clear error, not a silently tool-less prompt
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(UnsupportedModelError, match="no tool support"):
+        llm.invoke("hi", tools=[tool])
     with pytest.raises(SafeCoDeInputError, match="not both"):
         llm.invoke("hi", max_tokens=3, max_new_tokens=4)
     assert llm.invoke("hi", max_tokens=3).usage_metadata["output_tokens"] <= 3

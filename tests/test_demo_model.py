@@ -403,6 +403,13 @@ def test_calibrate_projector_centres_and_scales_outputs():
     assert torch.allclose(deviation, scale * before, atol=1e-6)
 
 
+def test_calibrate_projector_needs_a_bias():
+    projector = torch.nn.Module()
+    projector.linear_2 = torch.nn.Linear(4, 4, bias=False)
+    with pytest.raises(ValueError, match="multimodal_projector_bias=True"):
+        dm.calibrate_projector(projector, torch.zeros(1, 1, 4), torch.zeros(4), 0.1)
+
+
 def test_calibration_pixels_are_seeded():
     a, b = dm.calibration_pixels(2, 32), dm.calibration_pixels(2, 32)
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)

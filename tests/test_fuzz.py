@@ -49,7 +49,7 @@ def test_parse_messages_gives_a_conversation_or_a_typed_error(messages):
     assert len(conv.images) <= 2
     assert all(img.mode == "RGB" and img.width > 0 for img in conv.images)
     for m in conv.messages:
-        assert m["role"] in ("system", "user", "assistant")
+        assert m["role"] in ("system", "user", "assistant", "tool")
         assert all(p["type"] in ("text", "image") for p in m["content"])
 
 

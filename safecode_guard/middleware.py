@@ -1,0 +1,292 @@
+"""`SafeCoDeMiddleware`: a SafeCoDe judge guarding a LangChain v1 agent (`create_agent`).
+
+    from langchain.agents import create_agent
+    from safecode_guard import ChatSafeCoDe
+    from safecode_guard.middleware import SafeCoDeMiddleware
+
+    llm = ChatSafeCoDe(model="./Qwen2.5-VL-3B-Instruct")
+    agent = create_agent(llm, tools=[...], middleware=[SafeCoDeMiddleware(model=llm)])
+    state = agent.invoke({"messages": [HumanMessage([image_block, {"type": "text", "text": "..."}])]})
+    state["safecode_verdict"]["label"]   # "safe" | "unsafe"
+
+Flow, per model call of the agent loop:
+
+1. `before_model` judges the latest user turn (its text and every image the
+   user sent) once; later loop iterations of the same turn reuse the
+   verdict kept in the agent state (`safecode_verdict`). On an unsafe
+   verdict it either ends the run with a refusal message
+   (`on_unsafe="end"`, before the agent's model runs at all) or only
+   records it (`on_unsafe="record"`). This works whatever the agent's model
+   is: the judge is the middleware's, not the model's.
+2. `wrap_model_call`: when the agent's model is a `ChatSafeCoDe`, the
+   middleware's verdict is handed to it (`verdict=`), so the model decodes
+   under the same verdict and does not judge a second time
+   (`share_verdict=False` turns this off; the answer's `safety.source` then
+   says "override").
+3. `after_model`: an answer that carries tool calls under an unsafe verdict
+   (the answer's own `response_metadata["safety"]`, or the recorded verdict
+   of this turn) loses them, and the run ends: an unsafe scene must not
+   trigger actions. The calls are listed in the answer's
+   `safety["blocked_tool_calls"]`. (`ChatSafeCoDe` already drops them
+   itself; this also covers other models in `on_unsafe="record"` mode.)
+
+Async agents get the same hooks; the judge's blocking work runs in a
+worker thread, so the event loop stays free.
+
+Needs the optional agent packages: `pip install 'safecode-guard[agents]'`.
+Shortcut: the judge sees the user's turns (text and images), not tool
+results, so a tool returning harmful content is not re-judged here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+try:
+    from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse, hook_config
+except ImportError as exc:  # pragma: no cover - exercised in a test by hiding the package
+    raise ImportError(
+        "safecode_guard.middleware needs LangChain v1 agents (the `langchain` and `langgraph` "
+        f"packages): {exc}. Install them with `pip install 'safecode-guard[agents]'`."
+    ) from exc
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from typing_extensions import NotRequired
+
+from .config import InputPolicy, SafeCoDeConfig
+from .errors import SafeCoDeInputError
+from .judges import JudgeRequest, SelfJudge, make_judge, run_judge
+from .lc_messages import to_hf_message
+from .verdict import Verdict
+
+__all__ = ["DEFAULT_REFUSAL_MESSAGE", "SafeCoDeMiddleware", "SafeCoDeState", "judge_request_from_messages"]
+
+DEFAULT_REFUSAL_MESSAGE = (
+    "I can't help with this request: in the context of what the image shows, it could cause harm. "
+    "If you had something else in mind, tell me more and I'll suggest a safe way to go about it."
+)
+
+OnUnsafe = Literal["end", "record"]
+
+
+class SafeCoDeState(AgentState):
+    """The agent state with the middleware's verdict for the latest user turn."""
+
+    safecode_verdict: NotRequired[dict[str, Any] | None]
+    """`Verdict.to_dict()` plus "message_id" (the user turn it judged)."""
+
+
+def _latest_human(messages: Sequence[BaseMessage]) -> HumanMessage | None:
+    return next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+
+
+def judge_request_from_messages(
+    messages: Sequence[BaseMessage], policy: InputPolicy, threshold: float
+) -> JudgeRequest | None:
+    """The judge's view of an agent conversation: the user's turns, their images, the latest text.
+
+    None when there is no user turn. Images are decoded under `policy`
+    (bad images raise the usual typed errors).
+    """
+    user_turns = [to_hf_message(m, i, policy) for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
+    if not user_turns:
+        return None
+    images = [p["image"] for turn in user_turns for p in turn["content"] if p["type"] == "image"]
+    request = "\n".join(p["text"] for p in user_turns[-1]["content"] if p["type"] == "text")
+    return JudgeRequest(images=tuple(images), request=request, conversation=tuple(user_turns), threshold=threshold)
+
+
+def _safety(verdict: Verdict | dict[str, Any], threshold: float) -> dict[str, Any]:
+    """`response_metadata["safety"]` for a message the middleware writes itself."""
+    v = verdict if isinstance(verdict, dict) else verdict.to_dict()
+    return {
+        "verdict": v["label"],
+        "unsafe_score": v["unsafe_score"],
+        "threshold": threshold,
+        "judge": v["judge"],
+        "source": v["source"],
+        "caption": v["caption"],
+        "error": v["error"],
+        "refused": True,
+        "blocked_by": "SafeCoDeMiddleware",
+    }
+
+
+class SafeCoDeMiddleware(AgentMiddleware):
+    """Judge each user turn with SafeCoDe's judge before the agent's model runs; act on unsafe.
+
+    - `judge`: a judge spec ("self", "self:caption", "fixed:unsafe",
+      "chat:<provider>:<model>"), a judge object, a LangChain chat model or a
+      callable. "self" judges with the local model given as `model`.
+    - `model`: a `ChatSafeCoDe` or a `SafeCoDe` engine; needed for the "self"
+      judges, and the source of `config` / `policy` defaults.
+    - `on_unsafe`: "end" (default) ends the run with `refusal_message`;
+      "record" only writes `safecode_verdict` into the state and lets the
+      model answer (its tool calls are still blocked when
+      `block_tool_calls`).
+    - `config`: threshold, `on_judge_error` and the judge timeout
+      (default: the model's, else `SafeCoDeConfig()`); `policy`: what user
+      images may be (default: the model's, else `InputPolicy()`).
+    - `share_verdict`: hand the verdict to a `ChatSafeCoDe` agent model.
+    - `block_tool_calls`: drop tool calls made under an unsafe verdict.
+    """
+
+    state_schema = SafeCoDeState
+
+    def __init__(
+        self,
+        judge: Any = "self",
+        model: Any = None,
+        *,
+        on_unsafe: OnUnsafe = "end",
+        refusal_message: str = DEFAULT_REFUSAL_MESSAGE,
+        config: SafeCoDeConfig | None = None,
+        policy: InputPolicy | None = None,
+        share_verdict: bool = True,
+        block_tool_calls: bool = True,
+    ) -> None:
+        super().__init__()
+        from .chat_model import ChatSafeCoDe
+        from .engine import SafeCoDe
+
+        if on_unsafe not in ("end", "record"):
+            raise SafeCoDeInputError(
+                f"`on_unsafe` (={on_unsafe!r}) must be 'end' (stop the run with a refusal) or 'record' "
+                "(keep the verdict in the agent state and go on)."
+            )
+        if not isinstance(refusal_message, str) or not refusal_message.strip():
+            raise SafeCoDeInputError("`refusal_message` must be a non-empty string, e.g. \"I can't help with that.\"")
+        if model is not None and not isinstance(model, (ChatSafeCoDe, SafeCoDe)):
+            raise SafeCoDeInputError(
+                f"`model` is a {type(model).__name__}; give a ChatSafeCoDe or a SafeCoDe engine (the local model "
+                "the 'self' judge uses), or leave it None with a judge that needs no local model."
+            )
+        self.judge = make_judge(judge)
+        if isinstance(self.judge, SelfJudge) and self.judge.engine is None and model is None:
+            raise SafeCoDeInputError(
+                f"judge={judge!r} judges with the local model, but no `model` was given. Pass "
+                "model=ChatSafeCoDe(...) (or a SafeCoDe engine), or choose another judge, e.g. "
+                "'chat:<provider>:<model>' or a callable taking a JudgeRequest."
+            )
+        self.model = model
+        if isinstance(model, ChatSafeCoDe):
+            default_config, default_policy = model.safecode, model.policy
+        elif isinstance(model, SafeCoDe):
+            default_config, default_policy = model.config, model.policy
+        else:
+            default_config, default_policy = SafeCoDeConfig(), InputPolicy()
+        self.config = config or default_config
+        self.policy = policy or default_policy
+        self.on_unsafe: OnUnsafe = on_unsafe
+        self.refusal_message = refusal_message
+        self.share_verdict = share_verdict
+        self.block_tool_calls = block_tool_calls
+        self._bound: tuple[Any, Any] | None = None  # (engine, the self judge bound to it)
+        self._lock = threading.Lock()
+
+    # -- judging ----------------------------------------------------------------------------
+
+    def _judge_impl(self) -> Any:
+        """The judge, with a "self" judge bound to the model's engine (loaded on first use)."""
+        if not (isinstance(self.judge, SelfJudge) and self.judge.engine is None):
+            return self.judge
+        from .chat_model import ChatSafeCoDe
+
+        engine = self.model._engine(None) if isinstance(self.model, ChatSafeCoDe) else self.model
+        with self._lock:
+            if self._bound is None or self._bound[0] is not engine:
+                self._bound = (engine, self.judge.bind(engine))
+            return self._bound[1]
+
+    def judge_messages(self, messages: Sequence[BaseMessage]) -> Verdict | None:
+        """The verdict for the latest user turn of `messages` (None without a user turn)."""
+        request = judge_request_from_messages(messages, self.policy, self.config.threshold)
+        if request is None:
+            return None
+        return run_judge(self._judge_impl(), request, self.config)
+
+    def _current(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The recorded verdict if it is for the latest user turn."""
+        record = state.get("safecode_verdict")
+        human = _latest_human(state["messages"])
+        if record is None or human is None or record.get("message_id") != human.id:
+            return None
+        return record
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    @hook_config(can_jump_to=["end"])
+    def before_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
+        """Judge a new user turn; on unsafe end the run (or record the verdict)."""
+        human = _latest_human(state["messages"])
+        if human is None or self._current(state) is not None:
+            return None  # nothing to judge, or this turn was judged on an earlier loop iteration
+        verdict = self.judge_messages(state["messages"])
+        assert verdict is not None  # there is a user turn
+        record = {**verdict.to_dict(), "message_id": human.id}
+        if verdict.unsafe and self.on_unsafe == "end":
+            refusal = AIMessage(
+                content=self.refusal_message,
+                response_metadata={"safety": _safety(verdict, self.config.threshold)},
+            )
+            return {"safecode_verdict": record, "messages": [refusal], "jump_to": "end"}
+        return {"safecode_verdict": record}
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
+        # The judge is blocking model work (or a blocking chat-model call): keep it off the loop.
+        return await asyncio.to_thread(self.before_model, state, runtime)
+
+    def _with_verdict(self, request: ModelRequest) -> ModelRequest:
+        from .chat_model import ChatSafeCoDe
+
+        record = self._current(request.state)
+        if not self.share_verdict or record is None or not isinstance(request.model, ChatSafeCoDe):
+            return request
+        if "verdict" in request.model_settings:
+            return request  # the application pinned one itself
+        verdict = Verdict.model_validate({k: v for k, v in record.items() if k in Verdict.model_fields})
+        return request.override(model_settings={**request.model_settings, "verdict": verdict})
+
+    def wrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
+    ) -> ModelResponse:
+        """Hand this turn's verdict to a `ChatSafeCoDe` agent model (one judge call per turn)."""
+        return handler(self._with_verdict(request))
+
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
+    ) -> ModelResponse:
+        return await handler(self._with_verdict(request))
+
+    @hook_config(can_jump_to=["end"])
+    def after_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
+        """Drop the tool calls of an answer made under an unsafe verdict, and end the run."""
+        last = state["messages"][-1] if state["messages"] else None
+        if not self.block_tool_calls or not isinstance(last, AIMessage):
+            return None
+        if not (last.tool_calls or last.invalid_tool_calls):
+            return None
+        safety = dict(last.response_metadata.get("safety") or {})
+        record = self._current(state)
+        if safety.get("verdict") != "unsafe" and not (record is not None and record["label"] == "unsafe"):
+            return None
+        calls = [*last.tool_calls, *last.invalid_tool_calls]
+        blocked = [*safety.get("blocked_tool_calls", []), *(dict(c) for c in calls)]
+        if not safety:
+            safety = _safety(record, self.config.threshold) if record is not None else {}
+        safety.update(blocked_tool_calls=blocked, blocked_by="SafeCoDeMiddleware")
+        replacement = AIMessage(
+            content=last.text or self.refusal_message,
+            id=last.id,  # same id: the state's message reducer replaces the answer
+            response_metadata={**last.response_metadata, "safety": safety},
+            usage_metadata=last.usage_metadata,
+        )
+        return {"messages": [replacement], "jump_to": "end"}
+
+    @hook_config(can_jump_to=["end"])
+    async def aafter_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
+        return self.after_model(state, runtime)  # pure bookkeeping, nothing blocks
