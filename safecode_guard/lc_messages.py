@@ -219,8 +219,16 @@ def to_hf_message(message: BaseMessage, index: int, policy: InputPolicy) -> dict
     """`message` (the `index`-th of the request) as `{"role", "content": [parts]}`."""
     where = f"messages[{index}] ({type(message).__name__})"
     role = message_role(message, where)
+    try:
+        blocks = message.content_blocks
+    except (ValueError, TypeError, KeyError) as exc:
+        # langchain-core's normaliser rejects malformed blocks with bare errors; say where and how to fix
+        raise UnsupportedContentError(
+            f"{where} holds a malformed content block ({exc}). Use text blocks and image blocks "
+            'such as {"type": "image", "base64": ..., "mime_type": "image/png"}.'
+        ) from exc
     parts: list[Part] = []
-    for j, block in enumerate(message.content_blocks):
+    for j, block in enumerate(blocks):
         part = block_to_part(block, f"{where}.content[{j}]", role, policy)
         if part is not None:
             parts.append(part)

@@ -65,8 +65,8 @@ from .verdict import Verdict
 __all__ = ["DEFAULT_REFUSAL_MESSAGE", "SafeCoDeMiddleware", "SafeCoDeState", "judge_request_from_messages"]
 
 DEFAULT_REFUSAL_MESSAGE = (
-    "I can't help with this request: in the context of what the image shows, it could cause harm. "
-    "If you had something else in mind, tell me more and I'll suggest a safe way to go about it."
+    "I can't help with this request: in its context (including any images you sent) it could cause "
+    "harm. If you had something else in mind, tell me more and I'll suggest a safe way to go about it."
 )
 
 OnUnsafe = Literal["end", "record"]

@@ -67,3 +67,42 @@ def test_config_gives_a_valid_config_or_a_validation_error(kwargs):
     assert 0 <= cfg.alpha <= 10 and 0 <= cfg.steered_steps <= 256 and 0 <= cfg.threshold <= 1
     assert cfg.refusal_phrases and all(p.strip() for p in cfg.refusal_phrases)
     assert cfg.plausibility_beta is None or 0 < cfg.plausibility_beta <= 1
+
+
+# -- LangChain message conversion --------------------------------------------------------------
+
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
+
+from safecode_guard.lc_messages import to_hf_messages  # noqa: E402
+
+lc_block = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
+    st.fixed_dictionaries(
+        {"type": st.just("image"), "base64": st.one_of(st.just(__import__("base64").b64encode(_png()).decode()), st.text(max_size=12)),
+         "mime_type": st.sampled_from(["image/png", "image/jpeg", "text/plain"])}
+    ),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": st.text(max_size=30)})}),
+    st.fixed_dictionaries({"type": st.sampled_from(["audio", "file", "video", "weird"]), "data": st.text(max_size=5)}),
+)
+lc_content = st.one_of(st.text(max_size=30), st.lists(st.one_of(lc_block, st.text(max_size=8)), max_size=3))
+
+
+@st.composite
+def lc_message(draw):
+    kind = draw(st.sampled_from(["human", "ai", "system", "tool"]))
+    content = draw(lc_content)
+    if kind == "tool":
+        return ToolMessage(content=content if isinstance(content, str) else "x", tool_call_id="1")
+    return {"human": HumanMessage, "ai": AIMessage, "system": SystemMessage}[kind](content=content)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(lc_message(), max_size=4))
+def test_langchain_conversion_gives_messages_or_a_typed_error(messages):
+    try:
+        converted = to_hf_messages(messages, InputPolicy())
+        conv = parse_messages(converted, InputPolicy())
+    except SafeCoDeInputError as exc:
+        assert str(exc)
+        return
+    assert conv.messages and all(img.mode == "RGB" for img in conv.images)
