@@ -73,7 +73,11 @@ from langchain_core.messages.tool import (
     invalid_tool_call,
     tool_call_chunk,
 )
-from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+)
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
@@ -84,7 +88,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 from . import ops
 from . import tools as tools_mod
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import SafeCoDeInputError, UnsupportedContentError
+from .errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
 from .lc_messages import to_hf_messages
 from .prompting import render_prompt
 from .verdict import Verdict
@@ -354,7 +358,11 @@ class ChatSafeCoDe(BaseChatModel):
     Per call you may pass `model` (another path: loaded once and kept until
     the next different override), `max_new_tokens` (or `max_tokens`),
     `temperature`, `top_p`, `top_k`, `do_sample`, `seed`, `stop`, and
-    `verdict` ("safe" / "unsafe": skip the judge, `source="override"`).
+    `verdict` ("safe" / "unsafe" / a `Verdict`: skip the judge, `source="override"`).
+
+    Tools: `llm.bind_tools([...], tool_choice=...)` for models whose chat
+    template takes tools; `llm.with_structured_output(schema)`. Under an
+    unsafe verdict answers carry no tool calls (`safety["blocked_tool_calls"]`).
     """
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, arbitrary_types_allowed=True)
@@ -436,7 +444,15 @@ class ChatSafeCoDe(BaseChatModel):
         name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
         chat = cls(model=str(name), **kwargs)
         chat._hf_objects = (model, processor)
-        chat._engine(None)  # cheap without loading; checks the processor and judge now
+        engine = chat._engine(None)  # cheap without loading; checks the processor and judge now
+        if chat.profile is not None:
+            # loaded objects: the template can be asked now (a model loaded by path says False until used)
+            try:
+                tool_template(engine)
+                supports_tools = True
+            except UnsupportedModelError:
+                supports_tools = False
+            chat.profile = {**chat.profile, "tool_calling": supports_tools}
         return chat
 
     # -- LangChain identity -----------------------------------------------------------------
@@ -488,6 +504,8 @@ class ChatSafeCoDe(BaseChatModel):
             audio_inputs=False,
             video_inputs=False,
             text_outputs=True,
+            # Tools depend on the chat template, unknown until the model is loaded; `from_model`
+            # probes it. No native structured output: `with_structured_output` uses a tool or JSON mode.
             tool_calling=False,
             structured_output=False,
         )

@@ -20,9 +20,9 @@ Flow, per model call of the agent loop:
    is: the judge is the middleware's, not the model's.
 2. `wrap_model_call`: when the agent's model is a `ChatSafeCoDe`, the
    middleware's verdict is handed to it (`verdict=`), so the model decodes
-   under the same verdict and does not judge a second time
-   (`share_verdict=False` turns this off; the answer's `safety.source` then
-   says "override").
+   under the same verdict and does not judge a second time; its answer's
+   `safety.source` then says "override" and `safety.judge` names the
+   middleware's judge. `share_verdict=False` lets the model judge on its own.
 3. `after_model`: an answer that carries tool calls under an unsafe verdict
    (the answer's own `response_metadata["safety"]`, or the recorded verdict
    of this turn) loses them, and the run ends: an unsafe scene must not
@@ -46,8 +46,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 try:
-    from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse, hook_config
-except ImportError as exc:  # pragma: no cover - exercised in a test by hiding the package
+    from langchain.agents.middleware import (
+        AgentMiddleware,
+        AgentState,
+        ModelRequest,
+        ModelResponse,
+        hook_config,
+    )
+except ImportError as exc:  # tested by hiding the package
     raise ImportError(
         "safecode_guard.middleware needs LangChain v1 agents (the `langchain` and `langgraph` "
         f"packages): {exc}. Install them with `pip install 'safecode-guard[agents]'`."

@@ -22,7 +22,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.exceptions import ModelRefusalError, OutputParserException
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 from tool_support import (
@@ -49,8 +55,8 @@ from safecode_guard.tools import (
     RawCall,
     ToolCallSplitter,
     ToolTemplate,
-    format_tools,
     forced_prefix,
+    format_tools,
     normalize_tool_choice,
     parse_answer,
     probe_tool_template,
@@ -345,6 +351,7 @@ def test_tools_are_rendered_and_calls_parsed(family: str, chat: Callable[..., Ch
     assert answer.response_metadata["safety"]["verdict"] == "safe"
     prompt = script.prompts[-1]
     assert "Current weather in a city." in prompt and '"add"' in prompt  # the template's own tool block
+    assert chat(family).profile["tool_calling"] is True  # loaded objects: the template was asked
     assert script.prefixes == [""]
 
 
@@ -452,6 +459,7 @@ def test_a_template_without_tools_is_a_clear_error(load_tiny_vlm: Callable[[str]
     llm = ChatSafeCoDe.from_model(model, processor, judge="fixed:safe", max_new_tokens=4)
     with pytest.raises(UnsupportedModelError, match="no tool support"):
         llm.bind_tools([get_weather])  # loaded already: refused at bind time
+    assert llm.profile is not None and llm.profile["tool_calling"] is False
     lazy = ChatSafeCoDe(model="never/loaded")
     assert lazy.bind_tools([get_weather]) is not None  # by path: checked on first use, not in bind_tools
     with pytest.raises(UnsupportedModelError, match="no tool support"):
