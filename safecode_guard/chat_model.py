@@ -596,6 +596,15 @@ class ChatSafeCoDe(BaseChatModel):
 
     # -- the engine -------------------------------------------------------------------------
 
+    @property
+    def engine(self) -> SafeCoDe:
+        """The `SafeCoDe` engine behind this chat model, loaded on first access.
+
+        Share it (e.g. with a judge rail or agent middleware) instead of loading
+        the model twice.
+        """
+        return self._engine(None)
+
     def _engine_key(self, model: str) -> tuple[Any, ...]:
         judge = self.judge if isinstance(self.judge, str) else id(self.judge)
         kwargs = sorted(self.model_kwargs.items(), key=lambda kv: kv[0])

@@ -141,6 +141,13 @@ class SafeCoDeStream:
         if close is not None:
             close()
 
+    def consume(self) -> SafeCoDeResult:
+        """Run to the end and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
 
 class SafeCoDe:
     """Safety-aware contrastive decoding for one loaded vision-language model.
@@ -252,11 +259,7 @@ class SafeCoDe:
 
     def generate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
         """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""
-        stream = self.stream(messages, **kwargs)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return self.stream(messages, **kwargs).consume()
 
     def stream(
         self,
@@ -288,13 +291,7 @@ class SafeCoDe:
         t0 = time.perf_counter()
         final = self._override(verdict) if verdict is not None else self._judge(conv)
         judge_s = time.perf_counter() - t0
-        pieces = self._run(
-            conv, final, sampling, max_new_tokens, stops, seed, judge_s, steered=True,
-            tools=tools, answer_prefix=answer_prefix,
-        )
-        stream = SafeCoDeStream(final, pieces)
-        stream._pieces = self._attach(stream, pieces)
-        return stream
+        return self._open(conv, final, sampling, max_new_tokens, stops, seed, judge_s, True, tools, answer_prefix)
 
     def baseline(
         self,
@@ -312,13 +309,7 @@ class SafeCoDe:
         sampling = self._check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
         stops = self._check_stop(stop)
         conv = parse_messages(messages, self.policy)
-        stream = SafeCoDeStream(None, iter(()))
-        pieces = self._run(conv, None, sampling, max_new_tokens, stops, seed, 0.0, steered=False)
-        stream._pieces = self._attach(stream, pieces)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return self._open(conv, None, sampling, max_new_tokens, stops, seed, 0.0, False).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------
 
@@ -437,13 +428,35 @@ class SafeCoDe:
                 f"context of {self.context_length} tokens. Shorten the conversation or ask for fewer new tokens."
             )
 
-    def _attach(self, stream: SafeCoDeStream, pieces: Iterator[Any]) -> Iterator[str]:
-        """Pass text pieces through; the generator's final item is the result."""
-        for item in pieces:
-            if isinstance(item, SafeCoDeResult):
-                stream.result = item
-            else:
-                yield item
+    def _open(
+        self,
+        conv: Conversation,
+        verdict: Verdict | None,
+        sampling: ops.Sampling,
+        max_new_tokens: int,
+        stop: list[str],
+        seed: int | None,
+        judge_s: float,
+        steered: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        answer_prefix: str = "",
+    ) -> SafeCoDeStream:
+        """A stream over `_run`: its text pieces pass through, its final item becomes `.result`."""
+        run = self._run(
+            conv, verdict, sampling, max_new_tokens, stop, seed, judge_s, steered=steered,
+            tools=tools, answer_prefix=answer_prefix,
+        )
+        stream = SafeCoDeStream(verdict, iter(()))
+
+        def pieces() -> Iterator[str]:
+            for item in run:
+                if isinstance(item, SafeCoDeResult):
+                    stream.result = item
+                else:
+                    yield item
+
+        stream._pieces = pieces()
+        return stream
 
     def _run(
         self,

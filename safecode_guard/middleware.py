@@ -201,7 +201,7 @@ class SafeCoDeMiddleware(AgentMiddleware):
             return self.judge
         from .chat_model import ChatSafeCoDe
 
-        engine = self.model._engine(None) if isinstance(self.model, ChatSafeCoDe) else self.model
+        engine = self.model.engine if isinstance(self.model, ChatSafeCoDe) else self.model
         with self._lock:
             if self._bound is None or self._bound[0] is not engine:
                 self._bound = (engine, self.judge.bind(engine))

@@ -237,18 +237,12 @@ def _as_chat_safecode(llm: Any) -> ChatSafeCoDe | None:
     return model if isinstance(model, ChatSafeCoDe) else None
 
 
-def _chat_engine(chat: ChatSafeCoDe) -> SafeCoDe:
-    """The engine of `chat`, loading its weights on first use (once; the chat model keeps it)."""
-    # ChatSafeCoDe has no public accessor for its engine yet; `_engine(None)` is its own loader.
-    return chat._engine(None)
-
-
 def _engine_for_path(path: str) -> SafeCoDe:
     """An engine for the model at `path`: a provider-built chat model's if there is one, else loaded once."""
     with _LOCK:
         for (chat_path, _), chat in _CHAT_MODELS.items():
             if chat_path == path:
-                return _chat_engine(chat)
+                return chat.engine
         engine = _ENGINES.get(path)
         if engine is None:
             from .engine import SafeCoDe
@@ -294,7 +288,7 @@ def _judge_setup(llm: Any, spec: Any) -> tuple[Judge, SafeCoDeConfig, InputPolic
     """
     chat = _as_chat_safecode(llm)
     if chat is not None:
-        judge = _judge_for(chat.judge if spec is None else spec, lambda: _chat_engine(chat))
+        judge = _judge_for(chat.judge if spec is None else spec, lambda: chat.engine)
         return judge, chat.safecode, chat.policy
     judge = _judge_for(
         DEFAULT_JUDGE if spec is None else spec,

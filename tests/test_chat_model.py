@@ -746,3 +746,13 @@ def test_langchain_cache_hits_only_for_identical_settings(llava_path: str, monke
     stricter = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache, safecode=SafeCoDeConfig(threshold=0.9))
     assert stricter.invoke("Hello").response_metadata["safety"]["threshold"] == 0.9
     assert len(calls) == 2
+
+
+def test_engine_property_loads_once_and_is_shared(tiny_model_dir):
+    from safecode_guard import ChatSafeCoDe, SafeCoDe
+
+    llm = ChatSafeCoDe(model=str(tiny_model_dir("llava")), judge="fixed:safe")
+    engine = llm.engine
+    assert isinstance(engine, SafeCoDe) and llm.engine is engine
+    assert llm.invoke("hi", max_tokens=2).response_metadata["safety"]["verdict"] == "safe"
+    assert llm.engine is engine  # invoke used the same engine
