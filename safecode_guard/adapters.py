@@ -83,8 +83,12 @@ class Decoder:
         batch.pop("labels", None)  # PaliGemma's processor adds them; inference needs none
         input_ids = batch.pop("input_ids")
         kwargs: dict[str, Any] = {**batch, "use_cache": True}
-        if "position_ids" in inspect.signature(model.forward).parameters:
+        params = inspect.signature(model.forward).parameters
+        if "position_ids" in params:
             kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
+        if "logits_to_keep" in params:
+            # only the last position's logits are needed: skip the (B, L, V) tensor, as generate does
+            kwargs["logits_to_keep"] = 1
         inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **kwargs)
         out = model(**inputs, return_dict=True)
         kwargs["cache"] = _find_cache(out)
