@@ -36,6 +36,8 @@ _PER_TOKEN_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token
 
 @dataclass(frozen=True)
 class Quirks:
+    requires_image: bool
+    """The top-level forward has no text-only path (`pixel_values` is required)."""
     step_through_language_model: bool
     """Decode steps must call `model.language_model` (top-level forward needs pixels)."""
 
@@ -43,7 +45,10 @@ class Quirks:
 def detect_quirks(model: Any) -> Quirks:
     pixel_param = inspect.signature(model.forward).parameters.get("pixel_values")
     needs_pixels = pixel_param is not None and pixel_param.default is inspect.Parameter.empty
-    return Quirks(step_through_language_model=needs_pixels and hasattr(model, "language_model"))
+    return Quirks(
+        requires_image=needs_pixels,
+        step_through_language_model=needs_pixels and hasattr(model, "language_model"),
+    )
 
 
 def _find_cache(output: Any) -> Any:

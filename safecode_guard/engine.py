@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from . import ops
 from .adapters import Decoder, detect_quirks, encode_views
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import InputLimitError, SafeCoDeInputError, UnsupportedModelError
+from .errors import InputLimitError, SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
 from .prompting import Conversation, parse_messages, render_prompt
 from .verdict import Verdict
 
@@ -401,6 +401,11 @@ class SafeCoDe:
         answer_prefix: str = "",
     ) -> tuple[Decoder, int]:
         """Render, encode, check the length, prefill; returns the decoder and the prompt length."""
+        if self.quirks.requires_image and not views:
+            raise UnsupportedContentError(
+                f"{type(self.model).__name__} needs an image in every request; this one has none. "
+                "Add an image, or use a model with a text-only path for plain chat turns."
+            )
         prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
         batch = encode_views(self.processor, prompt, views)
         prompt_len = int(batch["input_ids"].shape[1])
@@ -418,7 +423,17 @@ class SafeCoDe:
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 batch[key] = value.to(self.model.dtype)
         decoder = Decoder(self.model, self.quirks)
-        decoder.prefill(batch)
+        try:
+            decoder.prefill(batch)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            # Inputs the processor accepted but the model cannot take (e.g. more images per
+            # prompt than it was built for). Nothing is left half-done: the next call prefills afresh.
+            decoder.release()
+            raise UnsupportedContentError(
+                f"{type(self.model).__name__} could not process this request ({len(conv.images)} image(s), "
+                f"{prompt_len} prompt tokens): {type(exc).__name__}: {str(exc).rstrip('.')}. Check that the model supports "
+                "this many images per request."
+            ) from exc
         return decoder, prompt_len
 
     def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:

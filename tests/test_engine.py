@@ -341,3 +341,15 @@ def test_engines_on_one_model_share_a_lock_and_queueing_is_not_a_judge_timeout(l
     verdict = second.judge(user_turn("Is this safe?", gradient_image()))
     worker.join()
     assert verdict.source == "judge" and verdict.error is None
+
+
+def test_inputs_a_family_cannot_take_are_typed_errors_and_the_model_stays_usable(loaded):
+    from safecode_guard import UnsupportedContentError
+
+    model, processor = loaded("instructblip")  # needs an image; one per prompt
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    with pytest.raises(UnsupportedContentError, match="needs an image"):
+        engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    with pytest.raises(UnsupportedContentError, match="2 image"):
+        engine.generate(user_turn("Compare.", gradient_image(), gradient_image()), max_new_tokens=2)
+    assert engine.generate(user_turn("Describe.", gradient_image()), max_new_tokens=2).usage.completion_tokens >= 1
