@@ -27,7 +27,12 @@ from pydantic import BaseModel, ConfigDict
 from . import ops
 from .adapters import Decoder, detect_quirks, encode_views
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import InputLimitError, SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
+from .errors import (
+    InputLimitError,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+)
 from .prompting import Conversation, parse_messages, render_prompt
 from .verdict import Verdict
 
