@@ -44,6 +44,10 @@ from safecode_guard.images import (
 # --------------------------------------------------------------------------
 # Helpers
 
+# These checks take milliseconds; the failure they guard against (decoding a bomb, waiting on a
+# FIFO or a trickling server) takes minutes. The bound is loose so a busy CI machine never flakes.
+HANG_BOUND_S = 5.0
+
 
 def encode(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
     buf = io.BytesIO()
@@ -426,7 +430,7 @@ def test_bomb_header_is_rejected_fast_without_touching_pillow_globals() -> None:
     assert len(data) < 100
     start = time.perf_counter()
     msg = raises_image_error(data)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_BOUND_S
     assert "decompression bomb" in msg and "max_image_pixels" in msg
     assert before_max == Image.MAX_IMAGE_PIXELS
     assert warnings.filters == before_filters
@@ -464,7 +468,7 @@ def test_gif_screen_bomb() -> None:
     data[6:10] = struct.pack("<HH", 60_000, 60_000)
     start = time.perf_counter()
     assert "pixels" in raises_image_error(bytes(data))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_BOUND_S
 
 
 def test_byte_cap() -> None:
@@ -480,7 +484,7 @@ def test_huge_base64_is_refused_from_its_length_before_decoding() -> None:
     huge = "iVBORw0KGgo" + "A" * 40_000_001
     start = time.perf_counter()
     assert "over the limit of 1000000" in raises_image_error(huge, policy)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_BOUND_S
 
 
 def test_check_pixels_pure() -> None:
@@ -646,7 +650,7 @@ def test_fifo_is_refused_without_hanging(root: Path) -> None:
     os.mkfifo(root / "pipe.png")
     start = time.perf_counter()
     assert "not a regular file" in raises_image_error("pipe.png", files_policy(root))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_BOUND_S
 
 
 def test_local_file_over_byte_cap(root: Path) -> None:
@@ -896,7 +900,7 @@ def test_fetch_total_deadline_stops_a_trickling_server() -> None:
         fetch_image_bytes(
             f"http://{PUBLIC}/slow.png", policy, transport=httpx.MockTransport(handler)
         )
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_BOUND_S
 
 
 def test_load_image_with_urls_allowed_still_checks_addresses(

@@ -478,8 +478,8 @@ def test_run_judge_timeout_does_not_hang(policy):
             v = run_judge(slow_judge, _request(), config)
             assert (v.label, v.source) == (policy, "fallback")
             assert v.error.startswith("TimeoutError:") and "judge_timeout_s=0.05" in v.error
-            assert 0.04 <= v.latency_s < 2.0
-        assert time.perf_counter() - start < 2.0
+            assert 0.04 <= v.latency_s < 5.0  # loose: a busy CI machine must not flake; the judge sleeps 10 s
+        assert time.perf_counter() - start < 5.0
     finally:
         release.set()
 
