@@ -62,6 +62,8 @@ class BenchReport:
     rounds: int
     methods: list[MethodStats]
     target_ratio: float
+    kv_row_mb: float
+    """Size of one KV-cache row over prompt + window: the memory SPEC 7 allows above plain."""
 
     def ratio(self, name: str) -> float:
         return next(m.ratio_to_plain for m in self.methods if m.name == name)
@@ -83,7 +85,16 @@ class BenchReport:
             + ("  (target >= 1.3x: OK)" if ref / fixed >= 1.3 else "  (target >= 1.3x: MISSED)"),
             f"self judge adds {self.ratio('self') - fixed:+.3f} x plain (one extra prefill)",
         ]
+        extra = self.peak("fixed") - self.peak("plain")
+        memory = f"extra peak memory vs plain = {extra:.1f} MB; one KV-cache row = {self.kv_row_mb:.1f} MB"
+        if self.device.startswith("cpu"):
+            lines.append(memory + "  (CPU: sampled RSS, informational)")
+        else:
+            lines.append(memory + ("  (target: within it: OK)" if extra <= self.kv_row_mb else "  (target: within it: MISSED)"))
         return lines
+
+    def peak(self, name: str) -> float:
+        return next(m.peak_mem_mb for m in self.methods if m.name == name)
 
 
 class _PeakMemory:
@@ -134,6 +145,15 @@ def _scene_image(size: int) -> Any:
     draw.polygon([(0, size), (size // 2, size // 3), (size, size)], fill=(90, 80, 70))
     draw.ellipse((size // 2 - 8, size // 3 - 24, size // 2 + 8, size // 3 - 8), fill=(230, 60, 60))
     return img
+
+
+def _kv_row_mb(model: Any, tokens: int) -> float:
+    """Bytes of one batch row of a full-attention KV cache over `tokens` positions, in MB."""
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.tensor([], dtype=model.dtype).element_size()
+    return text.num_hidden_layers * 2 * heads * head_dim * tokens * element / 2**20
 
 
 def _reference_pattern(engine: Any, messages: list[dict], new_tokens: int) -> int:
@@ -262,6 +282,7 @@ def run_bench(
         rounds=rounds,
         methods=stats,
         target_ratio=TARGETS["gpu" if dev.type == "cuda" else "cpu"],
+        kv_row_mb=_kv_row_mb(model, prompt_tokens + cfg.steered_steps),
     )
 
 

@@ -15,7 +15,8 @@ def test_run_bench_measures_every_method_for_the_same_token_count():
     assert report.ratio("plain") == 1.0
     assert all(m.total_s > 0 and m.ms_per_token > 0 for m in report.methods)
     assert report.prompt_tokens > 20 and report.target_ratio == 1.3
-    assert len(report.verdicts()) == 3 and "plain" in report.table()
+    assert len(report.verdicts()) == 4 and "plain" in report.table()
+    assert report.kv_row_mb > 0 and "KV-cache row" in report.verdicts()[-1]
 
 
 def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
