@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = import_module(COMMANDS[args.command][0])
+    # Our commands print their own progress lines; transformers' per-load bars would interleave.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     return int(module.run_command(args) or 0)
 
 
