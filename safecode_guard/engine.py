@@ -380,7 +380,7 @@ class SafeCoDe:
         )
 
     def _judge(self, conv: Conversation) -> Verdict:
-        from .judges import JudgeRequest, SelfJudge, run_judge
+        from .judges import JudgeRequest, SelfJudge, _judge_name, handed_off_verdict, run_judge
 
         request = JudgeRequest(
             images=conv.images,
@@ -389,6 +389,9 @@ class SafeCoDe:
             threshold=self.config.threshold,
         )
         judge = self.judge_impl
+        handed = handed_off_verdict(request, _judge_name(judge))
+        if handed is not None:
+            return handed  # the same judge already decided this very request upstream (e.g. a rail)
         if isinstance(judge, SelfJudge) and judge.engine is self:
             # The self judge is our own model's forward pass: run it in this thread under
             # the model lock, so time spent queueing behind other requests never counts

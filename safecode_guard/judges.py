@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import hashlib
 import io
 import math
 import numbers
@@ -75,9 +76,12 @@ __all__ = [
     "JudgeResult",
     "SelfJudge",
     "delimit",
+    "hand_off_verdict",
+    "handed_off_verdict",
     "label_token_ids",
     "make_judge",
     "parse_verdict_text",
+    "request_fingerprint",
     "run_judge",
     "unsafe_probability",
     "verdict_prompt",
@@ -194,6 +198,50 @@ class Judge(Protocol):
 
 
 # --------------------------------------------------------------------------- run_judge
+
+
+# --------------------------------------------------------------------------- hand-off
+#
+# A rail (NeMo's input rail, say) that judged a request just before the model
+# runs can hand its verdict to the model in the same context, so the request is
+# judged once. The hand-off rides on a ContextVar (it follows the request
+# through asyncio tasks and LangChain's executor threads, never across
+# requests) and is used only for exactly the same request and judge.
+
+_HANDED_OFF: contextvars.ContextVar[tuple[str, Verdict] | None] = contextvars.ContextVar(
+    "safecode_verdict_hand_off", default=None
+)
+
+
+def request_fingerprint(request: JudgeRequest) -> str:
+    """A digest of what a judge sees: the request text, the threshold and every image's pixels."""
+    digest = hashlib.sha256()
+    digest.update(request.request.encode("utf-8"))
+    digest.update(repr(request.threshold).encode())
+    for image in request.images:
+        digest.update(f"|{image.mode}:{image.size}|".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def hand_off_verdict(request: JudgeRequest, verdict: Verdict) -> None:
+    """Offer `verdict` to later SafeCoDe calls in this context that judge the same request."""
+    _HANDED_OFF.set((request_fingerprint(request), verdict))
+
+
+def handed_off_verdict(request: JudgeRequest, judge_name: str) -> Verdict | None:
+    """The verdict handed off for exactly this request by a judge named `judge_name`, if any.
+
+    Only a judge's own decision is reused (`source="judge"`): a fallback or an
+    override is not a judgement of this request to pass along.
+    """
+    handed = _HANDED_OFF.get()
+    if handed is None:
+        return None
+    fingerprint, verdict = handed
+    if verdict.source != "judge" or verdict.judge != judge_name:
+        return None
+    return verdict if fingerprint == request_fingerprint(request) else None
 
 
 def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None = None) -> Verdict:

@@ -356,6 +356,17 @@ def check_input(
         conversation: the whole request as OpenAI-style messages (NeMo's raw
             request); its earlier turns are judged too.
     """
+    return _check(user_message, llm=llm, judge=judge, conversation=conversation)[0]
+
+
+def _check(
+    user_message: Any,
+    *,
+    llm: Any,
+    judge: Any,
+    conversation: Sequence[Mapping[str, Any]] | None,
+) -> tuple[Verdict, Any]:
+    """`check_input`, also returning the `JudgeRequest` judged (None when the input was unreadable)."""
     from .judges import JudgeRequest, run_judge
     from .lc_messages import to_hf_messages
     from .prompting import parse_messages
@@ -367,19 +378,20 @@ def check_input(
         conv = parse_messages(to_hf_messages(lc_messages, policy), policy)
     except ValueError as exc:  # SafeCoDeInputError, and langchain-core rejecting a message shape
         # Fail closed: content the judge cannot read, the model cannot answer either.
-        return Verdict(
+        fallback = Verdict(
             label="unsafe",
             judge=getattr(judge_impl, "name", "unknown"),
             source="fallback",
             error=f"{type(exc).__name__}: {exc}",
         )
+        return fallback, None
     request = JudgeRequest(
         images=conv.images,
         request=conv.request,
         conversation=conv.messages,
         threshold=config.threshold,
     )
-    return run_judge(judge_impl, request, config)
+    return run_judge(judge_impl, request, config), request
 
 
 def _current_request() -> Any:
@@ -396,9 +408,16 @@ async def _acheck(
     message = next(
         (m for m in (user_message, text, (context or {}).get("user_message")) if m is not None), ""
     )
-    return await asyncio.to_thread(
-        check_input, message, llm=llm, judge=judge, conversation=_current_request()
+    from .judges import hand_off_verdict
+
+    verdict, request = await asyncio.to_thread(
+        _check, message, llm=llm, judge=judge, conversation=_current_request()
     )
+    if request is not None:
+        # Set here, in the action's own task: the model call that follows in this request
+        # sees it and, judging the same request with the same judge, reuses the verdict.
+        hand_off_verdict(request, verdict)
+    return verdict
 
 
 # --------------------------------------------------------------------------- actions

@@ -785,3 +785,30 @@ def test_make_judge_objects():
 def test_make_judge_rejects_other_objects(obj):
     with pytest.raises(ValueError, match=r"Cannot make a judge.*'self:caption'.*BaseChatModel"):
         make_judge(obj)
+
+
+def test_hand_off_is_reused_only_for_the_same_request_and_judge() -> None:
+    import contextvars
+
+    from PIL import Image as PILImage
+
+    from safecode_guard.judges import JudgeRequest, hand_off_verdict, handed_off_verdict
+
+    red = PILImage.new("RGB", (4, 4), (255, 0, 0))
+    blue = PILImage.new("RGB", (4, 4), (0, 0, 255))
+    request = JudgeRequest(images=(red,), request="go?", conversation=())
+    decided = Verdict(label="unsafe", unsafe_score=0.9, judge="self:direct", source="judge")
+
+    def in_fresh_context() -> None:
+        assert handed_off_verdict(request, "self:direct") is None  # nothing handed off yet
+        hand_off_verdict(request, decided)
+        assert handed_off_verdict(request, "self:direct") == decided
+        assert handed_off_verdict(request, "fixed:safe") is None  # another judge decides anew
+        assert handed_off_verdict(JudgeRequest(images=(blue,), request="go?", conversation=()), "self:direct") is None
+        assert handed_off_verdict(JudgeRequest(images=(red,), request="go!", conversation=()), "self:direct") is None
+        assert handed_off_verdict(JudgeRequest(images=(red,), request="go?", conversation=(), threshold=0.7), "self:direct") is None
+        hand_off_verdict(request, decided.model_copy(update={"source": "fallback"}))
+        assert handed_off_verdict(request, "self:direct") is None  # a fallback is not a judgement
+
+    contextvars.copy_context().run(in_fresh_context)
+    assert handed_off_verdict(request, "self:direct") is None  # it never leaks out of its context

@@ -496,3 +496,27 @@ def test_generate_action_takes_only_real_verdicts(tiny_llava: tuple[Any, Any]) -
     assert nemo._verdict_option(object(), rail) == {}  # other models take no `verdict` option
     with pytest.raises(SafeCoDeInputError, match="not a verdict"):
         nemo._verdict_option(chat, {"label": "maybe"})
+
+
+def test_colang1_judges_each_request_once_the_model_reuses_the_rails_verdict(
+    safecode_env: Callable[[str], Path], test_image: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safecode_guard.judges import FixedJudge
+
+    calls: list[str] = []
+    real_call = FixedJudge.__call__
+
+    def counting(self: FixedJudge, request: Any) -> Any:
+        calls.append(request.request)
+        return real_call(self, request)
+
+    monkeypatch.setattr(FixedJudge, "__call__", counting)
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    res = rails.generate(messages=[image_turn("What is in this picture?", test_image)], options={"output_vars": True})
+    assert res.output_data["safecode_verdict"] == "safe"
+    assert res.llm_metadata["safety"]["source"] == "judge"  # the rail's own judgement, not an override
+    assert calls == ["What is in this picture?"]  # the rail judged; the model reused it
+    # outside a rail nothing is handed off: the model judges by itself
+    rails.llm.raw_llm.invoke([HumanMessage(content=image_turn("What is in this picture?", test_image)["content"])])
+    assert len(calls) == 2
