@@ -83,3 +83,30 @@ def other_image() -> Any:
     from safecode_guard.testing import stripes_image
 
     return stripes_image(48, 40)
+
+
+# -- tool calling: shared by test_tools.py and test_agents.py ----------------------------------
+
+
+@pytest.fixture
+def chat(load_tiny_vlm, tiny_model_dir):
+    """`chat(family="qwen2_5_vl", **fields)`: a ChatSafeCoDe on the shared tiny model with a tool-capable processor."""
+    from tool_support import tool_processor
+
+    from safecode_guard import ChatSafeCoDe
+
+    def make(family: str = "qwen2_5_vl", **fields):
+        model, _ = load_tiny_vlm(family)
+        fields.setdefault("judge", "fixed:safe")
+        fields.setdefault("max_new_tokens", 96)
+        return ChatSafeCoDe.from_model(model, tool_processor(tiny_model_dir, family), **fields)
+
+    return make
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """Scripted token choice for tool tests (everything but `ops.select_token` runs for real)."""
+    from tool_support import ScriptedDecoding
+
+    return ScriptedDecoding(monkeypatch)

@@ -26,7 +26,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import Field
-from tool_support import ScriptedDecoding, build_tool_vlm, call_text, tool_processor
+from tool_support import ScriptedDecoding, build_tool_vlm, call_text
 
 from safecode_guard import ChatSafeCoDe, SafeCoDeConfig, SafeCoDeInputError, Verdict
 from safecode_guard.judges import JudgeRequest
@@ -95,20 +95,6 @@ class ScriptedChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=self.replies.pop(0))])
 
 
-@pytest.fixture
-def chat(load_tiny_vlm: Callable[[str], tuple[Any, Any]], tiny_model_dir: Callable[[str], Path]) -> Callable[..., ChatSafeCoDe]:
-    def make(family: str = QWEN, **fields: Any) -> ChatSafeCoDe:
-        model, _ = load_tiny_vlm(family)
-        fields.setdefault("judge", "fixed:safe")
-        fields.setdefault("max_new_tokens", 96)
-        return ChatSafeCoDe.from_model(model, tool_processor(tiny_model_dir, family), **fields)
-
-    return make
-
-
-@pytest.fixture
-def script(monkeypatch: pytest.MonkeyPatch) -> ScriptedDecoding:
-    return ScriptedDecoding(monkeypatch)
 
 
 def photo_question(text: str = "Should I open the door for this visitor?") -> HumanMessage:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,8 +36,7 @@ from tool_support import (
     call_text,
     hermes_template,
     llama_json_template,
-    tool_processor,
-)
+    )
 
 from safecode_guard import (
     ChatSafeCoDe,
@@ -313,22 +311,6 @@ def test_tool_calls_in_history_must_have_the_transformers_shape() -> None:
 # =========================================================================== tier 2: the chat model
 
 
-@pytest.fixture
-def chat(load_tiny_vlm: Callable[[str], tuple[Any, Any]], tiny_model_dir: Callable[[str], Path]) -> Callable[..., ChatSafeCoDe]:
-    """`chat(family, **fields)`: a ChatSafeCoDe on the shared tiny model with a tool-capable processor."""
-
-    def make(family: str, **fields: Any) -> ChatSafeCoDe:
-        model, _ = load_tiny_vlm(family)
-        fields.setdefault("judge", "fixed:safe")
-        fields.setdefault("max_new_tokens", 96)
-        return ChatSafeCoDe.from_model(model, tool_processor(tiny_model_dir, family), **fields)
-
-    return make
-
-
-@pytest.fixture
-def script(monkeypatch: pytest.MonkeyPatch) -> ScriptedDecoding:
-    return ScriptedDecoding(monkeypatch)
 
 
 def merged(chunks: list[AIMessageChunk]) -> AIMessageChunk:

@@ -245,3 +245,4 @@ class ScriptedDecoding:
     def add(self, *replies: Reply) -> ScriptedDecoding:
         self.replies.extend(replies)
         return self
+
