@@ -60,7 +60,8 @@ class SafeCoDeConfig(BaseModel):
     plausibility_beta: float | None = None
     """If set, tokens with real probability below `beta * max` are cut (-inf) in the window."""
     seed: int = 0
-    """Seeds the noise generator (one per request) and, unless a call gives its own, sampling."""
+    """Seeds the noise generator (one per request). Sampling is seeded per call (`seed=`); a sampled
+    call without a seed draws fresh randomness."""
     threshold: float = 0.5
     """The verdict is unsafe when the judge's `unsafe_score >= threshold`."""
     on_judge_error: Literal["unsafe", "safe", "raise"] = "unsafe"

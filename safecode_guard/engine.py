@@ -15,6 +15,7 @@ Output flow: token ids -> incremental text with stop strings held back ->
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 import weakref
@@ -53,6 +54,9 @@ def _model_lock(model: Any) -> threading.RLock:
 
 FinishReason = Literal["stop", "length"]
 
+#: Most token ids one request's `logit_bias` may name (OpenAI's limit too).
+MAX_LOGIT_BIAS = 300
+
 
 class Usage(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -80,6 +84,14 @@ class SafeCoDeResult(BaseModel):
     """Seconds: judge_s, prefill_s, decode_s, total_s."""
     refused: bool
     """Whether the answer opens with a refusal phrase."""
+
+
+def _penalized(scores: torch.Tensor, sampling: ops.Sampling, counts: Mapping[int, int]) -> torch.Tensor:
+    if not sampling.penalized:
+        return scores
+    return ops.penalize(
+        scores, counts, sampling.presence_penalty, sampling.frequency_penalty, sampling.logit_bias
+    )
 
 
 class _TextTracker:
@@ -197,6 +209,7 @@ class SafeCoDe:
         self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
         self._specials = self._find_special_strings()
         self.context_length = self._find_context_length()
+        self._vocab_size = self._find_vocab_size()
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -251,6 +264,11 @@ class SafeCoDe:
                 specials.add(value)
         return tuple(sorted(specials))
 
+    def _find_vocab_size(self) -> int:
+        """Rows of the logits (the output embedding), which may exceed the tokenizer's size."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
+
     def _find_context_length(self) -> int | None:
         text_config = self.model.config.get_text_config()
         value = getattr(text_config, "max_position_embeddings", None)
@@ -280,17 +298,26 @@ class SafeCoDe:
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: Mapping[int | str, float] | None = None,
     ) -> SafeCoDeStream:
         """Stream the SafeCoDe answer as text pieces; the verdict is decided before the first.
 
         `verdict` ("safe", "unsafe" or a `Verdict`) overrides the judge. `seed`
-        seeds sampling (default `config.seed`); the image noise always uses
-        `config.seed`, so the same request sees the same noised view.
+        seeds sampling; without one every sampled call draws fresh randomness.
+        The image noise always uses `config.seed`, so the same request sees the
+        same noised view. `presence_penalty`, `frequency_penalty` (-2..2) and
+        `logit_bias` (token id -> -100..100) work as in OpenAI's API, on the
+        answer's own tokens; the forced refusal opening of `unsafe_mode="prefix"`
+        is exempt (a safety decision is not a sampling preference).
         `tools` (OpenAI-format function schemas) go to the chat template's
         `tools=`; `answer_prefix` is appended to the prompt as the start of the
         answer (it is not part of the returned text), e.g. to open a tool call.
         """
-        sampling = self._check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
+        sampling = self._check_generation_args(
+            max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
+        )
         stops = self._check_stop(stop)
         conv = parse_messages(messages, self.policy)
         t0 = time.perf_counter()
@@ -309,9 +336,14 @@ class SafeCoDe:
         top_k: int | None = None,
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: Mapping[int | str, float] | None = None,
     ) -> SafeCoDeResult:
         """Plain decoding of the same prompt: no judge, no contrast, no modulation."""
-        sampling = self._check_generation_args(max_new_tokens, do_sample, temperature, top_p, top_k)
+        sampling = self._check_generation_args(
+            max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
+        )
         stops = self._check_stop(stop)
         conv = parse_messages(messages, self.policy)
         return self._open(conv, None, sampling, max_new_tokens, stops, seed, 0.0, False).consume()
@@ -340,6 +372,9 @@ class SafeCoDe:
         temperature: float | None,
         top_p: float | None,
         top_k: int | None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: Mapping[int | str, float] | None = None,
     ) -> ops.Sampling:
         limit = self.policy.max_new_tokens_limit
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= limit:
@@ -356,7 +391,46 @@ class SafeCoDe:
             raise SafeCoDeInputError(f"`top_p` (={top_p!r}) must be in (0, 1]. Use 1.0 to turn nucleus sampling off.")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise SafeCoDeInputError(f"`top_k` (={top_k!r}) must be a non-negative integer. Use 0 to turn it off.")
-        return ops.Sampling(bool(do_sample), temperature, top_k, top_p)
+        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and -2.0 <= value <= 2.0
+            ):
+                raise SafeCoDeInputError(f"`{name}` (={value!r}) must be a number from -2.0 to 2.0, as in OpenAI's API; 0 turns it off.")
+        return ops.Sampling(
+            bool(do_sample),
+            temperature,
+            top_k,
+            top_p,
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            logit_bias=self._check_logit_bias(logit_bias),
+        )
+
+    def _check_logit_bias(self, logit_bias: Mapping[int | str, float] | None) -> dict[int, float]:
+        """`logit_bias` with integer keys, each a token id of this model and each bias in -100..100."""
+        if logit_bias is None:
+            return {}
+        if not isinstance(logit_bias, Mapping):
+            raise SafeCoDeInputError(
+                f"`logit_bias` must map token ids to biases, e.g. {{1234: -100}}; got a {type(logit_bias).__name__}."
+            )
+        if len(logit_bias) > MAX_LOGIT_BIAS:
+            raise InputLimitError(f"`logit_bias` holds {len(logit_bias)} tokens; at most {MAX_LOGIT_BIAS} are allowed.")
+        vocab = self._vocab_size
+        out: dict[int, float] = {}
+        for key, bias in logit_bias.items():
+            token = int(key) if isinstance(key, int) and not isinstance(key, bool) else (
+                int(key) if isinstance(key, str) and key.strip().isdigit() else None
+            )
+            if token is None or not 0 <= token < vocab:
+                raise SafeCoDeInputError(
+                    f"`logit_bias` key {key!r} is not a token id of this model (0 to {vocab - 1}). "
+                    "Use the tokenizer's ids, e.g. tokenizer.encode(' yes', add_special_tokens=False)."
+                )
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+                raise SafeCoDeInputError(f"`logit_bias[{key!r}]` (={bias!r}) must be a number from -100 to 100.")
+            out[token] = float(bias)
+        return out
 
     @staticmethod
     def _check_stop(stop: Sequence[str] | str | None) -> list[str]:
@@ -508,7 +582,8 @@ class SafeCoDe:
             decoder, prompt_len = self._prefill(conv, views, max_new_tokens, tools, answer_prefix)
             logits = decoder.last_logits
             t_prefill = time.perf_counter()
-            gen = torch.Generator(device=logits.device).manual_seed(cfg.seed if seed is None else seed)
+            gen = torch.Generator(device=logits.device).manual_seed(secrets.randbits(63) if seed is None else seed)
+            counts: dict[int, int] = {}
             tracker = _TextTracker(self.tokenizer, stop)
             label = verdict.label if verdict is not None else "safe"
             forced: list[int] = []
@@ -526,9 +601,10 @@ class SafeCoDe:
                         else:
                             r_t = ops.refusal_continuations(self._refusal_seqs, tracker.ids)
                             scores = ops.modulate(z_cd, r_t, label, cfg.unsafe_mode, cfg.lambda_boost, cfg.lambda_supp)
-                            token = ops.select_token(scores, sampling, gen)
+                            token = ops.select_token(_penalized(scores, sampling, counts), sampling, gen)
                     else:
-                        token = ops.select_token(z_real, sampling, gen)
+                        token = ops.select_token(_penalized(z_real, sampling, counts), sampling, gen)
+                    counts[token] = counts.get(token, 0) + 1
 
                     piece = tracker.add(token)
                     if piece:

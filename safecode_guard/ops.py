@@ -14,7 +14,7 @@ them touches a model. The decoding engine strings them together:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
@@ -28,6 +28,7 @@ __all__ = [
     "modulate",
     "noised_image",
     "opens_with_refusal",
+    "penalize",
     "refusal_continuations",
     "refusal_sequences",
     "select_token",
@@ -157,13 +158,48 @@ def opens_with_refusal(text: str, phrases: Iterable[str]) -> bool:
     return any(head.startswith(p.translate(_APOSTROPHES).casefold()) for p in phrases)
 
 
-# -- 4. token selection ---------------------------------------------------------------
+# -- 4. OpenAI-style penalties ------------------------------------------------------
+
+
+def penalize(
+    scores: torch.Tensor,
+    counts: Mapping[int, int],
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
+) -> torch.Tensor:
+    """OpenAI's penalties on `scores` (shape `(V,)`), as the chat-completions API defines them.
+
+    `z[j] -= frequency_penalty * c[j] + presence_penalty * (c[j] > 0)` for every
+    token `j` generated `c[j]` times so far (`counts`, answer tokens only), then
+    `z[j] += logit_bias[j]`. Returns `scores` itself when there is nothing to do.
+    """
+    if not counts or (presence_penalty == 0.0 and frequency_penalty == 0.0):
+        counts = {}
+    if not counts and not logit_bias:
+        return scores
+    out = scores.clone()
+    if counts:
+        idx = torch.as_tensor(list(counts), dtype=torch.long, device=scores.device)
+        c = torch.as_tensor(list(counts.values()), dtype=out.dtype, device=scores.device)
+        out[idx] -= frequency_penalty * c + presence_penalty
+    if logit_bias:
+        idx = torch.as_tensor(list(logit_bias), dtype=torch.long, device=scores.device)
+        out[idx] += torch.as_tensor(list(logit_bias.values()), dtype=out.dtype, device=scores.device)
+    return out
+
+
+# -- 5. token selection ---------------------------------------------------------------
 
 
 class Sampling:
-    """A request's sampling settings; `do_sample=False` means greedy."""
+    """A request's sampling settings; `do_sample=False` means greedy.
 
-    __slots__ = ("do_sample", "temperature", "top_k", "top_p")
+    The OpenAI penalties (`penalize`) ride along: they shape the scores that
+    greedy and sampled selection both read.
+    """
+
+    __slots__ = ("do_sample", "frequency_penalty", "logit_bias", "presence_penalty", "temperature", "top_k", "top_p")
 
     def __init__(
         self,
@@ -171,16 +207,33 @@ class Sampling:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        *,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> None:
         self.do_sample = do_sample
         self.temperature = 1.0 if temperature is None else float(temperature)
         self.top_k = top_k or 0
         self.top_p = 1.0 if top_p is None else float(top_p)
+        self.presence_penalty = float(presence_penalty)
+        self.frequency_penalty = float(frequency_penalty)
+        self.logit_bias = dict(logit_bias or {})
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def __repr__(self) -> str:
-        if not self.do_sample:
-            return "Sampling(greedy)"
-        return f"Sampling(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
+        mode = "greedy" if not self.do_sample else (
+            f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+        )
+        if self.penalized:
+            mode += (
+                f", presence_penalty={self.presence_penalty}, frequency_penalty={self.frequency_penalty}, "
+                f"logit_bias={len(self.logit_bias)} tokens"
+            )
+        return f"Sampling({mode})"
 
 
 def select_token(scores: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -215,6 +215,31 @@ def test_same_seed_same_answer_other_seed_other_answer(llava):
     assert a != engine.generate(msgs, seed=6, **kw).token_ids
 
 
+def test_sampling_without_a_seed_draws_fresh_randomness(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    answers = {tuple(engine.generate(msgs, do_sample=True, temperature=2.0, max_new_tokens=12).token_ids) for _ in range(4)}
+    assert len(answers) > 1  # the old default (seed 0 every call) gave one answer four times
+
+
+def test_penalties_and_logit_bias_change_decoding(llava):
+    model, processor = llava
+    msgs = user_turn("Describe the image.", gradient_image())
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    plain = engine.generate(msgs, max_new_tokens=24).token_ids
+    assert len(set(plain)) < len(plain)  # greedy repeats itself on this model
+    spread = engine.generate(msgs, max_new_tokens=24, frequency_penalty=2.0, presence_penalty=2.0).token_ids
+    assert len(set(spread)) > len(set(plain))
+    banned = engine.generate(msgs, max_new_tokens=24, logit_bias={plain[0]: -100, str(plain[1]): -100}).token_ids
+    assert plain[0] not in banned and plain[1] not in banned
+    forced = engine.generate(msgs, max_new_tokens=3, logit_bias={plain[5]: 100}).token_ids
+    assert forced[1:] == [plain[5], plain[5]]  # the window's first token is steered, later ones biased
+    # the forced refusal opening of an unsafe verdict ignores the bias
+    unsafe = engine.generate(msgs, max_new_tokens=6, verdict="unsafe", logit_bias={plain[5]: 100})
+    assert unsafe.refused
+
+
 def test_stop_string_cuts_the_answer(llava):
     model, processor = llava
     msgs = user_turn("Describe the image.", gradient_image())
@@ -272,6 +297,12 @@ def test_usage_timings_and_override(llava):
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"stop": [3]}, "stop"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": "high"}, "frequency_penalty"),
+        ({"logit_bias": {10**9: 1}}, "token id"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": [5]}, "logit_bias"),
+        ({"logit_bias": {i: 1 for i in range(301)}}, "at most 300"),
     ],
 )
 def test_bad_generation_settings_are_typed_errors_and_the_engine_stays_usable(llava, kwargs, match):

@@ -164,3 +164,12 @@ def test_low_temperature_approaches_greedy():
     scores = torch.tensor([1.0, 1.5, 0.5])
     g = torch.Generator().manual_seed(0)
     assert {ops.select_token(scores, ops.Sampling(True, temperature=0.01), g) for _ in range(30)} == {1}
+
+
+def test_penalize_follows_openai_definitions():
+    z = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert ops.penalize(z, {}, 1.0, 1.0) is z  # nothing generated, no bias: untouched
+    out = ops.penalize(z, {1: 3, 3: 1}, presence_penalty=0.5, frequency_penalty=0.25)
+    assert out.tolist() == [1.0, 2.0 - 0.75 - 0.5, 3.0, 4.0 - 0.25 - 0.5]
+    assert ops.penalize(z, {2: 1}, 0.0, 0.0, {0: 10.0, 3: -100.0}).tolist() == [11.0, 2.0, 3.0, -96.0]
+    assert z.tolist() == [1.0, 2.0, 3.0, 4.0]  # never in place
