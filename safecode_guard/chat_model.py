@@ -105,11 +105,15 @@ CALL_OPTIONS = (
     "model",
     "max_new_tokens",
     "max_tokens",
+    "max_completion_tokens",
     "temperature",
     "top_p",
     "top_k",
     "do_sample",
     "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
     "verdict",
     "tools",
     "tool_choice",
@@ -356,8 +360,9 @@ class ChatSafeCoDe(BaseChatModel):
     or wrap objects already loaded: `ChatSafeCoDe.from_model(model, processor)`.
 
     Per call you may pass `model` (another path: loaded once and kept until
-    the next different override), `max_new_tokens` (or `max_tokens`),
-    `temperature`, `top_p`, `top_k`, `do_sample`, `seed`, `stop`, and
+    the next different override), `max_new_tokens` (or `max_tokens`,
+    `max_completion_tokens`), `temperature`, `top_p`, `top_k`, `do_sample`,
+    `seed`, `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`, and
     `verdict` ("safe" / "unsafe" / a `Verdict`: skip the judge, `source="override"`).
 
     Tools: `llm.bind_tools([...], tool_choice=...)` for models whose chat
@@ -650,14 +655,19 @@ class ChatSafeCoDe(BaseChatModel):
             raise SafeCoDeInputError(
                 f"Unknown option(s) {unknown} for ChatSafeCoDe. Per call it accepts {list(CALL_OPTIONS)} and stop."
             )
-        if "max_tokens" in options and "max_new_tokens" in options:
-            raise SafeCoDeInputError("Give `max_new_tokens` or its alias `max_tokens`, not both.")
-        max_new_tokens = options.get("max_new_tokens", options.get("max_tokens", self.max_new_tokens))
+        given = [k for k in ("max_new_tokens", "max_tokens", "max_completion_tokens") if options.get(k) is not None]
+        if len(given) > 1:
+            raise SafeCoDeInputError(
+                f"Give one of {given}: they are the same setting (`max_tokens` and `max_completion_tokens` "
+                "are OpenAI's names for `max_new_tokens`)."
+            )
+        max_new_tokens = options[given[0]] if given else self.max_new_tokens
         engine_kwargs = {
             "max_new_tokens": max_new_tokens,
             "stop": list(stop) if stop is not None else self.stop,
             "seed": options.get("seed", self.seed),
             "verdict": options.get("verdict"),
+            **{k: options[k] for k in ("presence_penalty", "frequency_penalty", "logit_bias") if options.get(k) is not None},
             **sampling_kwargs(
                 options.get("temperature", self.temperature),
                 options.get("top_p", self.top_p),

@@ -401,6 +401,24 @@ def test_safecode_settings_reach_the_engine(llava_path: str) -> None:
     assert safety["verdict"] == ("unsafe" if safety["unsafe_score"] >= 0.9 else "safe")
 
 
+def test_openai_call_options_reach_the_engine(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=24)
+    plain = llm.invoke("Tell me about the picture.")
+    assert llm.invoke("Tell me about the picture.", max_completion_tokens=3).usage_metadata["output_tokens"] == 3
+    seen: list[dict[str, Any]] = []
+    real_stream = SafeCoDe.stream
+    monkeypatch.setattr(SafeCoDe, "stream", lambda self, m, **kw: seen.append(kw) or real_stream(self, m, **kw))
+    llm.invoke("Tell me about the picture.", frequency_penalty=1.5, presence_penalty=-0.5)
+    assert (seen[-1]["frequency_penalty"], seen[-1]["presence_penalty"]) == (1.5, -0.5)
+    first = llm.engine.tokenizer.encode(plain.content, add_special_tokens=False)[0]
+    biased = llm.invoke("Tell me about the picture.", logit_bias={first: -100})
+    assert biased.content != plain.content
+    with pytest.raises(SafeCoDeInputError, match="same setting"):
+        llm.invoke("hi", max_tokens=3, max_completion_tokens=4)
+    with pytest.raises(SafeCoDeInputError, match="presence_penalty"):
+        llm.invoke("hi", presence_penalty=3)
+
+
 def test_stop_strings_from_init_and_from_the_call(llava_path: str) -> None:
     llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=40)
     full = llm.invoke("Tell me about the picture.").content
