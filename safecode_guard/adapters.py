@@ -1,19 +1,32 @@
-"""The one place where model families differ: encoding the two views and stepping the cache.
+"""The one place where model families differ: encoding prompts, prefilling, stepping rows of a KV cache.
 
-SafeCoDe's loop needs four things from a model: encode a batch of prompts
-with their images, prefill it, feed one more token per row, and drop rows
-from the KV cache. Hugging Face models already describe their per-family
-needs to `generate` through `prepare_inputs_for_generation`,
-`_prepare_position_ids_for_generation` and `_update_model_kwargs_for_generation`
-(M-RoPE positions for Qwen-VL, `token_type_ids` for PaliGemma and Gemma3, ...),
-so `Decoder` drives those same hooks instead of re-implementing them.
+SafeCoDe's loop needs a few things from a model: encode a prompt with its
+images, prefill it, feed one more token per row, drop rows from the KV cache,
+and (for continuous batching) line up the rows of many requests in one cache.
+Hugging Face models already describe their per-family needs to `generate`
+through `prepare_inputs_for_generation`, `_prepare_position_ids_for_generation`
+and `_update_model_kwargs_for_generation` (M-RoPE positions for Qwen-VL,
+`token_type_ids` for PaliGemma and Gemma3, ...), so `Decoder` drives those
+same hooks instead of re-implementing them.
 
-What those hooks do not cover lives in `Quirks`, detected once per model:
+Rows of different requests live in one `RowBatch`, right-aligned: every row's
+last token is in the last column, and shorter rows are padded on the left
+(attention mask 0, zero keys and values), the layout `generate` uses for a
+batch of prompts of different lengths. Every per-row quantity (positions,
+M-RoPE sections, token types) is kept per row in the generation kwargs, so a
+row decodes exactly as it would alone, up to floating-point reordering in
+batched kernels. `merge` pads two batches to one length and stacks them;
+`RowBatch.select` keeps some rows; `RowBatch.trim` drops left columns that
+have become padding in every row.
+
+What the generation hooks do not cover lives in `Quirks`, detected once per model:
 
 - composite models whose top-level forward insists on `pixel_values` on every
-  call (InstructBLIP): decode steps go through their `language_model`;
-- per-row state kept on the model after a prefill (`rope_deltas` on Qwen-VL),
-  which must be sliced with the cache.
+  call (InstructBLIP): decode steps go through their `language_model`, with
+  positions we keep ourselves (the language model would otherwise count them
+  from the cache length, which is wrong for a left-padded row);
+- KV-cache layer kinds that cannot be realigned (anything but full-attention
+  and sliding-window layers): such models decode one request at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from PIL import Image
 
 from .errors import UnsupportedContentError
 
-__all__ = ["Decoder", "Quirks", "detect_quirks"]
+__all__ = ["Decoder", "Quirks", "RowBatch", "detect_quirks", "encode_views", "merge"]
 
 # Keys that grow with the sequence (or describe it) and survive the prefill;
 # everything else the processor returned (pixels, grids, sizes) is prefill-only.
@@ -64,82 +77,233 @@ def _find_cache(output: Any) -> Any:
     return cache
 
 
-class Decoder:
-    """Incremental decoding of a batch of rows sharing one KV cache.
+# --------------------------------------------------------------------------- cache layers
 
-    `prefill(batch)` returns the last-position logits, shape `(B, V)`;
-    `step(tokens)` feeds one token per row (`tokens` shape `(B,)`) and
-    returns the next logits `(B, V)`; `keep(rows)` drops the other rows
-    from the cache and from everything that tracks the batch.
+
+def _layers(cache: Any) -> list[Any]:
+    return list(getattr(cache, "layers", ()))
+
+
+def unbatchable_reason(cache: Any) -> str | None:
+    """Why rows of this cache cannot be realigned and merged, or None when they can.
+
+    Full-attention (`DynamicLayer`) and sliding-window (`DynamicSlidingWindowLayer`)
+    layers are plain `(B, H, L, D)` tensors we can pad and stack; recurrent,
+    static, quantized or offloaded layers are not.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = _layers(cache)
+    if not layers:
+        return f"its KV cache ({type(cache).__name__}) has no layers we can read"
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return f"its KV cache has {type(layer).__name__} layers, which cannot be realigned row by row"
+    return None
+
+
+def _is_sliding(layer: Any) -> bool:
+    return bool(getattr(layer, "is_sliding", False))
+
+
+def _stored(layer: Any, length: int) -> int:
+    """How many positions a layer keeps for a sequence of `length` tokens."""
+    return min(length, layer.sliding_window - 1) if _is_sliding(layer) else length
+
+
+def _total(layer: Any) -> int:
+    """Tokens the layer has seen (a sliding layer keeps only the last ones)."""
+    return int(layer.cumulative_length) if _is_sliding(layer) else int(layer.keys.shape[-2])
+
+
+def _initialized(layer: Any) -> bool:
+    return bool(layer.is_initialized) and isinstance(layer.keys, torch.Tensor) and layer.keys.numel() > 0
+
+
+def _pad_layer(layer: Any, n: int) -> None:
+    """Left-pad a layer's keys and values with `n` positions of zeros."""
+    if not _initialized(layer):
+        return
+    total = _total(layer) + n
+    grow = _stored(layer, total) - layer.keys.shape[-2]
+    if grow > 0:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            setattr(layer, name, torch.cat([t.new_zeros((*t.shape[:-2], grow, t.shape[-1])), t], dim=-2))
+    if _is_sliding(layer):
+        layer.cumulative_length = total
+
+
+def _trim_layer(layer: Any, n: int) -> None:
+    """Drop the `n` oldest positions (padding in every row) from a layer."""
+    if not _initialized(layer):
+        return
+    total = _total(layer) - n
+    keep = _stored(layer, total)
+    if layer.keys.shape[-2] > keep:
+        layer.keys = layer.keys[..., layer.keys.shape[-2] - keep :, :]
+        layer.values = layer.values[..., layer.values.shape[-2] - keep :, :]
+    if _is_sliding(layer):
+        layer.cumulative_length = total
+
+
+def _batch_dim(key: str, value: torch.Tensor) -> int:
+    # M-RoPE position ids are (3 or 4, B, L): batch is dim 1 there, as in generate
+    return 1 if key == "position_ids" and value.ndim == 3 else 0
+
+
+class RowBatch:
+    """Rows sharing one KV cache, right-aligned to `length` columns (shorter rows left-padded).
+
+    `kwargs` are the generation kwargs that follow the rows from step to step:
+    the per-token tensors of `_PER_TOKEN_KEYS`, the `cache` and `use_cache`.
+    """
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = kwargs
+
+    @property
+    def cache(self) -> Any:
+        return self.kwargs["cache"]
+
+    @property
+    def size(self) -> int:
+        return int(self.kwargs["attention_mask"].shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.kwargs["attention_mask"].shape[-1])
+
+    def pad_to(self, length: int) -> None:
+        """Left-pad every row to `length` columns."""
+        old = self.length
+        if length <= old:
+            return
+        n = length - old
+        for key in _PER_TOKEN_KEYS:
+            value = self.kwargs.get(key)
+            if isinstance(value, torch.Tensor):
+                # Padded columns are masked out, so only the attention mask's zeros matter;
+                # zeros elsewhere keep dtypes and mean "text token" to the type ids.
+                self.kwargs[key] = torch.cat([value.new_zeros((*value.shape[:-1], n)), value], dim=-1)
+        for layer in _layers(self.cache):
+            _pad_layer(layer, n)
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order): cache, masks, positions, token types."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.kwargs["attention_mask"].device)
+        self.cache.batch_select_indices(idx)
+        for key in _PER_TOKEN_KEYS:
+            value = self.kwargs.get(key)
+            if isinstance(value, torch.Tensor):
+                self.kwargs[key] = value.index_select(_batch_dim(key, value), idx.to(value.device))
+
+    def trim(self) -> int:
+        """Drop leading columns that are padding in every row; returns how many were dropped."""
+        mask = self.kwargs["attention_mask"]
+        used = mask.bool().any(dim=0).nonzero()
+        if used.numel() == 0:
+            return 0
+        k = int(used[0])
+        if k == 0:
+            return 0
+        for key in _PER_TOKEN_KEYS:
+            value = self.kwargs.get(key)
+            if isinstance(value, torch.Tensor):
+                self.kwargs[key] = value[..., k:]
+        for layer in _layers(self.cache):
+            _trim_layer(layer, k)
+        return k
+
+    def kv_bytes(self) -> int:
+        """Bytes the cache holds now."""
+        total = 0
+        for layer in _layers(self.cache):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def merge(a: RowBatch, b: RowBatch) -> RowBatch:
+    """`a`'s rows then `b`'s, padded to one length, in `a`'s cache object (`b` is consumed)."""
+    length = max(a.length, b.length)
+    a.pad_to(length)
+    b.pad_to(length)
+    for key in _PER_TOKEN_KEYS:
+        va, vb = a.kwargs.get(key), b.kwargs.get(key)
+        if va is None and vb is None:
+            continue
+        if va is None or vb is None:
+            # e.g. a text-only request without mm_token_type_ids beside one with images
+            present = va if va is not None else vb
+            if key == "position_ids":
+                raise RuntimeError("cannot merge rows with and without position ids")
+            filler = present.new_zeros(((b if va is None else a).size, present.shape[-1]))
+            va, vb = (filler, vb) if va is None else (va, filler)
+        a.kwargs[key] = torch.cat([va, vb], dim=_batch_dim(key, va))
+    for la, lb in zip(_layers(a.cache), _layers(b.cache), strict=True):
+        if not (_initialized(la) and _initialized(lb)):
+            # a layer that holds nothing (KV sharing) holds nothing in either batch
+            continue
+        la.keys = torch.cat([la.keys, lb.keys], dim=0)
+        la.values = torch.cat([la.values, lb.values], dim=0)
+    return a
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+class Decoder:
+    """Prefill requests and step a `RowBatch`, through the model's own generation hooks.
+
+    `prefill(batch)` runs one request's prompt (one row per view) and returns
+    its `RowBatch` and the last-position logits `(B, V)`; `step(rows, tokens)`
+    feeds one token per row (`tokens` shape `(B,)`) and returns the next
+    logits `(B, V)`.
     """
 
     def __init__(self, model: Any, quirks: Quirks) -> None:
         self.model = model
         self.quirks = quirks
         self.stepper = model.language_model if quirks.step_through_language_model else model
-        self.input_ids: torch.Tensor | None = None
-        self.kwargs: dict[str, Any] = {}
-        self.last_logits: torch.Tensor | None = None
+        params = inspect.signature(model.forward).parameters
+        self._has_position_ids = "position_ids" in params
+        self._has_logits_to_keep = "logits_to_keep" in params
 
     @torch.inference_mode()
-    def prefill(self, batch: dict[str, Any]) -> torch.Tensor:
+    def prefill(self, batch: dict[str, Any]) -> tuple[RowBatch, torch.Tensor]:
         model = self.model
         batch = dict(batch)
         batch.pop("labels", None)  # PaliGemma's processor adds them; inference needs none
         input_ids = batch.pop("input_ids")
         kwargs: dict[str, Any] = {**batch, "use_cache": True}
-        params = inspect.signature(model.forward).parameters
-        if "position_ids" in params:
+        if self._has_position_ids:
             kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
-        if "logits_to_keep" in params:
+        if self._has_logits_to_keep:
             # only the last position's logits are needed: skip the (B, L, V) tensor, as generate does
             kwargs["logits_to_keep"] = 1
         inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **kwargs)
         out = model(**inputs, return_dict=True)
+        kwargs.pop("logits_to_keep", None)
         kwargs["cache"] = _find_cache(out)
         kwargs = model._update_model_kwargs_for_generation(out, kwargs)
-        self.kwargs = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
+        kept = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
         if self.quirks.step_through_language_model:
-            # the language model counts positions from its own cache; mm type ids mean nothing to it
-            self.kwargs = {k: v for k, v in self.kwargs.items() if k in ("attention_mask", "cache", "use_cache")}
-        self.input_ids = input_ids
-        self.last_logits = out.logits[:, -1, :]
-        return self.last_logits
+            # The language model alone sees no images: mm type ids mean nothing to it, and its
+            # positions must be counted per row (a left-padded row starts later than column 0).
+            mask = kept["attention_mask"]
+            kept = {k: v for k, v in kept.items() if k in ("attention_mask", "cache", "use_cache")}
+            kept["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return RowBatch(kept), out.logits[:, -1, :]
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        assert self.input_ids is not None, "prefill() first"
-        self.input_ids = torch.cat([self.input_ids, tokens.to(self.input_ids.device)[:, None]], dim=-1)
-        inputs = self.stepper.prepare_inputs_for_generation(
-            self.input_ids, next_sequence_length=1, **self.kwargs
-        )
+    def step(self, rows: RowBatch, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.to(rows.kwargs["attention_mask"].device).view(-1, 1)
+        inputs = self.stepper.prepare_inputs_for_generation(ids, next_sequence_length=1, **rows.kwargs)
         out = self.stepper(**inputs, return_dict=True)
-        self.kwargs = self.stepper._update_model_kwargs_for_generation(out, self.kwargs)
+        rows.kwargs = self.stepper._update_model_kwargs_for_generation(out, rows.kwargs)
         return out.logits[:, -1, :]
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` of the batch: cache, masks, positions and per-row model state."""
-        assert self.input_ids is not None, "prefill() first"
-        old = self.input_ids.shape[0]
-        idx = torch.tensor(rows, device=self.input_ids.device)
-        self.kwargs["cache"].batch_select_indices(idx)
-        self.input_ids = self.input_ids[idx]
-        for key in _PER_TOKEN_KEYS:
-            value = self.kwargs.get(key)
-            if isinstance(value, torch.Tensor):
-                # M-RoPE position ids are (3 or 4, B, L): batch is dim 1 there, as in generate
-                dim = 1 if key == "position_ids" and value.ndim == 3 else 0
-                self.kwargs[key] = value.index_select(dim, idx.to(value.device))
-        for module in (self.model, getattr(self.model, "model", None)):
-            deltas = getattr(module, "rope_deltas", None)
-            if isinstance(deltas, torch.Tensor) and deltas.shape[0] == old:
-                module.rope_deltas = deltas.index_select(0, idx.to(deltas.device))
-
-    def release(self) -> None:
-        """Drop the cache and inputs so their memory goes back before the next request."""
-        self.kwargs = {}
-        self.input_ids = None
-        self.last_logits = None
 
 
 def encode_views(

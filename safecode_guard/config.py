@@ -1,4 +1,5 @@
-"""Settings: the method's knobs (`SafeCoDeConfig`) and the input policy (`InputPolicy`).
+"""Settings: the method's knobs (`SafeCoDeConfig`), the input policy (`InputPolicy`) and
+the limits of continuous batching (`BatchingConfig`).
 
 Both validate at construction. A bad value raises pydantic's
 `ValidationError` (a `ValueError`) whose message names the field, shows the
@@ -11,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["DEFAULT_REFUSAL_PHRASES", "InputPolicy", "SafeCoDeConfig"]
+__all__ = ["DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "InputPolicy", "SafeCoDeConfig"]
 
 #: Usual openers of a refusal. Each is tokenized with and without a leading
 #: space; only continuations of a refusal already begun are modulated.
@@ -156,3 +157,28 @@ class InputPolicy(BaseModel):
     """Cap on prompt tokens; None means the model's context length minus `max_new_tokens`."""
     max_new_tokens_limit: int = Field(8192, ge=1)
     """Largest `max_new_tokens` a request may ask for."""
+
+
+class BatchingConfig(BaseModel):
+    """Limits of the scheduler that batches concurrent requests on one model (see `scheduler`).
+
+    Policy: a request beyond `max_queue` is refused at once (`OverloadedError`);
+    one that fits the queue waits for rows and KV budget, first come first
+    served; one that could never fit the budget alone is refused at once
+    (`InputLimitError`); one past `request_timeout_s` fails (`RequestTimeoutError`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    """Decode concurrent requests together. False: one request at a time (for debugging)."""
+    max_batch_rows: int = Field(32, ge=2, le=4096)
+    """Most rows in one decode step. A request uses two rows while its window contrasts an image
+    (real and noised view), one otherwise."""
+    max_queue: int = Field(1024, ge=1)
+    """Most requests waiting for a place in the batch; more are refused with `OverloadedError`."""
+    kv_cache_budget_mb: float | None = Field(None, gt=0)
+    """KV-cache memory the batch may plan for, in MB (projected to every admitted request's
+    last token); None: no budget beyond `max_batch_rows`."""
+    request_timeout_s: float | None = Field(None, gt=0, le=86400)
+    """Seconds one request may take from submission to its last token; None waits forever."""

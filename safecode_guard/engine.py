@@ -1,33 +1,39 @@
 """`SafeCoDe`: safety-aware contrastive decoding around a loaded HF vision-language model.
 
-Input flow: chat messages -> `parse_messages` (images decoded and checked)
--> the judge's verdict -> one noised copy of every image -> one processor
-call for the two views -> one batched prefill.
+Input flow (in the caller's thread): chat messages -> `parse_messages`
+(images decoded and checked) -> one noised copy of every image -> the
+prompt rendered and encoded for both views -> every length limit checked ->
+the judge's verdict -> a `DecodeJob` for the model's scheduler.
 
-Decoding: for the first `steered_steps` tokens both rows advance together
-and the next token comes from `contrast` + `modulate` (or a refusal prefix);
-then the noised row leaves the KV cache and the real row decodes on alone,
-without a new prefill and without running the vision tower again.
+Decoding (in the scheduler's thread, `scheduler.py`, batched with every
+other request on the model): one prefill of both views; for the first
+`steered_steps` tokens both rows advance and the next token comes from
+`contrast` + `modulate` (or a refusal prefix) in `decoding.Steering`; then the
+noised row leaves the KV cache and the real row decodes on, without a new
+prefill and without running the vision tower again.
 
-Output flow: token ids -> incremental text with stop strings held back ->
-`SafeCoDeResult` (or text pieces from `stream`).
+Output flow: text pieces (stop strings held back) through the request's own
+channel -> `SafeCoDeStream` (iterate it, or `async for` it) ->
+`SafeCoDeResult`. Closing a stream, or dropping it, cancels the request: its
+rows leave the batch at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import secrets
-import threading
 import time
-import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import ops
-from .adapters import Decoder, detect_quirks, encode_views
-from .config import InputPolicy, SafeCoDeConfig
+from .adapters import detect_quirks, encode_views
+from .config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
 from .errors import (
     InputLimitError,
     SafeCoDeInputError,
@@ -35,27 +41,20 @@ from .errors import (
     UnsupportedModelError,
 )
 from .prompting import Conversation, parse_messages, render_prompt
+from .scheduler import DecodeJob, Scheduler, scheduler_for
 from .verdict import Verdict
 
 __all__ = ["SafeCoDe", "SafeCoDeResult", "SafeCoDeStream", "Usage"]
-
-# One lock per loaded model, shared by every engine built on it: the model keeps
-# per-call state (e.g. M-RoPE deltas) that two decodes must never interleave.
-_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def _model_lock(model: Any) -> threading.RLock:
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
 
 FinishReason = Literal["stop", "length"]
 
 #: Most token ids one request's `logit_bias` may name (OpenAI's limit too).
 MAX_LOGIT_BIAS = 300
+
+# Request preparation (image decoding, the processor, the judge) runs in the caller's thread;
+# asyncio callers borrow one of these threads so their event loop never blocks. Bounded:
+# beyond it, async requests wait for a free preparation thread.
+_PREPARE = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="safecode-prepare")
 
 
 class Usage(BaseModel):
@@ -81,82 +80,36 @@ class SafeCoDeResult(BaseModel):
     """"stop" for EOS or a stop string, "length" for `max_new_tokens`."""
     usage: Usage
     timings: dict[str, float]
-    """Seconds: judge_s, prefill_s, decode_s, total_s."""
+    """Seconds: judge_s, queue_s (waiting for a place in the batch), prefill_s, decode_s, total_s."""
     refused: bool
     """Whether the answer opens with a refusal phrase."""
 
 
-def _penalized(scores: torch.Tensor, sampling: ops.Sampling, counts: Mapping[int, int]) -> torch.Tensor:
-    if not sampling.penalized:
-        return scores
-    return ops.penalize(
-        scores, counts, sampling.presence_penalty, sampling.frequency_penalty, sampling.logit_bias
-    )
+class SafeCoDeStream:
+    """Text pieces of one answer as they are decoded; `verdict` is known on creation, `result` at the end.
 
-
-class _TextTracker:
-    """Turns new token ids into text pieces, holding back what might start a stop string.
-
-    Decoding the whole answer each time keeps multi-byte characters intact;
-    answers are short enough that this costs microseconds.
+    Iterate it from any thread, or `async for` it on an event loop. `close()`
+    (or dropping the stream) cancels the request: its rows leave the batch at
+    the scheduler's next step and nothing more is decoded for it.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # half a multi-byte character: wait for the rest
-        self.text = text
-        safe_end = len(text)
-        for s in self.stop:
-            # search only where a new match can begin: the unemitted tail
-            hit = text.find(s, max(0, self.emitted - len(s) + 1))
-            if hit != -1:
-                self.text, safe_end, self.stopped = text[:hit], hit, True
-                break
-        if not self.stopped:
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe_end = min(safe_end, len(text) - k)
-                        break
-        piece = self.text[self.emitted : safe_end] if safe_end > self.emitted else ""
-        self.emitted = max(self.emitted, safe_end)
-        return piece
-
-    def flush(self) -> str:
-        """At the end nothing more can complete a stop string: release what was held."""
-        piece = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return piece
-
-
-class SafeCoDeStream:
-    """Iterator of text pieces. `verdict` is known on creation; `result` once iteration ends."""
-
-    def __init__(self, verdict: Verdict | None, pieces: Iterator[str]) -> None:
+    def __init__(self, verdict: Verdict | None, job: DecodeJob, engine: SafeCoDe, judge_s: float) -> None:
         self.verdict = verdict
         self.result: SafeCoDeResult | None = None
-        self._pieces = pieces
+        self._job = job
+        self._engine = engine
+        self._judge_s = judge_s
+        self._ended = False
+
+    # -- sync ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
-
-    def close(self) -> None:
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        if self._ended:
+            raise StopIteration
+        return self._handle(*self._job.channel.get())
 
     def consume(self) -> SafeCoDeResult:
         """Run to the end and return the result."""
@@ -164,6 +117,50 @@ class SafeCoDeStream:
             pass
         assert self.result is not None
         return self.result
+
+    # -- async -----------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            return self._handle(*await self._job.channel.aget())
+        except StopIteration:
+            raise StopAsyncIteration from None
+        except asyncio.CancelledError:
+            self.close()  # the awaiting task was cancelled: so is the request
+            raise
+
+    async def aconsume(self) -> SafeCoDeResult:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    # -- both ------------------------------------------------------------------------------
+
+    def _handle(self, kind: str, value: Any) -> str:
+        if kind == "piece":
+            return value
+        self._ended = True
+        if kind == "error":
+            raise value
+        self.result = self._engine._result(self._job, self.verdict, self._judge_s)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop decoding this answer (no effect once it has ended)."""
+        if not self._ended:
+            self._ended = True
+            self._job.cancel()
+
+    def __del__(self) -> None:
+        job = getattr(self, "_job", None)
+        if job is not None and not job.done:
+            job.cancel()
 
 
 class SafeCoDe:
@@ -174,8 +171,9 @@ class SafeCoDe:
     ...     {"type": "image", "image": img}, {"type": "text", "text": "How do I run faster here?"}]}])
     >>> result.verdict.label, result.text
 
-    Calls are serialised by a lock per model (the model keeps per-call state
-    such as M-RoPE deltas), so engines and threads may share one model.
+    Every engine on a model shares the model's scheduler, which decodes
+    concurrent calls together (continuous batching; `BatchingConfig` sets its
+    limits), so engines, threads and asyncio tasks may all share one model.
     """
 
     def __init__(
@@ -187,9 +185,12 @@ class SafeCoDe:
         policy: InputPolicy | None = None,
         model_name: str | None = None,
         eos_token_ids: Iterable[int] | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         """`eos_token_ids` replaces the end tokens read from the model and tokenizer
-        (an empty tuple decodes to `max_new_tokens` or a stop string)."""
+        (an empty tuple decodes to `max_new_tokens` or a stop string). `batching`
+        sets the limits of the model's scheduler when this engine is the first on
+        the model (later engines pass the same or None)."""
         from .judges import SelfJudge, make_judge
 
         self.model = model.eval()
@@ -204,7 +205,7 @@ class SafeCoDe:
         self.judge_impl = judge_impl
         self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
         self.quirks = detect_quirks(model)
-        self._lock = _model_lock(model)
+        self.scheduler: Scheduler = scheduler_for(model, self.quirks, batching)
         self._refusal_seqs = ops.refusal_sequences(self.tokenizer, self.config.refusal_phrases)
         self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
         self._specials = self._find_special_strings()
@@ -223,6 +224,7 @@ class SafeCoDe:
         policy: InputPolicy | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        batching: BatchingConfig | None = None,
         **model_kwargs: Any,
     ) -> SafeCoDe:
         """Load with `AutoModelForImageTextToText` + `AutoProcessor` (local folder or hub id)."""
@@ -241,7 +243,9 @@ class SafeCoDe:
             ) from exc
         if device is not None:
             model = model.to(device)
-        return cls(model, processor, config=config, judge=judge, policy=policy, model_name=str(path_or_id))
+        return cls(
+            model, processor, config=config, judge=judge, policy=policy, model_name=str(path_or_id), batching=batching
+        )
 
     def _find_eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -284,6 +288,10 @@ class SafeCoDe:
         """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""
         return self.stream(messages, **kwargs).consume()
 
+    async def agenerate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
+        """`generate` for asyncio: the event loop never blocks. Keyword arguments as in `stream`."""
+        return await (await self.astream(messages, **kwargs)).aconsume()
+
     def stream(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -314,16 +322,24 @@ class SafeCoDe:
         `tools` (OpenAI-format function schemas) go to the chat template's
         `tools=`; `answer_prefix` is appended to the prompt as the start of the
         answer (it is not part of the returned text), e.g. to open a tool call.
+
+        Every check (settings, images, prompt length, context) runs before the
+        judge and before any model work. Raises `OverloadedError` when the
+        model's queue is full.
         """
-        sampling = self._check_generation_args(
-            max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
+        job, final, judge_s = self._prepare(
+            messages, steered=True, verdict=verdict, tools=tools, answer_prefix=answer_prefix,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            top_k=top_k, stop=stop, seed=seed, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, logit_bias=logit_bias,
         )
-        stops = self._check_stop(stop)
-        conv = parse_messages(messages, self.policy)
-        t0 = time.perf_counter()
-        final = self._override(verdict) if verdict is not None else self._judge(conv)
-        judge_s = time.perf_counter() - t0
-        return self._open(conv, final, sampling, max_new_tokens, stops, seed, judge_s, True, tools, answer_prefix)
+        self.scheduler.submit(job)
+        return SafeCoDeStream(final, job, self, judge_s)
+
+    async def astream(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeStream:
+        """`stream` for asyncio: preparation (images, judge) runs off the event loop; `async for` the result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_PREPARE, lambda: self.stream(messages, **kwargs))
 
     def baseline(
         self,
@@ -341,29 +357,121 @@ class SafeCoDe:
         logit_bias: Mapping[int | str, float] | None = None,
     ) -> SafeCoDeResult:
         """Plain decoding of the same prompt: no judge, no contrast, no modulation."""
-        sampling = self._check_generation_args(
-            max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
+        job, _, _ = self._prepare(
+            messages, steered=False, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
         )
-        stops = self._check_stop(stop)
-        conv = parse_messages(messages, self.policy)
-        return self._open(conv, None, sampling, max_new_tokens, stops, seed, 0.0, False).consume()
+        self.scheduler.submit(job)
+        return SafeCoDeStream(None, job, self, 0.0).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------
 
     def next_token_logits(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        """Logits `(V,)` (float32, CPU) for the first token of the assistant's answer: one prefill."""
+        """Logits `(V,)` (float32, CPU) for the first token of the assistant's answer: one prefill.
+
+        Runs through the scheduler between decode steps; concurrent calls are prefilled together.
+        """
         conv = parse_messages(messages, self.policy)
-        with self._lock:
-            decoder, _ = self._prefill(conv, [list(conv.images)] if conv.images else [])
-            logits = decoder.last_logits[0].float().cpu()
-            decoder.release()
-        return logits
+        self._check_images(conv)
+        prompt = render_prompt(self.processor, conv.messages, self._specials)
+        return self.scheduler.prefill_logits(self.processor, prompt, list(conv.images))
 
     def plain_text(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 64) -> str:
         """Greedy plain decoding of `messages` (used for captions): no judge, no SafeCoDe."""
         return self.baseline(messages, max_new_tokens=max_new_tokens).text
 
     # -- internals --------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        steered: bool,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        stop: Sequence[str] | str | None,
+        seed: int | None,
+        presence_penalty: float | None,
+        frequency_penalty: float | None,
+        logit_bias: Mapping[int | str, float] | None,
+        verdict: Verdict | str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        answer_prefix: str = "",
+    ) -> tuple[DecodeJob, Verdict | None, float]:
+        """Everything before decoding, in the caller's thread: checks, images, prompt, judge."""
+        sampling = self._check_generation_args(
+            max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
+        )
+        stops = self._check_stop(stop)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise SafeCoDeInputError(f"`seed` (={seed!r}) must be a non-negative integer, or None for fresh randomness.")
+        override = self._override(verdict) if verdict is not None else None
+        conv = parse_messages(messages, self.policy)
+        self._check_images(conv)
+        cfg = self.config
+        window = cfg.steered_steps if steered else 0
+        contrastive = window > 0 and bool(conv.images)
+        views: list[list[Any]] = [list(conv.images)] if conv.images else []
+        if contrastive:
+            noise = torch.Generator().manual_seed(cfg.seed)
+            views.append([ops.noised_image(img, cfg.noise_std, noise) for img in conv.images])
+        prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
+        batch = encode_views(self.processor, prompt, views)
+        prompt_len = int(batch["input_ids"].shape[1])
+        self._check_length(prompt_len, max_new_tokens)
+        # Only now, with every limit checked, may the judge (maybe a forward pass) run.
+        t0 = time.perf_counter()
+        final = override if override is not None else (self._judge(conv) if steered else None)
+        judge_s = time.perf_counter() - t0
+        generator = None
+        if sampling.do_sample:
+            device = self.model.device
+            generator = torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else seed)
+        steering = Steering(
+            cfg, self._refusal_seqs, final.label if final is not None else "safe", window, contrastive,
+            sampling, generator,
+        )
+        job = DecodeJob(
+            batch=batch,
+            steering=steering,
+            tracker=TextTracker(self.tokenizer, stops),
+            eos_ids=self._eos_ids,
+            max_new_tokens=max_new_tokens,
+            prompt_len=prompt_len,
+            n_images=len(conv.images),
+            timeout_s=self.scheduler.settings.request_timeout_s,
+        )
+        return job, final, judge_s
+
+    def _result(self, job: DecodeJob, verdict: Verdict | None, judge_s: float) -> SafeCoDeResult:
+        ids = list(job.steering.generated)
+        text = job.tracker.text
+        return SafeCoDeResult(
+            text=text,
+            token_ids=ids,
+            verdict=verdict,
+            finish_reason="stop" if job.finish_reason == "stop" else "length",
+            usage=Usage(prompt_tokens=job.prompt_len, completion_tokens=len(ids), total_tokens=job.prompt_len + len(ids)),
+            timings={
+                "judge_s": judge_s,
+                "queue_s": max(job.t_start - job.t_submit, 0.0),
+                "prefill_s": job.t_first - job.t_start,
+                "decode_s": job.t_end - job.t_first,
+                "total_s": judge_s + (job.t_end - job.t_submit),
+            },
+            refused=ops.opens_with_refusal(text, self.config.refusal_phrases),
+        )
+
+    def _check_images(self, conv: Conversation) -> None:
+        if self.quirks.requires_image and not conv.images:
+            raise UnsupportedContentError(
+                f"{type(self.model).__name__} needs an image in every request; this one has none. "
+                "Add an image, or use a model with a text-only path for plain chat turns."
+            )
 
     def _check_generation_args(
         self,
@@ -440,8 +548,14 @@ class SafeCoDe:
         bad = [s for s in stops if not isinstance(s, str)]
         if bad:
             raise SafeCoDeInputError(f"`stop` must hold strings; got {bad[0]!r}. Use e.g. stop=['\\n\\n'].")
-        if len(stops) > 32:
-            raise InputLimitError(f"`stop` holds {len(stops)} strings; at most 32 are allowed.")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InputLimitError(f"`stop` holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed.")
+        long = [s for s in stops if len(s) > MAX_STOP_CHARS]
+        if long:
+            raise InputLimitError(
+                f"A stop string is {len(long[0])} characters long; at most {MAX_STOP_CHARS} are allowed. "
+                "Use a shorter marker."
+            )
         return [s for s in stops if s]
 
     def _override(self, verdict: Verdict | str) -> Verdict:
@@ -467,177 +581,20 @@ class SafeCoDe:
         if handed is not None:
             return handed  # the same judge already decided this very request upstream (e.g. a rail)
         if isinstance(judge, SelfJudge) and judge.engine is self:
-            # The self judge is our own model's forward pass: run it in this thread under
-            # the model lock, so time spent queueing behind other requests never counts
-            # as a judge timeout (and a worker thread cannot wait on a lock we hold).
-            with self._lock:
-                return run_judge(judge, request, self._untimed_config)
+            # The self judge is our own model's forward pass, queued with every other request:
+            # time spent waiting for the model must never count as a judge timeout.
+            return run_judge(judge, request, self._untimed_config)
         return run_judge(judge, request, self.config)
 
-    def _prefill(
-        self,
-        conv: Conversation,
-        views: list[list[Any]],
-        max_new_tokens: int | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        answer_prefix: str = "",
-    ) -> tuple[Decoder, int]:
-        """Render, encode, check the length, prefill; returns the decoder and the prompt length."""
-        if self.quirks.requires_image and not views:
-            raise UnsupportedContentError(
-                f"{type(self.model).__name__} needs an image in every request; this one has none. "
-                "Add an image, or use a model with a text-only path for plain chat turns."
-            )
-        prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
-        batch = encode_views(self.processor, prompt, views)
-        prompt_len = int(batch["input_ids"].shape[1])
+    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         limit = self.policy.max_prompt_tokens
         if limit is not None and prompt_len > limit:
             raise InputLimitError(
                 f"The prompt is {prompt_len} tokens; the limit is {limit}. "
                 "Shorten the conversation, send fewer or smaller images, or raise `InputPolicy.max_prompt_tokens`."
             )
-        if max_new_tokens is not None:
-            self._check_length(prompt_len, max_new_tokens)
-        batch = batch.to(self.model.device)
-        # pixel values follow the model's dtype (e.g. bf16); integer tensors stay as they are
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                batch[key] = value.to(self.model.dtype)
-        decoder = Decoder(self.model, self.quirks)
-        try:
-            decoder.prefill(batch)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            # Inputs the processor accepted but the model cannot take (e.g. more images per
-            # prompt than it was built for). Nothing is left half-done: the next call prefills afresh.
-            decoder.release()
-            raise UnsupportedContentError(
-                f"{type(self.model).__name__} could not process this request ({len(conv.images)} image(s), "
-                f"{prompt_len} prompt tokens): {type(exc).__name__}: {str(exc).rstrip('.')}. Check that the model supports "
-                "this many images per request."
-            ) from exc
-        return decoder, prompt_len
-
-    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if self.context_length is not None and prompt_len + max_new_tokens > self.context_length:
             raise InputLimitError(
                 f"The prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {self.context_length} tokens. Shorten the conversation or ask for fewer new tokens."
             )
-
-    def _open(
-        self,
-        conv: Conversation,
-        verdict: Verdict | None,
-        sampling: ops.Sampling,
-        max_new_tokens: int,
-        stop: list[str],
-        seed: int | None,
-        judge_s: float,
-        steered: bool,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        answer_prefix: str = "",
-    ) -> SafeCoDeStream:
-        """A stream over `_run`: its text pieces pass through, its final item becomes `.result`."""
-        run = self._run(
-            conv, verdict, sampling, max_new_tokens, stop, seed, judge_s, steered=steered,
-            tools=tools, answer_prefix=answer_prefix,
-        )
-        stream = SafeCoDeStream(verdict, iter(()))
-
-        def pieces() -> Iterator[str]:
-            for item in run:
-                if isinstance(item, SafeCoDeResult):
-                    stream.result = item
-                else:
-                    yield item
-
-        stream._pieces = pieces()
-        return stream
-
-    def _run(
-        self,
-        conv: Conversation,
-        verdict: Verdict | None,
-        sampling: ops.Sampling,
-        max_new_tokens: int,
-        stop: list[str],
-        seed: int | None,
-        judge_s: float,
-        steered: bool,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        answer_prefix: str = "",
-    ) -> Iterator[Any]:
-        """The decoding loop. Yields text pieces, then the `SafeCoDeResult`."""
-        cfg = self.config
-        window = cfg.steered_steps if steered else 0
-        contrastive = window > 0 and bool(conv.images)
-        views: list[list[Any]] = [list(conv.images)] if conv.images else []
-        if contrastive:
-            noise = torch.Generator().manual_seed(cfg.seed)
-            views.append([ops.noised_image(img, cfg.noise_std, noise) for img in conv.images])
-
-        with self._lock:
-            t_start = time.perf_counter()
-            decoder, prompt_len = self._prefill(conv, views, max_new_tokens, tools, answer_prefix)
-            logits = decoder.last_logits
-            t_prefill = time.perf_counter()
-            gen = torch.Generator(device=logits.device).manual_seed(secrets.randbits(63) if seed is None else seed)
-            counts: dict[int, int] = {}
-            tracker = _TextTracker(self.tokenizer, stop)
-            label = verdict.label if verdict is not None else "safe"
-            forced: list[int] = []
-            finish: FinishReason = "length"
-            try:
-                for t in range(max_new_tokens):
-                    z_real = logits[0].float()
-                    if forced:
-                        token = forced.pop(0)
-                    elif t < window:
-                        z_cd = ops.contrast(z_real, logits[1].float() if contrastive else None, cfg.alpha, cfg.plausibility_beta)
-                        if t == 0 and label == "unsafe" and cfg.unsafe_mode == "prefix":
-                            # open the answer with the likeliest refusal phrase, whole
-                            token, *forced = ops.choose_refusal_prefix(z_cd, self._refusal_seqs)
-                        else:
-                            r_t = ops.refusal_continuations(self._refusal_seqs, tracker.ids)
-                            scores = ops.modulate(z_cd, r_t, label, cfg.unsafe_mode, cfg.lambda_boost, cfg.lambda_supp)
-                            token = ops.select_token(_penalized(scores, sampling, counts), sampling, gen)
-                    else:
-                        token = ops.select_token(_penalized(z_real, sampling, counts), sampling, gen)
-                    counts[token] = counts.get(token, 0) + 1
-
-                    piece = tracker.add(token)
-                    if piece:
-                        yield piece
-                    if token in self._eos_ids or tracker.stopped:
-                        finish = "stop"
-                        break
-                    if t + 1 == max_new_tokens:
-                        break
-                    if contrastive and t + 1 == window:
-                        decoder.keep([0])  # the window is over: the noised row leaves the cache
-                        contrastive = False
-                    rows = 2 if contrastive else 1
-                    logits = decoder.step(torch.full((rows,), token, dtype=torch.long, device=logits.device))
-                tail = tracker.flush()
-                if tail:
-                    yield tail
-            finally:
-                decoder.release()
-            t_end = time.perf_counter()
-
-        n_new = len(tracker.ids)
-        yield SafeCoDeResult(
-            text=tracker.text,
-            token_ids=list(tracker.ids),
-            verdict=verdict,
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=prompt_len, completion_tokens=n_new, total_tokens=prompt_len + n_new),
-            timings={
-                "judge_s": judge_s,
-                "prefill_s": t_prefill - t_start,
-                "decode_s": t_end - t_prefill,
-                "total_s": judge_s + (t_end - t_start),
-            },
-            refused=ops.opens_with_refusal(tracker.text, cfg.refusal_phrases),
-        )

@@ -11,6 +11,8 @@ __all__ = [
     "ImageInputError",
     "InputLimitError",
     "JudgeError",
+    "OverloadedError",
+    "RequestTimeoutError",
     "SafeCoDeError",
     "SafeCoDeInputError",
     "UnsupportedContentError",
@@ -44,3 +46,11 @@ class UnsupportedModelError(SafeCoDeInputError):
 
 class JudgeError(SafeCoDeError, RuntimeError):
     """A judge failed and the policy `on_judge_error="raise"` asked for the error."""
+
+
+class OverloadedError(SafeCoDeError):
+    """The model's request queue is full (`BatchingConfig.max_queue`); retry later (HTTP 429)."""
+
+
+class RequestTimeoutError(SafeCoDeError, TimeoutError):
+    """A request ran past its deadline (`BatchingConfig.request_timeout_s`, queue time included)."""

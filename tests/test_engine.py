@@ -8,6 +8,7 @@ must produce the same greedy tokens on every family and setting.
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -281,7 +282,7 @@ def test_usage_timings_and_override(llava):
         tokenize=False,
     )
     assert result.usage.prompt_tokens == processor(images=[gradient_image()], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
-    assert set(result.timings) == {"judge_s", "prefill_s", "decode_s", "total_s"}
+    assert set(result.timings) == {"judge_s", "queue_s", "prefill_s", "decode_s", "total_s"}
     custom = Verdict(label="safe", unsafe_score=0.1, judge="mine")
     assert engine.generate(msgs, max_new_tokens=2, verdict=custom).verdict.judge == "mine"
     with pytest.raises(ValueError, match="verdict"):
@@ -323,20 +324,15 @@ def test_prompt_longer_than_context_is_refused(llava):
         engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=min(limit, engine.policy.max_new_tokens_limit))
 
 
-def test_noised_row_leaves_the_cache_after_the_window(llava, monkeypatch):
-    from safecode_guard import adapters
-
+def test_noised_row_leaves_the_cache_after_the_window(llava):
     model, processor = llava
-    seen: list[int] = []
-    real_step = adapters.Decoder.step
-
-    def spy(self, tokens):
-        seen.append(int(tokens.shape[0]))
-        return real_step(self, tokens)
-
-    monkeypatch.setattr(adapters.Decoder, "step", spy)
     engine = SafeCoDe(model, processor, config=SafeCoDeConfig(steered_steps=3), judge="fixed:safe")
-    engine.generate(user_turn("Describe the image.", gradient_image()), max_new_tokens=8)
+    seen: list[int] = []
+    engine.scheduler.on_step = seen.append
+    try:
+        engine.generate(user_turn("Describe the image.", gradient_image()), max_new_tokens=8)
+    finally:
+        engine.scheduler.on_step = None
     # steps 1..2 feed both rows; from step 3 on only the real row (no re-prefill)
     assert seen == [2, 2, 1, 1, 1, 1, 1]
 
@@ -351,26 +347,25 @@ def test_judge_method_and_self_judge_scores(llava):
 
 
 
-def test_engines_on_one_model_share_a_lock_and_queueing_is_not_a_judge_timeout(llava):
+def test_engines_on_one_model_share_a_scheduler_and_queueing_is_not_a_judge_timeout(llava):
     import threading
-    import time
 
     model, processor = llava
     cfg = SafeCoDeConfig(judge_timeout_s=0.05)
     first, second = SafeCoDe(model, processor, config=cfg), SafeCoDe(model, processor, config=cfg)
-    assert first._lock is second._lock
-    held = threading.Event()
-
-    def hold_the_model():
-        with first._lock:
-            held.set()
-            time.sleep(0.3)  # another request decoding, longer than the judge timeout
-
-    worker = threading.Thread(target=hold_the_model)
-    worker.start()
-    held.wait()
-    verdict = second.judge(user_turn("Is this safe?", gradient_image()))
-    worker.join()
+    assert first.scheduler is second.scheduler
+    busy = threading.Event()
+    first.scheduler.on_step = lambda rows: (busy.set(), time.sleep(0.01))  # decode steps slower than the timeout
+    try:
+        long_answer = threading.Thread(
+            target=lambda: first.generate(user_turn("Describe.", gradient_image()), max_new_tokens=40, verdict="safe")
+        )
+        long_answer.start()
+        busy.wait(10)
+        verdict = second.judge(user_turn("Is this safe?", gradient_image()))
+        long_answer.join()
+    finally:
+        first.scheduler.on_step = None
     assert verdict.source == "judge" and verdict.error is None
 
 

@@ -191,7 +191,11 @@ def test_threads_get_their_own_correct_answers(tiny_model_dir):
     for i, expected in enumerate(sequential):
         got = results[i]
         assert got.content == expected.content
-        assert got.response_metadata["safety"] == expected.response_metadata["safety"]
+        got_safety, expected_safety = dict(got.response_metadata["safety"]), dict(expected.response_metadata["safety"])
+        # concurrent self-judge passes are prefilled as one padded batch: the score may move in
+        # its last float digits (batched kernels sum in another order), never more
+        assert got_safety.pop("unsafe_score") == pytest.approx(expected_safety.pop("unsafe_score"), abs=1e-6)
+        assert got_safety == expected_safety
     assert len({r.content for r in sequential}) > 1  # the requests really differ
 
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 import json
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from transformers import AutoProcessor
 
-from safecode_guard import ops
+from safecode_guard.decoding import Steering
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.prompting import Conversation
 from safecode_guard.testing import build_tiny_vlm
@@ -190,57 +190,71 @@ def tool_processor(tiny_model_dir: Callable[[str], Path], family: str) -> Any:
 Reply = str | Callable[[Conversation], str]
 
 
+class _ScriptedSteering(Steering):
+    """A request's real `Steering`, except that every free token choice comes from `script`."""
+
+    script: deque[int]
+
+    @property
+    def plain_greedy(self) -> bool:
+        return not self.script and super().plain_greedy
+
+    def _select(self, scores: Any) -> int:
+        return self.script.popleft() if self.script else super()._select(scores)
+
+
 class ScriptedDecoding:
     """Scripted answers for SafeCoDe's steered decoding; everything around the token choice is real.
 
-    Each steered `_run` (one per chat-model call) takes the next reply, encodes
-    it with the model's own tokenizer, appends an end-of-turn token, and has
-    `ops.select_token` return those tokens in order. Under an unsafe verdict
-    in "prefix" mode the engine still forces its refusal opening first (that
-    choice is not `select_token`'s), then the script goes on. Plain decoding
-    (captions for a judge) is left alone. `prompts` records every rendered
-    prompt and `prefixes` every forced answer opening.
+    Each steered request (one per chat-model call) takes the next reply,
+    encodes it with the model's own tokenizer, appends an end-of-turn token,
+    and its `Steering` picks those tokens in order wherever it would select
+    a token. Under an unsafe verdict in "prefix" mode the engine still forces
+    its refusal opening first (that choice is not a selection), then the script
+    goes on. Plain decoding (captions for a judge) is left alone. `prompts`
+    records every rendered prompt and `prefixes` every forced answer opening.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, replies: Iterable[Reply] = ()) -> None:
+        import safecode_guard.engine as engine_module
+
         self.replies: deque[Reply] = deque(replies)
         self.prompts: list[str] = []
         self.prefixes: list[str] = []
         self.calls = 0
-        local = threading.local()
-        real_run, real_select = SafeCoDe._run, ops.select_token
-        real_render = __import__("safecode_guard.engine", fromlist=["render_prompt"]).render_prompt
+        local = threading.local()  # preparation runs in the caller's thread
+        real_prepare, real_parse = SafeCoDe._prepare, engine_module.parse_messages
+        real_render = engine_module.render_prompt
 
-        def run(engine: SafeCoDe, conv: Conversation, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            steered = kwargs.get("steered", args[6] if len(args) > 6 else False)
-            if not steered:
-                yield from real_run(engine, conv, *args, **kwargs)
-                return
+        def parse(*args: Any, **kwargs: Any) -> Conversation:
+            local.conv = real_parse(*args, **kwargs)
+            return local.conv
+
+        def prepare(engine: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
+            job, verdict, judge_s = real_prepare(engine, messages, **kwargs)
+            if not kwargs.get("steered"):
+                return job, verdict, judge_s
             if not self.replies:
                 raise AssertionError("ScriptedDecoding ran out of scripted replies")
             reply = self.replies.popleft()
-            text = reply(conv) if callable(reply) else reply
+            text = reply(local.conv) if callable(reply) else reply
             end = min(engine._eos_ids)
-            local.queue = deque([*engine.tokenizer.encode(text, add_special_tokens=False), end])
+            scripted = _ScriptedSteering.__new__(_ScriptedSteering)
+            scripted.__dict__.update(job.steering.__dict__)
+            scripted.script = deque([*engine.tokenizer.encode(text, add_special_tokens=False), end])
+            job.steering = scripted
             self.prefixes.append(kwargs.get("answer_prefix", ""))
             self.calls += 1
-            try:
-                yield from real_run(engine, conv, *args, **kwargs)
-            finally:
-                local.queue = None
-
-        def select(scores: Any, sampling: Any, generator: Any) -> int:
-            queue = getattr(local, "queue", None)
-            return queue.popleft() if queue else real_select(scores, sampling, generator)
+            return job, verdict, judge_s
 
         def render(*args: Any, **kwargs: Any) -> str:
             prompt = real_render(*args, **kwargs)
             self.prompts.append(prompt)
             return prompt
 
-        monkeypatch.setattr(SafeCoDe, "_run", run)
-        monkeypatch.setattr(ops, "select_token", select)
-        monkeypatch.setattr("safecode_guard.engine.render_prompt", render)
+        monkeypatch.setattr(SafeCoDe, "_prepare", prepare)
+        monkeypatch.setattr(engine_module, "parse_messages", parse)
+        monkeypatch.setattr(engine_module, "render_prompt", render)
 
     def add(self, *replies: Reply) -> ScriptedDecoding:
         self.replies.extend(replies)

@@ -1,0 +1,194 @@
+"""One request's decoding state: which token comes next, and the text it adds.
+
+The scheduler advances many requests in one forward pass; everything that
+makes a request *this* request lives here, one object per request, and never
+sees the model or the other rows:
+
+- `Steering`: SafeCoDe's window (SPEC section 2). Given the step's logits for
+  the request's rows (real view, and the noised view while contrasting), it
+  picks the next token with the pure functions of `ops`: contrast, refusal
+  modulation or a forced refusal opening, OpenAI penalties, then greedy or
+  seeded sampling. After the window it is plain decoding.
+- `TextTracker`: token ids to text pieces, incrementally (each step decodes a
+  few tokens, not the whole answer), holding back text that might begin a stop
+  string and cutting the answer at the first one. Stop strings are bounded in
+  number and length (`MAX_STOP_STRINGS`, `MAX_STOP_CHARS`), so a step costs
+  the same at token 10 and at token 10,000.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from . import ops
+from .config import SafeCoDeConfig
+
+__all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "Steering", "TextTracker"]
+
+#: Most stop strings one request may give, and the longest each may be (characters).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+TokenSeq = tuple[int, ...]
+
+_UTF8_MAX_BYTES = 4
+
+
+class Steering:
+    """SafeCoDe's per-request token choice: the window, then plain decoding.
+
+    `rows` says how many batch rows the request needs for its next step: two
+    (real, noised) while the window contrasts an image, else one. `choose`
+    takes the logits of those rows (`(rows, V)`) and returns the next token.
+    """
+
+    def __init__(
+        self,
+        config: SafeCoDeConfig,
+        refusal_seqs: Sequence[TokenSeq],
+        label: Literal["safe", "unsafe"],
+        window: int,
+        contrastive: bool,
+        sampling: ops.Sampling,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.config = config
+        self.refusal_seqs = refusal_seqs
+        self.label = label
+        self.window = window
+        self.contrastive = contrastive and window > 0
+        self.sampling = sampling
+        self.generator = generator
+        self.generated: list[int] = []
+        self.forced: list[int] = []
+        self.counts: dict[int, int] = {}
+
+    @property
+    def t(self) -> int:
+        return len(self.generated)
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.contrastive and self.t < self.window else 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The next token is the argmax of the real row: no window, no prefix, no penalties."""
+        return (
+            not self.forced
+            and self.t >= self.window
+            and not self.sampling.do_sample
+            and not self.sampling.penalized
+        )
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this step's logits for the request's rows, shape `(rows, V)`."""
+        cfg = self.config
+        t = self.t
+        z_real = logits[0].float()
+        if self.forced:
+            return self.forced.pop(0)
+        if t >= self.window:
+            return self._select(z_real)
+        z_cd = ops.contrast(z_real, logits[1].float() if self.rows == 2 else None, cfg.alpha, cfg.plausibility_beta)
+        if t == 0 and self.label == "unsafe" and cfg.unsafe_mode == "prefix":
+            # open the answer with the likeliest refusal phrase, whole
+            token, *self.forced = ops.choose_refusal_prefix(z_cd, self.refusal_seqs)
+            return token
+        r_t = ops.refusal_continuations(self.refusal_seqs, self.generated)
+        return self._select(ops.modulate(z_cd, r_t, self.label, cfg.unsafe_mode, cfg.lambda_boost, cfg.lambda_supp))
+
+    def _select(self, scores: torch.Tensor) -> int:
+        s = self.sampling
+        if s.penalized:
+            scores = ops.penalize(scores, self.counts, s.presence_penalty, s.frequency_penalty, s.logit_bias)
+        return ops.select_token(scores, s, self.generator)
+
+    def accept(self, token: int) -> None:
+        """Record the token actually emitted (chosen here, or the batch's argmax)."""
+        self.generated.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+
+class TextTracker:
+    """Turns new token ids into text pieces, holding back what might start a stop string.
+
+    Incremental detokenisation: each step decodes only the tokens since the
+    last piece that was complete (`prefix_offset`), compared with the same
+    span without the new token (`read_offset`), so multi-byte characters and
+    tokenizers that drop a leading space (SentencePiece) come out right
+    without decoding the whole answer every step. Stop strings are searched
+    only where a new match can start, and the held-back tail is the longest
+    end of the text that begins some stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self._longest = max((len(s) for s in self.stop), default=0)
+        # per stop string: its proper prefixes' lengths k (longest first), by their last character
+        self._prefix_ends: list[tuple[str, dict[str, list[int]]]] = []
+        for s in self.stop:
+            ends: dict[str, list[int]] = {}
+            for k in range(len(s) - 1, 0, -1):
+                ends.setdefault(s[k - 1], []).append(k)
+            self._prefix_ends.append((s, ends))
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.ids[self._prefix_offset :])
+        pending = len(self.ids) - self._read_offset
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and pending < _UTF8_MAX_BYTES):
+            # A token with no text, or half a multi-byte character: wait for more. After
+            # 4 tokens a character cannot still be incomplete, so a trailing U+FFFD is real.
+            return ""
+        before = len(self.text)
+        self.text += full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        safe_end = len(self.text)
+        if self.stop:
+            start = max(0, before - self._longest + 1)  # a new match must end in the new text
+            hits = [h for s in self.stop if (h := self.text.find(s, start)) != -1]
+            if hits:
+                self.text = self.text[: min(hits)]
+                safe_end, self.stopped = len(self.text), True
+            else:
+                safe_end -= self._held_back()
+        piece = self.text[self.emitted : safe_end] if safe_end > self.emitted else ""
+        self.emitted = max(self.emitted, safe_end)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest end of `text` that is a proper prefix of some stop string."""
+        if not self.text:
+            return 0
+        last = self.text[-1]
+        best = 0
+        for stop, ends in self._prefix_ends:
+            for k in ends.get(last, ()):
+                if k <= best:
+                    break
+                if self.text.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+    def flush(self) -> str:
+        """At the end nothing more can complete a stop string: release what was held."""
+        piece = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return piece
+

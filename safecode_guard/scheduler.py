@@ -1,0 +1,571 @@
+"""The loop that owns a model: continuous batching of SafeCoDe requests.
+
+Requests from any thread or asyncio task enter one queue per model. One worker
+thread owns the model: between decode steps it admits waiting requests,
+prefills each newcomer on its own (its prompt runs exactly as it would alone),
+lines the newcomer's rows up with the running batch (`adapters.merge`), and
+then advances every active row with one forward pass per step. A request
+leaves the batch the step it ends (EOS, a stop string, `max_new_tokens`, its
+deadline, or its consumer going away), and its noised row leaves when its
+SafeCoDe window ends. Nothing is held across a consumer's `yield`: consumers
+read their own `Channel`, so a slow or vanished reader never stalls others.
+
+A request is a small state machine: waiting -> running -> finished, or
+cancelled / failed. Its SafeCoDe state (verdict, window, forced refusal
+prefix, sampling and seeded generator, penalties, stop strings) lives in its
+own `decoding.Steering` and `decoding.TextTracker`.
+
+Judges batch too: a self-judge pass (`prefill_logits`) is a prefill-only job
+run between decode steps; concurrent ones are encoded and prefilled together
+as one left-padded batch, as `generate` batches prompts of different lengths.
+
+Limits and back-pressure (`BatchingConfig`, documented policy):
+
+- a full queue refuses at once with `OverloadedError` (an HTTP server maps it to 429);
+- a request that fits the queue waits for free rows (`max_batch_rows`) and KV
+  budget (`kv_cache_budget_mb`), first come first served;
+- a request that could never fit the KV budget alone is refused at once
+  (`InputLimitError` naming the limit);
+- a request past `request_timeout_s` (queue time included) fails with
+  `RequestTimeoutError`, and its rows leave at the next step;
+- a request whose prefill fails fails alone; if a batched step fails (e.g. out
+  of memory), every request in that step fails with the error and the loop
+  goes on with an empty batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .adapters import Decoder, Quirks, RowBatch, merge, unbatchable_reason
+from .config import BatchingConfig
+from .decoding import Steering, TextTracker
+from .errors import (
+    InputLimitError,
+    OverloadedError,
+    RequestTimeoutError,
+    SafeCoDeError,
+    UnsupportedContentError,
+)
+
+__all__ = ["Channel", "DecodeJob", "PrefillJob", "Scheduler", "kv_bytes_per_token", "scheduler_for"]
+
+Status = Literal["waiting", "running", "finished", "cancelled", "failed"]
+
+
+# --------------------------------------------------------------------------- channel
+
+
+class Channel:
+    """A one-consumer queue between the scheduler thread and a request's reader.
+
+    `put` never blocks; `get` blocks a thread; `aget` awaits on the reader's
+    event loop (woken with `call_soon_threadsafe`), so asyncio readers need no
+    thread of their own.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[str, Any]] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def put(self, kind: str, value: Any = None) -> None:
+        with self._cond:
+            self._items.append((kind, value))
+            self._cond.notify()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def get(self, timeout: float | None = None) -> tuple[str, Any]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                raise TimeoutError("no item within the timeout")
+            return self._items.popleft()
+
+    async def aget(self) -> tuple[str, Any]:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._items.popleft()
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append((loop, fut))
+            await fut
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(eq=False)
+class DecodeJob:
+    """One request to decode: its encoded prompt and its own SafeCoDe state."""
+
+    batch: Any
+    """The processor's output for the request: one row per view (real, then noised)."""
+    steering: Steering
+    tracker: TextTracker
+    eos_ids: frozenset[int]
+    max_new_tokens: int
+    prompt_len: int
+    n_images: int = 0
+    timeout_s: float | None = None
+    channel: Channel = field(default_factory=Channel)
+    status: Status = "waiting"
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    t_submit: float = 0.0
+    t_start: float = 0.0
+    t_first: float = 0.0
+    t_end: float = 0.0
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def rows(self) -> int:
+        return self.steering.rows
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - self.steering.t
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.t_submit + self.timeout_s
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at its next step (safe from any thread)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "cancelled", "failed")
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """A prefill-only pass (a self judge's verdict prompt): the last position's logits, `(V,)`."""
+
+    processor: Any
+    prompt: str
+    images: Sequence[Any]
+    future: concurrent.futures.Future[torch.Tensor] = field(default_factory=concurrent.futures.Future)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes one token of one row adds to a full-attention KV cache (all layers, keys and values)."""
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.tensor([], dtype=model.dtype).element_size()
+    return int(text.num_hidden_layers * 2 * heads * head_dim * element)
+
+
+def _to_model(batch: Any, model: Any) -> dict[str, Any]:
+    batch = batch.to(model.device) if hasattr(batch, "to") else dict(batch)
+    out = dict(batch)
+    # pixel values follow the model's dtype (e.g. bf16); integer tensors stay as they are
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            out[key] = value.to(model.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+class Scheduler:
+    """Owns one model: a queue of requests and the worker thread that batches them.
+
+    The worker runs only while there is work, and exits when the queue and the
+    batch are empty (the next request starts a new one).
+    """
+
+    def __init__(self, model: Any, quirks: Quirks, settings: BatchingConfig | None = None) -> None:
+        self.model = model
+        self.quirks = quirks
+        self.settings = settings or BatchingConfig()
+        self.decoder = Decoder(model, quirks)
+        self.kv_token_bytes = kv_bytes_per_token(model)
+        self.batchable: bool | None = None
+        """None until the first prefill shows the cache kind; False: one request at a time."""
+        self.unbatchable_reason: str | None = None
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[DecodeJob] = collections.deque()
+        self._prefills: list[PrefillJob] = []
+        self._active: list[DecodeJob] = []
+        self._owners: list[DecodeJob] = []  # row i of the batch belongs to _owners[i]
+        self._rows: RowBatch | None = None
+        self._worker: threading.Thread | None = None
+        self.steps = 0
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.on_step: Callable[[int], None] | None = None
+        """Test and metrics hook: called with the batch size before each decode step."""
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def active_rows(self) -> int:
+        with self._cond:
+            return len(self._owners)
+
+    def submit(self, job: DecodeJob) -> DecodeJob:
+        """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full."""
+        s = self.settings
+        need = self.kv_token_bytes * job.rows * (job.prompt_len + job.max_new_tokens)
+        if s.kv_cache_budget_mb is not None and need > s.kv_cache_budget_mb * 2**20:
+            raise InputLimitError(
+                f"This request needs about {need / 2**20:.1f} MB of KV cache ({job.prompt_len} prompt tokens + "
+                f"{job.max_new_tokens} new, {job.rows} row(s)), more than the whole budget of "
+                f"{s.kv_cache_budget_mb:g} MB (BatchingConfig.kv_cache_budget_mb). Shorten the prompt, ask for "
+                "fewer tokens, or raise the budget."
+            )
+        with self._cond:
+            if len(self._waiting) >= s.max_queue:
+                self.stats["overloaded"] += 1
+                raise OverloadedError(
+                    f"The model's queue is full ({s.max_queue} requests waiting; BatchingConfig.max_queue). "
+                    "Retry shortly, or raise max_queue."
+                )
+            job.t_submit = time.perf_counter()
+            self._waiting.append(job)
+            self._ensure_worker()
+            self._cond.notify_all()
+        return job
+
+    def prefill_logits(self, processor: Any, prompt: str, images: Sequence[Any]) -> torch.Tensor:
+        """Last-position logits `(V,)` (float32, CPU) of `prompt` with `images`: one prefill."""
+        return self.submit_prefill(processor, prompt, images).result()
+
+    def submit_prefill(self, processor: Any, prompt: str, images: Sequence[Any]) -> concurrent.futures.Future[torch.Tensor]:
+        job = PrefillJob(processor, prompt, list(images))
+        with self._cond:
+            self._prefills.append(job)
+            self._ensure_worker()
+            self._cond.notify_all()
+        return job.future
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name="safecode-scheduler", daemon=True)
+            self._worker.start()
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._expire_waiting()
+                if not (self._active or self._waiting or self._prefills):
+                    self._worker = None
+                    return
+                admitted = self._admissible()
+                prefills, self._prefills = self._prefills, []
+                if not (admitted or prefills or self._active):
+                    self._cond.wait(0.05)  # waiting requests that do not fit yet (cannot happen alone)
+                    continue
+            if prefills:
+                self._run_prefills(prefills)
+            for job in admitted:
+                self._start(job)
+            if self._active:
+                self._step()
+
+    def _expire_waiting(self) -> None:
+        now = time.perf_counter()
+        keep: collections.deque[DecodeJob] = collections.deque()
+        for job in self._waiting:
+            if job.cancelled:
+                self._end(job, "cancelled")
+            elif job.deadline is not None and now > job.deadline:
+                self._fail(job, self._timeout_error(job))
+            else:
+                keep.append(job)
+        self._waiting = keep
+
+    def _admissible(self) -> list[DecodeJob]:
+        """Waiting jobs that fit now, first come first served (called under the lock)."""
+        s = self.settings
+        admitted: list[DecodeJob] = []
+        rows = len(self._owners)
+        length = self._rows.length if self._rows is not None else 0
+        remaining = max((j.remaining for j in self._active), default=0)
+        one_at_a_time = not s.enabled or self.batchable is False
+        while self._waiting:
+            job = self._waiting[0]
+            busy = bool(self._active or admitted)
+            if one_at_a_time and busy:
+                break
+            if busy and rows + job.rows > s.max_batch_rows:
+                break
+            new_length = max(length, job.prompt_len + 1)
+            new_remaining = max(remaining, job.max_new_tokens)
+            if busy and s.kv_cache_budget_mb is not None:
+                projected = self.kv_token_bytes * (rows + job.rows) * (new_length + new_remaining)
+                if projected > s.kv_cache_budget_mb * 2**20:
+                    break
+            admitted.append(self._waiting.popleft())
+            rows, length, remaining = rows + job.rows, new_length, new_remaining
+        return admitted
+
+    # -- prefill-only jobs (judges) ----------------------------------------------------------
+
+    def _run_prefills(self, jobs: list[PrefillJob]) -> None:
+        """Prefill every judge prompt; compatible ones together in one left-padded batch."""
+        groups: dict[tuple[int, bool], list[PrefillJob]] = {}
+        for job in jobs:
+            groups.setdefault((id(job.processor), bool(job.images)), []).append(job)
+        for group in groups.values():
+            if len(group) > 1 and self.settings.enabled:
+                try:
+                    logits = self._prefill_batch(group[0].processor, group)
+                except Exception:  # one bad prompt must not fail the others: retry them one by one
+                    logits = None
+                if logits is not None:
+                    for job, row in zip(group, logits, strict=True):
+                        job.future.set_result(row)
+                    self.stats["judge_batches"] += 1
+                    continue
+            for job in group:
+                try:
+                    job.future.set_result(self._prefill_batch(job.processor, [job])[0])
+                except Exception as exc:
+                    job.future.set_exception(exc)
+
+    def _prefill_batch(self, processor: Any, jobs: list[PrefillJob]) -> torch.Tensor:
+        texts = [j.prompt for j in jobs]
+        if jobs[0].images:
+            batch = processor(
+                images=[list(j.images) for j in jobs], text=texts, return_tensors="pt",
+                padding=True, padding_side="left",
+            )
+        else:
+            batch = processor(text=texts, return_tensors="pt", padding=True, padding_side="left")
+        _, logits = self.decoder.prefill(_to_model(batch, self.model))
+        return logits.float().cpu()
+
+    # -- decode jobs -------------------------------------------------------------------------
+
+    def _start(self, job: DecodeJob) -> None:
+        """Prefill a newcomer, choose its first token, and line its rows up with the batch."""
+        if job.cancelled:
+            self._end(job, "cancelled")
+            return
+        job.status = "running"
+        job.t_start = time.perf_counter()
+        try:
+            rows, logits = self.decoder.prefill(_to_model(job.batch, self.model))
+        except Exception as exc:
+            self._fail(job, _prefill_error(exc, self.model, job))
+            return
+        finally:
+            job.batch = None  # pixels are prefill-only: free them now
+        if self.batchable is None:
+            self.unbatchable_reason = unbatchable_reason(rows.cache)
+            self.batchable = self.unbatchable_reason is None
+        job.t_first = time.perf_counter()
+        try:
+            token = job.steering.choose(logits)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        if self._accept(job, token):
+            return
+        if job.rows < rows.size:
+            rows.select([0])  # the window is over: the noised row leaves
+        owners = [job] * rows.size
+        with self._cond:
+            if self._rows is None:
+                self._rows = rows
+            else:
+                self._rows = merge(self._rows, rows)
+            self._owners.extend(owners)
+            self._active.append(job)
+
+    def _step(self) -> None:
+        """One forward for every active row, then each request's next token."""
+        self._drop_gone()
+        if not self._active:
+            return
+        assert self._rows is not None
+        tokens = torch.tensor([j.steering.generated[-1] for j in self._owners], dtype=torch.long)
+        if self.on_step is not None:
+            self.on_step(len(self._owners))
+        try:
+            logits = self.decoder.step(self._rows, tokens)
+        except Exception as exc:
+            error = SafeCoDeError(f"The batched decode step failed ({type(exc).__name__}: {exc}).")
+            error.__cause__ = exc
+            for job in list(self._active):
+                self._fail(job, error)
+            with self._cond:
+                self._active, self._owners, self._rows = [], [], None
+            return
+        self.steps += 1
+        first_row: dict[int, int] = {}
+        for i, job in enumerate(self._owners):
+            first_row.setdefault(id(job), i)
+        greedy = [j for j in self._active if j.steering.plain_greedy]
+        if greedy:
+            # the common case after the window, for all greedy rows in one op and one device sync
+            idx = torch.tensor([first_row[id(j)] for j in greedy], device=logits.device)
+            chosen = dict(zip(map(id, greedy), logits.index_select(0, idx).argmax(-1).tolist(), strict=True))
+        else:
+            chosen = {}
+        ended = False
+        for job in list(self._active):
+            i = first_row[id(job)]
+            try:
+                token = chosen[id(job)] if id(job) in chosen else job.steering.choose(logits[i : i + job.rows])
+            except Exception as exc:
+                self._fail(job, exc)
+                ended = True
+                continue
+            ended |= self._accept(job, token)
+        self._prune(force=ended)
+
+    def _accept(self, job: DecodeJob, token: int) -> bool:
+        """Record and emit `token`; True when the job has ended."""
+        job.steering.accept(token)
+        piece = job.tracker.add(token)
+        if piece:
+            job.channel.put("piece", piece)
+        if token in job.eos_ids or job.tracker.stopped:
+            self._end(job, "stop")
+            return True
+        if job.steering.t >= job.max_new_tokens:
+            self._end(job, "length")
+            return True
+        return False
+
+    def _drop_gone(self) -> None:
+        """Remove cancelled and expired requests before spending a step on them."""
+        now = time.perf_counter()
+        gone = False
+        for job in self._active:
+            if job.cancelled:
+                self._end(job, "cancelled")
+                gone = True
+            elif job.deadline is not None and now > job.deadline:
+                self._fail(job, self._timeout_error(job))
+                gone = True
+        if gone:
+            self._prune(force=True)
+
+    def _prune(self, force: bool = False) -> None:
+        """Drop the rows of ended requests and of windows that just closed."""
+        keep: list[int] = []
+        owners: list[DecodeJob] = []
+        seen: dict[int, int] = {}
+        for i, job in enumerate(self._owners):
+            if job.done:
+                continue
+            n = seen.get(id(job), 0)
+            if n < job.rows:
+                keep.append(i)
+                owners.append(job)
+            seen[id(job)] = n + 1
+        if len(keep) == len(self._owners) and not force:
+            return
+        with self._cond:
+            self._active = [j for j in self._active if not j.done]
+            self._owners = owners
+            if not keep:
+                self._rows = None
+            elif len(keep) < self._rows.size:
+                self._rows.select(keep)
+                self._rows.trim()
+            self._cond.notify_all()
+
+    def _end(self, job: DecodeJob, reason: str) -> None:
+        tail = job.tracker.flush() if reason in ("stop", "length") else ""
+        if tail:
+            job.channel.put("piece", tail)
+        job.finish_reason = reason
+        job.status = "cancelled" if reason == "cancelled" else "finished"
+        job.t_end = time.perf_counter()
+        self.stats[f"finished_{reason}"] += 1
+        job.channel.put("done")
+
+    def _fail(self, job: DecodeJob, error: BaseException) -> None:
+        job.error = error
+        job.status = "failed"
+        job.t_end = time.perf_counter()
+        self.stats["failed"] += 1
+        job.channel.put("error", error)
+
+    @staticmethod
+    def _timeout_error(job: DecodeJob) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"The request took longer than its timeout of {job.timeout_s:g} s (BatchingConfig.request_timeout_s, "
+            f"queue time included; {job.steering.t} token(s) were generated). Ask for fewer tokens, retry when "
+            "the model is less busy, or raise the timeout."
+        )
+
+
+def _prefill_error(exc: Exception, model: Any, job: DecodeJob) -> Exception:
+    """A model that cannot take this request (e.g. more images than it was built for) says so, typed."""
+    if isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError)) and not isinstance(exc, SafeCoDeError):
+        error = UnsupportedContentError(
+            f"{type(model).__name__} could not process this request ({job.n_images} image(s), "
+            f"{job.prompt_len} prompt tokens): "
+            f"{type(exc).__name__}: {str(exc).rstrip('.')}. Check that the model supports this many images per request."
+        )
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+# --------------------------------------------------------------------------- one scheduler per model
+
+_SCHEDULERS: weakref.WeakKeyDictionary[Any, Scheduler] = weakref.WeakKeyDictionary()
+_SCHEDULERS_GUARD = threading.Lock()
+
+
+def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = None) -> Scheduler:
+    """The scheduler that owns `model` (made on first use; every engine on the model shares it).
+
+    `settings` apply when the scheduler is made; later engines may pass None or
+    the same settings, and anything else is a typed error (one model, one set of limits).
+    """
+    with _SCHEDULERS_GUARD:
+        scheduler = _SCHEDULERS.get(model)
+        if scheduler is None:
+            scheduler = _SCHEDULERS[model] = Scheduler(model, quirks, settings)
+        elif settings is not None and settings != scheduler.settings:
+            from .errors import SafeCoDeInputError
+
+            raise SafeCoDeInputError(
+                f"This model already has a scheduler with {scheduler.settings!r}; an engine asked for "
+                f"{settings!r}. One loaded model has one set of batching limits: pass the same "
+                "BatchingConfig (or none) to every engine on it, or load the model twice."
+            )
+        return scheduler
