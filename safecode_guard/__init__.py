@@ -12,11 +12,13 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_REFUSAL_PHRASES, InputPolicy, SafeCoDeConfig
+from .config import DEFAULT_REFUSAL_PHRASES, BatchingConfig, InputPolicy, SafeCoDeConfig
 from .errors import (
     ImageInputError,
     InputLimitError,
     JudgeError,
+    OverloadedError,
+    RequestTimeoutError,
     SafeCoDeError,
     SafeCoDeInputError,
     UnsupportedContentError,
@@ -58,6 +60,7 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
+    "BatchingConfig",
     "CallableJudge",
     "ChatModelJudge",
     "ChatSafeCoDe",
@@ -68,6 +71,8 @@ __all__ = [
     "Judge",
     "JudgeError",
     "JudgeRequest",
+    "OverloadedError",
+    "RequestTimeoutError",
     "SafeCoDe",
     "SafeCoDeConfig",
     "SafeCoDeError",
