@@ -292,6 +292,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per call (default: 128)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda for gpu, else cpu)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
+    parser.add_argument(
+        "--concurrency",
+        default=None,
+        metavar="N,N,...",
+        help="instead: many requests at once, e.g. 1,4,8,16 (batched SafeCoDe vs serialised vs plain static batch)",
+    )
+
+
+def _levels(text: str) -> list[int]:
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or any(n < 1 or n > 256 for n in levels):
+        raise ValueError(text)
+    return sorted(set(levels))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -301,6 +314,8 @@ def run_command(args: argparse.Namespace) -> int:
     if (args.preset == "gpu" or (args.device or "").startswith("cuda")) and not torch.cuda.is_available():
         print("error: the gpu preset needs a CUDA device; use --preset cpu here", file=sys.stderr)
         return 2
+    if args.concurrency is not None:
+        return _run_concurrency(args)
     report = run_bench(
         args.preset,
         rounds=args.rounds,
@@ -312,6 +327,36 @@ def run_command(args: argparse.Namespace) -> int:
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "
         f"prompt {report.prompt_tokens} tokens, {report.new_tokens} new tokens, greedy; "
         f"median of {report.rounds} interleaved rounds"
+    )
+    print(report.table())
+    for line in report.verdicts():
+        print(line)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(asdict(report), f, indent=2)
+    return 0
+
+
+def _run_concurrency(args: argparse.Namespace) -> int:
+    from .bench_concurrency import run_concurrency_bench
+
+    try:
+        levels = _levels(args.concurrency)
+    except ValueError:
+        print(f"error: --concurrency takes levels from 1 to 256 like 1,4,8,16, not {args.concurrency!r}", file=sys.stderr)
+        return 2
+    report = run_concurrency_bench(
+        args.preset,
+        levels=levels,
+        rounds=args.rounds,
+        new_tokens=args.new_tokens,
+        device=args.device,
+        progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
+    )
+    print(
+        f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "
+        f"prompt {report.prompt_tokens} tokens, {report.new_tokens} new tokens each, greedy, fixed verdict; "
+        f"tokens/s from the median of {report.rounds} interleaved rounds, latencies pooled over rounds"
     )
     print(report.table())
     for line in report.verdicts():
