@@ -17,6 +17,7 @@ COMMANDS = {
     "chat": ("safecode_guard.chat_cli", "one-shot chat with an image, streamed, with the verdict"),
     "eval": ("safecode_guard.evaluation", "compare SafeCoDe with plain decoding on MSSBench, MOSSBench or your own JSONL data"),
     "bench": ("safecode_guard.bench", "time SafeCoDe against plain generate, side by side"),
+    "serve": ("safecode_guard.serve_cli", "an OpenAI-compatible HTTP server that returns the verdict with every answer"),
 }
 
 

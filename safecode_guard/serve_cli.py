@@ -1,0 +1,136 @@
+"""`safecode-guard serve`: the OpenAI-compatible HTTP server (see `safecode_guard.serving`).
+
+    safecode-guard serve --model ./my-vlm --judge self --host 127.0.0.1 --port 8000 --api-key "$KEY"
+
+Every SafeCoDe setting, generation default, input limit and batching limit is
+a flag. The model loads once, in the background: `/health` answers at once,
+`/ready` and the API once the model is in (the URL is printed then). SIGTERM
+stops accepting, lets requests in flight finish (up to --shutdown-timeout),
+and exits 0. This module only builds the parser; the server's packages load
+when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .cli import add_safecode_arguments, config_from_args
+
+__all__ = ["configure_parser", "run_command", "settings_from_args"]
+
+API_KEY_ENV = "SAFECODE_API_KEY"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="local model folder or hub id (default: the embedded demo model)")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients see (default: the folder's name)")
+    parser.add_argument("--judge", default="self", help='judge spec: "self", "self:caption", "fixed:safe", "chat:<provider>:<model>" (default: self)')
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}; unset: no key)")
+    net.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    net.add_argument("--allow-request-settings", action="store_true", help="let requests carry a `safecode` object (method knobs, local judge, verdict)")
+    net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (repeatable; default: no CORS)")
+    net.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default: 64)")
+    net.add_argument("--log-prompts", action="store_true", help="log each request's messages (default: off)")
+    net.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds requests in flight may take after SIGTERM (default: 30)")
+    net.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    gen = parser.add_argument_group("generation defaults")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="answer length when a request sets none (default: 256)")
+    gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    gen.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
+    lim = parser.add_argument_group("input limits (InputPolicy)")
+    lim.add_argument("--max-images", type=int, default=None, help="images per request (8)")
+    lim.add_argument("--max-image-bytes", type=int, default=None, help="encoded bytes per image (25000000)")
+    lim.add_argument("--max-image-pixels", type=int, default=None, help="pixels per image (40000000)")
+    lim.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt tokens (default: the model's context)")
+    lim.add_argument("--max-new-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask (8192)")
+    lim.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts only; off by default)")
+    lim.add_argument("--url-timeout", type=float, default=None, help="seconds per image download (10)")
+    bat = parser.add_argument_group("batching (BatchingConfig)")
+    bat.add_argument("--max-batch-rows", type=int, default=None, help="rows per decode step (32)")
+    bat.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429 (1024)")
+    bat.add_argument("--kv-cache-budget-mb", type=float, default=None, help="KV-cache memory the batch may plan for (no limit)")
+    bat.add_argument("--request-timeout", type=float, default=None, help="seconds per request, queue included (no limit)")
+    bat.add_argument("--no-batching", action="store_true", help="one request at a time (debugging)")
+    add_safecode_arguments(parser)
+
+
+def settings_from_args(args: argparse.Namespace) -> object:
+    """The `ServerSettings` the flags describe (validation errors name the field)."""
+    from pydantic import SecretStr
+
+    from .config import BatchingConfig, InputPolicy
+    from .serving.settings import ServerSettings
+
+    def given(mapping: dict[str, str]) -> dict[str, object]:
+        return {field: getattr(args, flag) for flag, field in mapping.items() if getattr(args, flag) is not None}
+
+    policy = given({
+        "max_images": "max_images", "max_image_bytes": "max_image_bytes", "max_image_pixels": "max_image_pixels",
+        "max_prompt_tokens": "max_prompt_tokens", "max_new_tokens_limit": "max_new_tokens_limit",
+        "url_timeout": "url_timeout_s",
+    })
+    if args.allow_image_urls:
+        policy["allow_image_urls"] = True
+    batching = given({
+        "max_batch_rows": "max_batch_rows", "max_queue": "max_queue", "kv_cache_budget_mb": "kv_cache_budget_mb",
+        "request_timeout": "request_timeout_s",
+    })
+    if args.no_batching:
+        batching["enabled"] = False
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    return ServerSettings(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        judge=args.judge,
+        safecode=config_from_args(args),
+        policy=InputPolicy(**policy),
+        batching=BatchingConfig(**batching),
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        api_key=SecretStr(key) if key else None,
+        public_metrics=args.public_metrics,
+        allow_request_settings=args.allow_request_settings,
+        cors_origins=tuple(args.cors_origin),
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        log_prompts=args.log_prompts,
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from .serving import create_app
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = f"http://{args.host}:{args.port}"
+
+    def ready() -> None:
+        auth = " (API key required)" if settings.api_key is not None else ""
+        print(f"safecode-guard: serving {settings.name} at {url}/v1{auth}", flush=True)
+
+    app = create_app(settings, on_ready=ready)
+    print(f"safecode-guard: loading {settings.model} ... (/health answers now, /ready once loaded)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+        timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on",
+    )
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,534 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app around one `ChatSafeCoDe`.
+
+Routes: `POST /v1/chat/completions` (JSON or server-sent events),
+`GET /v1/models`, `GET /health` (alive), `GET /ready` (model loaded),
+`GET /metrics` (Prometheus text).
+
+Request flow: body size cap (413) -> API key (401) -> JSON and schema
+(400 / 422) -> OpenAI messages to LangChain (`convert`) -> the served
+`ChatSafeCoDe`, whose engine's scheduler batches this request with every
+other one on the model -> OpenAI's response shape plus a top-level `safety`
+object (and the `X-SafeCoDe-Verdict` header). A stream's first event waits
+for the verdict and the first text, so errors found before any token
+(bad input, a full queue) are ordinary HTTP errors; a client that goes away
+mid-stream cancels its decoding.
+
+Every failure becomes OpenAI's error body in one place (`error_response`),
+with no stack trace and no local path. The engine never sees HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import JudgeError, OverloadedError, RequestTimeoutError, SafeCoDeInputError
+from .convert import to_langchain, tool_calls_out
+from .metrics import Metrics
+from .protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SafeCoDeRequestSettings,
+    Usage,
+    completion_id,
+)
+from .settings import ServerSettings
+
+__all__ = ["ModelHost", "create_app", "error_response"]
+
+logger = logging.getLogger("safecode_guard.serving")
+
+VERDICT_HEADER = "X-SafeCoDe-Verdict"
+_VARIANTS = 16  # per-request settings variants kept loaded (they share the model)
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields, raised inside the app."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class ModelHost:
+    """Loads the served model once and hands out the `ChatSafeCoDe`s that answer requests.
+
+    `load()` blocks (a CLI runs it in the background; a Ray replica in its
+    constructor, so a failed load marks the replica unhealthy). Variants with
+    per-request SafeCoDe settings share the loaded weights and scheduler.
+    """
+
+    def __init__(self, settings: ServerSettings, *, judge: Any = None) -> None:
+        self.settings = settings
+        self.judge = judge if judge is not None else settings.judge
+        self.chat: Any = None
+        self.error: str | None = None
+        self._variants: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loaded = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.chat is not None
+
+    def load(self) -> None:
+        from ..chat_model import ChatSafeCoDe
+        from ..engine import SafeCoDe
+
+        s = self.settings
+        try:
+            path = s.model
+            if path == "demo":
+                from ..demo_model import ensure_demo_model
+
+                path = str(ensure_demo_model())
+            engine = SafeCoDe.from_pretrained(
+                path, config=s.safecode, judge=self.judge, policy=s.policy, device=s.device, dtype=s.dtype,
+                batching=s.batching,
+            )
+            self.chat = ChatSafeCoDe.from_model(
+                engine.model, engine.processor, model_name=s.name, judge=self.judge, safecode=s.safecode,
+                policy=s.policy, max_new_tokens=s.max_new_tokens,
+            )
+        except Exception as exc:
+            # kept for /ready and the logs; clients only ever see "not ready"
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._loaded.set()
+
+    def chat_for(self, extra: SafeCoDeRequestSettings | None) -> Any:
+        """The chat model for a request: the served one, or a variant with the request's settings."""
+        if extra is None or (extra.judge is None and not extra.config_updates()):
+            return self.chat
+        from ..chat_model import ChatSafeCoDe
+
+        config = self.settings.safecode.model_copy(update=extra.config_updates())
+        config = type(config).model_validate(config.model_dump())  # validate the client's values
+        judge = extra.judge or self.judge
+        key = json.dumps([config.model_dump(mode="json"), judge if isinstance(judge, str) else id(judge)])
+        with self._lock:
+            chat = self._variants.get(key)
+            if chat is None:
+                engine = self.chat.engine
+                chat = ChatSafeCoDe.from_model(
+                    engine.model, engine.processor, model_name=self.settings.name, judge=judge, safecode=config,
+                    policy=self.settings.policy, max_new_tokens=self.settings.max_new_tokens,
+                )
+                self._variants[key] = chat
+                while len(self._variants) > _VARIANTS:
+                    self._variants.popitem(last=False)
+            else:
+                self._variants.move_to_end(key)
+            return chat
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Every failure as OpenAI's error body with its status: the one place errors are mapped."""
+    if isinstance(exc, APIError):
+        status, message, type_, param, code, headers = exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers
+    elif isinstance(exc, OverloadedError):
+        status, message, type_, param, code, headers = 429, str(exc), "rate_limit_error", None, "overloaded", {"Retry-After": "1"}
+    elif isinstance(exc, RequestTimeoutError):
+        status, message, type_, param, code, headers = 504, str(exc), "timeout_error", None, "request_timeout", {}
+    elif isinstance(exc, JudgeError):
+        status, message, type_, param, code, headers = 502, str(exc), "judge_error", None, "judge_failed", {}
+    elif isinstance(exc, SafeCoDeInputError):  # every bad-input error of the library
+        code = _snake(type(exc).__name__.removesuffix("Error"))
+        status, message, type_, param, headers = 400, str(exc), "invalid_request_error", None, {}
+    elif isinstance(exc, ValidationError):
+        status, type_, code, headers = 422, "invalid_request_error", "invalid_schema", {}
+        message, param = _validation_message(exc)
+    else:
+        logger.exception("internal error", exc_info=exc)
+        status, message, type_, param, code, headers = 500, "The server failed to answer this request.", "server_error", None, "internal_error", {}
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"Unrecognized request argument supplied: {where}")
+        else:
+            problems.append(f"{where}: {err['msg']}")
+    first = exc.errors()[0]["loc"] if exc.errors() else ()
+    return "; ".join(problems), (".".join(str(p) for p in first) or None)
+
+
+# --------------------------------------------------------------------------- body size
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes (HTTP 413), from the header or while reading."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or {}).get(b"content-length")
+        too_big = APIError(
+            413, f"The request body is larger than this server's limit of {self.limit} bytes. Send smaller images "
+            "or fewer of them.", "invalid_request_error", code="request_too_large",
+        )
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await error_response(too_big)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_big
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except APIError as exc:
+            if exc is not too_big:
+                raise
+            await error_response(exc)(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class ChatCompletions:
+    """`POST /v1/chat/completions`: protocol objects in, engine calls, protocol objects out."""
+
+    def __init__(self, host: ModelHost, metrics: Metrics) -> None:
+        self.host = host
+        self.metrics = metrics
+
+    def _options(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        s = self.host.settings
+        options: dict[str, Any] = {"max_new_tokens": req.token_limit or s.max_new_tokens}
+        simple = {
+            "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
+            "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
+            "logit_bias": req.logit_bias, "response_format": req.response_format,
+        }
+        options.update({k: v for k, v in simple.items() if v is not None})
+        if req.stop is not None:
+            options["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+        if req.tools:
+            options["tools"] = req.tools
+            if req.tool_choice is not None:
+                options["tool_choice"] = req.tool_choice
+            if req.parallel_tool_calls is not None:
+                options["parallel_tool_calls"] = req.parallel_tool_calls
+        elif req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice was given without tools.", "invalid_request_error", param="tool_choice")
+        if req.safecode is not None and req.safecode.verdict is not None:
+            options["verdict"] = req.safecode.verdict
+        return options
+
+    async def create(self, req: ChatCompletionRequest, started: float) -> Response:
+        if req.n != 1:
+            raise APIError(
+                400, f"n={req.n} is not supported: this server returns one choice per request. Send n=1 "
+                "(or leave it out) and repeat the request for more answers.", "invalid_request_error", param="n",
+            )
+        if req.safecode is not None and not self.host.settings.allow_request_settings:
+            raise APIError(
+                400, "Per-request SafeCoDe settings are off on this server; the judge, threshold and image policy "
+                "are the server's. Remove the `safecode` field, or start the server with --allow-request-settings.",
+                "invalid_request_error", param="safecode", code="request_settings_disabled",
+            )
+        chat = self.host.chat_for(req.safecode)
+        messages = to_langchain(req.messages)
+        options = self._options(req)
+        stop = options.pop("stop", None)
+        chunks = chat.astream(messages, stop=stop, **options).__aiter__()
+        try:
+            first = await chunks.__anext__()  # the verdict, and errors found before any token
+        except BaseException:
+            await chunks.aclose()
+            raise
+        ttft = time.perf_counter() - started
+        safety = dict(first.response_metadata.get("safety") or {})
+        headers = {VERDICT_HEADER: str(safety.get("verdict"))}
+        cid = completion_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._events(cid, first, chunks, safety, include_usage, started, ttft)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        message = first
+        try:
+            async for chunk in chunks:
+                message = message + chunk
+        finally:
+            await chunks.aclose()
+        return JSONResponse(self._completion(cid, message, safety, started, ttft).model_dump(exclude_none=False), headers=headers)
+
+    def _completion(self, cid: str, message: Any, safety: dict[str, Any], started: float, ttft: float) -> ChatCompletion:
+        meta = message.response_metadata
+        safety = {**safety, **(meta.get("safety") or {})}
+        calls = tool_calls_out(message)
+        usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        finish = "tool_calls" if calls else meta.get("finish_reason", "stop")
+        self._finished(safety, usage, started, ttft)
+        return ChatCompletion(
+            id=cid,
+            model=self.host.settings.name,
+            choices=[Choice(message=ChatMessage(content=message.text or (None if calls else ""), tool_calls=calls or None), finish_reason=finish)],
+            usage=Usage(prompt_tokens=usage["input_tokens"], completion_tokens=usage["output_tokens"], total_tokens=usage["total_tokens"]),
+            safety=safety,
+        )
+
+    def _finished(self, safety: dict[str, Any], usage: Any, started: float, ttft: float) -> None:
+        self.metrics.record_answer(safety, usage["input_tokens"], usage["output_tokens"])
+        self.metrics.latency.observe(time.perf_counter() - started)
+        self.metrics.ttft.observe(ttft)
+
+    async def _events(
+        self, cid: str, first: Any, chunks: AsyncIterator[Any], safety: dict[str, Any], include_usage: bool,
+        started: float, ttft: float,
+    ) -> AsyncIterator[str]:
+        name = self.host.settings.name
+        index_of: dict[int, int] = {}
+
+        def delta_for(chunk: Any, first_event: bool) -> ChatCompletionChunk:
+            calls = []
+            for c in chunk.tool_call_chunks:
+                i = index_of.setdefault(c.get("index") or 0, len(index_of))
+                calls.append(DeltaToolCall(index=i, id=c.get("id"), type="function",
+                                           function=DeltaFunction(name=c.get("name"), arguments=c.get("args") or "")))
+            delta = Delta(role="assistant" if first_event else None, content=chunk.text if (chunk.text or first_event) else None,
+                          tool_calls=calls or None)
+            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)], safety=safety if first_event else None)
+
+        total = first
+        finished = False
+        try:
+            yield delta_for(first, True).sse()
+            async for chunk in chunks:
+                total = total + chunk
+                if chunk.text or chunk.tool_call_chunks:
+                    yield delta_for(chunk, False).sse()
+            meta = total.response_metadata
+            blocked = (meta.get("safety") or {}).get("blocked_tool_calls")
+            finish = "tool_calls" if (total.tool_calls or total.invalid_tool_calls) else meta.get("finish_reason", "stop")
+            last = ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=Delta(), finish_reason=finish)])
+            if blocked:
+                last.safety = {"blocked_tool_calls": blocked}
+            yield last.sse()
+            usage = total.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+            if include_usage:
+                yield ChatCompletionChunk(
+                    id=cid, model=name, choices=[],
+                    usage=Usage(prompt_tokens=usage["input_tokens"], completion_tokens=usage["output_tokens"], total_tokens=usage["total_tokens"]),
+                ).sse()
+            yield "data: [DONE]\n\n"
+            finished = True
+            self._finished({**safety, **(meta.get("safety") or {})}, usage, started, ttft)
+        except Exception as exc:  # an error after the first event: OpenAI's error object as an event
+            body = json.loads(error_response(exc).body)
+            yield "data: " + json.dumps(body) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            # a client that went away (or an error) stops decoding: its row leaves the batch
+            await chunks.aclose()  # type: ignore[attr-defined]
+            if not finished:
+                logger.info("stream ended early (client gone or error); decoding cancelled")
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    settings: ServerSettings | None = None,
+    *,
+    host: ModelHost | None = None,
+    judge: Any = None,
+    load: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `settings.model` (or the given `host`).
+
+    With `load=True` the model loads in a background thread at startup; until
+    then `/ready` and the API answer 503. `judge` (a judge object) overrides
+    `settings.judge` for Python embeddings. Pass `load=False` and call
+    `host.load()` yourself to load before serving (Ray Serve replicas do).
+    `on_ready` is called once the model is loaded (the CLI prints the URL).
+    """
+    settings = settings or (host.settings if host is not None else ServerSettings())
+    host = host or ModelHost(settings, judge=judge)
+    metrics = Metrics()
+    service = ChatCompletions(host, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
+        if load and not host.ready:
+            loader = asyncio.create_task(asyncio.to_thread(_load_and_log, host, metrics, on_ready))
+        yield
+        if loader is not None and not loader.done():
+            loader.cancel()
+
+    app = FastAPI(title="safecode-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.host = host
+    app.state.metrics = metrics
+    if host.ready:
+        _watch(host, metrics)
+
+    def check_key(request: Request) -> None:
+        key = settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+            raise APIError(
+                401, "Missing or wrong API key. Send the header `Authorization: Bearer <key>`.",
+                "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def check_ready() -> None:
+        if not host.ready:
+            raise APIError(503, "The model is still loading (or failed to load); retry shortly.", "server_error",
+                           code="model_not_ready", headers={"Retry-After": "5"})
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"No route {request.method} {request.url.path}." if exc.status_code in (404, 405) else str(exc.detail)
+        return error_response(APIError(exc.status_code, message, type_, code=_snake(type_.removesuffix("_error"))))
+
+    @app.exception_handler(Exception)
+    async def _any_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        status, verdict = 500, None
+        try:
+            check_key(request)
+            check_ready()
+            try:
+                payload = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise APIError(400, f"The request body is not valid JSON ({exc}).", "invalid_request_error", code="invalid_json") from exc
+            if not isinstance(payload, dict):
+                raise APIError(400, "The request body must be a JSON object.", "invalid_request_error", code="invalid_json")
+            req = ChatCompletionRequest.model_validate(payload)
+            response = await service.create(req, started)
+            status, verdict = response.status_code, response.headers.get(VERDICT_HEADER)
+            return response
+        except Exception as exc:
+            response = error_response(exc)
+            status = response.status_code
+            return response
+        finally:
+            metrics.requests.labels(status=str(status)).inc()
+            logger.info(
+                "POST /v1/chat/completions %s %.3fs verdict=%s%s", status, time.perf_counter() - started, verdict,
+                f" messages={payload!r:.2000}" if settings.log_prompts and "payload" in locals() else "",
+            )
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        check_key(request)
+        return JSONResponse(ModelList(data=[ModelCard(id=settings.name)]).model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if host.ready:
+            return JSONResponse({"status": "ready", "model": settings.name})
+        return error_response(APIError(503, "The model is not loaded yet." if host.error is None else "The model failed to load; see the server log.",
+                                       "server_error", code="model_not_ready", headers={"Retry-After": "5"}))
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if not settings.public_metrics:
+            check_key(request)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=[VERDICT_HEADER])
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _load_and_log(host: ModelHost, metrics: Metrics, on_ready: Callable[[], None] | None) -> None:
+    start = time.perf_counter()
+    try:
+        host.load()
+    except Exception:
+        logger.exception("the model failed to load")
+        return
+    _watch(host, metrics)
+    logger.info("model %s loaded in %.1fs", host.settings.name, time.perf_counter() - start)
+    if on_ready is not None:
+        on_ready()
+
+
+def _watch(host: ModelHost, metrics: Metrics) -> None:
+    scheduler = host.chat.engine.scheduler
+    metrics.watch_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.active_rows)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+

@@ -1,0 +1,135 @@
+"""OpenAI chat messages <-> LangChain messages, as small pure functions that refuse what they cannot read.
+
+Input: the `messages` of a chat-completions request (`system` / `developer`,
+`user` with text and `image_url` parts, `assistant` with `tool_calls` whose
+arguments are JSON strings, `tool` results). Output: LangChain messages for
+`ChatSafeCoDe`, which decodes images under the server's `InputPolicy`.
+Anything malformed raises `UnsupportedContentError` naming the message and the fix.
+
+Output side: `tool_calls_out` turns an answer's LangChain tool calls into
+OpenAI's `tool_calls` (arguments as JSON text; calls the model wrote badly
+keep their raw text, as OpenAI's own API may return invalid JSON there).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+
+from ..errors import UnsupportedContentError
+
+__all__ = ["to_langchain", "tool_calls_out"]
+
+_PART_TYPES = ("text", "image_url")
+
+
+def _text(content: Any, where: str) -> str:
+    """A system / assistant / tool message's content as text (a string or text parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise UnsupportedContentError(
+                    f"{where}.content[{j}] must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
+                    "only user messages may carry images."
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise UnsupportedContentError(f"{where}.content is a {type(content).__name__}; use a string or a list of text parts.")
+
+
+def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise UnsupportedContentError(
+            f"{where}.content must be a string or a non-empty list of parts "
+            '({"type": "text", ...} or {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}).'
+        )
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in _PART_TYPES:
+            raise UnsupportedContentError(
+                f"{where}.content[{j}] has type {kind!r}; this server reads \"text\" and \"image_url\" parts."
+            )
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise UnsupportedContentError(f'{where}.content[{j}] is a text part whose "text" is not a string.')
+        if kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, Mapping) else url
+            if not isinstance(url, str) or not url:
+                raise UnsupportedContentError(
+                    f'{where}.content[{j}] is an image_url part without a URL; use {{"image_url": {{"url": "data:image/png;base64,..."}}}}.'
+                )
+            part = {"type": "image_url", "image_url": {"url": url}}
+        parts.append(dict(part))
+    return parts
+
+
+def _tool_calls_in(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise UnsupportedContentError(f"{where}.tool_calls must be a list of tool calls.")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not (isinstance(fn, Mapping) and isinstance(fn.get("name"), str) and isinstance(call.get("id"), str)):
+            raise UnsupportedContentError(
+                f'{where}.tool_calls[{j}] must be {{"id": str, "type": "function", "function": {{"name": str, "arguments": str}}}}.'
+            )
+        raw = fn.get("arguments", "{}")
+        try:
+            args = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as exc:
+            raise UnsupportedContentError(
+                f"{where}.tool_calls[{j}].function.arguments is not valid JSON ({exc.msg} at character {exc.pos}). "
+                "Send the arguments as a JSON object in a string."
+            ) from exc
+        if not isinstance(args, dict):
+            raise UnsupportedContentError(f"{where}.tool_calls[{j}].function.arguments must encode a JSON object.")
+        out.append({"name": fn["name"], "args": args, "id": call["id"], "type": "tool_call"})
+    return out
+
+
+def to_langchain(messages: Sequence[Mapping[str, Any]]) -> list[BaseMessage]:
+    """OpenAI chat messages as LangChain messages (`UnsupportedContentError` for anything malformed)."""
+    out: list[BaseMessage] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role")
+        name = m.get("name") if isinstance(m.get("name"), str) else None
+        if role in ("system", "developer"):
+            out.append(SystemMessage(_text(m.get("content"), where)))
+        elif role == "user":
+            out.append(HumanMessage(_user_content(m.get("content"), where), name=name))
+        elif role == "assistant":
+            calls = _tool_calls_in(m["tool_calls"], where) if m.get("tool_calls") else []
+            out.append(AIMessage(_text(m.get("content"), where), tool_calls=calls, name=name))
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise UnsupportedContentError(f"{where} is a tool result without a tool_call_id; give the id of the call it answers.")
+            out.append(ToolMessage(_text(m.get("content"), where), tool_call_id=call_id))
+        else:
+            raise UnsupportedContentError(f"{where}.role is {role!r}; use system, developer, user, assistant or tool.")
+    return out
+
+
+def tool_calls_out(message: AIMessage) -> list[dict[str, Any]]:
+    """The answer's tool calls in OpenAI's shape, in the order the model wrote them."""
+    calls = [
+        {"id": c.get("id") or "", "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["args"], ensure_ascii=False)}}
+        for c in message.tool_calls
+    ]
+    calls += [
+        {"id": c.get("id") or "", "type": "function", "function": {"name": c.get("name") or "", "arguments": c.get("args") or ""}}
+        for c in message.invalid_tool_calls
+    ]
+    return calls
