@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import functools
 import hashlib
 import io
 import json
@@ -99,6 +100,7 @@ __all__ = [
     "JudgeResult",
     "JudgeView",
     "SelfJudge",
+    "Turn",
     "delimit",
     "hand_off_verdict",
     "handed_off_verdict",
@@ -117,8 +119,8 @@ __all__ = [
 JudgeResult = Verdict | Label | float
 """What a judge may return: a `Verdict`, a label, or an unsafe probability in [0, 1]."""
 
-ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
-"""The chat roles a conversation may hold (as in `safecode_guard.prompting`)."""
+# The chat roles a conversation may hold (as in `safecode_guard.prompting`).
+_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
 # --------------------------------------------------------------------------- request
@@ -244,8 +246,8 @@ def _read_turn(message: Any, where: str) -> Turn:
             'a dict like {"role": "user", "content": "..."}.'
         )
     role = message["role"]
-    if role not in ROLES:
-        raise UnsupportedContentError(f"{where} has role {role!r}; use one of {list(ROLES)}.")
+    if role not in _ROLES:
+        raise UnsupportedContentError(f"{where} has role {role!r}; use one of {list(_ROLES)}.")
     parts = _read_content(message.get("content"), where=where)
     calls: list[tuple[str, str, str]] = []
     raw_calls = message.get("tool_calls") or ()
@@ -676,6 +678,11 @@ _LOOKALIKE_LT = "\u2039"
 _LEADING_SPACE_OR_SLASH = re.compile(r"^[\s/]+")
 
 
+@functools.lru_cache(maxsize=4096)
+def _fold_char(ch: str) -> str:
+    return _fold(ch)
+
+
 def _opens_tag(text: str, start: int, tags: Sequence[str]) -> bool:
     """Whether `text[start:]`, read as `_fold` reads it, is spaces and slashes, then one of `tags` as a word.
 
@@ -685,7 +692,7 @@ def _opens_tag(text: str, start: int, tags: Sequence[str]) -> bool:
     longest = max(map(len, tags))
     rest = ""
     for i in range(start, len(text)):
-        piece = _fold(text[i])
+        piece = _fold_char(text[i])
         if not rest:
             piece = _LEADING_SPACE_OR_SLASH.sub("", piece)
         rest += piece
@@ -874,7 +881,10 @@ def judge_view(request: JudgeRequest, max_chars: int = DEFAULT_MAX_TRANSCRIPT_CH
     for turn in turns:
         numbers.append(list(range(count + 1, count + 1 + len(turn.images))))
         count += len(turn.images)
-    blocks = [_turn_block(i, t, numbers[i], is_request=(i == latest)) for i, t in enumerate(turns)]
+    # Sizes first (neutralising keeps lengths), so only the turns shown are neutralised.
+    blocks = [
+        _turn_block(i, t, numbers[i], is_request=(i == latest), neutralise=False) for i, t in enumerate(turns)
+    ]
 
     request_text = turns[latest].text.strip() if latest is not None else ""
     context = sum(len(b) for b in blocks)
@@ -882,13 +892,13 @@ def judge_view(request: JudgeRequest, max_chars: int = DEFAULT_MAX_TRANSCRIPT_CH
     remaining = max_chars - len(clipped)
     shown: dict[int, str] = {}
     if latest is not None:  # the pointer to the request block always stays
-        shown[latest] = blocks[latest]
+        shown[latest] = _turn_block(latest, turns[latest], numbers[latest], is_request=True)
         remaining -= len(blocks[latest])
     for i in reversed(range(len(turns))):
         if i == latest:
             continue
         if len(blocks[i]) <= remaining:
-            shown[i] = blocks[i]
+            shown[i] = _turn_block(i, turns[i], numbers[i])
             remaining -= len(blocks[i])
             continue
         truncated = True
@@ -908,9 +918,18 @@ def judge_view(request: JudgeRequest, max_chars: int = DEFAULT_MAX_TRANSCRIPT_CH
 
 
 def _turn_block(
-    index: int, turn: Turn, numbers: Sequence[int], *, is_request: bool = False, limit: int | None = None
+    index: int,
+    turn: Turn,
+    numbers: Sequence[int],
+    *,
+    is_request: bool = False,
+    limit: int | None = None,
+    neutralise: bool = True,
 ) -> str:
-    """One `<turn>` block; `limit` clips its body so the whole block has at most `limit` characters."""
+    """One `<turn>` block; `limit` clips its body so the whole block has at most `limit` characters.
+
+    Neutralising keeps the length, so `neutralise=False` gives the block's size cheaply.
+    """
     pieces: list[str] = []
     if turn.role == "tool":
         pieces.append(f"(result of tool {turn.tool_name or '?'})")
@@ -927,10 +946,10 @@ def _turn_block(
         pieces.append(f"(tool call: {name} {args})")
     head = f'<turn n="{index + 1}" role="{turn.role}">\n'
     tail = "\n</turn>"
-    body = _neutralise_tags("\n".join(pieces))
+    body = "\n".join(pieces)
     if limit is not None:
         body, _ = _clip(body, max(limit - len(head) - len(tail), 0))
-    return head + body + tail
+    return head + (_neutralise_tags(body) if neutralise else body) + tail
 
 
 def _clip(text: str, limit: int) -> tuple[str, bool]:

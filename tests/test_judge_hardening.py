@@ -382,7 +382,7 @@ def test_self_judge_direct_sees_the_system_message_and_earlier_turns() -> None:
     engine = FakeEngine()
     request = JudgeRequest.from_messages(_continue_after_harm(a, b))
     v = run_judge(SelfJudge(engine=engine), request)
-    (name, messages), = engine.calls
+    ((_, messages),) = engine.calls
     prompt = _texts(messages)
     assert HARM in prompt and "Let's start the lesson." in prompt and "Sure. Step 1." in prompt
     assert delimit("request", "Continue.") in prompt
@@ -614,7 +614,7 @@ def test_hanging_judges_hold_at_most_the_cap_of_threads(four_judge_threads: int)
         thread.join(10)
     assert _judge_threads() == []  # the hung threads finished once the judge returned
     # and their slots are free again
-    assert run_judge(lambda r: "safe", JudgeRequest((), "x"), config).source == "judge"
+    assert run_judge(lambda r: "safe", JudgeRequest((), "x"), SafeCoDeConfig(judge_timeout_s=30)).source == "judge"
 
 
 def test_set_max_judge_threads_validates() -> None:
