@@ -1466,6 +1466,8 @@ class ChatModelJudge:
                 *(_png_block(i) for i in request.images),
             ]
             caption = _message_text(self.chat_model.invoke([HumanMessage(content=blocks)])).strip()
+            # another model's caption has no token limit of ours: bound it like the conversation
+            caption, _ = _clip(caption, self.max_transcript_chars // 2)
         view = judge_view(request, self.max_transcript_chars)
         prompt = verdict_prompt(
             view.request,

@@ -529,6 +529,13 @@ def test_chat_judge_budget_is_configurable_and_reported() -> None:
         ChatModelJudge(model, max_transcript_chars=True)  # type: ignore[arg-type]
 
 
+def test_a_chat_judges_caption_is_bounded_too() -> None:
+    model = RecordingChatModel(responses=["a scene " * 2000, "Decision: safe"])
+    run_judge(ChatModelJudge(model, max_transcript_chars=1000), JudgeRequest((gradient_image(),), "hi"))
+    prompt = model.seen[1][0].content
+    assert len(prompt) < 2500 and "the middle is not shown" in prompt
+
+
 def test_judge_request_images_must_be_the_conversation_images() -> None:
     a, b = gradient_image(), stripes_image()
     conv = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "x"}]}]
