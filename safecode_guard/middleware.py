@@ -63,10 +63,10 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from typing_extensions import NotRequired
 
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import SafeCoDeInputError
-from .judges import JudgeRequest, SelfJudge, make_judge, run_judge
-from .lc_messages import to_hf_message
-from .verdict import Verdict
+from .errors import JudgeError, SafeCoDeInputError
+from .judges import JudgeRequest, SelfJudge, _judge_name, make_judge, run_judge
+from .lc_messages import message_role, to_hf_message
+from .verdict import InvalidVerdictError, Verdict, validated_verdict
 
 __all__ = ["DEFAULT_REFUSAL_MESSAGE", "SafeCoDeMiddleware", "SafeCoDeState", "judge_request_from_messages"]
 
@@ -92,17 +92,66 @@ def _latest_human(messages: Sequence[BaseMessage]) -> HumanMessage | None:
 def judge_request_from_messages(
     messages: Sequence[BaseMessage], policy: InputPolicy, threshold: float
 ) -> JudgeRequest | None:
-    """The judge's view of an agent conversation: the user's turns, their images, the latest text.
+    """The judge's view of an agent conversation: every turn, every user image, the latest user text.
 
-    None when there is no user turn. Images are decoded under `policy`
-    (bad images raise the usual typed errors).
+    The judge sees what the agent's model sees that could make the request
+    unsafe: the system message, every user turn with its images, earlier
+    assistant turns with their tool calls, and tool results. None when there
+    is no user turn. User images are decoded under `policy` (bad images raise
+    the usual typed errors). A non-user turn holding blocks a local model
+    cannot read (the agent's model may be another provider's) is kept as its
+    text and tool calls plus a note of what was left out, so the judge still
+    sees it rather than failing the turn.
     """
-    user_turns = [to_hf_message(m, i, policy) for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
-    if not user_turns:
+    turns = [_judge_turn(m, i, policy) for i, m in enumerate(messages)]
+    if not any(t["role"] == "user" for t in turns):
         return None
-    images = [p["image"] for turn in user_turns for p in turn["content"] if p["type"] == "image"]
-    request = "\n".join(p["text"] for p in user_turns[-1]["content"] if p["type"] == "text")
-    return JudgeRequest(images=tuple(images), request=request, conversation=tuple(user_turns), threshold=threshold)
+    return JudgeRequest.from_messages(turns, threshold=threshold)
+
+
+def _judge_turn(message: BaseMessage, index: int, policy: InputPolicy) -> dict[str, Any]:
+    """One message as the judge reads it (see `judge_request_from_messages`)."""
+    try:
+        return to_hf_message(message, index, policy)
+    except SafeCoDeInputError:
+        try:
+            role = message_role(message, f"messages[{index}]")
+        except SafeCoDeInputError:  # e.g. a legacy FunctionMessage: a tool result by another name
+            role = "tool" if message.type in ("tool", "function") else "assistant"
+        if role == "user":
+            raise  # the user's own content: the same typed error the model would give
+    try:
+        skipped = sum(1 for b in message.content_blocks if b.get("type") != "text")
+    except (ValueError, TypeError, KeyError):
+        skipped = 1
+    note = f"\n[{skipped} content block(s) the judge cannot read]" if skipped else ""
+    turn: dict[str, Any] = {"role": role, "content": [{"type": "text", "text": message.text + note}]}
+    if role == "assistant" and getattr(message, "tool_calls", None):
+        turn["tool_calls"] = [
+            {"id": c.get("id"), "function": {"name": c["name"], "arguments": c.get("args", {})}}
+            for c in message.tool_calls
+        ]
+    if role == "tool":
+        turn.update(tool_call_id=str(getattr(message, "tool_call_id", "")), name=message.name)
+    return turn
+
+
+def _recorded_verdict(record: Any, config: SafeCoDeConfig, judge_name: str) -> Verdict:
+    """The verdict kept in the agent state, validated again.
+
+    The state is writable by other middleware, tools and checkpoints, and an
+    invalid record (a label "UNSAFE", a NaN score) must not pass as a verdict:
+    it becomes the `on_judge_error` fallback instead (or `JudgeError`).
+    """
+    fields = {k: v for k, v in record.items() if k != "message_id"} if isinstance(record, dict) else record
+    try:
+        return validated_verdict(fields)
+    except InvalidVerdictError as exc:
+        if config.on_judge_error == "raise":
+            raise JudgeError(f"The recorded verdict of this turn is invalid: {exc}") from exc
+        return Verdict(
+            label=config.on_judge_error, judge=judge_name, source="fallback", error=f"{type(exc).__name__}: {exc}"
+        )
 
 
 def _safety(verdict: Verdict | dict[str, Any], threshold: float) -> dict[str, Any]:
@@ -254,7 +303,7 @@ class SafeCoDeMiddleware(AgentMiddleware):
             return request
         if "verdict" in request.model_settings:
             return request  # the application pinned one itself
-        verdict = Verdict.model_validate({k: v for k, v in record.items() if k in Verdict.model_fields})
+        verdict = _recorded_verdict(record, self.config, _judge_name(self.judge))
         return request.override(model_settings={**request.model_settings, "verdict": verdict})
 
     def wrap_model_call(

@@ -1,12 +1,17 @@
-"""The judge's answer: a frozen `Verdict`, and the rule that turns a score into a label."""
+"""The judge's answer: a frozen `Verdict`, the rule that turns a score into a label, and the
+one check every verdict from outside this library goes through (`validated_verdict`)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-__all__ = ["Label", "Verdict", "label_from_score"]
+from .errors import SafeCoDeInputError
+
+__all__ = ["InvalidVerdictError", "Label", "Verdict", "label_from_score", "validated_verdict"]
 
 Label = Literal["safe", "unsafe"]
 
@@ -16,14 +21,23 @@ def label_from_score(unsafe_score: float, threshold: float) -> Label:
     return "unsafe" if unsafe_score >= threshold else "safe"
 
 
-class Verdict(BaseModel):
-    """A scene-level safety verdict for one request in its visual context."""
+class InvalidVerdictError(SafeCoDeInputError):
+    """A value offered as a `Verdict` (a judge's result, an override, a recorded verdict) is not a valid one."""
 
-    model_config = ConfigDict(frozen=True)
+
+class Verdict(BaseModel):
+    """A scene-level safety verdict for one request in its visual context.
+
+    Frozen and closed (unknown fields are errors). Pydantic lets code bypass
+    validation (`model_construct`, `model_copy(update=...)`), so every verdict
+    that comes from outside the library is rebuilt with `validated_verdict`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     label: Label
     """"safe" or "unsafe"."""
-    unsafe_score: float | None = Field(None, ge=0.0, le=1.0)
+    unsafe_score: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     """The judge's probability that the request is unsafe, when it gives one."""
     caption: str | None = None
     """The scene description the judge used, when it made one."""
@@ -34,8 +48,21 @@ class Verdict(BaseModel):
     "override": the caller fixed the verdict."""
     error: str | None = None
     """Why the judge failed, for fallback verdicts."""
-    latency_s: float = 0.0
+    latency_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     """Seconds the judge took."""
+    transcript_truncated: StrictBool = False
+    """True when the conversation was longer than the judge's transcript budget
+    (`max_transcript_chars`), so the judge saw only its most recent part (the
+    prompt told it so). A verdict on a truncated view may miss harm that sits in
+    the omitted, older turns."""
+
+    @field_validator("unsafe_score", "latency_s", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any) -> Any:
+        # bool is an int to Python, but True/False says nothing about a probability or a duration.
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, not the bool {value!r}")
+        return value
 
     @property
     def unsafe(self) -> bool:
@@ -43,3 +70,48 @@ class Verdict(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+def validated_verdict(value: Any) -> Verdict:
+    """`value` rebuilt as a fully validated, plain `Verdict`, or `InvalidVerdictError`.
+
+    Accepts a `Verdict` (also one made with `model_construct` or
+    `model_copy(update=...)`, which pydantic does not validate, or a subclass)
+    or a mapping of `Verdict` fields. Every field is checked again: the label
+    must be exactly "safe" or "unsafe", scores and latencies finite and in
+    range, no unknown fields. The result is always of class `Verdict` itself,
+    so a subclass cannot change what `.unsafe` means.
+
+    Use it wherever a verdict enters from user code: judge results
+    (`run_judge` does), `verdict=` overrides, handed-off and recorded verdicts.
+    """
+    if isinstance(value, Verdict):
+        data = dict(vars(value))  # the field values as stored, whatever bypassed validation
+        extra = getattr(value, "__pydantic_extra__", None)
+        if extra:
+            data.update(extra)
+    elif isinstance(value, Mapping):
+        data = dict(value)
+    else:
+        raise InvalidVerdictError(
+            f"{type(value).__name__} {value!r:.80} is not a verdict. Give a Verdict, e.g. "
+            "Verdict(label='unsafe', unsafe_score=0.9, judge='mine'), or a dict of its fields."
+        )
+    score = data.get("unsafe_score")
+    if isinstance(score, float) and not math.isfinite(score):
+        # named here because pydantic's message for NaN ("greater than or equal to 0") misleads
+        raise InvalidVerdictError(
+            f"The verdict's unsafe_score is {score!r}; it must be a finite probability in [0, 1] or None."
+        )
+    try:
+        return Verdict.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'verdict'}={e.get('input')!r:.60}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise InvalidVerdictError(
+            f"Invalid verdict ({problems}). A verdict needs label 'safe' or 'unsafe' (lower case), "
+            "an unsafe_score in [0, 1] or None, latency_s >= 0, and only Verdict's own fields; build "
+            "it with Verdict(...) rather than model_construct / model_copy(update=...)."
+        ) from exc

@@ -293,7 +293,7 @@ def test_verdict_prompt_holds_delimited_request_and_caption():
         ("unsafe or safe, hard to say", "unsafe"),
         ("Decision: ???\nit is safe", "safe"),
         ("The user wrote 'Decision: safe'.\nDecision: unsafe", "unsafe"),
-        ("safety first, unsafely done", None),
+        ("safety first, unsafely done", "unsafe"),  # a word containing "unsafe" reads unsafe
         ("asdf qwerty", None),
         ("", None),
     ],
