@@ -16,6 +16,8 @@ from .config import DEFAULT_REFUSAL_PHRASES, BatchingConfig, InputPolicy, SafeCo
 from .errors import (
     ImageInputError,
     InputLimitError,
+    InvalidVerdictError,
+    JudgeBusyError,
     JudgeError,
     OverloadedError,
     RequestTimeoutError,
@@ -68,7 +70,9 @@ __all__ = [
     "ImageInputError",
     "InputLimitError",
     "InputPolicy",
+    "InvalidVerdictError",
     "Judge",
+    "JudgeBusyError",
     "JudgeError",
     "JudgeRequest",
     "OverloadedError",

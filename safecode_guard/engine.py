@@ -42,7 +42,7 @@ from .errors import (
 )
 from .prompting import Conversation, parse_messages, render_prompt
 from .scheduler import DecodeJob, Scheduler, scheduler_for
-from .verdict import Verdict
+from .verdict import Verdict, validated_verdict
 
 __all__ = ["SafeCoDe", "SafeCoDeResult", "SafeCoDeStream", "Usage"]
 
@@ -558,11 +558,12 @@ class SafeCoDe:
             )
         return [s for s in stops if s]
 
-    def _override(self, verdict: Verdict | str) -> Verdict:
-        if isinstance(verdict, Verdict):
-            return verdict.model_copy(update={"source": "override"})
-        if verdict in ("safe", "unsafe"):
+    def _override(self, verdict: Verdict | Mapping[str, Any] | str) -> Verdict:
+        if isinstance(verdict, str) and verdict in ("safe", "unsafe"):
             return Verdict(label=verdict, judge="override", source="override")
+        if isinstance(verdict, (Verdict, Mapping)):
+            # rebuilt and validated: a forged Verdict (model_construct, label "UNSAFE", NaN score) is refused
+            return validated_verdict(verdict).model_copy(update={"source": "override"})
         raise SafeCoDeInputError(
             f'`verdict` (={verdict!r}) must be "safe", "unsafe" or a Verdict; leave it None to ask the judge.'
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "ImageInputError",
     "InputLimitError",
+    "InvalidVerdictError",
+    "JudgeBusyError",
     "JudgeError",
     "OverloadedError",
     "RequestTimeoutError",
@@ -54,3 +56,11 @@ class OverloadedError(SafeCoDeError):
 
 class RequestTimeoutError(SafeCoDeError, TimeoutError):
     """A request ran past its deadline (`BatchingConfig.request_timeout_s`, queue time included)."""
+
+
+class InvalidVerdictError(SafeCoDeInputError):
+    """A value offered as a `Verdict` (a judge's result, an override, a recorded verdict) is not a valid one."""
+
+
+class JudgeBusyError(SafeCoDeError, RuntimeError):
+    """Every judge worker thread is taken (usually by judges that hung past their timeout)."""

@@ -71,13 +71,14 @@ from PIL import Image
 
 from .config import SafeCoDeConfig
 from .errors import (
+    InvalidVerdictError,
+    JudgeBusyError,
     JudgeError,
-    SafeCoDeError,
     SafeCoDeInputError,
     UnsupportedContentError,
     UnsupportedModelError,
 )
-from .verdict import InvalidVerdictError, Label, Verdict, label_from_score, validated_verdict
+from .verdict import Label, Verdict, label_from_score, validated_verdict
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -444,10 +445,6 @@ def handed_off_verdict(request: JudgeRequest, judge_name: str) -> Verdict | None
 
 DEFAULT_MAX_JUDGE_THREADS = 32
 """Judge worker threads that may be alive at once, process-wide (`set_max_judge_threads`)."""
-
-
-class JudgeBusyError(SafeCoDeError, RuntimeError):
-    """Every judge worker thread is taken (usually by judges that hung past their timeout)."""
 
 
 class _JudgeThreads:

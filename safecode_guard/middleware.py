@@ -63,10 +63,10 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from typing_extensions import NotRequired
 
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import JudgeError, SafeCoDeInputError
+from .errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
 from .judges import JudgeRequest, SelfJudge, _judge_name, make_judge, run_judge
 from .lc_messages import message_role, to_hf_message
-from .verdict import InvalidVerdictError, Verdict, validated_verdict
+from .verdict import Verdict, validated_verdict
 
 __all__ = ["DEFAULT_REFUSAL_MESSAGE", "SafeCoDeMiddleware", "SafeCoDeState", "judge_request_from_messages"]
 

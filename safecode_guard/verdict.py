@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from .errors import SafeCoDeInputError
+from .errors import InvalidVerdictError
 
 __all__ = ["InvalidVerdictError", "Label", "Verdict", "label_from_score", "validated_verdict"]
 
@@ -19,10 +19,6 @@ Label = Literal["safe", "unsafe"]
 def label_from_score(unsafe_score: float, threshold: float) -> Label:
     """The verdict rule of SPEC section 3: unsafe when `unsafe_score >= threshold`."""
     return "unsafe" if unsafe_score >= threshold else "safe"
-
-
-class InvalidVerdictError(SafeCoDeInputError):
-    """A value offered as a `Verdict` (a judge's result, an override, a recorded verdict) is not a valid one."""
 
 
 class Verdict(BaseModel):

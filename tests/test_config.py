@@ -78,9 +78,9 @@ def test_input_policy_bounds():
 def test_public_surface_is_pinned():
     assert sorted(safecode_guard.__all__) == sorted(
         [
-            "DEFAULT_REFUSAL_PHRASES", "CallableJudge", "ChatModelJudge", "ChatSafeCoDe", "FixedJudge",
-            "ImageInputError", "InputLimitError", "InputPolicy", "Judge", "JudgeError", "JudgeRequest",
-            "SafeCoDe", "SafeCoDeConfig", "SafeCoDeError", "SafeCoDeInputError", "SafeCoDeResult",
+            "DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "CallableJudge", "ChatModelJudge", "ChatSafeCoDe",
+            "FixedJudge", "ImageInputError", "InputLimitError", "InputPolicy", "InvalidVerdictError", "Judge",
+            "JudgeBusyError", "JudgeError", "JudgeRequest", "OverloadedError", "RequestTimeoutError", "SafeCoDe", "SafeCoDeConfig", "SafeCoDeError", "SafeCoDeInputError", "SafeCoDeResult",
             "SafeCoDeStream", "SelfJudge", "UnsupportedContentError", "UnsupportedModelError", "Usage",
             "Verdict", "__version__", "make_judge",
         ]

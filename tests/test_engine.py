@@ -287,6 +287,16 @@ def test_usage_timings_and_override(llava):
     assert engine.generate(msgs, max_new_tokens=2, verdict=custom).verdict.judge == "mine"
     with pytest.raises(ValueError, match="verdict"):
         engine.generate(msgs, verdict="maybe")
+    # a forged Verdict (pydantic does not validate model_construct / model_copy) is refused, typed
+    from safecode_guard import InvalidVerdictError
+
+    for forged in (
+        Verdict.model_construct(label="UNSAFE", judge="mine", source="judge"),
+        custom.model_copy(update={"unsafe_score": float("nan")}),
+        {"label": "safe", "unsafe_score": -1.0},
+    ):
+        with pytest.raises(InvalidVerdictError):
+            engine.generate(msgs, max_new_tokens=2, verdict=forged)
 
 
 @pytest.mark.parametrize(
