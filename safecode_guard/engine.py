@@ -367,15 +367,17 @@ class SafeCoDe:
 
     # -- helpers the self judge uses ---------------------------------------------------------
 
-    def next_token_logits(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    def next_token_logits(self, messages: Sequence[Mapping[str, Any]], *, exact: bool = False) -> torch.Tensor:
         """Logits `(V,)` (float32, CPU) for the first token of the assistant's answer: one prefill.
 
-        Runs through the scheduler between decode steps; concurrent calls are prefilled together.
+        Runs through the scheduler between decode steps; concurrent calls are prefilled together
+        as one left-padded batch (the logits may then differ from a solo prefill in their last
+        float digits). `exact=True` prefills this prompt alone.
         """
         conv = parse_messages(messages, self.policy)
         self._check_images(conv)
         prompt = render_prompt(self.processor, conv.messages, self._specials)
-        return self.scheduler.prefill_logits(self.processor, prompt, list(conv.images))
+        return self.scheduler.prefill_logits(self.processor, prompt, list(conv.images), alone=exact)
 
     def plain_text(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 64) -> str:
         """Greedy plain decoding of `messages` (used for captions): no judge, no SafeCoDe."""

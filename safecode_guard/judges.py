@@ -1121,6 +1121,19 @@ class CallableJudge:
         return f"CallableJudge({self.fn!r}, name={self.name!r})"
 
 
+#: A self-judge score this close to the threshold is recomputed from a prefill of its own.
+NEAR_THRESHOLD = 1e-4
+
+
+def _takes_exact(engine: Any) -> bool:
+    import inspect
+
+    try:
+        return "exact" in inspect.signature(engine.next_token_logits).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class SelfJudge:
     """The local model judges the request itself, through its engine.
 
@@ -1221,7 +1234,12 @@ class SelfJudge:
                 )
                 messages = _user_turn(prompt, request.images)
             logits = engine.next_token_logits(messages)
-        score = unsafe_probability(logits, safe_ids, unsafe_ids)
+            score = unsafe_probability(logits, safe_ids, unsafe_ids)
+            if abs(score - request.threshold) < NEAR_THRESHOLD and _takes_exact(engine):
+                # Concurrent judge passes are prefilled as one padded batch, which may move the
+                # score in its last digits. So close to the threshold that could flip the label:
+                # score it again alone, so the verdict never depends on other requests.
+                score = unsafe_probability(engine.next_token_logits(messages, exact=True), safe_ids, unsafe_ids)
         return Verdict(
             label=label_from_score(score, request.threshold),
             unsafe_score=score,

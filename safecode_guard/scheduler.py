@@ -169,6 +169,8 @@ class PrefillJob:
     processor: Any
     prompt: str
     images: Sequence[Any]
+    alone: bool = False
+    """Prefill this prompt by itself (exact logits), never in a padded batch."""
     future: concurrent.futures.Future[torch.Tensor] = field(default_factory=concurrent.futures.Future)
 
 
@@ -261,12 +263,17 @@ class Scheduler:
             self._cond.notify_all()
         return job
 
-    def prefill_logits(self, processor: Any, prompt: str, images: Sequence[Any]) -> torch.Tensor:
-        """Last-position logits `(V,)` (float32, CPU) of `prompt` with `images`: one prefill."""
-        return self.submit_prefill(processor, prompt, images).result()
+    def prefill_logits(self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool = False) -> torch.Tensor:
+        """Last-position logits `(V,)` (float32, CPU) of `prompt` with `images`: one prefill.
 
-    def submit_prefill(self, processor: Any, prompt: str, images: Sequence[Any]) -> concurrent.futures.Future[torch.Tensor]:
-        job = PrefillJob(processor, prompt, list(images))
+        Concurrent calls are prefilled together; `alone=True` keeps this one out of any batch.
+        """
+        return self.submit_prefill(processor, prompt, images, alone=alone).result()
+
+    def submit_prefill(
+        self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool = False
+    ) -> concurrent.futures.Future[torch.Tensor]:
+        job = PrefillJob(processor, prompt, list(images), alone=alone)
         with self._cond:
             self._prefills.append(job)
             self._ensure_worker()
@@ -342,7 +349,8 @@ class Scheduler:
         """Prefill every judge prompt; compatible ones together in one left-padded batch."""
         groups: dict[tuple[int, bool], list[PrefillJob]] = {}
         for job in jobs:
-            groups.setdefault((id(job.processor), bool(job.images)), []).append(job)
+            key = (id(job), False) if job.alone else (id(job.processor), bool(job.images))
+            groups.setdefault(key, []).append(job)
         for group in groups.values():
             if len(group) > 1 and self.settings.enabled:
                 try:

@@ -286,6 +286,22 @@ def test_concurrent_self_judges_are_prefilled_together(fresh):
         assert results[i].unsafe_score == pytest.approx(verdict.unsafe_score, abs=1e-6)
 
 
+def test_a_judge_score_at_the_threshold_is_rescored_alone(fresh):
+    model, processor = fresh("qwen2_vl")
+    msgs = [user_turn(f"Is request {i} safe? " + "Please look. " * i, gradient_image()) for i in range(8)]
+    solo = [SafeCoDe(model, processor).judge(m).unsafe_score for m in msgs]
+    # each threshold sits exactly on the request's solo score: a batched score a hair below would read "safe"
+    engines = [SafeCoDe(model, processor, config=SafeCoDeConfig(threshold=s)) for s in solo]
+    results: dict[int, Any] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engines[i].judge(msgs[i]))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i].label for i in range(8)] == ["unsafe"] * 8
+    assert [results[i].unsafe_score for i in range(8)] == pytest.approx(solo, abs=1e-6)
+
+
 def test_scheduler_thread_exits_when_idle(fresh):
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe")
