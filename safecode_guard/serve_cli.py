@@ -18,7 +18,7 @@ import sys
 
 from .cli import add_safecode_arguments, config_from_args
 
-__all__ = ["configure_parser", "run_command", "settings_from_args"]
+__all__ = ["configure_parser", "run_command", "run_server", "settings_from_args"]
 
 API_KEY_ENV = "SAFECODE_API_KEY"
 
@@ -113,8 +113,6 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        import uvicorn
-
         from .serving import create_app
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -128,9 +126,27 @@ def run_command(args: argparse.Namespace) -> int:
 
     app = create_app(settings, on_ready=ready)
     print(f"safecode-guard: loading {settings.model} ... (/health answers now, /ready once loaded)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-        timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def run_server(app: object, *, host: str, port: int, log_level: str = "info", shutdown_timeout: float = 30.0) -> None:
+    """Serve `app` with uvicorn until SIGTERM or Ctrl-C; a SIGTERM shutdown returns normally (exit 0).
+
+    uvicorn stops accepting, lets requests in flight finish (up to
+    `shutdown_timeout`), then re-raises the signal it caught with the handler
+    that was there before it; a no-op handler makes that a clean return.
+    """
+    import signal
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False,
+        timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
+    )
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -33,13 +33,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None, path: str = "/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stderr.read() if proc.stderr else ''}")
         try:
-            if httpx.get(f"{url}/ready", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -107,9 +107,10 @@ class ServerProcess:
 class ThreadServer:
     """uvicorn serving `app` on 127.0.0.1 in a thread of this process."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, ready_path: str = "/ready") -> None:
         import uvicorn
 
+        self.ready_path = ready_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
@@ -118,7 +119,7 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
-        wait_ready(self.url)
+        wait_ready(self.url, path=self.ready_path)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -128,9 +129,7 @@ class ThreadServer:
 
 def _main() -> None:
     """The keyword-judge server: `python tests/server_support.py '{"port": N, "args": [...]}'`."""
-    import uvicorn
-
-    from safecode_guard.serve_cli import configure_parser, settings_from_args
+    from safecode_guard.serve_cli import configure_parser, run_server, settings_from_args
     from safecode_guard.serving import create_app
 
     spec = json.loads(sys.argv[1])
@@ -141,7 +140,7 @@ def _main() -> None:
     args = parser.parse_args(spec["args"])
     settings = settings_from_args(args)
     app = create_app(settings, judge=keyword_judge)
-    uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", timeout_graceful_shutdown=30)
+    run_server(app, host="127.0.0.1", port=spec["port"], log_level="warning")
 
 
 if __name__ == "__main__":
