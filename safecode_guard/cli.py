@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": ("safecode_guard.evaluation", "compare SafeCoDe with plain decoding on MSSBench, MOSSBench or your own JSONL data"),
     "bench": ("safecode_guard.bench", "time SafeCoDe against plain generate, side by side"),
     "serve": ("safecode_guard.serve_cli", "an OpenAI-compatible HTTP server that returns the verdict with every answer"),
+    "bench-serve": ("safecode_guard.bench_serve", "latency, time to first token and tokens/s of a running server"),
 }
 
 

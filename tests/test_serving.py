@@ -411,3 +411,15 @@ def test_keyword_judge_is_what_the_load_test_expects():
 
     assert keyword_judge(JudgeRequest(images=(), request=f"a {UNSAFE_WORD}")) == "unsafe"
     assert keyword_judge(JudgeRequest(images=(), request="a cat")) == "safe"
+
+
+def test_bench_serve_prints_latency_ttft_and_throughput(tiny_model_dir, capsys):
+    from safecode_guard.cli import main
+
+    with ThreadServer(_thread_app(str(tiny_model_dir("llava")), judge="fixed:safe")) as srv:
+        assert main(["bench-serve", "--url", srv.url, "--concurrency", "1,4", "--requests", "4", "--max-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "p99 TTFT" in lines[0] and len(lines) == 3
+    for row in lines[1:]:
+        fields = row.split()
+        assert fields[-1] == "-" and float(fields[3]) > 0  # no errors, some tokens per second
