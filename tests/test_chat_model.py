@@ -723,15 +723,15 @@ def test_changed_settings_rebuild_the_engine(tiny_llava: tuple[Any, Any]) -> Non
 
 
 def test_unknown_options_bad_tools_and_tools_without_template_support_are_refused(llm: ChatSafeCoDe) -> None:
-    with pytest.raises(SafeCoDeInputError, match="frequency_penalty"):
-        llm.invoke("hi", frequency_penalty=1.0)
+    with pytest.raises(SafeCoDeInputError, match="repetition_penalty"):
+        llm.invoke("hi", repetition_penalty=1.0)
     with pytest.raises(UnsupportedContentError, match="no function schema"):
         llm.invoke("hi", tools=[{"type": "function"}])
     # the tiny Llava's ChatML template ignores tools: a clear error, not a silently tool-less prompt
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(UnsupportedModelError, match="no tool support"):
         llm.invoke("hi", tools=[tool])
-    with pytest.raises(SafeCoDeInputError, match="not both"):
+    with pytest.raises(SafeCoDeInputError, match="same setting"):
         llm.invoke("hi", max_tokens=3, max_new_tokens=4)
     assert llm.invoke("hi", max_tokens=3).usage_metadata["output_tokens"] <= 3
 
