@@ -376,7 +376,7 @@ MALFORMED_REPLIES = {
     "arguments not an object": ('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>', "", "add", "must be a JSON object"),
     "no name": ('<tool_call>["add"]</tool_call>', "", None, 'string "name"'),
     "bad arguments string": ('<tool_call>{"name": "add", "arguments": "{oops"}</tool_call>', "", "add", "arguments string"),
-    "deep arguments": ('<tool_call>{"name": "add", "arguments": ' + "[" * 2000 + "]" * 2000 + "}</tool_call>", "", "add", "nested more than"),
+    "deep arguments": ('<tool_call>{"name": "add", "arguments": ' + "[" * 100 + "]" * 100 + "}</tool_call>", "", "add", "nested more than"),
     "plain json cut off": ('{"name": "add", "parameters": {"a": 1', "", "add", "not valid JSON"),
 }
 
@@ -386,7 +386,7 @@ def test_malformed_calls_read_the_same_through_invoke_and_stream(
     case: str, chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
 ) -> None:
     reply, content, name, reason = MALFORMED_REPLIES[case]
-    llm = chat("qwen2_5_vl", max_new_tokens=4100).bind_tools([add])
+    llm = chat("qwen2_5_vl", max_new_tokens=300).bind_tools([add])
     script.add(reply, reply)
     answer = llm.invoke("1 + ?")
     full = merged(list(llm.stream("1 + ?")))
@@ -609,3 +609,98 @@ def test_bad_structured_output_and_json_mode_arguments(chat: Callable[..., ChatS
         llm.invoke("hi", response_format={"type": "yaml"})
     with pytest.raises(SafeCoDeInputError, match="without tools"):
         llm.invoke("hi", tool_choice="any")
+
+
+# =========================================================================== issue 10.12: nesting bounds
+
+
+def deep(levels: int, leaf: Any = 1) -> Any:
+    value = leaf
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+def test_nesting_is_measured_without_recursion() -> None:
+    from safecode_guard.tools import json_text_depth, nesting_depth
+
+    assert nesting_depth(1) == 0 and nesting_depth({"a": [1, {"b": 2}]}) == 3
+    assert nesting_depth(deep(100_000)) == 65  # stops counting past the bound, never overflows
+    assert json_text_depth('{"a": "[[[", "b": [{}]}') == 3 and json_text_depth('"\\\\"[') == 1
+    assert json_text_depth("[" * 100_000) == 100_000
+
+
+def test_deep_model_output_is_an_invalid_call_or_text_never_a_recursion_error() -> None:
+    deep_args = '{"k": ' + "[" * 2000 + "1" + "]" * 2000 + "}"  # json.dumps itself cannot write this
+    parsed = parse_answer('<tool_call>{"name": "add", "arguments": ' + deep_args + "}</tool_call>", NAMES)
+    assert parsed.tool_calls == [] and "nested more than 64" in parsed.invalid_tool_calls[0]["error"]
+    plain = parse_answer('{"name": "add", "parameters": ' + deep_args + "}", NAMES)
+    assert "nested more than" in plain.invalid_tool_calls[0]["error"]
+    assert parse_answer("[" * 2000 + "]" * 2000, NAMES).content == "[" * 2000 + "]" * 2000
+    fine = parse_answer('<tool_call>{"name": "add", "arguments": ' + json.dumps({"a": deep(60)}) + "}</tool_call>", NAMES)
+    assert fine.tool_calls and not fine.invalid_tool_calls  # real arguments stay well inside the bound
+
+
+def test_deep_schemas_and_histories_are_typed_errors() -> None:
+    from safecode_guard import InputLimitError
+    from safecode_guard.tools import hf_tool_calls
+
+    deep_schema = {"type": "function", "function": {"name": "f", "parameters": deep(2000)}}
+    with pytest.raises(InputLimitError, match="tools\\[0\\]"):
+        format_tools([deep_schema])
+    with pytest.raises(InputLimitError, match="add"):
+        hf_tool_calls([{"name": "add", "args": {"a": deep(2000)}, "id": "c1"}])
+    processor = tool_processor_stub()
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": "c1", "function": {"name": "add", "arguments": {"a": deep(2000)}}}]},
+        {"role": "tool", "content": "3", "tool_call_id": "c1"},
+    ]
+    with pytest.raises(InputLimitError, match=r"messages\[1\].tool_calls\[0\]"):
+        render_prompt(processor, history)
+    with pytest.raises(InputLimitError, match=r"tools\[0\]"):
+        render_prompt(processor, history[:1], tools=[deep_schema])
+
+
+def test_a_deep_conversation_is_refused_and_the_model_stays_usable(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    from langchain_core.caches import InMemoryCache
+
+    from safecode_guard import InputLimitError
+
+    deep_history = [
+        HumanMessage("Add them."),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": deep(2000)}, "id": "c1", "type": "tool_call"}]),
+        ToolMessage("3", tool_call_id="c1"),
+    ]
+    for llm in (chat("qwen2_5_vl").bind_tools([add]), chat("qwen2_5_vl", cache=InMemoryCache()).bind_tools([add])):
+        with pytest.raises(InputLimitError, match="nested more than"):
+            llm.invoke(deep_history)
+        with pytest.raises(InputLimitError):
+            list(llm.stream(deep_history))
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").invoke([HumanMessage([{"type": "text", "text": "x", "extras": deep(2000)}])])
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").with_structured_output(deep(2000, {"type": "object"}) | {"title": "T"})
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").invoke("hi", response_format={"type": "json_schema", "json_schema": {"schema": deep(2000)}})
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").get_num_tokens_from_messages(deep_history)
+    engine = chat("qwen2_5_vl").engine
+    script.add("(taken by the scripted step before the prompt is rendered)")
+    with pytest.raises(InputLimitError):
+        engine.generate([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": deep(2000)}}}]},
+            {"role": "user", "content": "again"}], max_new_tokens=2)
+    script.add("Fine.")
+    assert chat("qwen2_5_vl").invoke("hi").content == "Fine."
+
+
+def test_a_deep_json_answer_is_a_parse_error(load_tiny_vlm: Callable[[str], tuple[Any, Any]], script: ScriptedDecoding) -> None:
+    model, processor = load_tiny_vlm("llava")
+    llm = ChatSafeCoDe.from_model(model, processor, judge="fixed:safe", max_new_tokens=300)
+    script.add('"a": ' + "[" * 100 + "]" * 100 + "}")
+    with pytest.raises(OutputParserException, match="nested more than"):
+        llm.with_structured_output(None, method="json_mode").invoke("Anything")  # type: ignore[arg-type]
