@@ -11,7 +11,10 @@ shape LangChain produces, decoded to PIL under `policy`; unsupported blocks
 rejected) -> the `SafeCoDe` engine, loaded on first use (never in
 `__init__`; once, under a lock) -> `SafeCoDe.stream`.
 
-Output flow:
+Output flow: the engine's text pieces -> `_chunks` (an `AnswerReader`
+splits text and tool calls) -> `ChatGenerationChunk`s. `stream` yields them;
+`invoke` merges those same chunks into one `AIMessage`, so the two agree on
+everything (text, tool calls, invalid calls, metadata) by construction.
 
 - invoke / batch / ainvoke / abatch: one `AIMessage` holding the answer only
   (no prompt echo, stop string excluded). `response_metadata` holds `safety`
@@ -31,15 +34,20 @@ Output flow:
 Tools (`bind_tools`, SPEC section 4; `safecode_guard.tools`): the tool
 schemas go through the chat template's own `tools=`; the answer is split
 into text and `tool_calls` (`<tool_call>{json}</tool_call>` or plain-JSON
-calls; unreadable calls land in `invalid_tool_calls`). `tool_choice` "any" or
-a tool name opens the answer with the template's call prefix. When the
+calls). Unreadable calls land in `invalid_tool_calls` with `args` = the raw
+call text as a JSON string (so no chunk merge can "repair" a cut-off call
+into a runnable one) and the reason in
+`response_metadata["invalid_tool_call_errors"][call_id]`. `tool_choice` "any"
+or a tool name opens the answer with the template's call prefix. When the
 verdict is unsafe the answer carries NO tool calls: whatever the model tried
 to call is listed in `safety["blocked_tool_calls"]` instead (the key is there,
-maybe empty, whenever tools were bound). Streaming sends each call as one
-`tool_call_chunks` chunk once its closing tag arrives; blocked calls ride on
-the last chunk's `safety`. `with_structured_output` works through a forced
-tool call (default) or a JSON mode (`method="json_schema"`), and raises
-LangChain's `ModelRefusalError` under an unsafe verdict.
+maybe empty, whenever tools were bound), and a forced opening (a forced tool
+call, JSON mode's "{") gives way to a plain-text refusal. Streaming sends
+each call as one `tool_call_chunks` chunk once its closing tag arrives;
+blocked calls ride on the last chunk's `safety`. `with_structured_output`
+works through a forced tool call (default) or a JSON mode
+(`method="json_schema"`), and raises LangChain's `ModelRefusalError` under an
+unsafe verdict.
 
 Async never blocks the event loop: `ainvoke` runs the engine in a worker
 thread (LangChain's default `_agenerate`), and `astream` runs the sync
