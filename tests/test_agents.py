@@ -429,6 +429,14 @@ def test_a_safe_turn_with_response_format_still_gives_structured_output(
     assert script.prefixes == ['<tool_call>\n{"name": "Weather", "arguments": ']
     assert state["structured_response"] == Weather(city="Oslo", temperature=4)
     assert state["messages"][1].invalid_tool_calls == []
+    # ProviderStrategy with tools: the tools are offered, the final answer is a JSON object
+    actions = Actions()
+    script.add(call_text(QWEN, "get_weather", {"city": "Oslo"}), '{"city": "Oslo", "temperature": 4}')
+    agent = create_agent(llm, tools=actions.tools, response_format=ProviderStrategy(Weather), middleware=[guard])
+    state = agent.invoke({"messages": [photo_question("Weather in Oslo?")]})
+    assert actions.done == [("get_weather", {"city": "Oslo"})]
+    assert state["structured_response"] == Weather(city="Oslo", temperature=4)
+    assert "Call tools as needed" in script.prompts[-1] and '"temperature"' in script.prompts[-1]
 
 
 @pytest.mark.parametrize("response_format", list(FORMATS))
