@@ -542,8 +542,8 @@ class _Engines:
     objects `from_model` wrapped, a processor loaded alone for token counting,
     and whether each model's template takes tools. Copies of the chat model
     (`model_copy`, `deepcopy`) share this object, so weights are never
-    duplicated. Pickling keeps only the wrapped objects: loaded engines and
-    the lock stay behind and reload lazily on first use after unpickling.
+    duplicated. A pickle carries none of it: after unpickling, the model is
+    loaded again from `model` (a path or hub id) on first use.
     """
 
     def __init__(self, hf_objects: tuple[Any, Any] | None = None) -> None:
@@ -572,7 +572,9 @@ class _Engines:
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_Engines, (self.hf_objects,))
+        # Loaded weights never travel in a pickle (torch modules with transformers' hooks do
+        # not even pickle); the unpickled chat model loads `model` again on first use.
+        return (_Engines, ())
 
 
 @dataclass
@@ -673,8 +675,9 @@ class ChatSafeCoDe(BaseChatModel):
     Token counting (`get_num_tokens`, `get_num_tokens_from_messages`,
     `trim_messages(token_counter=llm)`) uses the model's own tokenizer and chat
     template, images counted as the processor expands them; before the model
-    is loaded only its processor is (no weights). Pickling drops loaded
-    engines; they reload lazily.
+    is loaded only its processor is (no weights). Pickling drops what is
+    loaded (engines, and the objects `from_model` wrapped): the unpickled
+    model loads `model` (a path or hub id) again on first use.
     """
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, arbitrary_types_allowed=True)
