@@ -311,6 +311,7 @@ def test_langchain_identity_ls_params_and_profile() -> None:
         {"safecode": SafeCoDeConfig(threshold=0.7)}, {"safecode": SafeCoDeConfig(refusal_phrases=["No"])},
         {"policy": InputPolicy(max_images=2)}, {"max_new_tokens": 9}, {"temperature": 0.5}, {"top_p": 0.9},
         {"top_k": 5}, {"do_sample": True}, {"seed": 3}, {"stop": ["x"]}, {"device": "cpu"},
+        {"presence_penalty": 0.5}, {"frequency_penalty": -0.5},
         {"dtype": "float32"}, {"model_kwargs": {"attn_implementation": "eager"}},
     ],
     ids=lambda c: next(iter(c)),
