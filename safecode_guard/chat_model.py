@@ -386,7 +386,7 @@ def _setting_hint(key: str, valid: Sequence[str]) -> str:
     candidates = {**{v: f"`{v}`" for v in valid}, **{k: nested[k] for k in nested}}
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     if close:
-        return f"`{key}`: did you mean {candidates[close[0]]}?"
+        return f"`{key}`: did you mean {candidates[close[0]]}"
     return f"`{key}` is not a ChatSafeCoDe setting"
 
 
