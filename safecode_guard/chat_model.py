@@ -11,7 +11,10 @@ shape LangChain produces, decoded to PIL under `policy`; unsupported blocks
 rejected) -> the `SafeCoDe` engine, loaded on first use (never in
 `__init__`; once, under a lock) -> `SafeCoDe.stream`.
 
-Output flow:
+Output flow: the engine's text pieces -> `_chunks` (an `AnswerReader`
+splits text and tool calls) -> `ChatGenerationChunk`s. `stream` yields them;
+`invoke` merges those same chunks into one `AIMessage`, so the two agree on
+everything (text, tool calls, invalid calls, metadata) by construction.
 
 - invoke / batch / ainvoke / abatch: one `AIMessage` holding the answer only
   (no prompt echo, stop string excluded). `response_metadata` holds `safety`
@@ -31,15 +34,20 @@ Output flow:
 Tools (`bind_tools`, SPEC section 4; `safecode_guard.tools`): the tool
 schemas go through the chat template's own `tools=`; the answer is split
 into text and `tool_calls` (`<tool_call>{json}</tool_call>` or plain-JSON
-calls; unreadable calls land in `invalid_tool_calls`). `tool_choice` "any" or
-a tool name opens the answer with the template's call prefix. When the
+calls). Unreadable calls land in `invalid_tool_calls` with `args` = the raw
+call text as a JSON string (so no chunk merge can "repair" a cut-off call
+into a runnable one) and the reason in
+`response_metadata["invalid_tool_call_errors"][call_id]`. `tool_choice` "any"
+or a tool name opens the answer with the template's call prefix. When the
 verdict is unsafe the answer carries NO tool calls: whatever the model tried
 to call is listed in `safety["blocked_tool_calls"]` instead (the key is there,
-maybe empty, whenever tools were bound). Streaming sends each call as one
-`tool_call_chunks` chunk once its closing tag arrives; blocked calls ride on
-the last chunk's `safety`. `with_structured_output` works through a forced
-tool call (default) or a JSON mode (`method="json_schema"`), and raises
-LangChain's `ModelRefusalError` under an unsafe verdict.
+maybe empty, whenever tools were bound), and a forced opening (a forced tool
+call, JSON mode's "{") gives way to a plain-text refusal. Streaming sends
+each call as one `tool_call_chunks` chunk once its closing tag arrives;
+blocked calls ride on the last chunk's `safety`. `with_structured_output`
+works through a forced tool call (default) or a JSON mode
+(`method="json_schema"`), and raises LangChain's `ModelRefusalError` under an
+unsafe verdict.
 
 Async never blocks the event loop: `ainvoke` runs the engine in a worker
 thread (LangChain's default `_agenerate`), and `astream` runs the sync
@@ -53,26 +61,25 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import difflib
+import hashlib
 import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
+from langchain_core.caches import BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import ModelRefusalError
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import (
-    InvalidToolCall,
-    ToolCall,
-    ToolCallChunk,
-    invalid_tool_call,
-    tool_call_chunk,
-)
+from langchain_core.messages.tool import ToolCallChunk, invalid_tool_call, tool_call_chunk
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
     JsonOutputParser,
@@ -83,7 +90,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from typing_extensions import Self
 
 from . import ops
 from . import tools as tools_mod
@@ -96,7 +104,7 @@ from .verdict import Verdict
 if TYPE_CHECKING:
     from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream
 
-__all__ = ["ChatSafeCoDe", "refusal_decision", "safety_metadata"]
+__all__ = ["ChatSafeCoDe", "images_inline", "judge_fingerprint", "refusal_decision", "safety_metadata"]
 
 PROVIDER = "safecode"
 
@@ -191,12 +199,211 @@ def sampling_kwargs(
     return {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k}
 
 
-def _judge_key(judge: Any) -> str:
-    """A stable description of a judge for identifying params: the spec, or the object's name and type."""
+# --------------------------------------------------------------------------- LLM cache keys
+#
+# LangChain's LLM cache keys an answer on the serialised messages plus `_get_llm_string`
+# (our `_identifying_params` and the call's options). Two things decide a SafeCoDe answer
+# that those may not describe: the judge (its verdict steers decoding) and the pixels of
+# images the request only points to. `ChatSafeCoDe._generate_with_cache` bypasses the
+# cache when either is not covered by the key.
+
+
+def judge_fingerprint(judge: Any) -> str | None:
+    """A stable string that identifies what `judge` decides, or None when nothing does.
+
+    - a spec string ("self", "fixed:unsafe", "chat:openai:gpt-4o") is its own description;
+    - `FixedJudge` and an unbound `SelfJudge` are described by their settings
+      (`FixedJudge("unsafe")` and "fixed:unsafe" share a key);
+    - a LangChain chat model (or a `ChatModelJudge` around one) by a digest of the
+      model's own LangChain cache key (its class and identifying parameters);
+    - any judge object may describe itself with a non-empty string attribute
+      `cache_key` (e.g. `my_judge.cache_key = "keyword-judge-v2"`).
+
+    Everything else (functions, lambdas, custom judge classes without `cache_key`,
+    a `SelfJudge` bound to another engine) has no description that tells two of
+    them apart, so `ChatSafeCoDe` never caches answers that such a judge decided.
+    """
+    from .judges import ChatModelJudge, FixedJudge, SelfJudge
+
     if isinstance(judge, str):
-        return judge
+        return "spec:" + judge.strip()
+    own = getattr(judge, "cache_key", None)
+    if isinstance(own, str) and own:
+        return "key:" + own
+    if type(judge) is FixedJudge:
+        return "spec:" + judge.name
+    if type(judge) is SelfJudge and judge.engine is None:
+        return f"spec:{judge.name}:caption_max_new_tokens={judge.caption_max_new_tokens}"
+    model, name = (judge.chat_model, judge.name) if type(judge) is ChatModelJudge else (judge, "")
+    if isinstance(model, BaseChatModel):
+        try:
+            described = model._get_llm_string()
+        except Exception:  # a chat model that cannot describe itself cannot be told apart
+            return None
+        kind = f"{type(model).__module__}.{type(model).__qualname__}"
+        # a digest: the judge model's settings may hold secrets, and cache keys may be stored
+        return "chat-model:" + hashlib.sha256(f"{kind}|{name}|{described}".encode()).hexdigest()
+    return None
+
+
+def _judge_description(judge: Any) -> str:
+    """`_identifying_params["judge"]`: the fingerprint, or a readable name marked uncacheable."""
+    fingerprint = judge_fingerprint(judge)
+    if fingerprint is not None:
+        return fingerprint
     name = getattr(judge, "name", None) or getattr(judge, "__name__", None) or ""
-    return f"{type(judge).__module__}.{type(judge).__qualname__}:{name}"
+    return f"uncacheable:{type(judge).__module__}.{type(judge).__qualname__}:{name}"
+
+
+def _inline_image_block(block: Mapping[str, Any]) -> bool:
+    """Whether a v1 content block is not an image, or an image whose bytes are in the block itself."""
+    kind = block.get("type")
+    if kind == "non_standard":  # e.g. OpenAI's {"type": "image_url", "image_url": "<url>"} shorthand
+        value = block.get("value")
+        if not (isinstance(value, Mapping) and value.get("type") == "image_url"):
+            return True
+        url = value.get("image_url")
+        url = url.get("url") if isinstance(url, Mapping) else url
+        return isinstance(url, str) and url.lstrip()[:5].lower() == "data:"
+    if kind != "image":
+        return True
+    if block.get("base64") is not None:
+        return True
+    if block.get("url") is not None:
+        url = block["url"]
+        return isinstance(url, str) and url.lstrip()[:5].lower() == "data:"
+    # Encoded bytes serialise whole; a PIL image serialises as its repr (size and memory
+    # address), a string may be a path: neither covers the pixels.
+    return isinstance(block.get("image"), (bytes, bytearray))
+
+
+def images_inline(messages: Sequence[BaseMessage]) -> bool:
+    """Whether every image in `messages` carries its bytes in the messages themselves.
+
+    True for base64 blocks, data URLs and encoded bytes. False when any image
+    is a reference read at request time (an http(s) or file:// URL, a path) or
+    an in-memory PIL image: the serialised messages, which key LangChain's
+    cache, then do not cover the pixels the model would see.
+    """
+    for message in messages:
+        if isinstance(message.content, str):
+            continue
+        try:
+            blocks = message.content_blocks
+        except (ValueError, TypeError, KeyError):
+            return False  # malformed: the call itself reports it
+        if not all(_inline_image_block(b) for b in blocks if isinstance(b, Mapping)):
+            return False
+    return True
+
+
+def _storable(generation: Any) -> bool:
+    """Whether an answer may be cached: not one decided by a fallback verdict (a failed judge)."""
+    message = getattr(generation, "message", None)
+    safety = (getattr(message, "response_metadata", None) or {}).get("safety") or {}
+    return safety.get("source") != "fallback" and safety.get("error") is None
+
+
+class _VerdictAwareCache(BaseCache):
+    """The application's LLM cache, minus answers made under a fallback verdict.
+
+    A fallback verdict (the judge timed out or failed, `on_judge_error` decided)
+    says something about that moment, not about the request: cached, it would
+    keep serving a fail-closed refusal (or a fail-open answer) after the judge
+    recovered. Lookups pass through unchanged.
+    """
+
+    def __init__(self, inner: BaseCache) -> None:
+        self.inner = inner
+
+    def lookup(self, prompt: str, llm_string: str) -> Any:
+        return self.inner.lookup(prompt, llm_string)
+
+    def update(self, prompt: str, llm_string: str, return_val: Any) -> None:
+        if all(_storable(g) for g in return_val):
+            self.inner.update(prompt, llm_string, return_val)
+
+    def clear(self, **kwargs: Any) -> None:
+        self.inner.clear(**kwargs)
+
+    async def alookup(self, prompt: str, llm_string: str) -> Any:
+        return await self.inner.alookup(prompt, llm_string)
+
+    async def aupdate(self, prompt: str, llm_string: str, return_val: Any) -> None:
+        if all(_storable(g) for g in return_val):
+            await self.inner.aupdate(prompt, llm_string, return_val)
+
+    async def aclear(self, **kwargs: Any) -> None:
+        await self.inner.aclear(**kwargs)
+
+
+# --------------------------------------------------------------------------- constructor keys
+
+#: LangChain's standard constructor keys that have no meaning for a model running in this
+#: process, each with what to do instead. They are refused, not silently dropped.
+_NOT_FOR_LOCAL_MODELS = {
+    "timeout": "a local model has no request timeout. Bound the answer with `max_tokens`, the judge with "
+    "safecode=SafeCoDeConfig(judge_timeout_s=...) and image downloads with policy=InputPolicy(url_timeout_s=...)",
+    "max_retries": "a local model has no network errors to retry. Wrap it with llm.with_retry(...) if you want retries",
+    "api_key": "a local model needs no API key",
+    "base_url": "ChatSafeCoDe runs the model in this process. For a server, run `safecode-guard serve` "
+    "and use an OpenAI-compatible client",
+    "streaming_callback": "use callbacks=[...] or llm.stream(...)",
+}
+
+#: Names other integrations use for a setting we have under another name.
+_OTHER_NAMES = {
+    "model_name": "model",
+    "model_id": "model",
+    "model_path": "model",
+    "max_output_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "stop_sequences": "stop",
+    "judge_spec": "judge",
+    "config": "safecode",
+    "safecode_config": "safecode",
+    "input_policy": "policy",
+}
+
+
+def _nested_settings() -> dict[str, str]:
+    from .config import InputPolicy, SafeCoDeConfig
+
+    out = {name: f"safecode=SafeCoDeConfig({name}=...)" for name in SafeCoDeConfig.model_fields}
+    out.update({name: f"policy=InputPolicy({name}=...)" for name in InputPolicy.model_fields})
+    return out
+
+
+def _setting_hint(key: str, valid: Sequence[str]) -> str:
+    """What to write instead of the unknown constructor key `key`."""
+    if key in _NOT_FOR_LOCAL_MODELS:
+        return f"`{key}`: {_NOT_FOR_LOCAL_MODELS[key]}"
+    nested = _nested_settings()
+    if key in nested:
+        return f"`{key}` is a SafeCoDe setting: pass {nested[key]}"
+    if key in _OTHER_NAMES:
+        return f"`{key}`: use `{_OTHER_NAMES[key]}`"
+    candidates = {**{v: f"`{v}`" for v in valid}, **{k: nested[k] for k in nested}}
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f"`{key}`: did you mean {candidates[close[0]]}"
+    return f"`{key}` is not a ChatSafeCoDe setting"
+
+
+def check_settings(model_class: type[BaseModel], keys: Sequence[str]) -> None:
+    """`SafeCoDeInputError` naming every key that is not a field (or alias) of `model_class`, and its fix."""
+    valid = {n for n, f in model_class.model_fields.items()} | {
+        f.alias for f in model_class.model_fields.values() if f.alias
+    }
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        ours = sorted(n for n in valid if n in ChatSafeCoDe.__annotations__ or n == "max_tokens")
+        raise SafeCoDeInputError(
+            "Unknown setting(s) for ChatSafeCoDe: "
+            + "; ".join(_setting_hint(str(k), sorted(valid)) for k in unknown)
+            + f". Its own settings are {ours}, plus LangChain's (cache, callbacks, tags, metadata, "
+            "rate_limiter, disable_streaming, output_version, profile, ...)."
+        )
 
 
 # --------------------------------------------------------------------------- tools and JSON mode
@@ -252,6 +459,7 @@ def _response_format_schema(response_format: Any) -> dict[str, Any] | None:
         inner = response_format.get("json_schema", response_format)
         schema = inner.get("schema") if isinstance(inner, Mapping) else None
         if isinstance(schema, Mapping):
+            tools_mod.check_nesting(schema, "The `response_format` schema")
             return dict(schema)
     raise SafeCoDeInputError(
         f"`response_format` (={response_format!r}) must be {{'type': 'json_object'}} or "
@@ -261,19 +469,27 @@ def _response_format_schema(response_format: Any) -> dict[str, Any] | None:
 
 @dataclass
 class AnswerReader:
-    """Reads an answer's text under a `CallPlan`: text, tool calls, and calls blocked by an unsafe verdict.
+    """Reads an answer's text under a `CallPlan` into `(text, tool_call_chunks)` pairs.
 
-    `feed` / `finish` return `(text, tool_call_chunks)` pairs for streaming;
-    the same calls land in `tool_calls` / `invalid_tool_calls` / `blocked`
-    for `invoke`, so both paths read an answer the same way.
+    The pairs become the stream's chunks, and `invoke` merges those same chunks,
+    so both paths read an answer identically by construction. A valid call is
+    one chunk whose `args` is its arguments as a JSON object. An invalid call
+    (malformed, unknown tool, cut off, or a second call under
+    `parallel_tool_calls=False`) is one chunk whose `args` is the call's raw
+    text as a JSON *string*: LangChain's chunk merging repairs truncated JSON
+    objects (`{"a": 1` -> `{"a": 1}`), which would make a cut-off call
+    runnable, while a string always stays an invalid call. `json.loads(args)`
+    gives back what the model wrote; the reason is kept in `errors` (merging
+    drops `InvalidToolCall.error`). Calls made under an unsafe verdict go to
+    `blocked` instead, as parsed (`ToolCall` or `InvalidToolCall` dicts).
     """
 
     plan: CallPlan | None
     unsafe: bool
-    content: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
     blocked: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    calls: int = 0
+    valid_calls: int = 0
     _splitter: tools_mod.ToolCallSplitter | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -291,7 +507,6 @@ class AnswerReader:
         out: list[tuple[str, list[ToolCallChunk]]] = []
         for event in events:
             if isinstance(event, str):
-                self.content += event
                 out.append((event, []))
                 continue
             assert self.plan is not None and self.plan.names is not None
@@ -299,20 +514,18 @@ class AnswerReader:
             if self.unsafe:
                 self.blocked.append(dict(call))  # an unsafe scene must not trigger actions
                 continue
-            if call["type"] == "tool_call" and self.tool_calls and not self.plan.parallel:
+            if call["type"] == "tool_call" and self.valid_calls and not self.plan.parallel:
                 call = invalid_tool_call(
-                    name=call["name"], args=json.dumps(call["args"]), id=call["id"],
+                    name=call["name"], args=json.dumps(call["args"], ensure_ascii=False), id=call["id"],
                     error="parallel_tool_calls=False: only the first tool call is kept",
                 )
-            index = len(self.tool_calls) + len(self.invalid_tool_calls)
+            index, self.calls = self.calls, self.calls + 1
             if call["type"] == "tool_call":
-                self.tool_calls.append(call)
+                self.valid_calls += 1
                 args = json.dumps(call["args"], ensure_ascii=False)
             else:
-                self.invalid_tool_calls.append(call)
-                # A JSON string, never an object: LangChain's chunk merging repairs truncated
-                # JSON objects, which would turn a cut-off call into a runnable one.
-                args = json.dumps(call["args"], ensure_ascii=False)
+                self.errors[call["id"]] = call["error"]
+                args = json.dumps(call["args"], ensure_ascii=False)  # the raw text, as a JSON string
             out.append(("", [tool_call_chunk(name=call["name"], args=args, id=call["id"], index=index)]))
         return out
 
@@ -321,17 +534,24 @@ class AnswerReader:
 
 
 class _Engines:
-    """The engines one `ChatSafeCoDe` has loaded, and the lock that makes each load happen once.
+    """What one `ChatSafeCoDe` has loaded, and the lock that makes each load happen once.
 
-    Two slots: the configured model, and the most recent per-call `model=`
-    override (one, so that overrides cannot pile up weights). A slot is
-    rebuilt when the settings that built it change. Copies of the chat model
-    (`model_copy`, `deepcopy`) share this object, so weights are never duplicated.
+    Two engine slots: the configured model, and the most recent per-call
+    `model=` override (one, so that overrides cannot pile up weights). A slot
+    is rebuilt when the settings that built it change. Also held here: the
+    objects `from_model` wrapped, a processor loaded alone for token counting,
+    and whether each model's template takes tools. Copies of the chat model
+    (`model_copy`, `deepcopy`) share this object, so weights are never
+    duplicated. A pickle carries none of it: after unpickling, the model is
+    loaded again from `model` (a path or hub id) on first use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hf_objects: tuple[Any, Any] | None = None) -> None:
         self.lock = threading.Lock()
         self.slots: dict[str, tuple[tuple[Any, ...], SafeCoDe]] = {}
+        self.hf_objects = hf_objects
+        self.processor: tuple[str, Any] | None = None  # (model, processor) loaded for counting only
+        self.tool_calling: dict[str, bool] = {}  # model -> whether its chat template takes tools
 
     def get(self, slot: str, key: tuple[Any, ...], build: Callable[[], SafeCoDe]) -> SafeCoDe:
         with self.lock:
@@ -340,8 +560,80 @@ class _Engines:
                 self.slots[slot] = (key, build())
             return self.slots[slot][1]
 
+    def loaded(self, model: str) -> SafeCoDe | None:
+        """The engine of `model` if it is loaded (never loads)."""
+        held = self.slots.get("main")
+        return held[1] if held is not None and held[0][0] == model else None
+
     def __deepcopy__(self, memo: dict[int, Any]) -> _Engines:
         return self
+
+    def __copy__(self) -> _Engines:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Loaded weights never travel in a pickle (torch modules with transformers' hooks do
+        # not even pickle); the unpickled chat model loads `model` again on first use.
+        return (_Engines, ())
+
+
+@dataclass
+class _Call:
+    """One started call: the engine, its stream, how to read the answer, and the verdict to report."""
+
+    engine: SafeCoDe
+    pieces: SafeCoDeStream
+    plan: CallPlan | None
+    verdict: Verdict
+
+
+def special_strings(processor: Any) -> tuple[str, ...]:
+    """The special-token strings the engine neutralizes in user text, read from a processor alone.
+
+    (The same rule as `SafeCoDe`'s, for counting tokens before any weights are loaded.)
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added.content))
+    for attr in ("image_token", "boi_token", "eoi_token", "video_token"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, str):
+            specials.add(value)
+    return tuple(sorted(specials))
+
+
+def merge_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive same-role turns as one turn, as the engine merges them before rendering.
+
+    Tool results and tool-calling turns stay apart (each answers or makes its own calls).
+    """
+    merged: list[dict[str, Any]] = []
+    for m in messages:
+        plain = set(m) <= {"role", "content"}
+        if merged and merged[-1]["role"] == m["role"] and m["role"] != "tool" and plain and len(merged[-1]) == 2:
+            merged[-1] = {**merged[-1], "content": [*merged[-1]["content"], {"type": "text", "text": "\n"}, *m["content"]]}
+        else:
+            merged.append(dict(m))
+    return merged
+
+
+def check_conversation(messages: Sequence[BaseMessage]) -> None:
+    """Bound the nesting of what a conversation carries (`InputLimitError`), before any walk over it."""
+    for i, message in enumerate(messages):
+        if not isinstance(message.content, str):
+            tools_mod.check_nesting(message.content, f"messages[{i}].content")
+        for j, call in enumerate(getattr(message, "tool_calls", None) or []):
+            tools_mod.check_nesting(call.get("args"), f"The arguments of messages[{i}].tool_calls[{j}] ({call.get('name')!r})")
+
+
+def _refused_already(messages: Sequence[BaseMessage]) -> AIMessage | None:
+    """The last message when it is an answer this model gave under an unsafe verdict."""
+    last = messages[-1] if messages else None
+    if isinstance(last, AIMessage) and (last.response_metadata.get("safety") or {}).get("verdict") == "unsafe":
+        return last
+    return None
 
 
 # --------------------------------------------------------------------------- the chat model
@@ -358,6 +650,10 @@ class ChatSafeCoDe(BaseChatModel):
         llm = ChatSafeCoDe(model="./llava-1.5-7b-hf", judge="self", max_new_tokens=256)
 
     or wrap objects already loaded: `ChatSafeCoDe.from_model(model, processor)`.
+    Unknown constructor keys are refused (`SafeCoDeInputError` naming the key
+    and the closest setting, e.g. `threshold` -> `safecode=SafeCoDeConfig(threshold=...)`);
+    so are LangChain's `timeout`, `max_retries`, `api_key` and `base_url`,
+    which mean nothing for a model running in this process.
 
     Per call you may pass `model` (another path: loaded once and kept until
     the next different override), `max_new_tokens` (or `max_tokens`,
@@ -367,7 +663,21 @@ class ChatSafeCoDe(BaseChatModel):
 
     Tools: `llm.bind_tools([...], tool_choice=...)` for models whose chat
     template takes tools; `llm.with_structured_output(schema)`. Under an
-    unsafe verdict answers carry no tool calls (`safety["blocked_tool_calls"]`).
+    unsafe verdict answers carry no tool calls (`safety["blocked_tool_calls"]`)
+    and a forced `tool_choice` or JSON mode gives way to a plain-text refusal.
+
+    LangChain's LLM cache (`set_llm_cache`, `cache=`) is honoured when the key
+    describes the answer: it is skipped for requests whose images are references
+    (URLs, file paths, in-memory PIL images) and for judges without a stable
+    description (see `judge_fingerprint`; give a custom judge a `cache_key`),
+    and answers made under a fallback verdict (a failed judge) are never stored.
+
+    Token counting (`get_num_tokens`, `get_num_tokens_from_messages`,
+    `trim_messages(token_counter=llm)`) uses the model's own tokenizer and chat
+    template, images counted as the processor expands them; before the model
+    is loaded only its processor is (no weights). Pickling drops what is
+    loaded (engines, and the objects `from_model` wrapped): the unpickled
+    model loads `model` (a path or hub id) again on first use.
     """
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, arbitrary_types_allowed=True)
@@ -378,13 +688,14 @@ class ChatSafeCoDe(BaseChatModel):
     judge: Any = "self"
     """Who decides safe / unsafe: a spec string ("self", "self:caption", "fixed:safe",
     "fixed:unsafe", "chat:<provider>:<model>"), a judge object, a LangChain chat model, or a
-    callable taking a `JudgeRequest`."""
+    callable taking a `JudgeRequest`. Answers decided by a callable or a custom judge object
+    are not cached by LangChain's LLM cache unless the object has a string `cache_key`."""
     safecode: SafeCoDeConfig = Field(default_factory=SafeCoDeConfig)
     """The method's settings (contrast, refusal modulation, threshold, judge failure policy)."""
     policy: InputPolicy = Field(default_factory=InputPolicy)
     """What requests may contain: image count and size, URL / local-file images (off by default)."""
     max_new_tokens: int = Field(default=256, ge=1, alias="max_tokens")
-    """Most tokens in one answer (also accepted as `max_tokens`)."""
+    """Most tokens in one answer (also accepted, and readable, as `max_tokens`)."""
     temperature: float | None = Field(default=None, ge=0.0)
     """Sampling temperature; 0 or None decodes greedily unless `do_sample` says otherwise."""
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -394,7 +705,13 @@ class ChatSafeCoDe(BaseChatModel):
     do_sample: bool | None = None
     """Sample (True) or decode greedily (False); None samples exactly when `temperature` > 0."""
     seed: int | None = Field(default=None, ge=0)
-    """Seeds sampling; None uses `safecode.seed`. The image noise always uses `safecode.seed`."""
+    """Seeds sampling, so a sampled answer can be reproduced; None (the default) draws fresh
+    randomness for every call. Greedy decoding ignores it. The image noise of the contrast
+    always uses `safecode.seed`, so one request always sees the same noised view."""
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """OpenAI's presence penalty on the answer's own tokens (-2..2); None or 0 turns it off."""
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """OpenAI's frequency penalty on the answer's own tokens (-2..2); None or 0 turns it off."""
     stop: list[str] | None = None
     """Stop strings: the answer ends before the first one. A call's own `stop` replaces these."""
     streaming: bool = False
@@ -409,9 +726,20 @@ class ChatSafeCoDe(BaseChatModel):
     (e.g. `{"attn_implementation": "sdpa"}` or `{"device_map": "auto"}`)."""
 
     _engines: _Engines = PrivateAttr(default_factory=_Engines)
-    _hf_objects: tuple[Any, Any] | None = PrivateAttr(default=None)
 
     # -- validation -------------------------------------------------------------------------
+
+    def __init__(self, **data: Any) -> None:
+        # Before pydantic: its errors would wrap ours, and it would drop unknown keys silently.
+        check_settings(type(self), list(data))
+        super().__init__(**data)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        """As pydantic's, with unknown keys refused as the constructor refuses them."""
+        if isinstance(obj, Mapping):  # this path does not pass through __init__
+            check_settings(cls, list(obj))
+        return super().model_validate(obj, **kwargs)
 
     @model_validator(mode="before")
     @classmethod
@@ -441,6 +769,31 @@ class ChatSafeCoDe(BaseChatModel):
             raise ValueError(f"`dtype` (={value!r}) must be one of {list(_DTYPES)} or None.")
         return value
 
+    @property
+    def max_tokens(self) -> int:
+        """LangChain's name for `max_new_tokens`."""
+        return self.max_new_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, value: int) -> None:
+        self.__pydantic_validator__.validate_assignment(self, "max_new_tokens", value)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with `update` applied: keys as the constructor takes them (aliases such as
+        `max_tokens` included), unknown keys refused, values validated. The copy shares the
+        loaded engines (no weights are duplicated)."""
+        copy = super().model_copy(deep=deep)
+        if not update:
+            return copy
+        check_settings(type(self), list(update))
+        if "max_tokens" in update and "max_new_tokens" in update and update["max_tokens"] != update["max_new_tokens"]:
+            raise SafeCoDeInputError("`max_tokens` and `max_new_tokens` are the same setting; give one of them.")
+        for key, value in update.items():
+            copy.__pydantic_validator__.validate_assignment(copy, "max_new_tokens" if key == "max_tokens" else key, value)
+        if "policy" in update and copy.profile is not None:
+            copy.profile = {**copy.profile, "image_url_inputs": copy.policy.allow_image_urls}
+        return copy
+
     # -- construction from loaded objects ---------------------------------------------------
 
     @classmethod
@@ -448,16 +801,8 @@ class ChatSafeCoDe(BaseChatModel):
         """Wrap a loaded `model` and `processor` (no loading, no copy). `kwargs` are the other fields."""
         name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
         chat = cls(model=str(name), **kwargs)
-        chat._hf_objects = (model, processor)
-        engine = chat._engine(None)  # cheap without loading; checks the processor and judge now
-        if chat.profile is not None:
-            # loaded objects: the template can be asked now (a model loaded by path says False until used)
-            try:
-                tool_template(engine)
-                supports_tools = True
-            except UnsupportedModelError:
-                supports_tools = False
-            chat.profile = {**chat.profile, "tool_calling": supports_tools}
+        chat._engines.hf_objects = (model, processor)
+        chat._engine(None)  # cheap without loading; checks the processor and judge, reads the template now
         return chat
 
     # -- LangChain identity -----------------------------------------------------------------
@@ -471,7 +816,7 @@ class ChatSafeCoDe(BaseChatModel):
         """Every setting that changes an answer: LangChain's cache keys on these."""
         return {
             "model": self.model,
-            "judge": _judge_key(self.judge),
+            "judge": _judge_description(self.judge),
             "safecode": self.safecode.model_dump(mode="json"),
             "policy": self.policy.model_dump(mode="json"),
             "max_new_tokens": self.max_new_tokens,
@@ -480,12 +825,22 @@ class ChatSafeCoDe(BaseChatModel):
             "top_k": self.top_k,
             "do_sample": self.do_sample,
             "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
             # not "stop": LangChain overwrites that key with the call's own stop
             "default_stop": self.stop,
             "device": self.device,
             "dtype": self.dtype,
             "model_kwargs": self.model_kwargs,
         }
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        verdict = kwargs.get("verdict")
+        if isinstance(verdict, Verdict):
+            # A verdict handed in (e.g. by SafeCoDeMiddleware) keys the cache by what it says,
+            # not by how long the judge took to say it.
+            kwargs = {**kwargs, "verdict": verdict.model_dump(mode="json", exclude={"latency_s"})}
+        return super()._get_llm_string(stop=stop, **kwargs)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -509,8 +864,9 @@ class ChatSafeCoDe(BaseChatModel):
             audio_inputs=False,
             video_inputs=False,
             text_outputs=True,
-            # Tools depend on the chat template, unknown until the model is loaded; `from_model`
-            # probes it. No native structured output: `with_structured_output` uses a tool or JSON mode.
+            # Tools depend on the chat template, unknown until the model (or, with `from_model`,
+            # the engine) is loaded; then `_note_tool_support` sets it. No native structured
+            # output: `with_structured_output` uses a tool or JSON mode.
             tool_calling=False,
             structured_output=False,
         )
@@ -543,7 +899,7 @@ class ChatSafeCoDe(BaseChatModel):
         del strict  # accepted for LangChain compatibility; see the docstring
         formatted = tools_mod.format_tools(tools)
         choice = tools_mod.normalize_tool_choice(tool_choice, tools_mod.tool_names(formatted))
-        if self._hf_objects is not None:  # loaded already: fail now, not on the first call
+        if self._engines.hf_objects is not None:  # loaded already: fail now, not on the first call
             tools_mod.forced_prefix(tool_template(self._engine(None)), choice, tools_mod.tool_names(formatted))
         if parallel_tool_calls is not None:
             kwargs["parallel_tool_calls"] = parallel_tool_calls
@@ -570,6 +926,8 @@ class ChatSafeCoDe(BaseChatModel):
         """
         if kwargs:
             raise SafeCoDeInputError(f"Unsupported argument(s) {sorted(kwargs)} for with_structured_output.")
+        if isinstance(schema, Mapping):
+            tools_mod.check_nesting(schema, "The structured-output schema")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
         if method == "function_calling":
@@ -621,8 +979,9 @@ class ChatSafeCoDe(BaseChatModel):
 
         model = model or self.model
         settings = {"config": self.safecode, "judge": self.judge, "policy": self.policy}
-        if model == self.model and self._hf_objects is not None:
-            hf_model, processor = self._hf_objects
+        hf_objects = self._engines.hf_objects
+        if model == self.model and hf_objects is not None:
+            hf_model, processor = hf_objects
 
             def build() -> SafeCoDe:
                 return SafeCoDe(hf_model, processor, model_name=self.model, **settings)
@@ -635,7 +994,123 @@ class ChatSafeCoDe(BaseChatModel):
                 )
 
         slot = "main" if model == self.model else "override"
-        return self._engines.get(slot, self._engine_key(model), build)
+        engine = self._engines.get(slot, self._engine_key(model), build)
+        if slot == "main":
+            if model not in self._engines.tool_calling:
+                try:
+                    tool_template(engine)
+                    self._engines.tool_calling[model] = True
+                except UnsupportedModelError:
+                    self._engines.tool_calling[model] = False
+            self._note_tool_support()
+        return engine
+
+    def _note_tool_support(self) -> None:
+        """`profile["tool_calling"]` from the loaded template, once it is known."""
+        known = self._engines.tool_calling.get(self.model)
+        if known is not None and self.profile is not None and self.profile.get("tool_calling") != known:
+            self.profile = {**self.profile, "tool_calling": known}
+
+    # -- token counting ---------------------------------------------------------------------
+
+    def _counting_processor(self) -> tuple[Any, tuple[str, ...]]:
+        """(processor, special strings) of the configured model, without loading its weights."""
+        engine = self._engines.loaded(self.model)
+        if engine is not None:
+            return engine.processor, engine._specials
+        if self._engines.hf_objects is not None:
+            processor = self._engines.hf_objects[1]
+            return processor, special_strings(processor)
+        with self._engines.lock:
+            held = self._engines.processor
+            if held is None or held[0] != self.model:
+                from transformers import AutoProcessor
+
+                try:
+                    held = self._engines.processor = (self.model, AutoProcessor.from_pretrained(self.model))
+                except (OSError, ValueError) as exc:
+                    raise UnsupportedModelError(
+                        f"Could not load the processor of {self.model!r} to count tokens: {exc}. Give a local "
+                        "folder saved with save_pretrained (or a hub id reachable from here)."
+                    ) from exc
+        return held[1], special_strings(held[1])
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The model's own token ids for `text` (no special tokens added); `custom_get_token_ids` wins."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        processor, _ = self._counting_processor()
+        tokenizer = getattr(processor, "tokenizer", processor)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Tokens of the prompt these messages make: rendered through the model's chat template
+        (with `tools` when given), images expanded as the processor expands them.
+
+        For a conversation the model can answer, this equals the answer's
+        `usage_metadata["input_tokens"]`. A list ending with an assistant turn
+        (as `trim_messages` may try) is counted without the generation prompt.
+        """
+        if not messages:
+            return 0
+        check_conversation(messages)
+        processor, specials = self._counting_processor()
+        turns = merge_turns(to_hf_messages(messages, self.policy))
+        formatted = tools_mod.format_tools(tools) if tools else None
+        images = [p["image"] for m in turns for p in m["content"] if p["type"] == "image"]
+        prompt = render_prompt(
+            processor, turns, specials, tools=formatted, add_generation_prompt=turns[-1]["role"] != "assistant"
+        )
+        from .adapters import encode_views
+
+        return int(encode_views(processor, prompt, [images] if images else [])["input_ids"].shape[1])
+
+    # -- the LLM cache ----------------------------------------------------------------------
+
+    def _cache_view(self, messages: Sequence[BaseMessage], kwargs: Mapping[str, Any]) -> ChatSafeCoDe:
+        """This model, or a copy whose LLM cache only serves and stores answers its key describes.
+
+        The copy skips the cache when a judge without a fingerprint decides the
+        verdict, or when an image is a reference (the key would not cover its
+        pixels); otherwise it filters out answers made under a fallback verdict.
+        """
+        if self.cache is False:
+            return self
+        llm_cache = self.cache if isinstance(self.cache, BaseCache) else get_llm_cache()
+        if llm_cache is None:
+            return self  # no cache (or LangChain's own "asked to cache, but no cache found")
+        judged_here = kwargs.get("verdict") is None
+        if (judged_here and judge_fingerprint(self.judge) is None) or not images_inline(messages):
+            return BaseModel.model_copy(self, update={"cache": False})
+        return BaseModel.model_copy(self, update={"cache": _VerdictAwareCache(llm_cache)})
+
+    def _generate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        check_conversation(messages)  # before LangChain serialises them for the cache key
+        view = self._cache_view(messages, kwargs)
+        try:
+            return BaseChatModel._generate_with_cache(view, messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            self._note_tool_support()  # the copy may have loaded the model
+
+    async def _agenerate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        check_conversation(messages)
+        view = self._cache_view(messages, kwargs)
+        try:
+            return await BaseChatModel._agenerate_with_cache(view, messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            self._note_tool_support()
 
     # -- one call ---------------------------------------------------------------------------
 
@@ -665,9 +1140,14 @@ class ChatSafeCoDe(BaseChatModel):
         engine_kwargs = {
             "max_new_tokens": max_new_tokens,
             "stop": list(stop) if stop is not None else self.stop,
+            # None when no seed was set anywhere: the engine then draws fresh randomness per call
             "seed": options.get("seed", self.seed),
             "verdict": options.get("verdict"),
-            **{k: options[k] for k in ("presence_penalty", "frequency_penalty", "logit_bias") if options.get(k) is not None},
+            **{
+                k: v
+                for k in ("presence_penalty", "frequency_penalty", "logit_bias")
+                if (v := options.get(k, getattr(self, k, None))) is not None
+            },
             **sampling_kwargs(
                 options.get("temperature", self.temperature),
                 options.get("top_p", self.top_p),
@@ -677,10 +1157,28 @@ class ChatSafeCoDe(BaseChatModel):
         }
         return options.get("model"), engine_kwargs
 
-    def _start(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
-    ) -> tuple[SafeCoDe, SafeCoDeStream, CallPlan | None]:
-        """Check the call, convert the messages (before any loading), load, judge, start decoding."""
+    def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]) -> _Call:
+        """Check the call, convert the messages (before any loading), load, judge, start decoding.
+
+        The verdict is known before the first token (`SafeCoDe.stream` judges
+        first). Under an unsafe verdict a forced opening would put the refusal
+        inside a tool call's JSON or a JSON answer, so such a stream is closed
+        before it decodes anything and reopened under the same verdict as plain
+        text: no forced prefix, no JSON instruction, and no tools when a tool
+        call was forced.
+        """
+        check_conversation(messages)
+        refused = _refused_already(messages)
+        if refused is not None:
+            # An agent loop (e.g. create_agent with response_format and no tools) asks again
+            # after this model refused: answering again would loop; say it as LangChain does.
+            raise ModelRefusalError(
+                "Model refused to produce the requested output (category='unsafe'): its last answer was a "
+                "refusal under an unsafe SafeCoDe verdict, and the conversation asks it to go on from there. "
+                "In an agent, add safecode_guard.middleware.SafeCoDeMiddleware, which ends the run with the "
+                "refusal; elsewhere, end the conversation with a user turn.",
+                raw_message=refused,
+            )
         model, engine_kwargs = self._call_settings(stop, kwargs)
         tools = tools_mod.format_tools(kwargs["tools"]) if kwargs.get("tools") else None
         names = tools_mod.tool_names(tools) if tools else []
@@ -689,36 +1187,48 @@ class ChatSafeCoDe(BaseChatModel):
             raise SafeCoDeInputError(
                 f"`tool_choice` (={kwargs['tool_choice']!r}) was given without tools. Use llm.bind_tools(tools, tool_choice=...)."
             )
-        json_schema: dict[str, Any] | None = None
         json_mode = kwargs.get("response_format") is not None
-        if json_mode:
-            if tools:
-                raise SafeCoDeInputError(
-                    "Give `tools` or `response_format`, not both: JSON mode answers with one JSON object, "
-                    "tool calling with calls. For a schema-shaped answer with tools, bind the schema as a tool."
-                )
-            json_schema = _response_format_schema(kwargs["response_format"])
+        json_schema = _response_format_schema(kwargs["response_format"]) if json_mode else None
         hf_messages = to_hf_messages(messages, self.policy)
         engine = self._engine(model)
         plan: CallPlan | None = None
         if tools or _uses_tools(hf_messages):
             template = tool_template(engine)  # UnsupportedModelError when the template has no tools
-            if tools:
+            if tools and choice != "none":  # "none": the tools are not offered at all
                 plan = CallPlan(
                     names=tuple(names),
-                    parse=choice != "none",
                     prefix=tools_mod.forced_prefix(template, choice, names),
                     parallel=kwargs.get("parallel_tool_calls") is not False,
+                    parse=True,
                 )
-                if choice != "none":  # "none": the tools are not offered at all
-                    engine_kwargs["tools"] = tools
+                engine_kwargs["tools"] = tools
+            elif tools:
+                plan = CallPlan(names=tuple(names), parse=False)
+        prompt_messages = hf_messages
         if json_mode:
-            plan = CallPlan(prefix="{")
-            instruction = {"role": "system", "content": [{"type": "text", "text": tools_mod.json_instruction(json_schema)}]}
-            hf_messages = [instruction, *hf_messages]
+            # With tools offered the model may call them first, so the answer cannot be opened with "{".
+            offered = plan is not None and plan.parse
+            if not offered:
+                plan = CallPlan(prefix="{")
+            text = tools_mod.json_instruction(json_schema, with_tools=offered)
+            prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
         if plan is not None and plan.prefix:
             engine_kwargs["answer_prefix"] = plan.prefix
-        return engine, engine.stream(hf_messages, **engine_kwargs), plan
+        pieces = engine.stream(prompt_messages, **engine_kwargs)
+        verdict = pieces.verdict
+        assert verdict is not None  # SafeCoDe.stream decides the verdict before returning
+        if verdict.label == "unsafe" and (json_mode or (plan is not None and plan.prefix)):
+            pieces.close()  # nothing decoded yet
+            forced = plan is not None and bool(plan.prefix)
+            if plan is not None and plan.names is not None:
+                plan = replace(plan, prefix="")
+                if forced:
+                    engine_kwargs.pop("tools", None)
+            else:
+                plan = None
+            engine_kwargs.pop("answer_prefix", None)
+            pieces = engine.stream(hf_messages, **{**engine_kwargs, "verdict": verdict})
+        return _Call(engine, pieces, plan, verdict)
 
     def _generate(
         self,
@@ -727,34 +1237,19 @@ class ChatSafeCoDe(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        engine, pieces, plan = self._start(messages, stop, kwargs)
+        # One reading of the answer for every path: `invoke` is the merge of the chunks `stream`
+        # yields, so text, tool calls, invalid calls and metadata agree by construction.
+        call = self._start(messages, stop, kwargs)
+        chunks: list[AIMessageChunk] = []
         try:
-            for piece in pieces:
-                if run_manager:
-                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
-                    run_manager.on_llm_new_token(piece, chunk=chunk)
+            for chunk in _chunks(call):
+                if run_manager and chunk.text:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                chunks.append(chunk.message)  # type: ignore[arg-type]
         finally:
-            pieces.close()
-        result = pieces.result
-        assert result is not None and result.verdict is not None  # set once iteration ends
-        reader = AnswerReader(plan, unsafe=result.verdict.label == "unsafe")
-        reader.feed((plan.prefix if plan else "") + result.text)
-        reader.finish()
-        safety = safety_metadata(result.verdict, engine.config, result.refused)
-        if plan is not None and plan.names is not None:
-            safety["blocked_tool_calls"] = reader.blocked
-        message = AIMessage(
-            content=reader.content,
-            tool_calls=reader.tool_calls,
-            invalid_tool_calls=reader.invalid_tool_calls,
-            response_metadata={
-                "safety": safety,
-                "model_provider": PROVIDER,
-                "model_name": engine.model_name,
-                "finish_reason": result.finish_reason,
-            },
-            usage_metadata=usage_metadata(result),
-        )
+            call.pieces.close()
+        merged = chunks[0] + chunks[1:] if len(chunks) > 1 else chunks[0]
+        message = message_chunk_to_message(merged)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -764,14 +1259,14 @@ class ChatSafeCoDe(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        engine, pieces, plan = self._start(messages, stop, kwargs)
+        call = self._start(messages, stop, kwargs)
         try:
-            for chunk in _chunks(engine, pieces, plan):
+            for chunk in _chunks(call):
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
         finally:
-            pieces.close()  # an abandoned stream releases the engine here, in the thread that holds it
+            call.pieces.close()  # an abandoned stream releases the engine here, in the thread that holds it
 
     async def _astream(
         self,
@@ -787,17 +1282,16 @@ class ChatSafeCoDe(BaseChatModel):
             yield chunk
 
 
-def _chunks(engine: SafeCoDe, pieces: SafeCoDeStream, plan: CallPlan | None = None) -> Iterator[ChatGenerationChunk]:
+def _chunks(call: _Call) -> Iterator[ChatGenerationChunk]:
     """Engine text pieces as LangChain chunks: `safety` on the first, the accounting on the last.
 
-    Text is held back only until `refusal_decision` can fill `safety["refused"]`
-    (decided on the engine's text, as `invoke` does). With tools bound, an
-    `AnswerReader` turns the text into content and one `tool_call_chunks`
-    chunk per finished call; calls blocked by an unsafe verdict ride on the
-    last chunk's `safety["blocked_tool_calls"]`.
+    Text is held back only until `refusal_decision` can fill `safety["refused"]`.
+    With tools bound, an `AnswerReader` turns the text into content and one
+    `tool_call_chunks` chunk per finished call. On the last chunk: calls
+    blocked by an unsafe verdict (`safety["blocked_tool_calls"]`) and why each
+    invalid call is invalid (`response_metadata[INVALID_CALL_ERRORS]`).
     """
-    verdict = pieces.verdict
-    assert verdict is not None  # SafeCoDe.stream decides the verdict before returning
+    engine, pieces, plan, verdict = call.engine, call.pieces, call.plan, call.verdict
     reader = AnswerReader(plan, unsafe=verdict.label == "unsafe")
     pending = reader.feed(plan.prefix) if plan is not None else []
     held, refused = "", None
@@ -823,6 +1317,8 @@ def _chunks(engine: SafeCoDe, pieces: SafeCoDeStream, plan: CallPlan | None = No
     if reader.blocked:
         # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
         last_meta["safety"] = {"blocked_tool_calls": reader.blocked}
+    if reader.errors:
+        last_meta[tools_mod.INVALID_CALL_ERRORS] = dict(reader.errors)
     yield ChatGenerationChunk(
         message=AIMessageChunk(
             content="",

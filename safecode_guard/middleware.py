@@ -23,12 +23,27 @@ Flow, per model call of the agent loop:
    under the same verdict and does not judge a second time; its answer's
    `safety.source` then says "override" and `safety.judge` names the
    middleware's judge. `share_verdict=False` lets the model judge on its own.
-3. `after_model`: an answer that carries tool calls under an unsafe verdict
-   (the answer's own `response_metadata["safety"]`, or the recorded verdict
-   of this turn) loses them, and the run ends: an unsafe scene must not
-   trigger actions. The calls are listed in the answer's
-   `safety["blocked_tool_calls"]`. (`ChatSafeCoDe` already drops them
-   itself; this also covers other models in `on_unsafe="record"` mode.)
+   Under a recorded unsafe verdict an agent's `response_format` is dropped
+   for the call: structured output is acted on like a tool call, so the
+   model answers in words instead. If the model's own judge finds the turn
+   unsafe and its refusal cannot be parsed as structured output, the refusal
+   becomes the answer instead of LangChain's parse error.
+3. `after_model`: an unsafe turn ends with its answer. An answer that
+   carries tool calls under an unsafe verdict (the answer's own
+   `response_metadata["safety"]`, or the recorded verdict of this turn)
+   loses them: an unsafe scene must not trigger actions. The calls are
+   listed in the answer's `safety["blocked_tool_calls"]`. (`ChatSafeCoDe`
+   already drops them itself; this also covers other models in
+   `on_unsafe="record"` mode.) The run ends there in every agent
+   configuration, with or without tools and `response_format` (whose loop
+   would otherwise ask the model again after its refusal).
+
+Without this middleware, an agent whose `ChatSafeCoDe` refuses still ends
+when it has tools (no tool call, no further step); with `response_format`
+and no tools, LangChain's loop asks the model again and `ChatSafeCoDe`
+raises `ModelRefusalError`; with `ProviderStrategy`, LangChain raises its own
+`StructuredOutputValidationError`. Add the middleware to end all of them
+with the refusal.
 
 Async agents get the same hooks; the judge's blocking work runs in a
 worker thread, so the event loop stays free.
@@ -59,6 +74,7 @@ except ImportError as exc:  # tested by hiding the package
         f"packages): {exc}. Install them with `pip install 'safecode-guard[agents]'`."
     ) from exc
 
+from langchain.agents.structured_output import StructuredOutputError
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from typing_extensions import NotRequired
 
@@ -170,6 +186,14 @@ def _safety(verdict: Verdict | dict[str, Any], threshold: float) -> dict[str, An
     }
 
 
+def _refusal_response(error: StructuredOutputError) -> ModelResponse:
+    """The answer behind a structured-output error, if it is a refusal under an unsafe verdict; else re-raise."""
+    answer = getattr(error, "ai_message", None)
+    if isinstance(answer, AIMessage) and (answer.response_metadata.get("safety") or {}).get("verdict") == "unsafe":
+        return ModelResponse(result=[answer])
+    raise error
+
+
 class SafeCoDeMiddleware(AgentMiddleware):
     """Judge each user turn with SafeCoDe's judge before the agent's model runs; act on unsafe.
 
@@ -186,7 +210,8 @@ class SafeCoDeMiddleware(AgentMiddleware):
       (default: the model's, else `SafeCoDeConfig()`); `policy`: what user
       images may be (default: the model's, else `InputPolicy()`).
     - `share_verdict`: hand the verdict to a `ChatSafeCoDe` agent model.
-    - `block_tool_calls`: drop tool calls made under an unsafe verdict.
+    - `block_tool_calls`: drop tool calls and structured output made under an
+      unsafe verdict, and end the run there.
     """
 
     state_schema = SafeCoDeState
@@ -306,41 +331,63 @@ class SafeCoDeMiddleware(AgentMiddleware):
         verdict = _recorded_verdict(record, self.config, _judge_name(self.judge))
         return request.override(model_settings={**request.model_settings, "verdict": verdict})
 
+    def _prepared(self, request: ModelRequest) -> ModelRequest:
+        """The request with this turn's verdict handed on, and no `response_format` under an unsafe one."""
+        request = self._with_verdict(request)
+        record = self._current(request.state)
+        unsafe = record is not None and record["label"] == "unsafe"
+        if unsafe and self.block_tool_calls and request.response_format is not None:
+            # Structured output is data the application acts on, like a tool call: withheld.
+            request = request.override(response_format=None)
+        return request
+
     def wrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> ModelResponse:
-        """Hand this turn's verdict to a `ChatSafeCoDe` agent model (one judge call per turn)."""
-        return handler(self._with_verdict(request))
+        """Hand this turn's verdict to a `ChatSafeCoDe` agent model (one judge call per turn);
+        keep a refusal as the answer when structured output cannot be read from it."""
+        try:
+            return handler(self._prepared(request))
+        except StructuredOutputError as exc:
+            return _refusal_response(exc)
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> ModelResponse:
-        return await handler(self._with_verdict(request))
+        try:
+            return await handler(self._prepared(request))
+        except StructuredOutputError as exc:
+            return _refusal_response(exc)
 
     @hook_config(can_jump_to=["end"])
     def after_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
-        """Drop the tool calls of an answer made under an unsafe verdict, and end the run."""
+        """End an unsafe turn with its answer, without the tool calls made under it."""
         last = state["messages"][-1] if state["messages"] else None
-        if not self.block_tool_calls or not isinstance(last, AIMessage):
-            return None
-        if not (last.tool_calls or last.invalid_tool_calls):
+        if not isinstance(last, AIMessage):
             return None
         safety = dict(last.response_metadata.get("safety") or {})
         record = self._current(state)
-        if safety.get("verdict") != "unsafe" and not (record is not None and record["label"] == "unsafe"):
+        answer_unsafe = safety.get("verdict") == "unsafe"
+        if not (answer_unsafe or (record is not None and record["label"] == "unsafe")):
             return None
         calls = [*last.tool_calls, *last.invalid_tool_calls]
-        blocked = [*safety.get("blocked_tool_calls", []), *(dict(c) for c in calls)]
-        if not safety:
-            safety = _safety(record, self.config.threshold) if record is not None else {}
-        safety.update(blocked_tool_calls=blocked, blocked_by="SafeCoDeMiddleware")
-        replacement = AIMessage(
-            content=last.text or self.refusal_message,
-            id=last.id,  # same id: the state's message reducer replaces the answer
-            response_metadata={**last.response_metadata, "safety": safety},
-            usage_metadata=last.usage_metadata,
-        )
-        return {"messages": [replacement], "jump_to": "end"}
+        if calls and self.block_tool_calls:
+            blocked = [*safety.get("blocked_tool_calls", []), *(dict(c) for c in calls)]
+            if not safety:
+                safety = _safety(record, self.config.threshold) if record is not None else {}
+            safety.update(blocked_tool_calls=blocked, blocked_by="SafeCoDeMiddleware")
+            replacement = AIMessage(
+                content=last.text or self.refusal_message,
+                id=last.id,  # same id: the state's message reducer replaces the answer
+                response_metadata={**last.response_metadata, "safety": safety},
+                usage_metadata=last.usage_metadata,
+            )
+            return {"messages": [replacement], "jump_to": "end"}
+        if answer_unsafe or self.block_tool_calls:
+            # Nothing more to do in an unsafe turn; an agent with `response_format` would
+            # otherwise loop back and ask the model to go on after its refusal.
+            return {"jump_to": "end"}
+        return None  # block_tool_calls=False: the application lets this turn act
 
     @hook_config(can_jump_to=["end"])
     async def aafter_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:

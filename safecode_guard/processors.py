@@ -23,6 +23,7 @@ from transformers import LogitsProcessor
 
 from . import ops
 from .config import SafeCoDeConfig
+from .errors import SafeCoDeInputError
 from .verdict import Verdict
 
 __all__ = ["VerdictLogitsProcessor"]
@@ -45,7 +46,7 @@ class VerdictLogitsProcessor(LogitsProcessor):
     ) -> None:
         label = verdict.label if isinstance(verdict, Verdict) else verdict
         if label not in ("safe", "unsafe"):
-            raise ValueError(f'`verdict` (={verdict!r}) must be "safe", "unsafe" or a Verdict.')
+            raise SafeCoDeInputError(f'`verdict` (={verdict!r}) must be "safe", "unsafe" or a Verdict.')
         self.label = label
         self.config = config or SafeCoDeConfig()
         self.sequences = ops.refusal_sequences(tokenizer, self.config.refusal_phrases)

@@ -158,20 +158,57 @@ def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
     but the tokenizer no longer matches the special token. Longest first, so
     a token that contains another is broken whole.
     """
-    for tok in sorted({s for s in specials if len(s) > 1}, key=len, reverse=True):
+    for tok in _longest_first(tuple(specials)):
         if tok in text:
             text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
     return text
 
 
-def _neutralize_values(value: Any, specials: Sequence[str]) -> Any:
-    """`value` (tool-call arguments: dicts, lists, strings) with every string neutralized."""
+_SORTED_SPECIALS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _longest_first(specials: tuple[str, ...]) -> tuple[str, ...]:
+    # Sorted once per tokenizer: neutralizing a tool schema visits every string in it.
+    held = _SORTED_SPECIALS.get(specials)
+    if held is None:
+        if len(_SORTED_SPECIALS) > 32:  # a handful of tokenizers per process; stay bounded
+            _SORTED_SPECIALS.clear()
+        held = _SORTED_SPECIALS[specials] = tuple(sorted({s for s in specials if len(s) > 1}, key=len, reverse=True))
+    return held
+
+
+#: Deepest nesting of lists and dicts accepted in what reaches a chat template as
+#: structure (tool-call arguments, tool schemas). Every walk over such values (ours,
+#: JSON encoding, Jinja's `tojson`) recurses once per level; real arguments and schemas
+#: stay far below this, and a request nested deeper gets `InputLimitError`, not a
+#: `RecursionError` from deep inside a library.
+MAX_NESTING_DEPTH = 64
+
+
+def _neutralize_values(value: Any, specials: Sequence[str], where: str = "a tool value", depth: int = 0) -> Any:
+    """`value` (tool-call arguments, tool schemas: dicts, lists, strings) with every string
+    neutralized, dict keys included; `InputLimitError` past `MAX_NESTING_DEPTH` levels."""
+    if depth > MAX_NESTING_DEPTH:
+        raise InputLimitError(
+            f"{where} is nested more than {MAX_NESTING_DEPTH} levels deep. Flatten the structure "
+            "(tool arguments and schemas rarely need more than a few levels)."
+        )
     if isinstance(value, str):
         return neutralize_special_tokens(value, specials)
     if isinstance(value, Mapping):
-        return {k: _neutralize_values(v, specials) for k, v in value.items()}
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            safe_key = neutralize_special_tokens(key, specials) if isinstance(key, str) else key
+            if safe_key in out:
+                # only keys that differ by a special token collide; the model must not lose one silently
+                raise UnsupportedContentError(
+                    f"{where} has keys {key!r} and {safe_key!r}, which read the same once special-token "
+                    "strings are made plain text. Rename one of them."
+                )
+            out[safe_key] = _neutralize_values(item, specials, where, depth + 1)
+        return out
     if isinstance(value, (list, tuple)):
-        return [_neutralize_values(v, specials) for v in value]
+        return [_neutralize_values(v, specials, where, depth + 1) for v in value]
     return value
 
 
@@ -185,13 +222,18 @@ def render_prompt(
 ) -> str:
     """The prompt string from the processor's chat template, ready for the assistant's turn.
 
-    Image parts become `{"type": "image"}` placeholders the template expands;
-    user-supplied text (tool results and tool-call arguments included) has
-    special-token strings neutralized first. `tools` (OpenAI-format function
-    schemas) go to the template's `tools=` argument.
+    Image parts become `{"type": "image"}` placeholders the template expands.
+    Every string the caller controls that reaches the template has its
+    special-token strings neutralized first: text parts, tool results, tool
+    calls in history (name, id, argument keys and values), tool messages'
+    `name` and `tool_call_id`, and the `tools` schemas (names, descriptions,
+    parameter names, enums...). `tools` (OpenAI-format function schemas) go to
+    the template's `tools=` argument. Structures nested deeper than
+    `MAX_NESTING_DEPTH` raise `InputLimitError`; a template that rejects the
+    conversation (e.g. roles that must alternate) raises `UnsupportedContentError`.
     """
     template_messages = []
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
@@ -206,11 +248,12 @@ def render_prompt(
             # Tool-capable templates written for text models read these turns' content as a
             # string (some `tojson` a list), so text-only tool turns go in as one string.
             rendered["content"] = "".join(p["text"] for p in parts)
-            rendered.update({k: m[k] for k in ("tool_call_id", "name") if k in m})
+            rendered.update(
+                {k: neutralize_special_tokens(str(m[k]), specials) for k in ("tool_call_id", "name") if k in m}
+            )
         if m.get("tool_calls"):
             rendered["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": _neutralize_values(c["function"]["arguments"], specials)}}
-                for c in m["tool_calls"]
+                _neutralize_values(c, specials, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m["tool_calls"])
             ]
         template_messages.append(rendered)
     # Some processors (InstructBLIP in transformers 5.x) drop their template on reload
@@ -223,11 +266,22 @@ def render_prompt(
             f"{type(processor).__name__} has no chat template. Set `processor.chat_template` "
             "to a Jinja template (see the model card) before using it with SafeCoDe."
         )
-    extra: dict[str, Any] = {"tools": [dict(t) for t in tools]} if tools else {}
-    return processor.apply_chat_template(
-        template_messages,
-        chat_template=template,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-        **extra,
-    )
+    extra: dict[str, Any] = {}
+    if tools:
+        extra["tools"] = [_neutralize_values(t, specials, f"tools[{j}]") for j, t in enumerate(tools)]
+    from jinja2 import TemplateError  # transformers' own template engine
+
+    try:
+        return processor.apply_chat_template(
+            template_messages,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **extra,
+        )
+    except TemplateError as exc:
+        raise UnsupportedContentError(
+            f"The chat template of {type(processor).__name__} rejected this conversation: {exc}. "
+            "Check the order of the turns (many templates want user and assistant turns to alternate, "
+            "starting with a user turn) or set `processor.chat_template` to a template that accepts it."
+        ) from exc

@@ -50,11 +50,18 @@ from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
-from .errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
+from .errors import (
+    InputLimitError,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+)
+from .prompting import MAX_NESTING_DEPTH
 
 __all__ = [
     "CALL_CLOSE",
     "CALL_OPEN",
+    "INVALID_CALL_ERRORS",
     "PROBE_TOOL",
     "JsonAnswerParser",
     "ParsedAnswer",
@@ -63,10 +70,13 @@ __all__ = [
     "ToolChoice",
     "ToolTemplate",
     "ToolsAnswerParser",
+    "check_nesting",
     "forced_prefix",
     "format_tools",
     "hf_tool_calls",
     "json_instruction",
+    "json_text_depth",
+    "nesting_depth",
     "normalize_tool_choice",
     "parse_answer",
     "parse_raw_call",
@@ -77,6 +87,11 @@ __all__ = [
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
+
+#: `response_metadata` key holding why each invalid tool call is invalid: `{call id: reason}`.
+#: (LangChain's chunk merging keeps only name, args and id of a call, so the reason travels here,
+#: the same for `invoke` and merged `stream` chunks.)
+INVALID_CALL_ERRORS = "invalid_tool_call_errors"
 
 #: "auto": the model decides; "none": no tools offered; "any": some call; else a tool's name.
 ToolChoice = str
@@ -91,6 +106,67 @@ _CALL_KEYS = frozenset({"name", "id", "type", *_ARG_KEYS})
 
 def _new_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# --------------------------------------------------------------------------- nesting bounds
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING_DEPTH) -> int:
+    """How deeply `value` nests dicts, lists and tuples (a scalar is 0, `{"a": [1]}` is 2).
+
+    Iterative, so it cannot overflow the stack itself, and it stops counting
+    once past `limit` (the answer is then `limit + 1`).
+    """
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def check_nesting(value: Any, where: str) -> None:
+    """`InputLimitError` when `value` nests deeper than `MAX_NESTING_DEPTH`."""
+    if nesting_depth(value) > MAX_NESTING_DEPTH:
+        raise InputLimitError(
+            f"{where} is nested more than {MAX_NESTING_DEPTH} levels deep. Flatten the structure "
+            "(tool arguments and schemas rarely need more than a few levels)."
+        )
+
+
+def json_text_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON `text`, brackets inside strings not counted.
+
+    Read before `json.loads`, whose C parser recurses per level and raises
+    `RecursionError` (not a decode error) on very deep input.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 # --------------------------------------------------------------------------- tool schemas
@@ -110,6 +186,8 @@ def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
         )
     formatted: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
+        if isinstance(tool, Mapping):  # a schema written by hand: bounded before LangChain walks it
+            check_nesting(tool, f"tools[{i}]")
         try:
             schema = convert_to_openai_tool(tool)
         except Exception as exc:  # LangChain raises ValueError, TypeError or KeyError here
@@ -135,6 +213,7 @@ def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
                 f"tools[{i}] has the name {name!r}; a tool name must be 1-64 characters of letters, "
                 "digits, '_', '-' or '.'. Rename the tool."
             )
+        check_nesting(function, f"tools[{i}] ({name!r})")
         formatted.append({"type": "function", "function": dict(function)})
     return formatted
 
@@ -173,12 +252,22 @@ def normalize_tool_choice(choice: Any, names: Sequence[str]) -> ToolChoice:
 
 
 def hf_tool_calls(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """LangChain `ToolCall`s of an earlier assistant turn in the transformers chat format."""
+    """LangChain `ToolCall`s of an earlier assistant turn in the transformers chat format.
+
+    Arguments nested deeper than `MAX_NESTING_DEPTH` raise `InputLimitError`.
+    """
     out = []
-    for call in calls:
+    for i, call in enumerate(calls):
+        args = call.get("args") or {}
+        if not isinstance(args, Mapping):
+            raise UnsupportedContentError(
+                f"tool_calls[{i}] ({call.get('name')!r}) has arguments of type {type(args).__name__}; "
+                'they must be a dict, e.g. {"city": "Paris"}.'
+            )
+        check_nesting(args, f"The arguments of tool_calls[{i}] ({call.get('name')!r})")
         item: dict[str, Any] = {
             "type": "function",
-            "function": {"name": str(call["name"]), "arguments": dict(call.get("args") or {})},
+            "function": {"name": str(call["name"]), "arguments": dict(args)},
         }
         if call.get("id"):
             item["id"] = str(call["id"])
@@ -385,6 +474,9 @@ class ToolCallSplitter:
 
 def _json_calls(text: str) -> list[Event]:
     """A whole answer that opens with `{` or `[`: plain-JSON calls, a malformed call, or just text."""
+    if json_text_depth(text) > MAX_NESTING_DEPTH + 3:  # a list of call objects holding arguments
+        # too deep to decode safely: a call (then invalid, with the reason) or just text
+        return [RawCall(text.strip(), closed=True)] if _JSON_CALL_START.match(text) else [text]
     decoder = json.JSONDecoder()
     values: list[tuple[Any, str]] = []
     at, end = 0, len(text)
@@ -422,6 +514,10 @@ def parse_raw_call(
     def invalid(reason: str) -> InvalidToolCall:
         return invalid_tool_call(name=name, args=text, id=make_id(), error=reason)
 
+    if json_text_depth(text) > MAX_NESTING_DEPTH + 2:  # the call object and its arguments object
+        match = re.search(r'"name"\s*:\s*"([^"]*)"', text)
+        name = match.group(1) if match else None
+        return invalid(f"the arguments are nested more than {MAX_NESTING_DEPTH} levels deep")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -472,14 +568,20 @@ def parse_answer(text: str, names: Sequence[str], make_id: Callable[[], str] = _
 # --------------------------------------------------------------------------- structured output
 
 
-def json_instruction(schema: Mapping[str, Any] | None) -> str:
-    """The system instruction of JSON mode: one JSON object, matching `schema` when given."""
-    if schema is None:
-        return "Answer with a single JSON object and nothing else."
-    return (
-        "Answer with a single JSON object and nothing else. It must match this JSON schema:\n"
-        + json.dumps(schema, ensure_ascii=False)
+def json_instruction(schema: Mapping[str, Any] | None, with_tools: bool = False) -> str:
+    """The system instruction of JSON mode: one JSON object, matching `schema` when given.
+
+    `with_tools`: tools are offered too, so the JSON object is the final answer,
+    after any tool calls the model wants to make.
+    """
+    opening = (
+        "Call tools as needed. When you give your final answer, it must be a single JSON object and nothing else."
+        if with_tools
+        else "Answer with a single JSON object and nothing else."
     )
+    if schema is None:
+        return opening
+    return opening + " It must match this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
 
 
 def raise_if_unsafe(message: BaseMessage) -> None:
@@ -520,7 +622,8 @@ class ToolsAnswerParser(BaseGenerationOutputParser[Any]):
         message = _message(result)
         raise_if_unsafe(message)
         if not message.tool_calls:
-            reasons = [f"{c.get('name')!r}: {c.get('error')}" for c in message.invalid_tool_calls]
+            errors = message.response_metadata.get(INVALID_CALL_ERRORS) or {}
+            reasons = [f"{c.get('name')!r}: {c.get('error') or errors.get(c.get('id'))}" for c in message.invalid_tool_calls]
             detail = f"its calls could not be read ({'; '.join(reasons)})" if reasons else "it made no tool call"
             raise OutputParserException(
                 f"The model was asked for structured output but {detail}.",
@@ -541,5 +644,10 @@ class JsonAnswerParser(BaseGenerationOutputParser[Any]):
     inner: Any
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        raise_if_unsafe(_message(result))
+        message = _message(result)
+        raise_if_unsafe(message)
+        if json_text_depth(message.text) > MAX_NESTING_DEPTH:  # json.loads would overflow the stack
+            raise OutputParserException(
+                f"The JSON answer is nested more than {MAX_NESTING_DEPTH} levels deep.", llm_output=message.text[:200]
+            )
         return self.inner.parse_result(result, partial=partial)

@@ -19,18 +19,25 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.structured_output import (
+    ProviderStrategy,
+    StructuredOutputValidationError,
+    ToolStrategy,
+)
 from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.exceptions import ModelRefusalError
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
-from pydantic import Field
+from pydantic import BaseModel, Field
 from tool_support import ScriptedDecoding, build_tool_vlm, call_text
 
 from safecode_guard import ChatSafeCoDe, SafeCoDeConfig, SafeCoDeInputError, Verdict
 from safecode_guard.judges import JudgeRequest
 from safecode_guard.middleware import DEFAULT_REFUSAL_MESSAGE, SafeCoDeMiddleware
+from safecode_guard.ops import opens_with_refusal
 from safecode_guard.testing import gradient_image, stripes_image
 
 QWEN = "qwen2_5_vl"
@@ -353,3 +360,106 @@ def test_example_runs_end_to_end_on_the_unscripted_model(tool_model_path: str, i
     result = example.main(["--model", tool_model_path, "--image", image_path, "--max-new-tokens", "16"])
     assert result["verdict"]["judge"] == "self:direct"
     assert result["route"] == ("answered" if result["verdict"]["label"] == "safe" else "refused")
+
+
+# =========================================================================== response_format (issue 11.3)
+
+
+class Weather(BaseModel):
+    """The weather in a city."""
+
+    city: str
+    temperature: int
+
+
+FORMATS: dict[str, Callable[[], Any]] = {
+    "ToolStrategy": lambda: ToolStrategy(Weather),
+    "ProviderStrategy": lambda: ProviderStrategy(Weather),
+    "bare schema": lambda: Weather,
+}
+
+UNSAFE_SETUPS: dict[str, Callable[[ChatSafeCoDe], list[SafeCoDeMiddleware]]] = {
+    # the middleware judges unsafe and records it; the model decodes under its verdict
+    "record mode": lambda llm: [SafeCoDeMiddleware(judge="fixed:unsafe", model=llm, on_unsafe="record")],
+    # the middleware's judge lets the turn through; the model's own judge finds it unsafe
+    "the model's own judge": lambda llm: [SafeCoDeMiddleware(judge="fixed:safe", model=llm, share_verdict=False)],
+}
+
+
+@pytest.mark.parametrize("setup", list(UNSAFE_SETUPS))
+@pytest.mark.parametrize("response_format", list(FORMATS))
+@pytest.mark.parametrize("with_tools", [False, True], ids=["no tools", "tools"])
+def test_an_unsafe_turn_with_response_format_ends_with_the_refusal(
+    setup: str, response_format: str, with_tools: bool, chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    actions = Actions()
+    llm = chat(judge="fixed:unsafe")
+    script.add(" I can't help with that.")
+    agent = create_agent(llm, tools=actions.tools if with_tools else [], response_format=FORMATS[response_format](),
+                         middleware=UNSAFE_SETUPS[setup](llm))
+    state = agent.invoke({"messages": [photo_question("What's the weather here?")]})
+    final = state["messages"][-1]
+    assert isinstance(final, AIMessage) and final.tool_calls == []
+    assert opens_with_refusal(final.content, SafeCoDeConfig().refusal_phrases), final.content
+    assert final.response_metadata["safety"]["verdict"] == "unsafe"
+    assert state.get("structured_response") is None and actions.done == []
+    assert script.calls == 1  # one model call: the loop did not ask again after the refusal
+    assert [type(m).__name__ for m in state["messages"]] == ["HumanMessage", "AIMessage"]
+
+
+async def test_an_unsafe_turn_with_response_format_ends_in_async_agents_too(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    llm = chat(judge="fixed:unsafe")
+    script.add(" No.")
+    guard = SafeCoDeMiddleware(judge="fixed:safe", model=llm, share_verdict=False)
+    state = await create_agent(llm, tools=[], response_format=ProviderStrategy(Weather), middleware=[guard]).ainvoke(
+        {"messages": [photo_question()]})
+    assert state["messages"][-1].response_metadata["safety"]["verdict"] == "unsafe" and script.calls == 1
+    assert state.get("structured_response") is None
+
+
+def test_a_safe_turn_with_response_format_still_gives_structured_output(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    llm = chat()
+    script.add('{"city": "Oslo", "temperature": 4}}\n</tool_call>')  # after the forced opening of the call
+    guard = SafeCoDeMiddleware(judge="fixed:safe", model=llm)
+    state = create_agent(llm, tools=[], response_format=Weather, middleware=[guard]).invoke({"messages": [photo_question()]})
+    assert script.prefixes == ['<tool_call>\n{"name": "Weather", "arguments": ']
+    assert state["structured_response"] == Weather(city="Oslo", temperature=4)
+    assert state["messages"][1].invalid_tool_calls == []
+    # ProviderStrategy with tools: the tools are offered, the final answer is a JSON object
+    actions = Actions()
+    script.add(call_text(QWEN, "get_weather", {"city": "Oslo"}), '{"city": "Oslo", "temperature": 4}')
+    agent = create_agent(llm, tools=actions.tools, response_format=ProviderStrategy(Weather), middleware=[guard])
+    state = agent.invoke({"messages": [photo_question("Weather in Oslo?")]})
+    assert actions.done == [("get_weather", {"city": "Oslo"})]
+    assert state["structured_response"] == Weather(city="Oslo", temperature=4)
+    assert "Call tools as needed" in script.prompts[-1] and '"temperature"' in script.prompts[-1]
+
+
+@pytest.mark.parametrize("response_format", list(FORMATS))
+@pytest.mark.parametrize("with_tools", [False, True], ids=["no tools", "tools"])
+def test_without_the_middleware_an_unsafe_turn_ends_or_raises_a_typed_refusal(
+    response_format: str, with_tools: bool, chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    """Documented: LangChain's loop cannot be ended by a model alone, so without SafeCoDeMiddleware
+    an agent that still wants structured output gets a typed error carrying the refusal."""
+    actions = Actions()
+    llm = chat(judge="fixed:unsafe")
+    script.add(" I can't help with that.")
+    agent = create_agent(llm, tools=actions.tools if with_tools else [], response_format=FORMATS[response_format]())
+    run = lambda: agent.invoke({"messages": [photo_question()]})  # noqa: E731
+    if response_format == "ProviderStrategy":
+        with pytest.raises(StructuredOutputValidationError) as err:
+            run()
+        assert err.value.ai_message.response_metadata["safety"]["verdict"] == "unsafe"
+    elif not with_tools:
+        with pytest.raises(ModelRefusalError, match="SafeCoDeMiddleware") as refusal:
+            run()
+        assert refusal.value.raw_message.response_metadata["safety"]["verdict"] == "unsafe"
+    else:
+        final = run()["messages"][-1]
+        assert final.tool_calls == [] and final.response_metadata["safety"]["verdict"] == "unsafe"
+    assert actions.done == [] and script.calls == 1

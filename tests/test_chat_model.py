@@ -311,6 +311,7 @@ def test_langchain_identity_ls_params_and_profile() -> None:
         {"safecode": SafeCoDeConfig(threshold=0.7)}, {"safecode": SafeCoDeConfig(refusal_phrases=["No"])},
         {"policy": InputPolicy(max_images=2)}, {"max_new_tokens": 9}, {"temperature": 0.5}, {"top_p": 0.9},
         {"top_k": 5}, {"do_sample": True}, {"seed": 3}, {"stop": ["x"]}, {"device": "cpu"},
+        {"presence_penalty": 0.5}, {"frequency_penalty": -0.5},
         {"dtype": "float32"}, {"model_kwargs": {"attn_implementation": "eager"}},
     ],
     ids=lambda c: next(iter(c)),
@@ -774,3 +775,311 @@ def test_engine_property_loads_once_and_is_shared(tiny_model_dir):
     assert isinstance(engine, SafeCoDe) and llm.engine is engine
     assert llm.invoke("hi", max_tokens=2).response_metadata["safety"]["verdict"] == "safe"
     assert llm.engine is engine  # invoke used the same engine
+
+
+# =========================================================================== issue 11: the LLM cache
+
+
+def test_judge_fingerprints_tell_judges_apart() -> None:
+    from langchain_core.language_models import FakeListChatModel
+
+    from safecode_guard.chat_model import judge_fingerprint
+    from safecode_guard.judges import CallableJudge, ChatModelJudge, FixedJudge, SelfJudge
+
+    assert judge_fingerprint("fixed:unsafe") == judge_fingerprint(FixedJudge("unsafe")) != judge_fingerprint("fixed:safe")
+    assert judge_fingerprint(SelfJudge("caption")) != judge_fingerprint(SelfJudge("direct"))
+    lenient, strict = FakeListChatModel(responses=["Decision: safe"]), FakeListChatModel(responses=["Decision: unsafe"])
+    assert judge_fingerprint(lenient) != judge_fingerprint(strict)  # one class, two judges
+    assert judge_fingerprint(lenient) == judge_fingerprint(FakeListChatModel(responses=["Decision: safe"]))
+    assert judge_fingerprint(ChatModelJudge(lenient)) != judge_fingerprint(ChatModelJudge(strict))
+    assert "Decision" not in judge_fingerprint(lenient)  # a digest: judge settings may hold secrets
+
+    def named(request: Any) -> str:
+        return "safe"
+
+    # no description tells two callables apart: never cached
+    for judge in (lambda r: "safe", named, CallableJudge(named)):
+        assert judge_fingerprint(judge) is None
+    named.cache_key = "always-safe-v1"  # type: ignore[attr-defined]
+    assert judge_fingerprint(named) == "key:always-safe-v1"
+
+
+def _counting_stream(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = SafeCoDe.stream
+
+    def counting(self: SafeCoDe, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SafeCoDe, "stream", counting)
+    return calls
+
+
+def test_the_cache_never_serves_one_judges_verdict_for_another(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_core.globals import set_llm_cache
+    from langchain_core.language_models import FakeListChatModel
+
+    calls = _counting_stream(monkeypatch)
+    set_llm_cache(InMemoryCache())
+    try:
+        lenient = ChatSafeCoDe(model=llava_path, judge=lambda r: "safe", max_new_tokens=4)
+        strict = ChatSafeCoDe(model=llava_path, judge=lambda r: "unsafe", max_new_tokens=4)
+        assert lenient.invoke("hi").response_metadata["safety"]["verdict"] == "safe"
+        assert strict.invoke("hi").response_metadata["safety"]["verdict"] == "unsafe"
+        assert lenient.invoke("hi").response_metadata["safety"]["verdict"] == "safe"
+        assert len(calls) == 3  # lambdas have no fingerprint: nothing cached
+        # chat-model judges of one class: keyed by their own settings
+        safe_chat = ChatSafeCoDe(model=llava_path, judge=FakeListChatModel(responses=["Decision: safe"]), max_new_tokens=4)
+        unsafe_chat = ChatSafeCoDe(model=llava_path, judge=FakeListChatModel(responses=["Decision: unsafe"]), max_new_tokens=4)
+        assert safe_chat.invoke("hey").response_metadata["safety"]["verdict"] == "safe"
+        assert unsafe_chat.invoke("hey").response_metadata["safety"]["verdict"] == "unsafe"
+        again = ChatSafeCoDe(model=llava_path, judge=FakeListChatModel(responses=["Decision: safe"]), max_new_tokens=4)
+        assert again.invoke("hey").response_metadata["safety"]["verdict"] == "safe"
+        assert len(calls) == 5  # the third was a cache hit of an identical judge
+        # a verdict handed in needs no judge fingerprint
+        assert strict.invoke("hi", verdict="safe").content == strict.invoke("hi", verdict="safe").content
+        assert len(calls) == 6
+    finally:
+        set_llm_cache(None)
+
+
+class PixelJudge:
+    """Unsafe when the first image has stripes (high contrast between neighbouring pixels)."""
+
+    name = "pixels"
+    cache_key = "pixels-v1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, request: Any) -> str:
+        self.calls += 1
+        row = np.asarray(request.images[0].convert("L"), dtype=float)
+        return "unsafe" if np.abs(np.diff(row, axis=1)).mean() > 20 else "safe"
+
+
+def test_the_cache_is_skipped_for_images_given_by_reference(
+    llava_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judge = PixelJudge()
+    policy = InputPolicy(allow_local_files=True, local_files_root=str(tmp_path), allow_image_urls=True)
+    llm = ChatSafeCoDe(model=llava_path, judge=judge, policy=policy, max_new_tokens=4, cache=InMemoryCache())
+    scene = tmp_path / "scene.png"
+    served = {"png": png_bytes(IMAGE)}
+    real_fetch = images_module.fetch_image_bytes
+
+    def offline_fetch(url: str, policy: InputPolicy) -> bytes:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=served["png"]))
+        return real_fetch(url, policy, transport=transport, resolve=lambda host, port: ["93.184.215.14"])
+
+    monkeypatch.setattr(images_module, "fetch_image_bytes", offline_fetch)
+    references = {
+        "file URL": lambda: {"type": "image", "url": scene.as_uri()},
+        "image_url file URL": lambda: {"type": "image_url", "image_url": {"url": scene.as_uri()}},
+        "http URL": lambda: {"type": "image_url", "image_url": {"url": "https://example.com/scene.png"}},
+        "path in image": lambda: {"type": "image", "image": str(scene)},
+    }
+    for name, block in references.items():
+        IMAGE.save(scene)
+        served["png"] = png_bytes(IMAGE)
+        first = llm.invoke([HumanMessage([block(), {"type": "text", "text": "Go?"}])])
+        stripes_image(48, 40).save(scene)  # the same reference now shows another scene
+        served["png"] = png_bytes(stripes_image(48, 40))
+        second = llm.invoke([HumanMessage([block(), {"type": "text", "text": "Go?"}])])
+        assert (first.response_metadata["safety"]["verdict"], second.response_metadata["safety"]["verdict"]) == (
+            "safe", "unsafe"), name
+    assert judge.calls == 2 * len(references)
+    # an in-memory image changed in place: its serialised form (size and address) stays the same
+    picture = IMAGE.copy()
+    first = llm.invoke([HumanMessage([{"type": "image", "image": picture}, {"type": "text", "text": "Go?"}])])
+    picture.paste(stripes_image(48, 40))
+    second = llm.invoke([HumanMessage([{"type": "image", "image": picture}, {"type": "text", "text": "Go?"}])])
+    assert [m.response_metadata["safety"]["verdict"] for m in (first, second)] == ["safe", "unsafe"]
+    # images carried by value are cached as before: one judge call for two invokes
+    calls = judge.calls
+    for _ in range(2):
+        assert llm.invoke([image_question(stripes_image(48, 40), "Go?")]).response_metadata["safety"]["verdict"] == "unsafe"
+    assert judge.calls == calls + 1
+
+
+def test_answers_under_a_fallback_verdict_are_not_cached(llava_path: str) -> None:
+    class FlakyJudge:
+        name, cache_key = "flaky", "flaky-v1"
+        calls = 0
+
+        def __call__(self, request: Any) -> str:
+            FlakyJudge.calls += 1
+            if FlakyJudge.calls == 1:
+                raise TimeoutError("judge backend down")
+            return "safe"
+
+    llm = ChatSafeCoDe(model=llava_path, judge=FlakyJudge(), max_new_tokens=4, cache=InMemoryCache())
+    first = llm.invoke("hi").response_metadata["safety"]
+    assert (first["verdict"], first["source"]) == ("unsafe", "fallback")  # fails closed...
+    assert llm.invoke("hi").response_metadata["safety"]["source"] == "judge"  # ...but not for ever
+    assert llm.invoke("hi").response_metadata["safety"]["source"] == "judge" and FlakyJudge.calls == 2
+
+
+# =========================================================================== issue 11: token counting
+
+
+def test_token_counting_uses_the_models_tokenizer_without_loading_weights(
+    llava_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    from langchain_core.messages import trim_messages
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    def no_weights(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("counting tokens must not load the weights")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", no_weights)
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=8)
+    tokenizer = AutoTokenizer.from_pretrained(llava_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "fallback GPT-2 tokenizer" warning
+        assert llm.get_token_ids("A photo of a cat.") == tokenizer.encode("A photo of a cat.", add_special_tokens=False)
+        assert llm.get_num_tokens("A photo of a cat.") > 0
+    history = [SystemMessage("Be brief.")] + [
+        HumanMessage(f"Question {i}: describe the picture of the cat on the red chair.") if i % 2 == 0
+        else AIMessage(f"Answer {i}: a cat sits on a red chair in the sun.") for i in range(8)
+    ]
+    total = llm.get_num_tokens_from_messages(history)
+    kept = trim_messages(history, max_tokens=50, token_counter=llm, strategy="last", include_system=True)
+    assert total > 100 and 1 < len(kept) < len(history)
+    assert llm.get_num_tokens_from_messages(kept) <= 50
+    assert llm._engines.slots == {}
+    monkeypatch.undo()
+    # the count is the prompt the model reads: equal to the answer's input tokens, images included
+    for messages in (
+        [image_question(IMAGE)],
+        [SystemMessage("Be brief."), HumanMessage("Hi."), HumanMessage("Twice in a row."), image_question(IMAGE)],
+        history[:-1],
+    ):
+        counted = llm.get_num_tokens_from_messages(messages)
+        assert counted == llm.invoke(messages).usage_metadata["input_tokens"], messages
+    assert llm.get_num_tokens_from_messages([image_question(IMAGE)]) > llm.get_num_tokens_from_messages([HumanMessage("What should I do here?")]) + 10
+    assert llm.get_num_tokens_from_messages([]) == 0
+
+
+def test_token_counting_includes_tools_and_matches_the_engines_special_strings(
+    chat: Callable[..., ChatSafeCoDe], tiny_model_dir: Callable[[str], Path]
+) -> None:
+    from langchain_core.tools import tool
+
+    from safecode_guard.chat_model import special_strings
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return city
+
+    llm = chat("qwen2_5_vl")
+    plain = llm.get_num_tokens_from_messages([HumanMessage("Weather?")])
+    assert llm.get_num_tokens_from_messages([HumanMessage("Weather?")], tools=[get_weather]) > plain + 10
+    for family in ("llava", "qwen2_5_vl", "paligemma"):
+        engine = SafeCoDe.from_pretrained(str(tiny_model_dir(family)), judge="fixed:safe")
+        assert special_strings(engine.processor) == engine._specials, family
+
+
+# =========================================================================== issue 11: settings
+
+
+def test_sampling_without_a_seed_is_fresh_each_call_and_a_seed_reproduces(
+    llava_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=12, temperature=0.8)
+    seen: list[Any] = []
+    real_stream = SafeCoDe.stream
+    monkeypatch.setattr(SafeCoDe, "stream", lambda self, m, **kw: seen.append(kw["seed"]) or real_stream(self, m, **kw))
+    answers = {llm.invoke("Tell me about the picture.").content for _ in range(3)}
+    assert seen == [None, None, None] and len(answers) > 1
+    seeded = {llm.invoke("Tell me about the picture.", seed=3).content for _ in range(2)}
+    assert len(seeded) == 1
+    fixed = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=12, temperature=0.8, seed=3)
+    assert {fixed.invoke("Tell me about the picture.").content for _ in range(2)} == seeded
+
+
+@pytest.mark.parametrize(
+    ("settings", "named", "fix"),
+    [
+        ({"threshold": 0.9}, "`threshold`", "safecode=SafeCoDeConfig(threshold=...)"),
+        ({"allow_local_files": True}, "`allow_local_files`", "policy=InputPolicy(allow_local_files=...)"),
+        ({"temprature": 0.5}, "`temprature`", "did you mean `temperature`"),
+        ({"max_token": 5}, "`max_token`", "did you mean `max_tokens`"),
+        ({"model_name": "x"}, "`model_name`", "use `model`"),
+        ({"timeout": 60}, "`timeout`", "judge_timeout_s"),
+        ({"max_retries": 2}, "`max_retries`", "with_retry"),
+        ({"api_key": "sk-x"}, "`api_key`", "needs no API key"),
+        ({"frobnicate": 1}, "`frobnicate`", "is not a ChatSafeCoDe setting"),
+    ],
+)
+def test_unknown_constructor_settings_are_refused_naming_the_fix(settings: dict[str, Any], named: str, fix: str) -> None:
+    from safecode_guard.nemo import chat_model_from_config
+
+    for build in (
+        lambda: ChatSafeCoDe(model="m", **settings),
+        lambda: ChatSafeCoDe.model_validate({"model": "m", **settings}),
+        lambda: ChatSafeCoDe(model="m").model_copy(update=settings),
+        lambda: chat_model_from_config("m", **settings),  # NeMo config.yml `parameters:`
+    ):
+        with pytest.raises(SafeCoDeInputError) as err:
+            build()
+        assert named in str(err.value) and fix in str(err.value)
+
+
+def test_model_copy_max_tokens_pickling_and_penalty_fields(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=12)
+    short = llm.model_copy(update={"max_tokens": 3})
+    assert (short.max_new_tokens, short.max_tokens, llm.max_tokens) == (3, 3, 12)
+    assert short.invoke("Hello").usage_metadata["output_tokens"] <= 3
+    assert short._engines is llm._engines  # the copy shares the loaded engine
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.model_copy(update={"max_tokens": 0})
+    short.max_tokens = 5
+    assert short.max_new_tokens == 5
+    with pytest.raises(ValueError):
+        short.max_tokens = -1
+    # pickling drops the loaded engine; it reloads on first use
+    answer = llm.invoke("Hello").content
+    restored = pickle.loads(pickle.dumps(llm))
+    assert restored._engines.slots == {} and llm._engines.slots
+    assert restored.invoke("Hello").content == answer
+    # presence / frequency penalties as settings: they reach the engine and key the cache
+    seen: list[dict[str, Any]] = []
+    real_stream = SafeCoDe.stream
+    monkeypatch.setattr(SafeCoDe, "stream", lambda self, m, **kw: seen.append(kw) or real_stream(self, m, **kw))
+    penalised = llm.model_copy(update={"presence_penalty": 0.5, "frequency_penalty": 1.0})
+    penalised.invoke("Hello")
+    penalised.invoke("Hello", frequency_penalty=-1.0)
+    assert [(kw["presence_penalty"], kw["frequency_penalty"]) for kw in seen] == [(0.5, 1.0), (0.5, -1.0)]
+    assert penalised._get_llm_string() != llm._get_llm_string()
+    with pytest.raises(ValueError):
+        ChatSafeCoDe(model="m", presence_penalty=3)
+
+
+def test_a_model_loaded_from_a_tool_path_reports_tool_calling_once_known(tmp_path: Path) -> None:
+    import pickle
+
+    from tool_support import build_tool_vlm
+
+    llm = ChatSafeCoDe(model=str(build_tool_vlm("qwen2_5_vl", tmp_path / "q")), judge="fixed:safe", max_new_tokens=2)
+    assert llm.profile["tool_calling"] is False  # unknown before loading: the template decides
+    llm.invoke("hi")
+    assert llm.profile["tool_calling"] is True
+    assert pickle.loads(pickle.dumps(llm)).profile["tool_calling"] is True
+
+
+def test_a_wrapped_model_pickles_as_its_path(tiny_llava: tuple[Any, Any], llava_path: str) -> None:
+    import pickle
+
+    model, processor = tiny_llava  # loaded from llava_path, so its name is that folder
+    llm = ChatSafeCoDe.from_model(model, processor, judge="fixed:safe", max_new_tokens=6)
+    answer = llm.invoke("Hello").content  # after a forward pass transformers may hook the model: no matter
+    restored = pickle.loads(pickle.dumps(llm))
+    assert restored._engines.slots == {} and restored._engines.hf_objects is None
+    assert restored.model == llava_path and restored.invoke("Hello").content == answer

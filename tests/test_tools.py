@@ -47,6 +47,7 @@ from safecode_guard import (
     UnsupportedModelError,
 )
 from safecode_guard.lc_messages import to_hf_messages
+from safecode_guard.ops import opens_with_refusal
 from safecode_guard.prompting import parse_messages, render_prompt
 from safecode_guard.testing import gradient_image
 from safecode_guard.tools import (
@@ -366,24 +367,42 @@ async def test_astream_and_ainvoke_read_calls_too(chat: Callable[..., ChatSafeCo
     assert answer.tool_calls[0]["args"] == full.tool_calls[0]["args"] == {"city": "Köln"}
 
 
-def test_malformed_calls_land_in_invalid_tool_calls_and_stay_invalid_when_streamed(
-    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
-) -> None:
-    llm = chat("qwen2_5_vl").bind_tools([add])
+MALFORMED_REPLIES = {
     # cut off mid-call: LangChain's chunk merging would "repair" {"a": 1 into a runnable call
-    reply = 'Sure <tool_call>\n{"name": "add", "arguments": {"a": 1'
-    script.add(reply, reply, '<tool_call>{"name": "format_disk", "arguments": {}}</tool_call>')
+    "truncated": ('Sure <tool_call>\n{"name": "add", "arguments": {"a": 1', "Sure", "add", "never closed"),
+    "truncated name": ('<tool_call>{"name": "A', "", None, "never closed"),
+    "unknown tool": ('<tool_call>{"name": "format_disk", "arguments": {}}</tool_call>', "", "format_disk", "not one of the bound tools"),
+    "bad json": ('<tool_call>{"name": "add", "arguments": {"a": </tool_call>', "", "add", "not valid JSON"),
+    "arguments not an object": ('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>', "", "add", "must be a JSON object"),
+    "no name": ('<tool_call>["add"]</tool_call>', "", None, 'string "name"'),
+    "bad arguments string": ('<tool_call>{"name": "add", "arguments": "{oops"}</tool_call>', "", "add", "arguments string"),
+    "deep arguments": ('<tool_call>{"name": "add", "arguments": ' + "[" * 100 + "]" * 100 + "}</tool_call>", "", "add", "nested more than"),
+    "plain json cut off": ('{"name": "add", "parameters": {"a": 1', "", "add", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_REPLIES))
+def test_malformed_calls_read_the_same_through_invoke_and_stream(
+    case: str, chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    reply, content, name, reason = MALFORMED_REPLIES[case]
+    llm = chat("qwen2_5_vl", max_new_tokens=300).bind_tools([add])
+    script.add(reply, reply)
     answer = llm.invoke("1 + ?")
     full = merged(list(llm.stream("1 + ?")))
+    [raw] = parse_answer(reply, ["add"]).invalid_tool_calls  # what the model wrote, read directly
     for message in (answer, full):
         assert message.tool_calls == []
-        assert [c["name"] for c in message.invalid_tool_calls] == ["add"]
-        assert message.content == "Sure"
-    assert "never closed" in answer.invalid_tool_calls[0]["error"]
-    # streamed, the raw text travels as a JSON string, which no merge can turn into arguments
-    assert json.loads(full.invalid_tool_calls[0]["args"]) == answer.invalid_tool_calls[0]["args"]
-    unknown = llm.invoke("format it")
-    assert unknown.tool_calls == [] and "not one of the bound tools" in unknown.invalid_tool_calls[0]["error"]
+        [call] = message.invalid_tool_calls
+        assert call["name"] == name and message.content == content
+        # the raw text travels as a JSON string, which no chunk merge can turn into arguments
+        assert json.loads(call["args"]) == raw["args"]
+        assert reason in message.response_metadata["invalid_tool_call_errors"][call["id"]]
+    # one reading of the answer: invoke is the merge of the stream's chunks
+    assert answer.invalid_tool_calls[0] | {"id": None} == full.invalid_tool_calls[0] | {"id": None}
+    assert list(answer.response_metadata["invalid_tool_call_errors"].values()) == list(
+        full.response_metadata["invalid_tool_call_errors"].values())
+    assert answer.response_metadata["safety"] == full.response_metadata["safety"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -410,9 +429,14 @@ def test_tool_choice_none_offers_no_tools_and_reads_no_calls(chat: Callable[...,
 
 def test_parallel_tool_calls_false_keeps_the_first_call(chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding) -> None:
     script.add(call_text("qwen2_5_vl", "add", {"a": 1, "b": 1}) + call_text("qwen2_5_vl", "add", {"a": 2, "b": 2}))
-    answer = chat("qwen2_5_vl", max_new_tokens=256).bind_tools([add], parallel_tool_calls=False).invoke("sums")
-    assert [c["args"] for c in answer.tool_calls] == [{"a": 1, "b": 1}]
-    assert "only the first" in answer.invalid_tool_calls[0]["error"]
+    llm = chat("qwen2_5_vl", max_new_tokens=256).bind_tools([add], parallel_tool_calls=False)
+    script.add(script.replies[0])
+    answer, full = llm.invoke("sums"), merged(list(llm.stream("sums")))
+    for message in (answer, full):
+        assert [c["args"] for c in message.tool_calls] == [{"a": 1, "b": 1}]
+        [dropped] = message.invalid_tool_calls  # stays invalid after the chunk merge too
+        assert json.loads(dropped["args"]) == '{"a": 2, "b": 2}'
+        assert "only the first" in message.response_metadata["invalid_tool_call_errors"][dropped["id"]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -488,11 +512,34 @@ def test_an_unsafe_verdict_answer_carries_no_tool_calls(
             expected.tool_calls + expected.invalid_tool_calls)[0]["name"]
 
 
-def test_an_unsafe_verdict_blocks_even_a_forced_tool_choice(chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding) -> None:
-    script.add('{"city": "Paris"}}\n</tool_call>')
-    answer = chat("qwen2_5_vl").bind_tools([get_weather], tool_choice="get_weather").invoke("go", verdict="unsafe")
-    assert answer.tool_calls == [] and answer.invalid_tool_calls == []
-    assert answer.response_metadata["safety"]["blocked_tool_calls"][0]["name"] == "get_weather"
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("choice", ["get_weather", "any"])
+def test_an_unsafe_verdict_turns_a_forced_tool_choice_into_a_plain_refusal(
+    family: str, choice: str, chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    llm = chat(family).bind_tools([get_weather], tool_choice=choice)
+    script.add(" I can't do that.", " I can't do that.")
+    answer = llm.invoke("go", verdict="unsafe")
+    full = merged(list(llm.stream("go", verdict="unsafe")))
+    for message in (answer, full):
+        assert message.tool_calls == [] and message.invalid_tool_calls == []
+        assert opens_with_refusal(message.content, SafeCoDeConfig().refusal_phrases), message.content
+        assert "{" not in message.content and "tool_call" not in message.content
+        safety = message.response_metadata["safety"]
+        assert (safety["verdict"], safety["source"], safety["refused"], safety["blocked_tool_calls"]) == (
+            "unsafe", "override", True, [])
+    # the verdict was known before decoding: no forced opening, no tools offered
+    assert script.prefixes == ["", ""]
+    assert "Current weather in a city." not in script.prompts[-1]
+
+
+def test_an_unsafe_verdict_still_blocks_calls_the_model_makes_on_its_own(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    llm = chat("qwen2_5_vl", judge="fixed:unsafe", safecode=SafeCoDeConfig(unsafe_mode="boost"))
+    script.add(call_text("qwen2_5_vl", "get_weather", {"city": "Paris"}))
+    answer = llm.bind_tools([get_weather]).invoke("go")  # tool_choice auto: the tools stay offered
+    assert answer.tool_calls == [] and answer.response_metadata["safety"]["blocked_tool_calls"][0]["name"] == "get_weather"
 
 
 # =========================================================================== tier 2: structured output
@@ -530,7 +577,15 @@ def test_structured_output_under_an_unsafe_verdict_is_a_refusal(chat: Callable[.
     assert err.value.raw_message is not None
     raw = llm.with_structured_output(Person, include_raw=True).invoke("Who?")
     assert isinstance(raw["parsing_error"], ModelRefusalError)
-    assert raw["raw"].response_metadata["safety"]["blocked_tool_calls"][0]["name"] == "Person"
+    # the forced call gave way to a plain refusal: nothing to block, the refusal is the content
+    assert raw["raw"].response_metadata["safety"]["blocked_tool_calls"] == []
+    assert opens_with_refusal(raw["raw"].content, SafeCoDeConfig().refusal_phrases)
+    for method in ("json_schema", "json_mode"):  # JSON mode: no "{" opening, no JSON instruction
+        script.add("x", "x")
+        raw = llm.with_structured_output(Person, method=method, include_raw=True).invoke("Who?")
+        assert isinstance(raw["parsing_error"], ModelRefusalError)
+        assert not raw["raw"].content.startswith("{") and script.prefixes[-1] == ""
+        assert "single JSON object" not in script.prompts[-1]
 
 
 def test_json_schema_mode_works_on_templates_without_tools(load_tiny_vlm: Callable[[str], tuple[Any, Any]], script: ScriptedDecoding) -> None:
@@ -550,9 +605,102 @@ def test_bad_structured_output_and_json_mode_arguments(chat: Callable[..., ChatS
     llm = chat("qwen2_5_vl")
     with pytest.raises(SafeCoDeInputError, match="method"):
         llm.with_structured_output(Person, method="xml")  # type: ignore[arg-type]
-    with pytest.raises(SafeCoDeInputError, match="not both"):
-        llm.invoke("hi", tools=[json.loads(json.dumps(format_tools([add])[0]))], response_format={"type": "json_object"})
     with pytest.raises(SafeCoDeInputError, match="response_format"):
         llm.invoke("hi", response_format={"type": "yaml"})
     with pytest.raises(SafeCoDeInputError, match="without tools"):
         llm.invoke("hi", tool_choice="any")
+
+
+# =========================================================================== issue 10.12: nesting bounds
+
+
+def deep(levels: int, leaf: Any = 1) -> Any:
+    value = leaf
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+def test_nesting_is_measured_without_recursion() -> None:
+    from safecode_guard.tools import json_text_depth, nesting_depth
+
+    assert nesting_depth(1) == 0 and nesting_depth({"a": [1, {"b": 2}]}) == 3
+    assert nesting_depth(deep(100_000)) == 65  # stops counting past the bound, never overflows
+    assert json_text_depth('{"a": "[[[", "b": [{}]}') == 3 and json_text_depth('"\\\\"[') == 1
+    assert json_text_depth("[" * 100_000) == 100_000
+
+
+def test_deep_model_output_is_an_invalid_call_or_text_never_a_recursion_error() -> None:
+    deep_args = '{"k": ' + "[" * 2000 + "1" + "]" * 2000 + "}"  # json.dumps itself cannot write this
+    parsed = parse_answer('<tool_call>{"name": "add", "arguments": ' + deep_args + "}</tool_call>", NAMES)
+    assert parsed.tool_calls == [] and "nested more than 64" in parsed.invalid_tool_calls[0]["error"]
+    plain = parse_answer('{"name": "add", "parameters": ' + deep_args + "}", NAMES)
+    assert "nested more than" in plain.invalid_tool_calls[0]["error"]
+    assert parse_answer("[" * 2000 + "]" * 2000, NAMES).content == "[" * 2000 + "]" * 2000
+    fine = parse_answer('<tool_call>{"name": "add", "arguments": ' + json.dumps({"a": deep(60)}) + "}</tool_call>", NAMES)
+    assert fine.tool_calls and not fine.invalid_tool_calls  # real arguments stay well inside the bound
+
+
+def test_deep_schemas_and_histories_are_typed_errors() -> None:
+    from safecode_guard import InputLimitError
+    from safecode_guard.tools import hf_tool_calls
+
+    deep_schema = {"type": "function", "function": {"name": "f", "parameters": deep(2000)}}
+    with pytest.raises(InputLimitError, match="tools\\[0\\]"):
+        format_tools([deep_schema])
+    with pytest.raises(InputLimitError, match="add"):
+        hf_tool_calls([{"name": "add", "args": {"a": deep(2000)}, "id": "c1"}])
+    processor = tool_processor_stub()
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": "c1", "function": {"name": "add", "arguments": {"a": deep(2000)}}}]},
+        {"role": "tool", "content": "3", "tool_call_id": "c1"},
+    ]
+    with pytest.raises(InputLimitError, match=r"messages\[1\].tool_calls\[0\]"):
+        render_prompt(processor, history)
+    with pytest.raises(InputLimitError, match=r"tools\[0\]"):
+        render_prompt(processor, history[:1], tools=[deep_schema])
+
+
+def test_a_deep_conversation_is_refused_and_the_model_stays_usable(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    from langchain_core.caches import InMemoryCache
+
+    from safecode_guard import InputLimitError
+
+    deep_history = [
+        HumanMessage("Add them."),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": deep(2000)}, "id": "c1", "type": "tool_call"}]),
+        ToolMessage("3", tool_call_id="c1"),
+    ]
+    for llm in (chat("qwen2_5_vl").bind_tools([add]), chat("qwen2_5_vl", cache=InMemoryCache()).bind_tools([add])):
+        with pytest.raises(InputLimitError, match="nested more than"):
+            llm.invoke(deep_history)
+        with pytest.raises(InputLimitError):
+            list(llm.stream(deep_history))
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").invoke([HumanMessage([{"type": "text", "text": "x", "extras": deep(2000)}])])
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").with_structured_output(deep(2000, {"type": "object"}) | {"title": "T"})
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").invoke("hi", response_format={"type": "json_schema", "json_schema": {"schema": deep(2000)}})
+    with pytest.raises(InputLimitError):
+        chat("qwen2_5_vl").get_num_tokens_from_messages(deep_history)
+    engine = chat("qwen2_5_vl").engine
+    script.add("(taken by the scripted step before the prompt is rendered)")
+    with pytest.raises(InputLimitError):
+        engine.generate([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": deep(2000)}}}]},
+            {"role": "user", "content": "again"}], max_new_tokens=2)
+    script.add("Fine.")
+    assert chat("qwen2_5_vl").invoke("hi").content == "Fine."
+
+
+def test_a_deep_json_answer_is_a_parse_error(load_tiny_vlm: Callable[[str], tuple[Any, Any]], script: ScriptedDecoding) -> None:
+    model, processor = load_tiny_vlm("llava")
+    llm = ChatSafeCoDe.from_model(model, processor, judge="fixed:safe", max_new_tokens=300)
+    script.add('"a": ' + "[" * 100 + "]" * 100 + "}")
+    with pytest.raises(OutputParserException, match="nested more than"):
+        llm.with_structured_output(None, method="json_mode").invoke("Anything")  # type: ignore[arg-type]
