@@ -1214,11 +1214,11 @@ class ChatSafeCoDe(BaseChatModel):
             prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
         if plan is not None and plan.prefix:
             engine_kwargs["answer_prefix"] = plan.prefix
-        pieces = engine.stream(prompt_messages, **engine_kwargs)
+        pieces = engine.stream(prompt_messages, start=False, **engine_kwargs)
         verdict = pieces.verdict
         assert verdict is not None  # SafeCoDe.stream decides the verdict before returning
         if verdict.label == "unsafe" and (json_mode or (plan is not None and plan.prefix)):
-            pieces.close()  # nothing decoded yet
+            pieces.close()  # never queued: nothing was decoded
             forced = plan is not None and bool(plan.prefix)
             if plan is not None and plan.names is not None:
                 plan = replace(plan, prefix="")
@@ -1227,8 +1227,8 @@ class ChatSafeCoDe(BaseChatModel):
             else:
                 plan = None
             engine_kwargs.pop("answer_prefix", None)
-            pieces = engine.stream(hf_messages, **{**engine_kwargs, "verdict": verdict})
-        return _Call(engine, pieces, plan, verdict)
+            pieces = engine.stream(hf_messages, start=False, **{**engine_kwargs, "verdict": verdict})
+        return _Call(engine, pieces.start(), plan, verdict)
 
     def _generate(
         self,

@@ -100,6 +100,17 @@ class SafeCoDeStream:
         self._engine = engine
         self._judge_s = judge_s
         self._ended = False
+        self._started = False
+
+    def start(self) -> SafeCoDeStream:
+        """Queue the request for decoding (`stream(..., start=False)` leaves that to you; idempotent).
+
+        Raises `OverloadedError` when the model's queue is full.
+        """
+        if not self._started:
+            self._started = True
+            self._engine.scheduler.submit(self._job)
+        return self
 
     # -- sync ------------------------------------------------------------------------------
 
@@ -109,6 +120,7 @@ class SafeCoDeStream:
     def __next__(self) -> str:
         if self._ended:
             raise StopIteration
+        self.start()
         return self._handle(*self._job.channel.get())
 
     def consume(self) -> SafeCoDeResult:
@@ -126,6 +138,7 @@ class SafeCoDeStream:
     async def __anext__(self) -> str:
         if self._ended:
             raise StopAsyncIteration
+        self.start()
         try:
             return self._handle(*await self._job.channel.aget())
         except StopIteration:
@@ -152,10 +165,11 @@ class SafeCoDeStream:
         raise StopIteration
 
     def close(self) -> None:
-        """Stop decoding this answer (no effect once it has ended)."""
+        """Stop decoding this answer (no effect once it has ended; a stream never started is never queued)."""
         if not self._ended:
             self._ended = True
             self._job.cancel()
+            self._started = True
 
     def __del__(self) -> None:
         job = getattr(self, "_job", None)
@@ -309,6 +323,7 @@ class SafeCoDe:
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
+        start: bool = True,
     ) -> SafeCoDeStream:
         """Stream the SafeCoDe answer as text pieces; the verdict is decided before the first.
 
@@ -324,7 +339,11 @@ class SafeCoDe:
         answer (it is not part of the returned text), e.g. to open a tool call.
 
         Every check (settings, images, prompt length, context) runs before the
-        judge and before any model work. Raises `OverloadedError` when the
+        judge and before any model work. The request is queued for decoding at
+        once (it is decoded alongside every other request on the model, whether
+        or not its stream is being read); `start=False` returns the stream with
+        its verdict but unqueued, to be started with `.start()` or dropped
+        (`close()`) without any decoding. Raises `OverloadedError` when the
         model's queue is full.
         """
         job, final, judge_s = self._prepare(
@@ -333,8 +352,8 @@ class SafeCoDe:
             top_k=top_k, stop=stop, seed=seed, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, logit_bias=logit_bias,
         )
-        self.scheduler.submit(job)
-        return SafeCoDeStream(final, job, self, judge_s)
+        stream = SafeCoDeStream(final, job, self, judge_s)
+        return stream.start() if start else stream
 
     async def astream(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeStream:
         """`stream` for asyncio: preparation (images, judge) runs off the event loop; `async for` the result."""
@@ -445,6 +464,7 @@ class SafeCoDe:
             max_new_tokens=max_new_tokens,
             prompt_len=prompt_len,
             n_images=len(conv.images),
+            steered=steered,
             timeout_s=self.scheduler.settings.request_timeout_s,
         )
         return job, final, judge_s

@@ -126,6 +126,8 @@ class DecodeJob:
     max_new_tokens: int
     prompt_len: int
     n_images: int = 0
+    steered: bool = True
+    """SafeCoDe decoding (False: plain decoding, e.g. `baseline` or a caption for a judge)."""
     timeout_s: float | None = None
     channel: Channel = field(default_factory=Channel)
     status: Status = "waiting"

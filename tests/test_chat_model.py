@@ -595,6 +595,10 @@ class _GatedStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def start(self) -> _GatedStream:
+        self.inner.start()
+        return self
+
     def close(self) -> None:
         self._pieces.close()
         self.inner.close()

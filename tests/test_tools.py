@@ -689,8 +689,7 @@ def test_a_deep_conversation_is_refused_and_the_model_stays_usable(
     with pytest.raises(InputLimitError):
         chat("qwen2_5_vl").get_num_tokens_from_messages(deep_history)
     engine = chat("qwen2_5_vl").engine
-    script.add("(taken by the scripted step before the prompt is rendered)")
-    with pytest.raises(InputLimitError):
+    with pytest.raises(InputLimitError):  # refused while preparing: never queued, no scripted reply taken
         engine.generate([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
             {"type": "function", "function": {"name": "add", "arguments": {"a": deep(2000)}}}]},
             {"role": "user", "content": "again"}], max_new_tokens=2)

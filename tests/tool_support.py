@@ -206,24 +206,26 @@ class _ScriptedSteering(Steering):
 class ScriptedDecoding:
     """Scripted answers for SafeCoDe's steered decoding; everything around the token choice is real.
 
-    Each steered request (one per chat-model call) takes the next reply,
-    encodes it with the model's own tokenizer, appends an end-of-turn token,
-    and its `Steering` picks those tokens in order wherever it would select
-    a token. Under an unsafe verdict in "prefix" mode the engine still forces
-    its refusal opening first (that choice is not a selection), then the script
-    goes on. Plain decoding (captions for a judge) is left alone. `prompts`
+    Each steered request queued for decoding (one per chat-model call) takes
+    the next reply, encodes it with the model's own tokenizer, appends an
+    end-of-turn token, and its `Steering` picks those tokens in order wherever
+    it would select a token. Under an unsafe verdict in "prefix" mode the
+    engine still forces its refusal opening first (that choice is not a
+    selection), then the script goes on. Plain decoding (captions for a judge)
+    and streams dropped before they are queued are left alone. `prompts`
     records every rendered prompt and `prefixes` every forced answer opening.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, replies: Iterable[Reply] = ()) -> None:
         import safecode_guard.engine as engine_module
+        from safecode_guard.scheduler import Scheduler
 
         self.replies: deque[Reply] = deque(replies)
         self.prompts: list[str] = []
         self.prefixes: list[str] = []
         self.calls = 0
-        local = threading.local()  # preparation runs in the caller's thread
-        real_prepare, real_parse = SafeCoDe._prepare, engine_module.parse_messages
+        local = threading.local()  # preparation and queueing run in the caller's thread
+        real_prepare, real_parse, real_submit = SafeCoDe._prepare, engine_module.parse_messages, Scheduler.submit
         real_render = engine_module.render_prompt
 
         def parse(*args: Any, **kwargs: Any) -> Conversation:
@@ -232,20 +234,24 @@ class ScriptedDecoding:
 
         def prepare(engine: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
             job, verdict, judge_s = real_prepare(engine, messages, **kwargs)
-            if not kwargs.get("steered"):
-                return job, verdict, judge_s
-            if not self.replies:
-                raise AssertionError("ScriptedDecoding ran out of scripted replies")
-            reply = self.replies.popleft()
-            text = reply(local.conv) if callable(reply) else reply
-            end = min(engine._eos_ids)
-            scripted = _ScriptedSteering.__new__(_ScriptedSteering)
-            scripted.__dict__.update(job.steering.__dict__)
-            scripted.script = deque([*engine.tokenizer.encode(text, add_special_tokens=False), end])
-            job.steering = scripted
-            self.prefixes.append(kwargs.get("answer_prefix", ""))
-            self.calls += 1
+            job.script_context = (local.conv, kwargs.get("answer_prefix", ""), min(engine._eos_ids), engine.tokenizer)
             return job, verdict, judge_s
+
+        def submit(scheduler: Scheduler, job: Any) -> Any:
+            context = getattr(job, "script_context", None)
+            if job.steered and context is not None:
+                if not self.replies:
+                    raise AssertionError("ScriptedDecoding ran out of scripted replies")
+                conv, prefix, end, tokenizer = context
+                reply = self.replies.popleft()
+                text = reply(conv) if callable(reply) else reply
+                scripted = _ScriptedSteering.__new__(_ScriptedSteering)
+                scripted.__dict__.update(job.steering.__dict__)
+                scripted.script = deque([*tokenizer.encode(text, add_special_tokens=False), end])
+                job.steering = scripted
+                self.prefixes.append(prefix)
+                self.calls += 1
+            return real_submit(scheduler, job)
 
         def render(*args: Any, **kwargs: Any) -> str:
             prompt = real_render(*args, **kwargs)
@@ -253,6 +259,7 @@ class ScriptedDecoding:
             return prompt
 
         monkeypatch.setattr(SafeCoDe, "_prepare", prepare)
+        monkeypatch.setattr(Scheduler, "submit", submit)
         monkeypatch.setattr(engine_module, "parse_messages", parse)
         monkeypatch.setattr(engine_module, "render_prompt", render)
 
