@@ -645,16 +645,17 @@ def _shrink_to_rgb(im: Image.Image, max_side: int | None) -> Image.Image:
     bytes per pixel, as they must be for resampling to mean anything), and
     high-depth images keep their full-size value range for the 8-bit mapping.
     Resampling is bicubic after an integer box reduction (`reducing_gap`),
-    like Hugging Face processors' own resize.
+    like Hugging Face processors' own resize (box averaging for high-depth
+    images).
     """
     target = fit_within(im.size, max_side)
     if target is None:
         return to_rgb(im)
     resample = Image.Resampling.BICUBIC
     if im.mode in _HIGH_DEPTH:
+        # Box averaging: Pillow resamples "I;16" with no other filter, and it never overshoots.
         value_range = _finite_range(im)
-        work = im.convert("I") if im.mode.startswith("I;16") else im  # Pillow cannot resample I;16
-        small = np.asarray(work.resize(target, resample, reducing_gap=3.0))
+        small = np.asarray(im.resize(target, Image.Resampling.BOX))
         return Image.fromarray(_scale_to_uint8(small, im.mode, value_range)).convert("RGB")
     if im.mode in ("P", "PA") or "transparency" in im.info:
         im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
