@@ -446,7 +446,7 @@ def _gif_problem(data: bytes) -> str | None:
 
 
 _TIFF_BLOCK_TAGS = frozenset((273, 279, 324, 325))  # strip and tile offsets and byte counts
-_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 322, 323
+_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
 
 
 def _tiff_problem(data: bytes) -> str | None:
@@ -461,8 +461,8 @@ def _tiff_problem(data: bytes) -> str | None:
             ifd = struct.unpack_from(order + "I", data, 4)[0]
             entries = _u16(data, ifd, order)
             first, step, fmt = ifd + 2, 12, order + "HHI"
-    except struct.error:
-        return None  # truncated: Pillow says so
+    except (struct.error, OverflowError):
+        return None  # truncated, or an offset past any file: Pillow says so
     if entries > MAX_TIFF_TAGS:
         return (
             f"The TIFF's first directory holds {entries} entries, over {MAX_TIFF_TAGS}; real files have "
@@ -1237,18 +1237,19 @@ _ZSTD_MAX_WINDOW = 1 << 23  # the 8 MiB every HTTP zstd decoder must support (RF
 def _inflate(chunks: Iterable[bytes], wbits: int | None) -> Iterator[bytes]:
     """zlib-decompress `chunks` in pieces of at most `_PIECE` bytes (gzip, zlib or raw deflate).
 
-    `wbits=None` picks zlib or raw deflate from the first bytes, as browsers
-    do for "deflate". Data after the end of the stream is ignored.
+    `wbits=None` picks zlib or raw deflate from the first two bytes, as
+    browsers do for "deflate". Data after the end of the stream is ignored.
     """
-    decompressor = None
+    decompressor, head = None, b""
     for chunk in chunks:
-        if not chunk:
-            continue
         if decompressor is None:
+            head += chunk
+            if len(head) < 2:
+                continue
             if wbits is None:  # a zlib header: CM=8 and a check value divisible by 31
-                zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
+                zlib_header = head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
                 wbits = zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
-            decompressor = zlib.decompressobj(wbits)
+            decompressor, chunk = zlib.decompressobj(wbits), head
         data = chunk
         while data and not decompressor.eof:
             piece = decompressor.decompress(data, _PIECE)
@@ -1257,8 +1258,10 @@ def _inflate(chunks: Iterable[bytes], wbits: int | None) -> Iterator[bytes]:
                 yield piece
         if decompressor.eof:
             return
-    if decompressor is not None:
-        yield decompressor.flush()
+    if decompressor is None:  # fewer than two bytes in all
+        decompressor = zlib.decompressobj(wbits or -zlib.MAX_WBITS)
+        yield decompressor.decompress(head, _PIECE)
+    yield decompressor.flush()
 
 
 class _ChunkReader:
