@@ -10,9 +10,9 @@ Input flow (`load_image` for one image, `load_images` for a request's images):
    rules. Downloads count decompressed bytes as they are produced; local files
    are opened one path component at a time beneath the root folder.
 2. Check before decoding (`open_image_bytes`): byte cap -> the format's
-   structure walked in C-speed passes (`structure_problem`: JPEG scans and
-   segments, PNG chunks, GIF blocks, TIFF tags, strips and tiles, BMP RLE
-   size) -> the header opened by Pillow's plugin for `ALLOWED_FORMATS` only ->
+   framing walked with a bounded number of steps (`structure_problem`: JPEG
+   scans and segments, PNG chunks, GIF blocks, TIFF tags, strips and tiles,
+   BMP RLE size) -> the header opened by Pillow's plugin for `ALLOWED_FORMATS` only ->
    pixel caps (ours and Pillow's own) from the header. `load_images` first
    counts the images, then reads and checks all of them, with the request's
    totals (bytes, declared pixels), before decoding any.
@@ -25,8 +25,9 @@ Input flow (`load_image` for one image, `load_images` for a request's images):
 
 Output: a new, fully loaded `PIL.Image.Image` of mode "RGB", or an
 `ImageInputError` (a `ValueError`) whose message names the problem and the
-fix; request-wide limits give `InputLimitError`. No process-wide lock: images
-decode in parallel threads, and Python's warning filters are never touched.
+fix; request-wide limits give `InputLimitError`. No process-wide lock: a slow
+decode never holds up another thread's images, and Python's warning filters
+are never touched.
 
 Bounds per image (default policy): the encoded bytes (25 MB) plus the decoded
 frame at full size (at most 4 bytes per pixel, 40 M pixels: 160 MB; 16-bit and
@@ -654,8 +655,9 @@ def _shrink_to_rgb(im: Image.Image, max_side: int | None) -> Image.Image:
     resample = Image.Resampling.BICUBIC
     if im.mode in _HIGH_DEPTH:
         # Box averaging: Pillow resamples "I;16" with no other filter, and it never overshoots.
-        value_range = _finite_range(im)
-        small = np.asarray(im.resize(target, Image.Resampling.BOX))
+        work = im.convert("I") if im.mode in ("I;16B", "I;16L", "I;16N") else im  # not resampled
+        value_range = _finite_range(work)
+        small = np.asarray(work.resize(target, Image.Resampling.BOX))
         return Image.fromarray(_scale_to_uint8(small, im.mode, value_range)).convert("RGB")
     if im.mode in ("P", "PA") or "transparency" in im.info:
         im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")

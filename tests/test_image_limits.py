@@ -52,6 +52,7 @@ from safecode_guard.images import (
     structure_problem,
 )
 from safecode_guard.prompting import parse_messages
+from safecode_guard.testing import FAMILIES
 
 # --------------------------------------------------------------------------
 # Builders of (bomb) images
@@ -339,6 +340,14 @@ def test_load_image_downscales_every_mode_to_max_side(mode: str) -> None:
     fmt = "TIFF" if mode in ("I", "F", "CMYK") else "PNG"
     out = load_image(encode(im, fmt), max_side=40)
     assert out.mode == "RGB" and out.size == (40, 10)
+
+
+@pytest.mark.parametrize(
+    "mode", ["I;16", "I;16B", "I;16L", "I;16N", "I", "F", "LAB", "HSV", "YCbCr", "RGBX", "RGBa", "La", "PA"]
+)
+def test_caller_images_of_every_mode_downscale(mode: str) -> None:
+    out = load_image(Image.new(mode, (200, 100)), max_side=20)
+    assert out.mode == "RGB" and out.size == (20, 10)
 
 
 def test_downscaled_values_match_full_size_conversion() -> None:
@@ -717,9 +726,7 @@ def test_working_side_from_real_processor_settings() -> None:
     assert image_working_side(clip, InputPolicy(max_working_side=512)) == 512
 
 
-@pytest.mark.parametrize(
-    "family", ["llava", "llava_next", "qwen2_vl", "idefics3", "gemma3", "paligemma", "instructblip"]
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_working_side_keeps_processor_output_close(family: str, tiny_model_dir) -> None:
     from transformers import AutoProcessor
 
@@ -740,4 +747,5 @@ def test_working_side_keeps_processor_output_close(family: str, tiny_model_dir) 
     a, b = pixels(full), pixels(small)
     assert a.shape == b.shape
     spread = float(a.max() - a.min())
-    assert float(np.abs(a - b).mean()) < 0.02 * spread, (family, side, float(np.abs(a - b).mean()), spread)
+    # Measured: 0.03-0.08% of the value range on every family (the largest single value 0.5%).
+    assert float(np.abs(a - b).mean()) < 0.003 * spread, (family, side, float(np.abs(a - b).mean()), spread)
