@@ -8,9 +8,10 @@ value and says what to use instead.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "InputPolicy", "SafeCoDeConfig"]
 
@@ -135,22 +136,40 @@ class SafeCoDeConfig(BaseModel):
 
 
 class InputPolicy(BaseModel):
-    """What requests may contain: images, their sources and sizes, prompt length."""
+    """What requests may contain: images, their sources and sizes, prompt length.
+
+    The image limits bound memory and time before any pixel is decoded: the
+    count, the encoded bytes and the header's pixels of every image of a
+    request are checked first (per image and summed), then each image is
+    decoded and shrunk to at most `max_working_side` pixels on its longer
+    side before anything else copies its pixels.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_images: int = Field(8, ge=0, le=256)
-    """Most images one request may hold."""
+    """Most images one request may hold (counted before any is decoded)."""
     max_image_pixels: int = Field(40_000_000, ge=1)
     """Decompression-bomb cap: width * height, read from the header before decoding."""
     max_image_bytes: int = Field(25_000_000, ge=1)
     """Largest encoded image (bytes, base64 decoded, file or download)."""
+    max_total_image_bytes: int = Field(64_000_000, ge=1)
+    """Largest sum of the encoded sizes of one request's images, checked before decoding any."""
+    max_total_image_pixels: int = Field(160_000_000, ge=1)
+    """Largest sum of one request's image sizes (width * height from the headers), checked before
+    decoding any: it bounds the decode time of a request (about 4 images at `max_image_pixels`)."""
+    max_working_side: int = Field(2048, ge=16, le=16384)
+    """Longest side, in pixels, an image is kept at: a larger one is downscaled (aspect kept) as it
+    is decoded (JPEGs already inside the decoder), so memory per image after decoding is at most
+    about `3 * max_working_side**2` bytes. The engine lowers it further to what its processor needs
+    (`safecode_guard.images.image_working_side`)."""
     allow_image_urls: bool = False
     """Fetch http(s) image URLs. Off by default: a guardrail should not reach the network."""
     allow_local_files: bool = False
     """Read images from local paths (and file:// URLs), confined to `local_files_root`."""
     local_files_root: str | None = None
-    """Folder local image paths must lie in; None means the current working directory."""
+    """Folder local image paths must lie in; required when `allow_local_files` is on. A relative
+    folder is made absolute when the policy is built (never taken from the working directory later)."""
     url_timeout_s: float = Field(10.0, gt=0, le=600)
     """Timeout of one image download, in seconds."""
     max_prompt_tokens: int | None = Field(None, ge=1)
@@ -158,6 +177,26 @@ class InputPolicy(BaseModel):
     max_new_tokens_limit: int = Field(8192, ge=1)
     """Largest `max_new_tokens` a request may ask for."""
 
+    @field_validator("local_files_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.strip() or "\x00" in v:
+            raise ValueError(
+                f"`local_files_root` (={v!r}) must name a folder. Use e.g. \"/srv/images\"."
+            )
+        return os.path.abspath(v)
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> InputPolicy:
+        if self.allow_local_files and self.local_files_root is None:
+            raise ValueError(
+                "`allow_local_files=True` needs `local_files_root`: the folder image paths must lie in "
+                "(the working directory is never assumed, it may be `/`). Use e.g. "
+                "InputPolicy(allow_local_files=True, local_files_root=\"/srv/images\")."
+            )
+        return self
 
 class BatchingConfig(BaseModel):
     """Limits of the scheduler that batches concurrent requests on one model (see `scheduler`).

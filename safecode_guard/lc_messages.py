@@ -11,9 +11,11 @@ parts `{"type": "text", "text": str}` and `{"type": "image", "image": PIL.Image}
 the format `SafeCoDe.generate` takes. Tool calling uses the transformers
 conventions: an `AIMessage`'s `tool_calls` become the assistant turn's
 `tool_calls` (`{"type": "function", "id", "function": {"name", "arguments"}}`)
-and a `ToolMessage` becomes `{"role": "tool", "content", "tool_call_id", "name"}`. Images are decoded here, by
-`safecode_guard.images.load_image` under the caller's `InputPolicy`, so an
-http(s) URL is fetched only when the policy allows URLs.
+and a `ToolMessage` becomes `{"role": "tool", "content", "tool_call_id", "name"}`. Images are
+decoded here, by `safecode_guard.images.load_images` under the caller's `InputPolicy` (so an
+http(s) URL is fetched only when the policy allows URLs), once every message is converted and
+the request's images are counted, with their total bytes and declared pixels: nothing is
+decoded before the request is known to fit.
 Consecutive turns of one role are left as they are: the engine merges them.
 
 Anything that cannot be shown to the model faithfully raises
@@ -36,7 +38,7 @@ from langchain_core.messages import BaseMessage, ChatMessage
 
 from .config import InputPolicy
 from .errors import UnsupportedContentError
-from .images import decode_base64, load_image
+from .images import load_image, load_images
 from .tools import hf_tool_calls
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "ROLE_BY_TYPE",
     "block_to_part",
     "image_from_block",
+    "image_source",
     "message_role",
     "to_hf_message",
     "to_hf_messages",
@@ -98,19 +101,18 @@ def message_role(message: BaseMessage, where: str) -> str:
     )
 
 
-def image_from_block(block: Mapping[str, Any], where: str, policy: InputPolicy) -> Any:
-    """A PIL RGB image from a v1 image block (`base64`, `url`, or an in-memory `image`).
+def image_source(block: Mapping[str, Any], where: str) -> Any:
+    """The image value of a v1 image block (`base64`, `url`, or an in-memory `image`), not yet decoded.
 
-    `url` may be a data URL, an http(s) URL (fetched only if
-    `policy.allow_image_urls`) or a file:// URL (only if `policy.allow_local_files`).
+    `base64` becomes a data URL, so bare base64 (which may hold '/') is never
+    read as a path. What `images.load_image` accepts comes back as is.
     """
     if block.get("base64") is not None:
-        # Decode ourselves: bare base64 holds '/' and could otherwise be read as a path.
-        return load_image(decode_base64(str(block["base64"]), policy.max_image_bytes), policy)
+        return "data:;base64," + str(block["base64"])
     if block.get("url") is not None:
-        return load_image(block["url"], policy)
+        return block["url"]
     if block.get("image") is not None:  # an HF-style part holding a PIL image or bytes
-        return load_image(block["image"], policy)
+        return block["image"]
     if block.get("file_id") is not None:
         raise UnsupportedContentError(
             f"{where} is an image given by provider file id {block['file_id']!r}; a local model cannot "
@@ -120,6 +122,17 @@ def image_from_block(block: Mapping[str, Any], where: str, policy: InputPolicy) 
         f"{where} is an image block without image data (keys: {sorted(block)}). "
         'Give "base64" (with "mime_type") or a data URL in "url".'
     )
+
+
+def image_from_block(
+    block: Mapping[str, Any], where: str, policy: InputPolicy, *, max_side: int | None = None
+) -> Any:
+    """A PIL RGB image from a v1 image block (`base64`, `url`, or an in-memory `image`).
+
+    `url` may be a data URL, an http(s) URL (fetched only if
+    `policy.allow_image_urls`) or a file:// URL (only if `policy.allow_local_files`).
+    """
+    return load_image(image_source(block, where), policy, max_side=max_side)
 
 
 def _text(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> Part:
@@ -140,7 +153,7 @@ def _image(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy)
             f"{where} is an image in a {role} turn; only user (HumanMessage) turns may carry images. "
             "Move the image into a HumanMessage."
         )
-    return {"type": "image", "image": image_from_block(block, where, policy)}
+    return {"type": "image", "image": image_source(block, where)}  # decoded with the request's others
 
 
 def _reasoning(block: Mapping[str, Any], where: str, role: str, policy: InputPolicy) -> None:
@@ -215,8 +228,8 @@ def block_to_part(block: Mapping[str, Any], where: str, role: str, policy: Input
     return converter(block, where, role, policy)
 
 
-def to_hf_message(message: BaseMessage, index: int, policy: InputPolicy) -> dict[str, Any]:
-    """`message` (the `index`-th of the request) as `{"role", "content": [parts]}`."""
+def _convert(message: BaseMessage, index: int, policy: InputPolicy) -> dict[str, Any]:
+    """`message` as `{"role", "content": [parts]}`, image parts still holding their undecoded values."""
     where = f"messages[{index}] ({type(message).__name__})"
     role = message_role(message, where)
     try:
@@ -242,6 +255,32 @@ def to_hf_message(message: BaseMessage, index: int, policy: InputPolicy) -> dict
     return hf
 
 
-def to_hf_messages(messages: Sequence[BaseMessage], policy: InputPolicy) -> list[dict[str, Any]]:
-    """A LangChain conversation as Hugging Face chat messages, images decoded to PIL."""
-    return [to_hf_message(m, i, policy) for i, m in enumerate(messages)]
+def _decode_images(messages: list[dict[str, Any]], policy: InputPolicy, max_side: int | None) -> None:
+    """Decode every image part of `messages` in place, the request's limits checked first."""
+    parts = [p for m in messages for p in m["content"] if p["type"] == "image"]
+    images = load_images([p["image"] for p in parts], policy, max_side=max_side)
+    for part, image in zip(parts, images, strict=True):
+        part["image"] = image
+
+
+def to_hf_message(
+    message: BaseMessage, index: int, policy: InputPolicy, *, max_side: int | None = None
+) -> dict[str, Any]:
+    """`message` (the `index`-th of the request) as `{"role", "content": [parts]}`, images decoded."""
+    hf = _convert(message, index, policy)
+    _decode_images([hf], policy, max_side)
+    return hf
+
+
+def to_hf_messages(
+    messages: Sequence[BaseMessage], policy: InputPolicy, *, max_side: int | None = None
+) -> list[dict[str, Any]]:
+    """A LangChain conversation as Hugging Face chat messages, images decoded to PIL.
+
+    Every message is converted and the images counted (with their total bytes
+    and declared pixels) before any image is decoded; images come back RGB,
+    their longer side at most `max_side` (and `policy.max_working_side`).
+    """
+    converted = [_convert(m, i, policy) for i, m in enumerate(messages)]
+    _decode_images(converted, policy, max_side)
+    return converted

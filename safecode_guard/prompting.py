@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from .config import InputPolicy
-from .errors import InputLimitError, UnsupportedContentError, UnsupportedModelError
+from .errors import UnsupportedContentError, UnsupportedModelError
 
 __all__ = ["Conversation", "neutralize_special_tokens", "parse_messages", "render_prompt"]
 
@@ -50,7 +50,8 @@ def _image_value(part: Mapping[str, Any]) -> Any:
     )
 
 
-def _parse_part(part: Any, where: str, policy: InputPolicy) -> dict[str, Any]:
+def _parse_part(part: Any, where: str) -> dict[str, Any]:
+    """One content part, validated; an image part keeps its raw value (decoded later, all together)."""
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, Mapping):
@@ -65,9 +66,7 @@ def _parse_part(part: Any, where: str, policy: InputPolicy) -> dict[str, Any]:
             raise UnsupportedContentError(f'{where} is a text part whose "text" is not a string.')
         return {"type": "text", "text": text}
     if kind in ("image", "image_url"):
-        from .images import load_image  # the one place images are decoded and checked
-
-        return {"type": "image", "image": load_image(_image_value(part), policy)}
+        return {"type": "image", "image": _image_value(part)}
     raise UnsupportedContentError(
         f"{where} has type {kind!r}, which this model cannot read. "
         'Supported content parts: "text" and "image".'
@@ -96,8 +95,16 @@ def _tool_fields(message: Mapping[str, Any], role: str, where: str) -> dict[str,
     return {}
 
 
-def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -> Conversation:
-    """Validate `messages`, decode their images, merge consecutive same-role turns."""
+def parse_messages(
+    messages: Sequence[Mapping[str, Any]], policy: InputPolicy, *, max_side: int | None = None
+) -> Conversation:
+    """Validate `messages`, decode their images, merge consecutive same-role turns.
+
+    Every message is validated and every image counted (with the request's
+    total bytes and declared pixels, `images.load_images`) before any image is
+    decoded. Images come back RGB with their longer side at most `max_side`
+    (and `policy.max_working_side`): pass `images.image_working_side(processor, policy)`.
+    """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise UnsupportedContentError(
             f"`messages` must be a list of chat messages, got {type(messages).__name__}. "
@@ -106,7 +113,7 @@ def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -
     if not messages:
         raise UnsupportedContentError('`messages` is empty. Give at least one {"role": "user", ...} message.')
     parsed: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
+    image_parts: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise UnsupportedContentError(f"messages[{i}] is a {type(message).__name__}, not a dict with role and content.")
@@ -117,7 +124,7 @@ def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
-            parts = [_parse_part(p, f"messages[{i}].content[{j}]", policy) for j, p in enumerate(content)]
+            parts = [_parse_part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(content)]
         else:
             raise UnsupportedContentError(
                 f"messages[{i}].content is a {type(content).__name__}; use a string or a list of parts."
@@ -126,7 +133,7 @@ def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -
             raise UnsupportedContentError(
                 f"messages[{i}] ({role}) holds an image; only user turns may carry images."
             )
-        images.extend(p["image"] for p in parts if p["type"] == "image")
+        image_parts.extend(p for p in parts if p["type"] == "image")
         extras = _tool_fields(message, role, f"messages[{i}]")
         if parsed and parsed[-1]["role"] == role and role != "tool" and not extras and len(parsed[-1]) == 2:
             # Many chat templates insist on alternating roles; two turns in a row are one turn.
@@ -134,15 +141,15 @@ def parse_messages(messages: Sequence[Mapping[str, Any]], policy: InputPolicy) -
             parsed[-1]["content"] = [*parsed[-1]["content"], {"type": "text", "text": "\n"}, *parts]
         else:
             parsed.append({"role": role, "content": parts, **extras})
-    if len(images) > policy.max_images:
-        raise InputLimitError(
-            f"The request holds {len(images)} images; the limit is {policy.max_images}. "
-            "Send fewer images or raise `InputPolicy.max_images`."
-        )
     if parsed[-1]["role"] == "assistant":
         raise UnsupportedContentError(
             "The last message is an assistant turn; end with a user turn for the model to answer."
         )
+    from .images import load_images  # the one place images are decoded and checked
+
+    images = load_images([p["image"] for p in image_parts], policy, max_side=max_side)
+    for part, image in zip(image_parts, images, strict=True):
+        part["image"] = image
     user_turns = [m for m in parsed if m["role"] == "user"]
     request = ""
     if user_turns:

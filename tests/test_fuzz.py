@@ -106,3 +106,26 @@ def test_langchain_conversion_gives_messages_or_a_typed_error(messages):
         assert str(exc)
         return
     assert conv.messages and all(img.mode == "RGB" for img in conv.images)
+
+
+# -- Image structure walks (issue 10) ----------------------------------------------------------
+
+from safecode_guard.images import structure_problem  # noqa: E402
+
+_SIGNED = [
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"BM",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(_SIGNED), st.binary(max_size=300))
+def test_structure_walks_never_raise_and_always_end(signature, tail):
+    """Any bytes behind a known signature: a reason (str) or None, never an exception or a hang."""
+    problem = structure_problem(signature + tail)
+    assert problem is None or (isinstance(problem, str) and problem)

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydantic import ValidationError
 
 from safecode_guard.config import InputPolicy
 from safecode_guard.errors import ImageInputError
@@ -593,9 +594,15 @@ def test_local_files_inside_root(root: Path) -> None:
         assert rgb_at(load_image(value, policy)) == (255, 0, 0), value
 
 
-def test_local_root_defaults_to_cwd(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_files_need_an_explicit_root(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Changed on purpose (issue 10, item 14): the working directory was the default root, so with
+    # cwd "/" any file was readable. A root is now required, and a relative one is pinned at once.
+    with pytest.raises(ValidationError, match="needs `local_files_root`"):
+        InputPolicy(allow_local_files=True)
     monkeypatch.chdir(root / "sub")
-    policy = InputPolicy(allow_local_files=True)
+    policy = InputPolicy(allow_local_files=True, local_files_root=".")
+    assert policy.local_files_root == str(root / "sub")
+    monkeypatch.chdir("/")
     assert rgb_at(load_image("red.png", policy)) == (255, 0, 0)
     assert "outside the allowed folder" in raises_image_error("../red.png", policy)
 
