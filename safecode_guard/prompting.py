@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from .config import InputPolicy
-from .errors import UnsupportedContentError, UnsupportedModelError
+from .errors import InputLimitError, UnsupportedContentError, UnsupportedModelError
 
 __all__ = ["Conversation", "neutralize_special_tokens", "parse_messages", "render_prompt"]
 
