@@ -1189,6 +1189,8 @@ class ChatSafeCoDe(BaseChatModel):
             )
         json_mode = kwargs.get("response_format") is not None
         json_schema = _response_format_schema(kwargs["response_format"]) if json_mode else None
+        # before loading (bad input is refused without loading weights): images shrink to the
+        # policy's working cap here, and to what the processor needs inside the engine
         hf_messages = to_hf_messages(messages, self.policy)
         engine = self._engine(model)
         plan: CallPlan | None = None

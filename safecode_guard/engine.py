@@ -40,6 +40,7 @@ from .errors import (
     UnsupportedContentError,
     UnsupportedModelError,
 )
+from .images import image_working_side
 from .prompting import Conversation, parse_messages, render_prompt
 from .scheduler import DecodeJob, Scheduler, scheduler_for
 from .verdict import Verdict, validated_verdict
@@ -225,6 +226,8 @@ class SafeCoDe:
         self._specials = self._find_special_strings()
         self.context_length = self._find_context_length()
         self._vocab_size = self._find_vocab_size()
+        self.image_side = image_working_side(processor, self.policy)
+        """Longest image side worth keeping for this processor: images shrink to it on decoding."""
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -296,7 +299,7 @@ class SafeCoDe:
 
     def judge(self, messages: Sequence[Mapping[str, Any]]) -> Verdict:
         """The judge's verdict for `messages`, without generating an answer."""
-        return self._judge(parse_messages(messages, self.policy))
+        return self._judge(parse_messages(messages, self.policy, max_side=self.image_side))
 
     def generate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
         """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""
@@ -381,7 +384,6 @@ class SafeCoDe:
             temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
         )
-        self.scheduler.submit(job)
         return SafeCoDeStream(None, job, self, 0.0).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------
@@ -393,7 +395,7 @@ class SafeCoDe:
         as one left-padded batch (the logits may then differ from a solo prefill in their last
         float digits). `exact=True` prefills this prompt alone.
         """
-        conv = parse_messages(messages, self.policy)
+        conv = parse_messages(messages, self.policy, max_side=self.image_side)
         self._check_images(conv)
         prompt = render_prompt(self.processor, conv.messages, self._specials)
         return self.scheduler.prefill_logits(self.processor, prompt, list(conv.images), alone=exact)
@@ -431,7 +433,7 @@ class SafeCoDe:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise SafeCoDeInputError(f"`seed` (={seed!r}) must be a non-negative integer, or None for fresh randomness.")
         override = self._override(verdict) if verdict is not None else None
-        conv = parse_messages(messages, self.policy)
+        conv = parse_messages(messages, self.policy, max_side=self.image_side)
         self._check_images(conv)
         cfg = self.config
         window = cfg.steered_steps if steered else 0

@@ -36,6 +36,7 @@ Limits and back-pressure (`BatchingConfig`, documented policy):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -243,6 +244,8 @@ class Scheduler:
 
     def submit(self, job: DecodeJob) -> DecodeJob:
         """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full."""
+        if job.t_submit:
+            raise RuntimeError("this request was already queued once; a DecodeJob is decoded once")
         s = self.settings
         need = self.kv_token_bytes * job.rows * (job.prompt_len + job.max_new_tokens)
         if s.kv_cache_budget_mb is not None and need > s.kv_cache_budget_mb * 2**20:
@@ -281,6 +284,21 @@ class Scheduler:
             self._ensure_worker()
             self._cond.notify_all()
         return job.future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything queued or decoding and wait for the worker to stop (used at exit).
+
+        The scheduler stays usable: a later request starts a new worker.
+        """
+        with self._cond:
+            worker = self._worker
+            for job in list(self._waiting):
+                job.cancel()
+            for job in self._active:
+                job.cancel()
+            self._cond.notify_all()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -558,6 +576,16 @@ def _prefill_error(exc: Exception, model: Any, job: DecodeJob) -> Exception:
 
 _SCHEDULERS: weakref.WeakKeyDictionary[Any, Scheduler] = weakref.WeakKeyDictionary()
 _SCHEDULERS_GUARD = threading.Lock()
+
+
+@atexit.register
+def _close_all() -> None:
+    # A daemon worker killed inside a torch kernel at interpreter exit aborts the process
+    # ("terminate called without an active exception"): stop every worker first.
+    with _SCHEDULERS_GUARD:
+        schedulers = list(_SCHEDULERS.values())
+    for scheduler in schedulers:
+        scheduler.close()
 
 
 def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = None) -> Scheduler:

@@ -335,3 +335,14 @@ def test_merge_pads_rows_on_the_left_and_trim_undoes_it():
     merged.select([1, 2])
     assert merged.trim() == 2 and merged.length == 3
     assert merged.cache.layers[0].keys.shape == (2, 2, 2, 4)
+
+
+def test_close_cancels_everything_and_the_scheduler_stays_usable(fresh):
+    model, processor = fresh("llava")
+    engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
+    streams = [engine.stream(user_turn("Describe.", gradient_image()), max_new_tokens=2000) for _ in range(3)]
+    next(streams[0])
+    engine.scheduler.close()
+    assert engine.scheduler._worker is None
+    assert all(s._job.status == "cancelled" for s in streams)
+    assert len(engine.generate(user_turn("Hi", gradient_image()), max_new_tokens=3).token_ids) == 3
