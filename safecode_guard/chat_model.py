@@ -1270,6 +1270,35 @@ class ChatSafeCoDe(BaseChatModel):
         finally:
             call.pieces.close()  # an abandoned stream releases the engine here, in the thread that holds it
 
+    async def _astart(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]) -> _Call:
+        """`_start` on a preparation thread (images, loading, the judge block); the caller's context goes along."""
+        from .engine import PREPARE_EXECUTOR
+
+        context = contextvars.copy_context()  # the judge hand-off and LangChain's tracing ride on it
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(PREPARE_EXECUTOR, lambda: context.run(self._start, messages, stop, kwargs))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # Decoding is awaited on the model's scheduler: no thread is held per call, so any
+        # number of concurrent `ainvoke`s / `abatch` items are decoded together.
+        call = await self._astart(messages, stop, kwargs)
+        chunks: list[AIMessageChunk] = []
+        try:
+            async for chunk in _achunks(call):
+                if run_manager and chunk.text:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                chunks.append(chunk.message)  # type: ignore[arg-type]
+        finally:
+            call.pieces.close()
+        merged = chunks[0] + chunks[1:] if len(chunks) > 1 else chunks[0]
+        return ChatResult(generations=[ChatGeneration(message=message_chunk_to_message(merged))])
+
     async def _astream(
         self,
         messages: list[BaseMessage],
@@ -1277,58 +1306,92 @@ class ChatSafeCoDe(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        chunks = _iterate_in_thread(lambda: self._stream(messages, stop=stop, **kwargs))
-        async for chunk in chunks:
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        call = await self._astart(messages, stop, kwargs)
+        try:
+            async for chunk in _achunks(call):
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            call.pieces.close()  # a consumer that stops early (or is cancelled) stops decoding
 
 
-def _chunks(call: _Call) -> Iterator[ChatGenerationChunk]:
+class _ChunkBuilder:
     """Engine text pieces as LangChain chunks: `safety` on the first, the accounting on the last.
 
     Text is held back only until `refusal_decision` can fill `safety["refused"]`.
     With tools bound, an `AnswerReader` turns the text into content and one
     `tool_call_chunks` chunk per finished call. On the last chunk: calls
     blocked by an unsafe verdict (`safety["blocked_tool_calls"]`) and why each
-    invalid call is invalid (`response_metadata[INVALID_CALL_ERRORS]`).
+    invalid call is invalid (`response_metadata[INVALID_CALL_ERRORS]`). The
+    same builder serves the sync and the async paths, so they cannot differ.
     """
-    engine, pieces, plan, verdict = call.engine, call.pieces, call.plan, call.verdict
-    reader = AnswerReader(plan, unsafe=verdict.label == "unsafe")
-    pending = reader.feed(plan.prefix) if plan is not None else []
-    held, refused = "", None
-    for piece in pieces:
-        pending.extend(reader.feed(piece))
-        if refused is None:
-            held += piece
-            refused = refusal_decision(held, engine.config.refusal_phrases)
-            if refused is not None:
-                yield _first_chunk(pending, verdict, engine.config, refused, plan)
-                pending = []
-            continue
-        yield from (_chunk(text, calls) for text, calls in pending)
-        pending = []
-    pending.extend(reader.finish())
-    result = pieces.result
-    assert result is not None
-    if refused is None:  # the answer ended before its opening decided (e.g. an empty answer)
-        yield _first_chunk(pending, verdict, engine.config, result.refused, plan)
-        pending = []
-    yield from (_chunk(text, calls) for text, calls in pending)
-    last_meta: dict[str, Any] = {"model_name": engine.model_name, "finish_reason": result.finish_reason}
-    if reader.blocked:
-        # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
-        last_meta["safety"] = {"blocked_tool_calls": reader.blocked}
-    if reader.errors:
-        last_meta[tools_mod.INVALID_CALL_ERRORS] = dict(reader.errors)
-    yield ChatGenerationChunk(
-        message=AIMessageChunk(
-            content="",
-            chunk_position="last",
-            response_metadata=last_meta,
-            usage_metadata=usage_metadata(result),
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+        self.reader = AnswerReader(call.plan, unsafe=call.verdict.label == "unsafe")
+        self.pending = self.reader.feed(call.plan.prefix) if call.plan is not None else []
+        self.held = ""
+        self.refused: bool | None = None
+
+    def feed(self, piece: str) -> list[ChatGenerationChunk]:
+        call = self.call
+        self.pending.extend(self.reader.feed(piece))
+        if self.refused is None:
+            self.held += piece
+            self.refused = refusal_decision(self.held, call.engine.config.refusal_phrases)
+            if self.refused is None:
+                return []
+            first = _first_chunk(self.pending, call.verdict, call.engine.config, self.refused, call.plan)
+            self.pending = []
+            return [first]
+        out = [_chunk(text, calls) for text, calls in self.pending]
+        self.pending = []
+        return out
+
+    def finish(self) -> list[ChatGenerationChunk]:
+        call, reader = self.call, self.reader
+        self.pending.extend(reader.finish())
+        result = call.pieces.result
+        assert result is not None
+        out: list[ChatGenerationChunk] = []
+        if self.refused is None:  # the answer ended before its opening decided (e.g. an empty answer)
+            out.append(_first_chunk(self.pending, call.verdict, call.engine.config, result.refused, call.plan))
+            self.pending = []
+        out += [_chunk(text, calls) for text, calls in self.pending]
+        last_meta: dict[str, Any] = {"model_name": call.engine.model_name, "finish_reason": result.finish_reason}
+        if reader.blocked:
+            # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
+            last_meta["safety"] = {"blocked_tool_calls": reader.blocked}
+        if reader.errors:
+            last_meta[tools_mod.INVALID_CALL_ERRORS] = dict(reader.errors)
+        out.append(
+            ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content="",
+                    chunk_position="last",
+                    response_metadata=last_meta,
+                    usage_metadata=usage_metadata(result),
+                )
+            )
         )
-    )
+        return out
+
+
+def _chunks(call: _Call) -> Iterator[ChatGenerationChunk]:
+    builder = _ChunkBuilder(call)
+    for piece in call.pieces:
+        yield from builder.feed(piece)
+    yield from builder.finish()
+
+
+async def _achunks(call: _Call) -> AsyncIterator[ChatGenerationChunk]:
+    builder = _ChunkBuilder(call)
+    async for piece in call.pieces:
+        for chunk in builder.feed(piece):
+            yield chunk
+    for chunk in builder.finish():
+        yield chunk
 
 
 def _chunk(text: str, calls: list[ToolCallChunk]) -> ChatGenerationChunk:
@@ -1354,54 +1417,3 @@ def _first_chunk(
     )
 
 
-_DONE = object()
-
-
-async def _iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Run a blocking iterator in one worker thread; yield its items on the event loop as they come.
-
-    One thread from start to end, because the engine's lock must be released
-    by the thread that took it (LangChain's default `_astream` calls `next`
-    from whichever executor thread is free). When the consumer stops early,
-    the worker stops at its next item and closes the iterator itself.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def send(item: Any, error: BaseException | None = None) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
-        except RuntimeError:  # the loop closed under us: nobody is listening any more
-            stop.set()
-
-    def work() -> None:
-        iterator = None
-        try:
-            iterator = make_iterator()
-            for item in iterator:
-                if stop.is_set():
-                    break
-                send(item)
-        except BaseException as exc:  # handed to the consumer, raised there
-            send(_DONE, exc)
-            return
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-        send(_DONE)
-
-    context = contextvars.copy_context()
-    worker = threading.Thread(target=context.run, args=(work,), name="safecode-astream", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        stop.set()

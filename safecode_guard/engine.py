@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -52,10 +53,10 @@ FinishReason = Literal["stop", "length"]
 #: Most token ids one request's `logit_bias` may name (OpenAI's limit too).
 MAX_LOGIT_BIAS = 300
 
-# Request preparation (image decoding, the processor, the judge) runs in the caller's thread;
-# asyncio callers borrow one of these threads so their event loop never blocks. Bounded:
-# beyond it, async requests wait for a free preparation thread.
-_PREPARE = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="safecode-prepare")
+#: Request preparation (image decoding, the processor, the judge) runs in the caller's thread;
+#: asyncio callers borrow one of these threads so their event loop never blocks. Bounded:
+#: beyond 32 at once, async requests wait for a free preparation thread.
+PREPARE_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="safecode-prepare")
 
 
 class Usage(BaseModel):
@@ -361,7 +362,8 @@ class SafeCoDe:
     async def astream(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeStream:
         """`stream` for asyncio: preparation (images, judge) runs off the event loop; `async for` the result."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_PREPARE, lambda: self.stream(messages, **kwargs))
+        context = contextvars.copy_context()  # e.g. a verdict handed off by a rail in this request
+        return await loop.run_in_executor(PREPARE_EXECUTOR, lambda: context.run(self.stream, messages, **kwargs))
 
     def baseline(
         self,

@@ -27,6 +27,14 @@ UNSAFE_WORD = "detonator"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def allow_loopback() -> None:
+    """Let this process talk to 127.0.0.1 (and nothing else) even outside a test's own setup,
+    e.g. in a module-scoped fixture that pytest-socket's per-test marker does not cover."""
+    from pytest_socket import socket_allow_hosts
+
+    socket_allow_hosts(["127.0.0.1"], allow_unix_socket=True)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -67,6 +75,7 @@ class ServerProcess:
 
     @classmethod
     def start(cls, args: list[str], *, keyword: bool = False, timeout: float = 120.0) -> ServerProcess:
+        allow_loopback()
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         if keyword:
@@ -118,6 +127,7 @@ class ThreadServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ThreadServer:
+        allow_loopback()
         self.thread.start()
         wait_ready(self.url, path=self.ready_path)
         return self

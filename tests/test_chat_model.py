@@ -572,55 +572,28 @@ async def test_ainvoke_and_astream_do_not_block_the_event_loop(llava_path: str) 
     assert ticks >= 10, ticks
 
 
-class _GatedStream:
-    """Wraps an engine stream; after `after` pieces it waits for `release` (set by the test)."""
-
-    def __init__(self, inner: Any, release: threading.Event, after: int) -> None:
-        self.inner, self.verdict = inner, inner.verdict
-        self._pieces = self._gate(release, after)
-
-    def _gate(self, release: threading.Event, after: int) -> Any:
-        for i, piece in enumerate(self.inner):
-            if i == after:
-                assert release.wait(30), "the test never released the stream"
-            yield piece
-
-    @property
-    def result(self) -> Any:
-        return self.inner.result
-
-    def __iter__(self) -> _GatedStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def start(self) -> _GatedStream:
-        self.inner.start()
-        return self
-
-    def close(self) -> None:
-        self._pieces.close()
-        self.inner.close()
-
-
-async def test_astream_delivers_chunks_while_decoding_goes_on(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_astream_delivers_chunks_while_decoding_goes_on(llava_path: str) -> None:
     release = threading.Event()
-    original = SafeCoDe.stream
-
-    def gated(self: SafeCoDe, *args: Any, **kwargs: Any) -> _GatedStream:
-        return _GatedStream(original(self, *args, **kwargs), release, after=10)
-
-    monkeypatch.setattr(SafeCoDe, "stream", gated)
     llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=30)
-    stream = llm.astream("Hello")
-    first = await asyncio.wait_for(stream.__anext__(), timeout=20)
-    # decoding is parked at piece 10, yet the first chunk (with the verdict) is here
-    assert "safety" in first.response_metadata and not release.is_set()
-    release.set()
-    rest = [c async for c in stream]
+    scheduler = llm.engine.scheduler
+    steps: list[int] = []
+
+    def gate(rows: int) -> None:
+        steps.append(rows)
+        if len(steps) == 10:
+            assert release.wait(30), "the test never released decoding"
+
+    scheduler.on_step = gate
+    try:
+        stream = llm.astream("Hello")
+        first = await asyncio.wait_for(stream.__anext__(), timeout=20)
+        # decoding is parked at step 10, yet the first chunk (with the verdict) is here
+        assert "safety" in first.response_metadata and not release.is_set()
+        release.set()
+        rest = [c async for c in stream]
+    finally:
+        scheduler.on_step = None
     assert rest[-1].chunk_position == "last"
-    monkeypatch.undo()
     assert merge([first, *rest]).content == llm.invoke("Hello").content
 
 
