@@ -314,6 +314,7 @@ def test_config_parameters_reach_the_chat_model(
         "      max_tokens: 7\n"
         "      safecode: {alpha: 0.5, steered_steps: 3, threshold: 0.7}\n"
         "      policy: {max_images: 2}\n"
+        "passthrough: true\n"
     )
     (tmp_path / "config.py").write_text("from safecode_guard.nemo import init\n")
     chat = LLMRails(RailsConfig.from_path(str(tmp_path))).llm.raw_llm
