@@ -63,6 +63,7 @@ Nothing is loaded at import time: models load on the first request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import difflib
 import json
@@ -72,7 +73,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -525,18 +526,19 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
     async def generate_async(self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any) -> LLMResponse:
         from nemoguardrails.types import LLMResponse, UsageInfo
 
-        params = self._prepare_call_params(stop, kwargs)
-        await self._load()
-        if is_check_task(_current_task()):
-            result = await self._plain(prompt, params)
-            usage = result.usage
-            return LLMResponse(
-                content=result.text,
-                model=self._served_name,
-                finish_reason=result.finish_reason,
-                usage=UsageInfo(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
-            )
-        response = await super().generate_async(prompt, stop=stop, **kwargs)
+        with _client_errors():
+            params = self._prepare_call_params(stop, kwargs)
+            await self._load()
+            if is_check_task(_current_task()):
+                result = await self._plain(prompt, params)
+                usage = result.usage
+                return LLMResponse(
+                    content=result.text,
+                    model=self._served_name,
+                    finish_reason=result.finish_reason,
+                    usage=UsageInfo(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+                )
+            response = await super().generate_async(prompt, stop=stop, **kwargs)
         response.model = self._served_name
         return response
 
@@ -545,18 +547,34 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
     ) -> AsyncIterator[LLMResponseChunk]:
         from nemoguardrails.types import LLMResponseChunk
 
-        params = self._prepare_call_params(stop, kwargs)
-        await self._load()
-        if is_check_task(_current_task()):
-            result = await self._plain(prompt, params)
-            yield LLMResponseChunk(
-                delta_content=result.text, model=self._served_name, finish_reason=result.finish_reason
-            )
-            return
-        async for chunk in super().stream_async(prompt, stop=stop, **kwargs):
-            if chunk.model:
-                chunk.model = self._served_name
-            yield chunk
+        with _client_errors():
+            params = self._prepare_call_params(stop, kwargs)
+            await self._load()
+            if is_check_task(_current_task()):
+                result = await self._plain(prompt, params)
+                yield LLMResponseChunk(
+                    delta_content=result.text, model=self._served_name, finish_reason=result.finish_reason
+                )
+                return
+            async for chunk in super().stream_async(prompt, stop=stop, **kwargs):
+                if chunk.model:
+                    chunk.model = self._served_name
+                yield chunk
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """Mark errors about the request itself (bad options, images, limits) as HTTP 400 for NeMo's server.
+
+    NeMo's server answers a failed model call with the `status_code` of its
+    cause, and 500 without one; a `SafeCoDeInputError` is the client's to fix.
+    """
+    try:
+        yield
+    except SafeCoDeInputError as exc:
+        if getattr(exc, "status_code", None) is None:
+            exc.status_code = 400  # type: ignore[attr-defined]
+        raise
 
 
 # --------------------------------------------------------------------------- checks at config load
