@@ -573,8 +573,8 @@ def test_a_parameter_typo_fails_when_the_rails_are_built(
     safecode_env("fixed:safe")
     folder = write_config(tmp_path, MAIN_MODEL_YAML + "      judgee: fixed:unsafe\npassthrough: true\n")
     error = load_error(folder)
-    assert isinstance(error, nemo.NemoConfigError)
-    assert "unknown parameter 'judgee'" in str(error) and "Did you mean 'judge'?" in str(error)
+    assert isinstance(error, SafeCoDeInputError)
+    assert re.search(r"judgee.*[Dd]id you mean .judge.", str(error)), error
 
 
 def test_a_wrong_model_fails_when_the_rails_are_built(
@@ -768,3 +768,23 @@ async def test_nemo_limit_rails_exceptions_do_not_stream(safecode_env: Callable[
         config.enable_rails_exceptions = True
         chunks = [c async for c in LLMRails(config).stream_async(messages=hello())]
         assert chunks == []  # generate() returns the InputRailException; the stream says nothing
+
+
+def test_a_model_that_fails_to_load_on_a_request_is_reported_without_its_path(
+    safecode_env: Callable[[str], Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from nemoguardrails.exceptions import LLMCallException
+
+    model_dir = safecode_env("fixed:safe")
+    broken = tmp_path / "secret-place" / "llava"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").unlink()  # passes the source check; the weights are missing
+    adapter = nemo.SafeCoDeLLMAdapter(ChatSafeCoDe(model=str(broken), judge="fixed:safe"))
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)), llm=adapter)
+    with pytest.raises(LLMCallException) as info:
+        rails.generate(messages=hello())
+    message = str(info.value.inner_exception)
+    assert message == "The model 'llava' could not be loaded; the server log has the reason."
+    assert "secret-place" not in str(info.value)
