@@ -3,9 +3,12 @@
 1. `guarded_chain`: `prompt | (RunnableRails(config) | chat)`. The SafeCoDe input
    rail of the shipped config judges each request, image included, before the
    model runs; an unsafe one gets the rail's refusal and the model is never
-   called. `RunnableRails` returns a plain `AIMessage`: the model's
+   called. `RunnableRails.invoke` returns a plain `AIMessage`: the model's
    `response_metadata["safety"]` does not survive it (NeMo 0.24 keeps only
-   AIMessage fields). Call `LLMRails.generate` when the app needs the verdict.
+   AIMessage fields). Its `stream` / `astream` (called on the rails, not on
+   the chain: NeMo 0.24's `RunnableRails` cannot stream inside
+   `prompt | rails`) yield chunks whose `provider_metadata["safety"]` holds
+   it. Call `LLMRails.generate` when the app needs the verdict.
 
 2. `streaming_rails` + `stream_answer`: the same input rail plus an output rail
    that NeMo checks on each chunk of the streamed answer. `stream_first: false`
@@ -41,11 +44,10 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable
 from nemoguardrails import LLMRails, RailsConfig
 from nemoguardrails.actions.rail_outcome import RailOutcome
-from nemoguardrails.integrations.langchain.llm_adapter import LangChainLLMAdapter
 from nemoguardrails.integrations.langchain.runnable_rails import RunnableRails
 
 from safecode_guard import ChatSafeCoDe
-from safecode_guard.nemo import JUDGE_ENV, MODEL_ENV, init, resolve_model
+from safecode_guard.nemo import JUDGE_ENV, MODEL_ENV, SafeCoDeLLMAdapter, init, resolve_model
 
 #: The shipped Colang 1.0 config: SafeCoDe input rail, passthrough, `engine: safecode`.
 SAFECODE_CONFIG = (
@@ -108,6 +110,28 @@ def guarded_chain(chat: ChatSafeCoDe, config_path: Path = SAFECODE_CONFIG) -> Ru
     return prompt | guardrails
 
 
+def stream_guarded(chat: ChatSafeCoDe, question: str, image_url: str, config_path: Path = SAFECODE_CONFIG) -> tuple[str, dict[str, Any] | None]:
+    """`(answer, safety)` streamed through the rails: the text of every chunk, and the verdict they carry.
+
+    NeMo 0.24's `RunnableRails` cannot stream as a step after `prompt |`
+    (`astream` fails on the prompt's output), so the messages are built
+    first and handed to the rails' own `stream`. Each chunk carries the
+    model's metadata as an extra attribute, `provider_metadata` (not in
+    `response_metadata`, and lost when chunks are added together).
+    """
+    from langchain_core.messages import HumanMessage
+
+    guardrails = RunnableRails(RailsConfig.from_path(str(config_path))) | chat
+    message = HumanMessage(
+        content=[{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image_url}}]
+    )
+    text, safety = "", None
+    for chunk in guardrails.stream([message]):
+        text += chunk.content
+        safety = safety or (getattr(chunk, "provider_metadata", None) or {}).get("safety")
+    return text, safety
+
+
 def blocked_terms_rail(terms: Sequence[str]) -> Any:
     """An output-rail action: block a bot message that contains any of `terms` (case-insensitive)."""
     lowered = [t.lower() for t in terms if t]
@@ -131,7 +155,9 @@ def streaming_rails(
         yaml_content=STREAMING_YAML,
         colang_content=(config_path / "rails.co").read_text(encoding="utf-8") + OUTPUT_RAIL_CO,
     )
-    rails = LLMRails(config, llm=LangChainLLMAdapter(chat))
+    # SafeCoDeLLMAdapter: NeMo's LangChain adapter with the limits of a request-facing model
+    # (requests cannot set `verdict` or `model`; NeMo's own checks are not steered).
+    rails = LLMRails(config, llm=SafeCoDeLLMAdapter(chat))
     init(rails)  # the safecode actions; a config folder's config.py does this for you
     rails.register_action(blocked_terms_rail(blocked_terms), name="check_blocked_terms")
     return rails
@@ -164,6 +190,10 @@ def main(argv: Sequence[str]) -> None:
     answer = guarded_chain(chat).invoke({"question": question, "image_url": image_url})
     print("chain answer:", answer.content)
     print("  response_metadata after RunnableRails:", answer.response_metadata or "{} (dropped)")
+
+    text, safety = stream_guarded(chat, question, image_url)
+    print("streamed through RunnableRails:", text)
+    print("  verdict on the chunks:", safety and safety["verdict"])
 
     messages = [
         {

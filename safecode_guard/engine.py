@@ -245,20 +245,17 @@ class SafeCoDe:
         batching: BatchingConfig | None = None,
         **model_kwargs: Any,
     ) -> SafeCoDe:
-        """Load with `AutoModelForImageTextToText` + `AutoProcessor` (local folder or hub id)."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        """Load with `AutoModelForImageTextToText` + `AutoProcessor` (local folder or hub id).
+
+        The source is checked first (`loading.check_model_source`): a missing
+        folder, a text-only checkpoint or an unreachable hub id fails at once
+        with `ModelNotFoundError` / `UnsupportedModelError`.
+        """
+        from .loading import load_pretrained
 
         if dtype is not None:
             model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        try:
-            processor = AutoProcessor.from_pretrained(path_or_id)
-            model = AutoModelForImageTextToText.from_pretrained(path_or_id, **model_kwargs)
-        except (OSError, ValueError) as exc:
-            raise UnsupportedModelError(
-                f"Could not load {path_or_id!r} as an image-text-to-text model: {exc}. "
-                "Give a local folder saved with save_pretrained (or a hub id reachable from here) "
-                "of a model that AutoModelForImageTextToText supports."
-            ) from exc
+        model, processor = load_pretrained(path_or_id, **model_kwargs)
         if device is not None:
             model = model.to(device)
         return cls(

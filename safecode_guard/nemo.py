@@ -6,19 +6,35 @@ A NeMo config folder uses this module from its `config.py`::
 
     from safecode_guard.nemo import init  # NeMo calls init(app) while building LLMRails
 
-`init(app)` registers:
+`init(app)` checks the config and registers:
 
 - the **`safecode` engine**: `engine: safecode` in `config.yml` builds a
-  `ChatSafeCoDe` from `model:` and `parameters:` and wraps it in NeMo's
-  `LangChainLLMAdapter` (what NeMo 0.24's default framework expects). `model`
-  and string parameters may name environment variables as `${NAME}` or
-  `${NAME:-default}`; the model `demo` is the embedded demo model.
+  `ChatSafeCoDe` from `model:` and `parameters:` and wraps it in
+  `SafeCoDeLLMAdapter`, NeMo's `LangChainLLMAdapter` with the limits a
+  request-facing model needs (below). `model` and string parameters may name
+  environment variables as `${NAME}` or `${NAME:-default}`, expanded once,
+  when the config loads; the model `demo` is the embedded demo model.
+  Parameter names and the model source are checked then too, so a typo or
+  a missing model folder fails while `LLMRails` is built, not on a request.
 - the **rail actions** `safecode_check_input` (the `Verdict` as a dict, for
   Colang 1.0 flows) and `safecode_check_input_outcome` (a `RailOutcome`, for
   Colang 2.x flows, parallel rails and anything else that wants NeMo's own
   verdict type);
 - `safecode_generate`, which answers with the main model for Colang 2.x
-  flows, images included, optionally steered by the rail's verdict.
+  flows, images included, steered by the rail's verdict, streaming when the
+  request streams; `safecode_stream_text` streams a fixed text (a refusal)
+  in Colang 2.x, whose `bot say` does not stream.
+
+What a request may change (NeMo copies request data into model calls:
+`options.llm_params`, and in its server the OpenAI fields and `model`):
+sampling options, token limits, `stop` and tools, nothing else. A per-call
+`verdict` (which would switch the steering off) or `model` (another folder
+to load) in request data is refused with `RequestOptionError` (HTTP 400
+from NeMo's server). A request's `model` must be the configured model's
+served name (`served_model_name`), else `ClientModelError` (HTTP 400); it is
+never expanded, probed or loaded. Calls NeMo makes for its own checks
+(`self check input` and other `*check*` tasks) get plain decoding within the
+config's `max_new_tokens`: their prompts are not judged or steered.
 
 Input flow of the actions: the current user turn (`$user_message`: a string,
 or OpenAI-style blocks with `image_url` data URLs when images are sent) plus
@@ -47,17 +63,26 @@ Nothing is loaded at import time: models load on the first request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import difflib
 import json
+import logging
 import os
 import re
 import threading
+import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 try:
     from nemoguardrails.actions import action
     from nemoguardrails.actions.rail_outcome import RailOutcome
+    from nemoguardrails.integrations.langchain.llm_adapter import LangChainLLMAdapter
+    from nemoguardrails.llm.models.initializer import ModelInitializationError
 except ImportError as exc:  # the optional extra is missing
     raise ImportError(
         "safecode_guard.nemo needs NeMo Guardrails 0.24, which is not installed. "
@@ -70,6 +95,7 @@ from .verdict import Verdict
 
 if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
+    from nemoguardrails.types import LLMResponse, LLMResponseChunk
 
     from .chat_model import ChatSafeCoDe
     from .engine import SafeCoDe
@@ -81,11 +107,20 @@ __all__ = [
     "ENGINE_NAME",
     "JUDGE_ENV",
     "MODEL_ENV",
+    "REQUEST_OPTIONS",
+    "ClientModelError",
+    "NemoConfigError",
+    "RequestOptionError",
+    "SafeCoDeLLMAdapter",
     "chat_model_from_config",
+    "check_config",
     "check_input",
+    "check_parameters",
+    "check_request_options",
     "clear_caches",
     "expand_env",
     "init",
+    "is_check_task",
     "provider",
     "register_provider",
     "request_messages",
@@ -94,7 +129,11 @@ __all__ = [
     "safecode_check_input",
     "safecode_check_input_outcome",
     "safecode_generate",
+    "safecode_stream_text",
+    "served_model_name",
 ]
+
+log = logging.getLogger(__name__)
 
 ENGINE_NAME = "safecode"
 """The `engine:` value in config.yml that builds a `ChatSafeCoDe`."""
@@ -105,6 +144,55 @@ JUDGE_ENV = "SAFECODE_JUDGE"
 DEFAULT_JUDGE = "self"
 DEMO_MODEL = "demo"
 """The model name that means the embedded demo model (`safecode_guard.demo_model`)."""
+
+REQUEST_OPTIONS = frozenset(
+    {
+        # sampling
+        "temperature",
+        "top_p",
+        "top_k",
+        "do_sample",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        # length
+        "max_tokens",
+        "max_new_tokens",
+        "max_completion_tokens",
+        "stop",
+        # tools: NeMo's server forwards them for `passthrough: true`; under an unsafe
+        # verdict ChatSafeCoDe answers without tool calls, so they cannot bypass the steering.
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+    }
+)
+"""The per-call options a NeMo request may set on the `safecode` engine (`options.llm_params`)."""
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class NemoConfigError(SafeCoDeInputError):
+    """A NeMo config asks for something the safecode integration cannot do; raised while `LLMRails` is built."""
+
+
+class RequestOptionError(SafeCoDeInputError):
+    """A NeMo request sets an option the `safecode` engine does not take from requests."""
+
+    status_code = 400
+    """NeMo's server answers a failed model call with the `status_code` of its cause."""
+
+
+class ClientModelError(SafeCoDeError, ModelInitializationError):
+    """A request named a model other than the configured one (NeMo's server copies a request's `model` into the config).
+
+    A `ModelInitializationError` and not a `ValueError`, so that NeMo's server
+    answers HTTP 400 with this message (it hides the text of `ValueError`s
+    raised while building rails).
+    """
+
 
 # --------------------------------------------------------------------------- settings
 
@@ -117,7 +205,8 @@ def expand_env(text: str) -> str:
 
     As in the shell, `:-default` applies when NAME is unset or empty; a bare
     `${NAME}` that is unset becomes "". NeMo does not expand variables in
-    config.yml itself, so the provider does it for `model` and string parameters.
+    config.yml itself, so the provider does it for `model` and string
+    parameters, once, when the config loads; never for request data.
     """
     return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), text)
 
@@ -136,6 +225,23 @@ def resolve_model(model: str | None) -> str:
     return name
 
 
+def served_model_name(model: str | None) -> str:
+    """The name a configured `model:` is served under: what clients send as `model`, what logs show.
+
+    The hub id for a hub model, the folder's own name for a local folder
+    (never the rest of its path), `demo` for the demo model. Env references
+    are expanded first (this is a config value).
+    """
+    from .loading import looks_local
+
+    name = expand_env(model or "").strip()
+    if name in ("", DEMO_MODEL):
+        return DEMO_MODEL
+    if looks_local(name):
+        return Path(name.rstrip("/\\")).name or name
+    return name
+
+
 def resolve_judge(spec: str | None) -> str | None:
     """The judge spec to use: `spec` (env references expanded), else `$SAFECODE_JUDGE`, else None.
 
@@ -145,6 +251,59 @@ def resolve_judge(spec: str | None) -> str | None:
         if value is not None and (text := expand_env(str(value)).strip()):
             return text
     return None
+
+
+def _closest(name: str, choices: Sequence[str]) -> str:
+    """` Did you mean 'x'?` for the choice closest to `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_parameters(parameters: Mapping[str, Any]) -> None:
+    """Raise `NemoConfigError` for a config.yml `parameters:` key that `ChatSafeCoDe` has no field for.
+
+    Pydantic would drop it silently (`judgee: fixed:unsafe` used to leave the
+    `self` judge in place); the error names the key and the closest field.
+    """
+    from .chat_model import ChatSafeCoDe
+
+    fields = {
+        alias
+        for name, info in ChatSafeCoDe.model_fields.items()
+        for alias in (name, info.alias)
+        if alias
+    }
+    for key in parameters:
+        if key not in fields:
+            raise NemoConfigError(
+                f"config.yml: unknown parameter {key!r} for the `{ENGINE_NAME}` engine (under "
+                f"`models: - parameters:`).{_closest(str(key), sorted(fields))} The parameters are "
+                "ChatSafeCoDe's fields: judge, max_new_tokens (or max_tokens), temperature, top_p, "
+                "top_k, do_sample, seed, stop, safecode: {...}, policy: {...}, device, dtype, model_kwargs."
+            )
+
+
+def check_request_options(options: Mapping[str, Any], *, allow_verdict: bool = False) -> None:
+    """Raise `RequestOptionError` unless every key of `options` is one a NeMo request may set.
+
+    `options` are the keyword arguments NeMo passes to one model call: the
+    request's `llm_params` (server or `rails.generate(options=...)`) and
+    NeMo's own task settings. `allow_verdict` lets a trusted caller steer
+    with a `verdict` of its own.
+    """
+    allowed = REQUEST_OPTIONS | ({"verdict"} if allow_verdict else set())
+    refused = sorted(set(options) - allowed)
+    if not refused:
+        return
+    why = {
+        "verdict": "a request must not choose the safety verdict (it would switch the steering off)",
+        "model": "the model is set in config.yml, not per request",
+    }
+    reasons = "; ".join(f"{k!r}: {why.get(k, 'not an option of the safecode engine')}" for k in refused)
+    raise RequestOptionError(
+        f"The request sets option(s) {refused} that the `{ENGINE_NAME}` engine does not take from "
+        f"requests ({reasons}). Allowed in `llm_params`: {sorted(REQUEST_OPTIONS)}."
+    )
 
 
 # --------------------------------------------------------------------------- caches
@@ -178,31 +337,70 @@ def chat_model_from_config(model: str, **parameters: Any) -> ChatSafeCoDe:
 
     `model` and top-level string parameters go through `expand_env`;
     `parameters` reach the `ChatSafeCoDe` constructor unchanged otherwise
-    (e.g. `judge`, `max_new_tokens`, `safecode: {alpha: 0.3}`). The weights
-    load on the first request, not here.
+    (e.g. `judge`, `max_new_tokens`, `safecode: {alpha: 0.3}`). Parameter
+    names (`check_parameters`) and the model source (`check_model_source`:
+    the folder exists and holds a vision-language model, or the hub id is
+    there) are checked now; the weights load on the first request.
     """
     from .chat_model import ChatSafeCoDe
+    from .loading import check_model_source
 
+    check_parameters(parameters)
     path = resolve_model(model)
     params = {k: expand_env(v) if isinstance(v, str) else v for k, v in parameters.items()}
     key = (path, json.dumps(params, sort_keys=True, default=repr))
     with _LOCK:
         chat = _CHAT_MODELS.get(key)
         if chat is None:
+            check_model_source(path)
             chat = ChatSafeCoDe(model=path, **params)
             _CHAT_MODELS[key] = chat
         return chat
 
 
-def provider(model: str, **parameters: Any) -> Any:
+@dataclass(frozen=True)
+class _ModelRequest:
+    """The main model's `model:` when something other than config.yml set it (NeMo's server, per request)."""
+
+    requested: str
+    configured: str
+
+
+# Set by `check_config` (from init(app)) for the provider call NeMo makes next, in the
+# same `LLMRails.__init__`: the provider cannot see the config, and must not take a
+# request's `model` for a folder to load.
+_MODEL_REQUEST: contextvars.ContextVar[_ModelRequest | None] = contextvars.ContextVar(
+    "safecode_model_request", default=None
+)
+
+
+def _accepted_model(model: str) -> str:
+    """`model` if config.yml set it, else the configured model when `model` names it; else `ClientModelError`."""
+    request = _MODEL_REQUEST.get()
+    if request is None or model != request.requested:
+        return model
+    _MODEL_REQUEST.set(None)
+    served = served_model_name(request.configured)
+    accepted = {served, request.configured.strip(), expand_env(request.configured).strip()}
+    if model.strip() in accepted:
+        return request.configured
+    raise ClientModelError(
+        f"This server answers with the model its config.yml configures, served as {served!r}; the "
+        f"request asked for {model[:80]!r}. Send \"model\": {served!r} (a request cannot pick "
+        "another model)."
+    )
+
+
+def provider(model: str, **parameters: Any) -> SafeCoDeLLMAdapter:
     """The `safecode` engine factory NeMo's default framework calls as `provider(model=..., **parameters)`.
 
-    Returns the `ChatSafeCoDe` wrapped in `LangChainLLMAdapter`, the `LLMModel`
-    NeMo 0.24 expects (`adapter.raw_llm` is the chat model).
+    Returns the `ChatSafeCoDe` wrapped in `SafeCoDeLLMAdapter`, the
+    `LLMModel` NeMo 0.24 expects (`adapter.raw_llm` is the chat model). A
+    `model` that a request put into the config (NeMo's server does) is
+    accepted only as the configured model's served name, and never loaded.
     """
-    from nemoguardrails.integrations.langchain.llm_adapter import LangChainLLMAdapter
-
-    return LangChainLLMAdapter(chat_model_from_config(model, **parameters))
+    configured = _accepted_model(model)
+    return SafeCoDeLLMAdapter(chat_model_from_config(configured, **parameters), served_name=served_model_name(configured))
 
 
 def register_provider(name: str = ENGINE_NAME) -> None:
@@ -214,12 +412,242 @@ def register_provider(name: str = ENGINE_NAME) -> None:
     if framework != "default":
         # The "langchain" framework wraps whatever the provider returns once more and
         # needs langchain-community; our factory already returns NeMo's adapter.
-        raise SafeCoDeError(
+        raise NemoConfigError(
             f"The '{name}' engine needs NeMo's default LLM framework, but "
-            f"NEMOGUARDRAILS_LLM_FRAMEWORK={framework!r}. Unset it, or skip the engine and pass the "
-            "model yourself: LLMRails(config, llm=LangChainLLMAdapter(ChatSafeCoDe(model=...)))."
+            f"NEMOGUARDRAILS_LLM_FRAMEWORK={framework!r}: unset it. (NeMo suggests setting it when it "
+            f"does not know an engine; for `engine: {name}` the cause is instead that the config "
+            "folder's config.py, which registers the engine, was not loaded.) Or skip the engine and "
+            "pass the model yourself: LLMRails(config, llm=SafeCoDeLLMAdapter(ChatSafeCoDe(model=...)))."
         )
     register_chat_provider(name, provider)
+
+
+# --------------------------------------------------------------------------- the adapter
+
+_CHECK_TASK_HINT = "check"
+# The rail's verdict, handed by `safecode_generate` to the model call it makes (same task).
+_RAIL_VERDICT: contextvars.ContextVar[Verdict | None] = contextvars.ContextVar(
+    "safecode_rail_verdict", default=None
+)
+
+
+def _current_task() -> str | None:
+    """The NeMo task of the model call being made (`llm_call_info.task`), or None outside a task."""
+    from nemoguardrails.context import llm_call_info_var
+
+    info = llm_call_info_var.get()
+    return getattr(info, "task", None) if info is not None else None
+
+
+def is_check_task(task: str | None) -> bool:
+    """Whether a NeMo task is one of NeMo's own checks (`self_check_input`, `content_safety_check_input ...`).
+
+    Those prompts are NeMo's, not the user's: judging and steering them would
+    judge the check instead of the request. Every other call, including
+    NeMo's dialog tasks whose output may reach the user, is steered.
+    """
+    return task is not None and _CHECK_TASK_HINT in task
+
+
+class SafeCoDeLLMAdapter(LangChainLLMAdapter):
+    """NeMo's `LangChainLLMAdapter` for a `ChatSafeCoDe`, with the limits of a model that serves requests.
+
+    - Request options are limited to `REQUEST_OPTIONS` (`RequestOptionError`
+      otherwise): NeMo forwards a request's `llm_params` verbatim, so a
+      client could otherwise pass `verdict` or `model`. `allow_verdict=True`
+      is for library callers who steer with verdicts of their own.
+    - The verdict `safecode_generate` hands on reaches the call as `verdict`.
+    - NeMo's own check calls (`is_check_task`) get plain decoding
+      (`SafeCoDe.baseline`) capped at the chat model's `max_new_tokens`, and
+      no `safety` metadata, so `llm_metadata["safety"]` is the answer's.
+    - `model_name` is the served name, so NeMo's logs and errors never show
+      a local path; a model that fails to load is reported without its path.
+    """
+
+    def __init__(self, llm: ChatSafeCoDe, *, served_name: str | None = None, allow_verdict: bool = False) -> None:
+        super().__init__(llm)
+        self._served_name = served_name or served_model_name(llm.model)
+        self._allow_verdict = allow_verdict
+
+    @property
+    def model_name(self) -> str:
+        return self._served_name
+
+    @property
+    def provider_name(self) -> str:
+        return ENGINE_NAME
+
+    @property
+    def provider_url(self) -> None:
+        return None
+
+    def _prepare_call_params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        check_request_options(kwargs, allow_verdict=self._allow_verdict)
+        params = dict(kwargs)
+        if stop is not None:
+            params["stop"] = stop
+        verdict = _RAIL_VERDICT.get()
+        if verdict is not None:
+            params["verdict"] = verdict
+        return params
+
+    async def _load(self) -> None:
+        """Load the engine now (once), reporting a failure without the local path it names."""
+        chat = self._llm
+        try:
+            await asyncio.to_thread(lambda: chat.engine)
+        except Exception as exc:
+            log.error("Loading the safecode model %r failed: %s", chat.model, exc, exc_info=exc)
+            raise SafeCoDeError(
+                f"The model {self._served_name!r} could not be loaded; the server log has the reason."
+            ) from None
+
+    async def _plain(self, prompt: Any, params: dict[str, Any]) -> Any:
+        """Plain decoding of a NeMo check prompt: no judge, no steering, at most `max_new_tokens` tokens."""
+        from langchain_core.messages import HumanMessage
+
+        from .lc_messages import to_hf_messages
+
+        chat = self._llm
+        params = {k: v for k, v in params.items() if k != "verdict"}
+        stop = params.pop("stop", None)
+        messages = self._to_langchain_input(prompt)
+        if isinstance(messages, str):
+            messages = [HumanMessage(content=messages)]
+
+        def run() -> Any:
+            _, settings = chat._call_settings(stop, params)
+            settings.pop("verdict", None)
+            settings["max_new_tokens"] = min(settings["max_new_tokens"], chat.max_new_tokens)
+            return chat.engine.baseline(to_hf_messages(messages, chat.policy), **settings)
+
+        return await asyncio.to_thread(run)
+
+    async def generate_async(self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any) -> LLMResponse:
+        from nemoguardrails.types import LLMResponse, UsageInfo
+
+        with _client_errors():
+            params = self._prepare_call_params(stop, kwargs)
+            await self._load()
+            if is_check_task(_current_task()):
+                result = await self._plain(prompt, params)
+                usage = result.usage
+                return LLMResponse(
+                    content=result.text,
+                    model=self._served_name,
+                    finish_reason=result.finish_reason,
+                    usage=UsageInfo(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+                )
+            response = await super().generate_async(prompt, stop=stop, **kwargs)
+        response.model = self._served_name
+        return response
+
+    async def stream_async(
+        self, prompt: Any, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[LLMResponseChunk]:
+        from nemoguardrails.types import LLMResponseChunk
+
+        with _client_errors():
+            params = self._prepare_call_params(stop, kwargs)
+            await self._load()
+            if is_check_task(_current_task()):
+                result = await self._plain(prompt, params)
+                yield LLMResponseChunk(
+                    delta_content=result.text, model=self._served_name, finish_reason=result.finish_reason
+                )
+                return
+            async for chunk in super().stream_async(prompt, stop=stop, **kwargs):
+                if chunk.model:
+                    chunk.model = self._served_name
+                yield chunk
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """Mark errors about the request itself (bad options, images, limits) as HTTP 400 for NeMo's server.
+
+    NeMo's server answers a failed model call with the `status_code` of its
+    cause, and 500 without one; a `SafeCoDeInputError` is the client's to fix.
+    """
+    try:
+        yield
+    except SafeCoDeInputError as exc:
+        if getattr(exc, "status_code", None) is None:
+            exc.status_code = 400  # type: ignore[attr-defined]
+        raise
+
+
+# --------------------------------------------------------------------------- checks at config load
+
+
+def _configured_main_model(config: Any) -> Any:
+    """The main model as the config files on disk declare it; None for a config built in code."""
+    from nemoguardrails import RailsConfig
+
+    for path in (p.strip() for p in (getattr(config, "config_path", None) or "").split(",")):
+        if not path:
+            continue
+        try:
+            on_disk = RailsConfig.from_path(path)
+        except Exception:  # not a folder NeMo can read again; nothing to compare with
+            continue
+        main = next((m for m in on_disk.models if m.type == "main"), None)
+        if main is not None:
+            return main
+    return None
+
+
+def check_config(app: Any) -> None:
+    """Check a config that uses SafeCoDe while NeMo builds its `LLMRails` (`init` calls this).
+
+    - An `engine:` close to `safecode` that NeMo does not know gets the
+      typo named (NeMo itself would suggest NEMOGUARDRAILS_LLM_FRAMEWORK).
+    - Colang 1.0 with a SafeCoDe main model needs `passthrough: true`, or
+      the images never reach the model and the request is judged twice:
+      unset is an error, an explicit `passthrough: false` a warning.
+    - A main `model:` that differs from config.yml's (NeMo's server copies a
+      request's `model` there) is handed to the provider to accept or refuse.
+    - `$SAFECODE_MODEL`, when set and not the main model, is checked now:
+      the rail's self judge loads it on the first request otherwise.
+    """
+    from nemoguardrails.llm.providers import get_provider_names
+
+    from .loading import check_model_source
+
+    config = app.config
+    known = set(get_provider_names()) | {ENGINE_NAME}
+    for model in config.models:
+        if model.engine not in known and difflib.get_close_matches(model.engine, [ENGINE_NAME], cutoff=0.7):
+            raise NemoConfigError(
+                f"config.yml: `engine: {model.engine}` (model type {model.type!r}) is not an engine NeMo "
+                f"knows. Did you mean `engine: {ENGINE_NAME}`?"
+            )
+    main = next((m for m in config.models if m.type == "main"), None)
+    ours = (main is not None and main.engine == ENGINE_NAME and getattr(app, "llm", None) is None) or (
+        _as_chat_safecode(getattr(app, "llm", None)) is not None
+    )
+    if ours and config.colang_version == "1.0":
+        if config.passthrough is None:
+            raise NemoConfigError(
+                "config.yml: the main model is SafeCoDe but `passthrough:` is not set. Add "
+                "`passthrough: true`, so that the user's messages, images included, reach the model. "
+                "(Without it NeMo sends the model its own text prompt: images are dropped and the "
+                "request is judged a second time. Set `passthrough: false` to choose that knowingly.)"
+            )
+        if config.passthrough is False:
+            warnings.warn(
+                "passthrough: false with a SafeCoDe main model: NeMo sends the model its own text "
+                "prompt, so images do not reach it and each request is judged twice.",
+                UserWarning,
+                stacklevel=2,
+            )
+    _MODEL_REQUEST.set(None)
+    if main is not None and main.engine == ENGINE_NAME and getattr(app, "llm", None) is None:
+        on_disk = _configured_main_model(config)
+        if on_disk is not None and on_disk.engine == ENGINE_NAME and on_disk.model != main.model:
+            _MODEL_REQUEST.set(_ModelRequest(requested=str(main.model), configured=str(on_disk.model)))
+    if not ours and (env_model := os.environ.get(MODEL_ENV, "").strip()) not in ("", DEMO_MODEL):
+        check_model_source(env_model)  # the rail's self judge would load it on the first request
 
 
 # --------------------------------------------------------------------------- judging
@@ -495,14 +923,22 @@ async def safecode_generate(
     For Colang 2.x, whose own passthrough flow first asks the LLM for a user
     intent and then sends it only `$user_message` (no earlier turns). Colang
     1.0 configs use `passthrough: true` instead. Goes through NeMo's
-    `llm_call`, so the model's `response_metadata` (the `safety` dict) becomes
-    the `llm_metadata` of `rails.generate(..., options=...)`.
+    `llm_call` as NeMo's own passthrough does: the request's `llm_params`
+    apply, and a streaming request streams the answer.
 
     `verdict` (the rail's verdict dict or label) is handed to a `ChatSafeCoDe`
     main model so it steers with that verdict instead of judging the request
-    a second time; its `safety["source"]` is then "override".
+    a second time; its `safety["source"]` is then "override". It travels
+    beside the request's `llm_params`, not in them, so a request cannot set it.
     """
+    from nemoguardrails.context import (
+        generation_options_var,
+        llm_call_info_var,
+        streaming_handler_var,
+    )
     from nemoguardrails.llm.call import llm_call
+    from nemoguardrails.llm.types import Task
+    from nemoguardrails.logging.explain import LLMCallInfo
 
     if llm is None:
         raise SafeCoDeError(
@@ -511,13 +947,46 @@ async def safecode_generate(
         )
     message = user_message if user_message is not None else (context or {}).get("user_message", "")
     messages = request_messages(message, _current_request())
-    response = await llm_call(llm, messages, llm_params=_verdict_option(llm, verdict) or None)
+    options = generation_options_var.get()
+    llm_params = dict((options.llm_params if options is not None else None) or {})
+    handed = _verdict_option(llm, verdict).get("verdict")
+    if handed is not None and not isinstance(llm, SafeCoDeLLMAdapter):
+        llm_params["verdict"] = handed  # a plain LangChainLLMAdapter passes every option on
+    llm_call_info_var.set(LLMCallInfo(task=Task.GENERAL.value))  # the answer, not one of NeMo's checks
+    token = _RAIL_VERDICT.set(handed if isinstance(llm, SafeCoDeLLMAdapter) else None)
+    try:
+        response = await llm_call(
+            llm,
+            messages,
+            llm_params=llm_params or None,
+            streaming_handler=streaming_handler_var.get(),
+        )
+    finally:
+        _RAIL_VERDICT.reset(token)
     return response.content
 
 
+@action(name="safecode_stream_text", is_system_action=True)
+async def safecode_stream_text(text: str = "", **kwargs: Any) -> str:
+    """NeMo action: send `text` to a streaming request's stream (none: nothing), and return it.
+
+    Colang 2.x's `bot say` does not stream, so a refusal would never reach a
+    `stream_async` caller: `await SafecodeStreamTextAction(text=$refusal)`
+    before `bot say $refusal`.
+    """
+    from nemoguardrails.context import streaming_handler_var
+
+    handler = streaming_handler_var.get()
+    if handler is not None and text:
+        await handler.push_chunk(text)
+    return text
+
+
 def init(app: Any) -> None:
-    """Register the `safecode` engine and the three actions with an `LLMRails` (call from config.py)."""
+    """Check the config (`check_config`) and register the `safecode` engine and the actions (call from config.py)."""
     register_provider()
+    check_config(app)
     app.register_action(safecode_check_input, name="safecode_check_input")
     app.register_action(safecode_check_input_outcome, name="safecode_check_input_outcome")
     app.register_action(safecode_generate, name="safecode_generate")
+    app.register_action(safecode_stream_text, name="safecode_stream_text")

@@ -32,6 +32,7 @@ from safecode_guard import ChatSafeCoDe, Verdict, nemo
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.errors import SafeCoDeError, SafeCoDeInputError
 from safecode_guard.judges import JudgeRequest
+from safecode_guard.loading import ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_V1 = ROOT / "integrations" / "nemoguardrails" / "safecode"
@@ -236,8 +237,9 @@ def test_register_provider_refuses_the_langchain_framework(monkeypatch: pytest.M
     import nemoguardrails.llm.frameworks as frameworks
 
     monkeypatch.setattr(frameworks, "get_default_framework", lambda: "langchain")
-    with pytest.raises(SafeCoDeError, match="NEMOGUARDRAILS_LLM_FRAMEWORK"):
+    with pytest.raises(SafeCoDeError, match="NEMOGUARDRAILS_LLM_FRAMEWORK") as info:
         nemo.register_provider()
+    assert "config.py" in str(info.value)  # what NeMo's advice to set it really points at
 
 
 # --------------------------------------------------------------------------- Colang 1.0 config, for real
@@ -314,6 +316,7 @@ def test_config_parameters_reach_the_chat_model(
         "      max_tokens: 7\n"
         "      safecode: {alpha: 0.5, steered_steps: 3, threshold: 0.7}\n"
         "      policy: {max_images: 2}\n"
+        "passthrough: true\n"
     )
     (tmp_path / "config.py").write_text("from safecode_guard.nemo import init\n")
     chat = LLMRails(RailsConfig.from_path(str(tmp_path))).llm.raw_llm
@@ -453,11 +456,20 @@ def test_runnable_rails_chain_guards_chatsafecode(
     assert out.content == direct.content != REFUSAL
     assert direct.response_metadata["safety"]["verdict"] == "safe"
     assert out.response_metadata == {}  # RunnableRails drops it (README, "Where the verdict...")
+    # ... but its streamed chunks carry it, as their extra `provider_metadata` attribute
+    text, safety = example.stream_guarded(chat, "What is here?", url)
+    assert text == direct.content
+    assert safety == direct.response_metadata["safety"]
 
     nemo.clear_caches()
     safecode_env("fixed:unsafe")
     out = example.guarded_chain(chat).invoke({"question": "What is here?", "image_url": url})
     assert out.content == REFUSAL
+    assert example.stream_guarded(chat, "What is here?", url) == (REFUSAL, None)  # the model never ran
+
+    # NeMo 0.24 limit: RunnableRails cannot stream as a step after a prompt.
+    with pytest.raises((TypeError, ValueError)):
+        list(example.guarded_chain(chat).stream({"question": "What is here?", "image_url": url}))
 
 
 async def test_streamed_output_rail_never_leaks_blocked_text(
@@ -520,3 +532,259 @@ def test_colang1_judges_each_request_once_the_model_reuses_the_rails_verdict(
     # outside a rail nothing is handed off: the model judges by itself
     rails.llm.raw_llm.invoke([HumanMessage(content=image_turn("What is in this picture?", test_image)["content"])])
     assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- config checks at load
+
+MAIN_MODEL_YAML = (
+    "models:\n"
+    "  - type: main\n"
+    "    engine: safecode\n"
+    '    model: "${SAFECODE_MODEL}"\n'
+    "    parameters:\n"
+    '      judge: "${SAFECODE_JUDGE}"\n'
+    "      max_new_tokens: 16\n"
+)
+
+
+def write_config(folder: Path, yaml: str, colang: str | None = None) -> Path:
+    """A config folder: config.yml, the one-line config.py, and optionally rails.co."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yml").write_text(yaml)
+    (folder / "config.py").write_text("from safecode_guard.nemo import init\n")
+    if colang is not None:
+        (folder / "rails.co").write_text(colang)
+    return folder
+
+
+def load_error(folder: Path) -> BaseException:
+    """The error `LLMRails` raises for the config in `folder`, unwrapped from NeMo's config.py wrapper."""
+    with pytest.raises(Exception) as info:
+        LLMRails(RailsConfig.from_path(str(folder)))
+    error = info.value
+    if isinstance(error, RuntimeError) and "configuration module" in str(error):
+        error = error.__cause__  # NeMo wraps what config.py's init(app) raises
+    return error
+
+
+def test_a_parameter_typo_fails_when_the_rails_are_built(
+    safecode_env: Callable[[str], Path], tmp_path: Path
+) -> None:
+    safecode_env("fixed:safe")
+    folder = write_config(tmp_path, MAIN_MODEL_YAML + "      judgee: fixed:unsafe\npassthrough: true\n")
+    error = load_error(folder)
+    assert isinstance(error, SafeCoDeInputError)
+    assert re.search(r"judgee.*[Dd]id you mean .judge.", str(error)), error
+
+
+def test_a_wrong_model_fails_when_the_rails_are_built(
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    safecode_env("self")
+    monkeypatch.setenv(nemo.MODEL_ENV, str(tmp_path / "lava"))
+    error = load_error(CONFIG_V1)
+    assert isinstance(error, ModelNotFoundError) and "folder not found" in str(error)
+
+    # The rail on a main model of another kind: its self judge's $SAFECODE_MODEL is checked now,
+    # not on the first request (where the failure became NeMo's "an internal error has occurred").
+    config = RailsConfig.from_content(
+        yaml_content="rails:\n  input:\n    flows: [safecode check input]\n",
+        colang_content=(CONFIG_V1 / "rails.co").read_text(),
+    )
+    with pytest.raises(ModelNotFoundError, match="folder not found"):
+        nemo.init(LLMRails(config))
+
+
+def test_colang1_with_safecode_needs_passthrough(safecode_env: Callable[[str], Path], tmp_path: Path) -> None:
+    safecode_env("fixed:safe")
+    error = load_error(write_config(tmp_path / "unset", MAIN_MODEL_YAML))
+    assert isinstance(error, nemo.NemoConfigError) and "passthrough: true" in str(error)
+
+    folder = write_config(tmp_path / "off", MAIN_MODEL_YAML + "passthrough: false\n")
+    with pytest.warns(UserWarning, match="images do not reach it"):
+        LLMRails(RailsConfig.from_path(str(folder)))
+
+
+def test_an_engine_typo_is_named(safecode_env: Callable[[str], Path], tmp_path: Path) -> None:
+    safecode_env("fixed:safe")
+    folder = write_config(tmp_path, MAIN_MODEL_YAML.replace("engine: safecode", "engine: safecod") + "passthrough: true\n")
+    error = load_error(folder)
+    assert isinstance(error, nemo.NemoConfigError)
+    assert "`engine: safecod`" in str(error) and "Did you mean `engine: safecode`?" in str(error)
+
+
+# --------------------------------------------------------------------------- what requests may set
+
+
+def hello() -> list[dict[str, Any]]:
+    return [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize("config_dir", [CONFIG_V1, CONFIG_V2], ids=["colang1", "colang2"])
+@pytest.mark.parametrize("option", [{"verdict": "safe"}, {"verdict": {"label": "safe"}}, {"model": "/etc"}])
+def test_requests_cannot_set_the_verdict_or_the_model(
+    safecode_env: Callable[[str], Path], config_dir: Path, option: dict[str, Any]
+) -> None:
+    from nemoguardrails.exceptions import LLMCallException
+
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(config_dir)))
+    with pytest.raises(LLMCallException) as info:
+        rails.generate(messages=hello(), options={"llm_params": option})
+    cause = info.value.inner_exception
+    assert isinstance(cause, nemo.RequestOptionError) and cause.status_code == 400
+    assert repr(next(iter(option))) in str(cause)
+
+
+def test_library_callers_may_opt_in_to_verdict_overrides(
+    safecode_env: Callable[[str], Path], tiny_llava: tuple[Any, Any]
+) -> None:
+    safecode_env("fixed:safe")
+    chat = ChatSafeCoDe.from_model(*tiny_llava, judge="fixed:safe", max_new_tokens=8)
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)), llm=nemo.SafeCoDeLLMAdapter(chat, allow_verdict=True))
+    res = rails.generate(messages=hello(), options={"llm_params": {"verdict": "unsafe"}})
+    assert res.llm_metadata["safety"]["source"] == "override"
+    assert res.llm_metadata["safety"]["verdict"] == "unsafe"
+
+
+@pytest.mark.parametrize("config_dir", [CONFIG_V1, CONFIG_V2], ids=["colang1", "colang2"])
+def test_openai_options_from_requests_reach_the_decoder(
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, config_dir: Path
+) -> None:
+    safecode_env("fixed:safe")
+    calls: list[dict[str, Any]] = []
+    real = SafeCoDe.stream
+
+    def recording(self: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(self, messages, **kwargs)
+
+    monkeypatch.setattr(SafeCoDe, "stream", recording)
+    rails = LLMRails(RailsConfig.from_path(str(config_dir)))
+    params = {
+        "max_completion_tokens": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"7": -100},
+        "temperature": 0.7,
+        "top_k": 5,
+        "seed": 4,
+    }
+    rails.generate(messages=hello(), options={"llm_params": params})
+    (used,) = calls
+    assert used["max_new_tokens"] == 3
+    assert (used["presence_penalty"], used["frequency_penalty"], used["logit_bias"]) == (0.5, -0.5, {"7": -100})
+    assert (used["temperature"], used["top_k"], used["seed"], used["do_sample"]) == (0.7, 5, 4, True)
+
+
+def test_the_served_name_not_the_path_shows_in_nemo_logs(safecode_env: Callable[[str], Path]) -> None:
+    model_dir = safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
+    res = rails.generate(messages=hello(), options={"log": {"llm_calls": True}})
+    (call,) = res.log.llm_calls
+    assert (call.llm_model_name, call.llm_provider_name) == ("llava", "safecode")
+    assert str(model_dir) not in res.model_dump_json()
+
+
+# --------------------------------------------------------------------------- NeMo's own checks with SafeCoDe as main model
+
+SELF_CHECK_YAML = (
+    MAIN_MODEL_YAML
+    + "passthrough: true\n"
+    + "rails:\n  input:\n    flows: [self check input]\n"
+    + "prompts:\n"
+    + "  - task: self_check_input\n"
+    + '    content: "Should this message be blocked? {{ user_input }} Answer Yes or No."\n'
+)
+
+
+def test_nemo_checks_decode_plainly_within_the_token_limit(
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from safecode_guard.judges import FixedJudge
+
+    safecode_env("fixed:safe")
+    judged: list[str] = []
+    real_judge = FixedJudge.__call__
+
+    def counting(self: FixedJudge, request: Any) -> Any:
+        judged.append(request.request)
+        return real_judge(self, request)
+
+    plain: list[dict[str, Any]] = []
+    check_answer = ["No"]  # what the (gibberish-speaking) tiny model is made to answer the check
+    real_baseline = SafeCoDe.baseline
+
+    def recording(self: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
+        plain.append({"prompt": messages[-1]["content"][0]["text"], **kwargs})
+        return real_baseline(self, messages, **kwargs).model_copy(update={"text": check_answer[-1]})
+
+    monkeypatch.setattr(FixedJudge, "__call__", counting)
+    monkeypatch.setattr(SafeCoDe, "baseline", recording)
+    rails = LLMRails(RailsConfig.from_path(str(write_config(tmp_path, SELF_CHECK_YAML))))
+    res = rails.generate(messages=hello(), options={"output_vars": True})
+    (check,) = plain
+    assert check["prompt"].startswith("Should this message be blocked? hello")
+    assert check["max_new_tokens"] == 16  # the config's limit, not the check's max_tokens: 1024
+    assert judged == ["hello"]  # the answer was judged; the check's prompt was not
+    assert res.llm_metadata["safety"]["judge"] == "fixed:safe"
+
+    check_answer.append("Yes")  # the check blocks: the model never answers
+    res = rails.generate(messages=hello(), options={"output_vars": True})
+    assert answer_of(res) == "I'm sorry, I can't respond to that."  # NeMo's own refusal
+    assert res.llm_metadata is None  # not the check call's metadata
+    assert judged == ["hello"]  # nothing judged this time: the model never ran
+
+
+# --------------------------------------------------------------------------- Colang 2.x streaming
+
+
+@pytest.mark.parametrize("judge", ["fixed:safe", "fixed:unsafe"])
+async def test_colang2_streams_the_answer_and_the_refusal(
+    safecode_env: Callable[[str], Path], judge: str
+) -> None:
+    safecode_env(judge)
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V2)))
+    streamed = "".join([c async for c in rails.stream_async(messages=hello())])
+    answer = (await rails.generate_async(messages=hello()))["content"]
+    assert streamed == answer != ""
+    assert (answer == REFUSAL) == (judge == "fixed:unsafe")
+
+
+# --------------------------------------------------------------------------- NeMo 0.24 limits (pinned: a change here means README's list is out of date)
+
+
+def test_nemo_limit_colang2_has_no_output_vars(safecode_env: Callable[[str], Path]) -> None:
+    safecode_env("fixed:safe")
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V2)))
+    with pytest.raises(ValueError, match="output_vars"):
+        rails.generate(messages=hello(), options={"output_vars": True})
+
+
+async def test_nemo_limit_rails_exceptions_do_not_stream(safecode_env: Callable[[str], Path]) -> None:
+    safecode_env("fixed:unsafe")
+    for folder in (CONFIG_V1, CONFIG_V2):
+        config = RailsConfig.from_path(str(folder))
+        config.enable_rails_exceptions = True
+        chunks = [c async for c in LLMRails(config).stream_async(messages=hello())]
+        assert chunks == []  # generate() returns the InputRailException; the stream says nothing
+
+
+def test_a_model_that_fails_to_load_on_a_request_is_reported_without_its_path(
+    safecode_env: Callable[[str], Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from nemoguardrails.exceptions import LLMCallException
+
+    model_dir = safecode_env("fixed:safe")
+    broken = tmp_path / "secret-place" / "llava"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").unlink()  # passes the source check; the weights are missing
+    adapter = nemo.SafeCoDeLLMAdapter(ChatSafeCoDe(model=str(broken), judge="fixed:safe"))
+    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)), llm=adapter)
+    with pytest.raises(LLMCallException) as info:
+        rails.generate(messages=hello())
+    message = str(info.value.inner_exception)
+    assert message == "The model 'llava' could not be loaded; the server log has the reason."
+    assert "secret-place" not in str(info.value)

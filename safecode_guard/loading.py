@@ -1,0 +1,333 @@
+"""Where a model comes from, checked before transformers is asked to load it.
+
+`SafeCoDe.from_pretrained(path_or_id)` hands any string to transformers,
+which takes whatever is not an existing folder for a Hugging Face hub id.
+That made three mistakes slow or confusing: a mistyped folder
+(`models/lava`) went to the hub and waited through every retry (about
+140 s offline), a missing absolute path got the hub's "Repo id must be in
+the form ..." complaint, and a text-only checkpoint printed transformers'
+list of every config class it knows.
+
+`check_model_source` decides first, from the string and the disk alone,
+whether it names a local folder or a hub id, and checks that:
+
+- a local folder exists, holds a `config.json`, and that config describes an
+  image-text-to-text model (a text-only checkpoint gets one sentence);
+- a hub id is in the local cache when `HF_HUB_OFFLINE` (or
+  `TRANSFORMERS_OFFLINE`) is set; otherwise one request to the hub, without
+  retries, tells whether it exists and is reachable. If the hub cannot be
+  reached the cached copy is used, and without one the error comes at once.
+
+`load_pretrained` then loads model and processor from the checked source
+(from the cache only when the hub is off or unreachable), and turns
+transformers' errors into one clear sentence.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UnsupportedModelError
+
+__all__ = [
+    "HUB_PROBE_TIMEOUT_S",
+    "HubUnreachableError",
+    "ModelNotFoundError",
+    "ModelSource",
+    "check_model_source",
+    "hub_offline",
+    "load_pretrained",
+    "looks_local",
+]
+
+log = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 10.0
+"""Seconds the one request that checks a hub id may take (connecting and reading)."""
+
+
+class ModelNotFoundError(UnsupportedModelError):
+    """The model named is not there: no such folder, or no such hub id (or not in the offline cache)."""
+
+
+class HubUnreachableError(ModelNotFoundError):
+    """A hub id was given, the hub cannot be reached, and the model is not in the local cache."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `load_pretrained` loads a model from, as `check_model_source` found it."""
+
+    kind: Literal["folder", "hub"]
+    location: str
+    """The folder (user home expanded) or the hub id."""
+    cached_only: bool = False
+    """Load from the local hub cache only (offline mode, or the hub could not be reached)."""
+
+
+# --------------------------------------------------------------------------- local or hub?
+
+def looks_local(path_or_id: str) -> bool:
+    """Whether `path_or_id` names a local folder rather than a hub id, from its spelling and the disk.
+
+    Local: anything that exists; absolute or home-relative paths; `./`, `../`
+    or backslashes; more than one `/`; anything a hub id cannot be (hub ids
+    are `name` or `namespace/name`, with no `--` or `..`); and `a/b` when
+    `a` is an existing local folder (so `models/lava` next to a `models/`
+    folder is a missing folder, not a hub id).
+    """
+    text = path_or_id.strip()
+    if Path(text).expanduser().exists():
+        return True
+    if text.startswith(("/", "~", "./", "../", ".\\", "..\\")) or text in (".", ".."):
+        return True
+    if "\\" in text or re.match(r"^[A-Za-z]:", text) or text.count("/") > 1:
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    head = text.split("/", 1)[0]
+    return "/" in text and Path(head).is_dir()
+
+
+def hub_offline() -> bool:
+    """Whether the hub is off limits: `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set to a true value.
+
+    Read from the environment on every call (huggingface_hub reads it once, at import).
+    """
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        pass
+    return any(
+        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+# --------------------------------------------------------------------------- local folders
+
+_PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+)
+
+
+def _missing_folder_error(text: str, path: Path) -> ModelNotFoundError:
+    """`folder not found`, naming the nearest existing parent's closest entry when there is one."""
+    hint = ""
+    parent = path.parent
+    if parent.is_dir():
+        siblings = [p.name for p in parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+        if close:
+            hint = f" Did you mean {str(Path(text).parent / close[0])!r}?"
+    return ModelNotFoundError(
+        f"Model folder not found: {text!r} does not exist.{hint} Give the folder that holds the "
+        "model's config.json (saved with save_pretrained), or a Hugging Face hub id like "
+        "'llava-hf/llava-1.5-7b-hf'."
+    )
+
+
+def _image_text_to_text_types() -> frozenset[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def check_model_config(config: dict[str, Any], where: str) -> None:
+    """Raise `UnsupportedModelError` unless the `config.json` content describes an image-text-to-text model.
+
+    A model with custom code (`auto_map` naming `AutoModelForImageTextToText`)
+    passes; its own code decides later.
+    """
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and "AutoModelForImageTextToText" in auto_map:
+        return
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in _image_text_to_text_types():
+        return
+    architectures = config.get("architectures") or ["?"]
+    if "vision_config" in config:
+        kind = f"a model of type {model_type!r}, which transformers cannot load as image-text-to-text"
+    else:
+        kind = f"a text-only model ({architectures[0]}, model_type {model_type!r})"
+    raise UnsupportedModelError(
+        f"{where} holds {kind}; SafeCoDe needs a vision-language (image-text-to-text) model such as "
+        "LLaVA, Qwen2-VL, Gemma 3 or SmolVLM."
+    )
+
+
+def _check_folder(text: str, path: Path) -> None:
+    if not path.exists():
+        raise _missing_folder_error(text, path)
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"{text!r} is a file, not a model folder. Give the folder that holds config.json and the "
+            "weights (for a single GGUF file, convert it to a saved transformers model first)."
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(
+            f"{text!r} holds no config.json, so it is not a saved model. Give the folder written by "
+            "save_pretrained (config.json, the weights and the processor files)."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsupportedModelError(
+            f"The config.json in {text!r} cannot be read ({type(exc).__name__}: {exc}). "
+            "Save the model again with save_pretrained."
+        ) from exc
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"The config.json in {text!r} is not a JSON object. Save the model again.")
+    check_model_config(config, repr(text))
+    if not any((path / name).is_file() for name in _PROCESSOR_FILES):
+        raise UnsupportedModelError(
+            f"{text!r} holds a model but no processor (none of {', '.join(_PROCESSOR_FILES)}). "
+            "Save the processor into the same folder: processor.save_pretrained(folder)."
+        )
+
+
+# --------------------------------------------------------------------------- hub ids
+
+
+def _cached_config(repo_id: str) -> str | None:
+    """The cached `config.json` of `repo_id`, or None when the cache does not hold it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return found if isinstance(found, str) else None
+
+
+def _check_cached_config(repo_id: str, config_file: str) -> None:
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable cache entry itself
+    if isinstance(config, dict):
+        check_model_config(config, repr(repo_id))
+
+
+def _probe_hub(repo_id: str) -> str | None:
+    """One request to the hub about `repo_id`, without retries: None if it is there, else why not.
+
+    Raises `ModelNotFoundError` when the hub answers that there is no such
+    (accessible) model; returns the reason text when the hub cannot be reached.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is a gated model on the Hugging Face hub: accept its terms on the hub and "
+            "log in (`hf auth login`), or give a local folder."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"No model {repo_id!r} on the Hugging Face hub (or it is private: log in with "
+            "`hf auth login`). If you meant a local folder, give its path (e.g. './models/...')."
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"the hub answered HTTP {status}"
+    except Exception as exc:  # connection refused, DNS failure, timeout, blocked socket, ...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _check_hub_id(repo_id: str) -> ModelSource:
+    cached = _cached_config(repo_id)
+    if hub_offline():
+        if cached is None:
+            raise ModelNotFoundError(
+                f"{repo_id!r} is not a local folder, and it is not in the local Hugging Face cache; "
+                "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids downloading it. Give the path of a "
+                f"local model folder, or download it first where there is a network (`hf download {repo_id}`)."
+            )
+        _check_cached_config(repo_id, cached)
+        return ModelSource("hub", repo_id, cached_only=True)
+    unreachable = _probe_hub(repo_id)
+    if unreachable is None:
+        return ModelSource("hub", repo_id)
+    if cached is not None:
+        log.warning("The Hugging Face hub is unreachable (%s); loading %r from the local cache.", unreachable, repo_id)
+        _check_cached_config(repo_id, cached)
+        return ModelSource("hub", repo_id, cached_only=True)
+    raise HubUnreachableError(
+        f"{repo_id!r} is not a local folder, and the Hugging Face hub cannot be reached to download it "
+        f"({unreachable}); it is not in the local cache either. Give the path of a local model folder "
+        "(a typo in a folder name also lands here), or download the model where there is a network. "
+        "Set HF_HUB_OFFLINE=1 to never try the hub."
+    )
+
+
+# --------------------------------------------------------------------------- public
+
+
+def check_model_source(path_or_id: str | os.PathLike[str]) -> ModelSource:
+    """Check that `path_or_id` names a loadable image-text-to-text model, without loading it.
+
+    Local folders are checked on disk (exists, holds config.json of a
+    vision-language model, has processor files); hub ids against the cache
+    (offline) or with one request to the hub. Errors: `ModelNotFoundError`
+    (no such folder or model; `HubUnreachableError` when the hub is down and
+    nothing is cached) and `UnsupportedModelError` (not a vision-language
+    model), each naming the fix.
+    """
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ModelNotFoundError(
+            f"The model must be a folder path or a hub id string, got a {type(path_or_id).__name__}."
+        )
+    text = os.fspath(path_or_id).strip()
+    if not text:
+        raise ModelNotFoundError("The model is empty. Give a local model folder or a hub id.")
+    if looks_local(text):
+        path = Path(text).expanduser()
+        _check_folder(text, path)
+        return ModelSource("folder", str(path))
+    return _check_hub_id(text)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message up to its first line break, without a trailing period."""
+    return str(exc).strip().splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
+
+
+def load_pretrained(path_or_id: str | os.PathLike[str], **model_kwargs: Any) -> tuple[Any, Any]:
+    """`(model, processor)` for `path_or_id`, loaded with `AutoModelForImageTextToText` + `AutoProcessor`.
+
+    Checked first with `check_model_source`; `model_kwargs` go to the model's
+    `from_pretrained` (e.g. `dtype`, `device_map`, `attn_implementation`).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = check_model_source(path_or_id)
+    cache_only = {"local_files_only": True} if source.cached_only else {}
+    try:
+        processor = AutoProcessor.from_pretrained(source.location, **cache_only)
+        model = AutoModelForImageTextToText.from_pretrained(source.location, **cache_only, **model_kwargs)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(
+            f"Could not load {os.fspath(path_or_id)!r} as an image-text-to-text model: {_first_line(exc)}. "
+            "Check that the folder (or hub snapshot) holds complete weights and processor files saved "
+            "with save_pretrained by a transformers version that supports this model."
+        ) from exc
+    return model, processor
