@@ -148,6 +148,8 @@ def safety_metadata(verdict: Verdict, config: SafeCoDeConfig, refused: bool) -> 
         "steered_steps": config.steered_steps,
         "unsafe_mode": config.unsafe_mode,
         "refused": refused,
+        # the judge saw only the most recent part of a long conversation (its budget)
+        "transcript_truncated": verdict.transcript_truncated,
     }
 
 

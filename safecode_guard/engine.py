@@ -39,7 +39,6 @@ from .errors import (
     InputLimitError,
     SafeCoDeInputError,
     UnsupportedContentError,
-    UnsupportedModelError,
 )
 from .images import image_working_side
 from .prompting import Conversation, parse_messages, render_prompt

@@ -49,15 +49,18 @@ Async agents get the same hooks; the judge's blocking work runs in a
 worker thread, so the event loop stays free.
 
 Needs the optional agent packages: `pip install 'safecode-guard[agents]'`.
-Shortcut: the judge sees the user's turns (text and images), not tool
-results, so a tool returning harmful content is not re-judged here.
+The judge sees the whole conversation (`judge_request_from_messages`): the
+system message, every user turn and its images, earlier answers and their
+tool calls, and tool results. When tool results come in during a turn, the
+turn is judged again before the model reads them, so a tool returning
+harmful content (or instructions) is judged in context too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 try:
@@ -75,7 +78,7 @@ except ImportError as exc:  # tested by hiding the package
     ) from exc
 
 from langchain.agents.structured_output import StructuredOutputError
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from typing_extensions import NotRequired
 
 from .config import InputPolicy, SafeCoDeConfig
@@ -98,7 +101,8 @@ class SafeCoDeState(AgentState):
     """The agent state with the middleware's verdict for the latest user turn."""
 
     safecode_verdict: NotRequired[dict[str, Any] | None]
-    """`Verdict.to_dict()` plus "message_id" (the user turn it judged)."""
+    """`Verdict.to_dict()` plus "message_id" (the user turn it judged) and "messages_judged"
+    (how many messages the judge saw; tool results after them are judged again)."""
 
 
 def _latest_human(messages: Sequence[BaseMessage]) -> HumanMessage | None:
@@ -152,6 +156,10 @@ def _judge_turn(message: BaseMessage, index: int, policy: InputPolicy) -> dict[s
     return turn
 
 
+#: Keys of the state record that are the middleware's own bookkeeping, not verdict fields.
+_BOOKKEEPING = ("message_id", "messages_judged")
+
+
 def _recorded_verdict(record: Any, config: SafeCoDeConfig, judge_name: str) -> Verdict:
     """The verdict kept in the agent state, validated again.
 
@@ -159,7 +167,7 @@ def _recorded_verdict(record: Any, config: SafeCoDeConfig, judge_name: str) -> V
     invalid record (a label "UNSAFE", a NaN score) must not pass as a verdict:
     it becomes the `on_judge_error` fallback instead (or `JudgeError`).
     """
-    fields = {k: v for k, v in record.items() if k != "message_id"} if isinstance(record, dict) else record
+    fields = {k: v for k, v in record.items() if k not in _BOOKKEEPING} if isinstance(record, Mapping) else record
     try:
         return validated_verdict(fields)
     except InvalidVerdictError as exc:
@@ -182,6 +190,7 @@ def _safety(verdict: Verdict | dict[str, Any], threshold: float) -> dict[str, An
         "caption": v["caption"],
         "error": v["error"],
         "refused": True,
+        "transcript_truncated": v.get("transcript_truncated", False),
         "blocked_by": "SafeCoDeMiddleware",
     }
 
@@ -288,25 +297,46 @@ class SafeCoDeMiddleware(AgentMiddleware):
             return None
         return run_judge(self._judge_impl(), request, self.config)
 
-    def _current(self, state: dict[str, Any]) -> dict[str, Any] | None:
-        """The recorded verdict if it is for the latest user turn."""
+    def _record(self, state: dict[str, Any]) -> Any:
+        """The state's record if it is for the latest user turn, else None.
+
+        A record that is not even a mapping was tampered with: it counts as this turn's
+        (so it is validated, and fails closed) rather than as no record at all.
+        """
         record = state.get("safecode_verdict")
         human = _latest_human(state["messages"])
-        if record is None or human is None or record.get("message_id") != human.id:
+        if record is None or human is None:
+            return None
+        if isinstance(record, Mapping) and record.get("message_id") != human.id:
             return None
         return record
+
+    def _current(self, state: dict[str, Any]) -> Verdict | None:
+        """This turn's recorded verdict, validated again (an invalid record is the fallback)."""
+        record = self._record(state)
+        return None if record is None else _recorded_verdict(record, self.config, _judge_name(self.judge))
+
+    def _new_tool_results(self, state: dict[str, Any]) -> bool:
+        """Whether tool results arrived after this turn's verdict: what they say must be judged too."""
+        record = self._record(state)
+        judged = record.get("messages_judged") if isinstance(record, Mapping) else None
+        if not isinstance(judged, int):
+            return False
+        return any(isinstance(m, ToolMessage) for m in state["messages"][judged:])
 
     # -- hooks ------------------------------------------------------------------------------
 
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
-        """Judge a new user turn; on unsafe end the run (or record the verdict)."""
+        """Judge a new user turn (again when tool results came in); on unsafe end the run (or record it)."""
         human = _latest_human(state["messages"])
-        if human is None or self._current(state) is not None:
-            return None  # nothing to judge, or this turn was judged on an earlier loop iteration
+        if human is None:
+            return None
+        if self._record(state) is not None and not self._new_tool_results(state):
+            return None  # this turn was judged on an earlier loop iteration, and nothing new came in
         verdict = self.judge_messages(state["messages"])
         assert verdict is not None  # there is a user turn
-        record = {**verdict.to_dict(), "message_id": human.id}
+        record = {**verdict.to_dict(), "message_id": human.id, "messages_judged": len(state["messages"])}
         if verdict.unsafe and self.on_unsafe == "end":
             refusal = AIMessage(
                 content=self.refusal_message,
@@ -323,19 +353,18 @@ class SafeCoDeMiddleware(AgentMiddleware):
     def _with_verdict(self, request: ModelRequest) -> ModelRequest:
         from .chat_model import ChatSafeCoDe
 
-        record = self._current(request.state)
-        if not self.share_verdict or record is None or not isinstance(request.model, ChatSafeCoDe):
+        verdict = self._current(request.state)
+        if not self.share_verdict or verdict is None or not isinstance(request.model, ChatSafeCoDe):
             return request
         if "verdict" in request.model_settings:
             return request  # the application pinned one itself
-        verdict = _recorded_verdict(record, self.config, _judge_name(self.judge))
         return request.override(model_settings={**request.model_settings, "verdict": verdict})
 
     def _prepared(self, request: ModelRequest) -> ModelRequest:
         """The request with this turn's verdict handed on, and no `response_format` under an unsafe one."""
         request = self._with_verdict(request)
-        record = self._current(request.state)
-        unsafe = record is not None and record["label"] == "unsafe"
+        verdict = self._current(request.state)
+        unsafe = verdict is not None and verdict.unsafe
         if unsafe and self.block_tool_calls and request.response_format is not None:
             # Structured output is data the application acts on, like a tool call: withheld.
             request = request.override(response_format=None)
@@ -367,8 +396,8 @@ class SafeCoDeMiddleware(AgentMiddleware):
             return None
         safety = dict(last.response_metadata.get("safety") or {})
         record = self._current(state)
-        answer_unsafe = safety.get("verdict") == "unsafe"
-        if not (answer_unsafe or (record is not None and record["label"] == "unsafe")):
+        answer_unsafe = safety.get("verdict") != "safe" if safety else False  # anything but a clear "safe"
+        if not (answer_unsafe or (record is not None and record.unsafe)):
             return None
         calls = [*last.tool_calls, *last.invalid_tool_calls]
         if calls and self.block_tool_calls:

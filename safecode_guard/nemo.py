@@ -91,7 +91,7 @@ except ImportError as exc:  # the optional extra is missing
 
 from .config import InputPolicy, SafeCoDeConfig
 from .errors import SafeCoDeError, SafeCoDeInputError
-from .verdict import Verdict
+from .verdict import Verdict, validated_verdict
 
 if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
@@ -263,24 +263,16 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
     """Raise `NemoConfigError` for a config.yml `parameters:` key that `ChatSafeCoDe` has no field for.
 
     Pydantic would drop it silently (`judgee: fixed:unsafe` used to leave the
-    `self` judge in place); the error names the key and the closest field.
+    `self` judge in place); the error names the key and its fix, as `ChatSafeCoDe` does.
     """
-    from .chat_model import ChatSafeCoDe
+    from .chat_model import ChatSafeCoDe, check_settings
 
-    fields = {
-        alias
-        for name, info in ChatSafeCoDe.model_fields.items()
-        for alias in (name, info.alias)
-        if alias
-    }
-    for key in parameters:
-        if key not in fields:
-            raise NemoConfigError(
-                f"config.yml: unknown parameter {key!r} for the `{ENGINE_NAME}` engine (under "
-                f"`models: - parameters:`).{_closest(str(key), sorted(fields))} The parameters are "
-                "ChatSafeCoDe's fields: judge, max_new_tokens (or max_tokens), temperature, top_p, "
-                "top_k, do_sample, seed, stop, safecode: {...}, policy: {...}, device, dtype, model_kwargs."
-            )
+    try:
+        check_settings(ChatSafeCoDe, [str(k) for k in parameters])
+    except SafeCoDeInputError as exc:
+        raise NemoConfigError(
+            f"config.yml: a parameter of the `{ENGINE_NAME}` engine (under `models: - parameters:`) is wrong. {exc}"
+        ) from exc
 
 
 def check_request_options(options: Mapping[str, Any], *, allow_verdict: bool = False) -> None:
@@ -725,7 +717,7 @@ def _judge_setup(llm: Any, spec: Any) -> tuple[Judge, SafeCoDeConfig, InputPolic
     return judge, SafeCoDeConfig(), InputPolicy()
 
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def request_messages(
@@ -737,8 +729,8 @@ def request_messages(
     blocks when images are sent); it stands for the last user turn of
     `conversation` (NeMo's raw request, if any), because input rails may have
     rewritten it. Earlier turns count because their images are part of the
-    request's visual context. Only system, user and assistant turns are kept
-    (NeMo adds "context" turns of its own).
+    request's visual context, and tool calls and their results are what the
+    model sees too. NeMo's own "context" turns are left out.
     """
     if not isinstance(user_message, (str, list, tuple)):
         raise SafeCoDeInputError(
@@ -747,7 +739,11 @@ def request_messages(
             '[{"role": "user", "content": "..."}] to rails.generate(messages=...).'
         )
     turns = [
-        {"role": m["role"], "content": m.get("content") or ""}
+        {
+            "role": m["role"],
+            "content": m.get("content") or "",
+            **{k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k) is not None},
+        }
         for m in (conversation or ())
         if isinstance(m, Mapping) and m.get("role") in _ROLES
     ]
@@ -757,9 +753,9 @@ def request_messages(
 
 
 def _to_langchain(messages: list[dict[str, Any]]) -> list[BaseMessage]:
-    from langchain_core.messages import convert_to_messages
+    from .openai_messages import to_langchain
 
-    return convert_to_messages(messages)
+    return to_langchain(messages)
 
 
 def check_input(
@@ -898,16 +894,15 @@ def _verdict_option(llm: Any, verdict: Any) -> dict[str, Any]:
     """`{"verdict": Verdict}` for a `ChatSafeCoDe` main model given the rail's verdict, else `{}`."""
     if verdict is None or _as_chat_safecode(llm) is None:
         return {}
-    if isinstance(verdict, Mapping) and verdict.get("label") in ("safe", "unsafe"):
-        verdict = Verdict.model_validate(dict(verdict))
-    elif verdict in ("safe", "unsafe"):
-        verdict = Verdict(label=verdict, judge="rail", source="override")
-    if not isinstance(verdict, Verdict):
-        raise SafeCoDeInputError(
-            f"`verdict` (={verdict!r:.80}) is not a verdict; pass the rail's verdict dict "
-            "(`$safecode_result`), a Verdict, 'safe' or 'unsafe', or nothing to let the model judge."
-        )
-    return {"verdict": verdict}
+    if isinstance(verdict, str) and verdict in ("safe", "unsafe"):
+        return {"verdict": Verdict(label=verdict, judge="rail", source="override")}
+    if isinstance(verdict, (Verdict, Mapping)):
+        # rebuilt and validated: a tampered record (label "UNSAFE", NaN score) is an error, never "safe"
+        return {"verdict": validated_verdict(verdict)}
+    raise SafeCoDeInputError(
+        f"`verdict` (={verdict!r:.80}) is not a verdict; pass the rail's verdict dict "
+        "(`$safecode_result`), a Verdict, 'safe' or 'unsafe', or nothing to let the model judge."
+    )
 
 
 @action(name="safecode_generate", is_system_action=True)

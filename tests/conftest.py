@@ -110,3 +110,18 @@ def script(monkeypatch):
     from tool_support import ScriptedDecoding
 
     return ScriptedDecoding(monkeypatch)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    """After every fixture is torn down, lift pytest-socket's per-test guards once more.
+
+    pytest-socket lifts them before fixtures are finalised; a fixture that
+    monkeypatched a socket function (the no-network guards of the NeMo and
+    loading tests) then restores pytest-socket's guarded version, which would
+    leak into every later test (the server tests' loopback clients included).
+    """
+    yield
+    from pytest_socket import _remove_restrictions
+
+    _remove_restrictions()

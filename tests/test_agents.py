@@ -136,7 +136,7 @@ def test_construction_validates_and_names_the_fix(chat: Callable[..., ChatSafeCo
 # =========================================================================== ChatSafeCoDe as the agent's model
 
 
-def test_safe_turn_runs_tools_and_the_verdict_is_judged_once_and_shared(
+def test_safe_turn_runs_tools_and_the_verdict_is_shared_and_renewed_for_tool_results(
     chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
 ) -> None:
     actions, judge = Actions(), CountingJudge("safe")
@@ -148,14 +148,33 @@ def test_safe_turn_runs_tools_and_the_verdict_is_judged_once_and_shared(
     assert actions.done == [("get_weather", {"city": "Paris"})]
     assert [type(m).__name__ for m in state["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
     assert state["messages"][-1].content == "It is sunny in Paris."
-    assert len(judge.requests) == 1 and model_judge.requests == []  # one judge call for two model calls
+    # the user turn is judged once, and again when the tool's result came in (the model never judges)
+    assert len(judge.requests) == 2 and model_judge.requests == []
     request = judge.requests[0]
     assert request.request == "What's the weather in Paris?" and len(request.images) == 1
+    assert [m["role"] for m in judge.requests[1].conversation][-2:] == ["assistant", "tool"]
     verdict = state["safecode_verdict"]
     assert verdict["label"] == "safe" and verdict["judge"] == "counting:safe"
     assert verdict["message_id"] == state["messages"][0].id
     safety = state["messages"][-1].response_metadata["safety"]
     assert (safety["verdict"], safety["judge"], safety["source"]) == ("safe", "counting:safe", "override")
+
+
+def test_a_harmful_tool_result_is_judged_before_the_model_reads_it(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    actions = Actions()
+    llm = chat()
+    script.add(call_text(QWEN, "get_weather", {"city": "Paris"}), "Here is how.")
+
+    def judge(request: Any) -> str:  # unsafe once a tool result says something harmful
+        return "unsafe" if any(m["role"] == "tool" for m in request.conversation) else "safe"
+
+    agent = create_agent(llm, tools=actions.tools, middleware=[SafeCoDeMiddleware(judge=judge, model=llm)])
+    state = agent.invoke({"messages": [photo_question("What's the weather in Paris?")]})
+    assert [type(m).__name__ for m in state["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert state["messages"][-1].content == DEFAULT_REFUSAL_MESSAGE and script.calls == 1
+    assert state["safecode_verdict"]["label"] == "unsafe"
 
 
 def test_unsafe_turn_ends_before_the_model_runs(chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding) -> None:

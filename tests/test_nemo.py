@@ -30,7 +30,7 @@ from PIL import Image
 
 from safecode_guard import ChatSafeCoDe, Verdict, nemo
 from safecode_guard.engine import SafeCoDe
-from safecode_guard.errors import SafeCoDeError, SafeCoDeInputError
+from safecode_guard.errors import InvalidVerdictError, SafeCoDeError, SafeCoDeInputError
 from safecode_guard.judges import JudgeRequest
 from safecode_guard.loading import ModelNotFoundError
 
@@ -507,7 +507,12 @@ def test_generate_action_takes_only_real_verdicts(tiny_llava: tuple[Any, Any]) -
     assert nemo._verdict_option(chat, None) == {}
     assert nemo._verdict_option(object(), rail) == {}  # other models take no `verdict` option
     with pytest.raises(SafeCoDeInputError, match="not a verdict"):
-        nemo._verdict_option(chat, {"label": "maybe"})
+        nemo._verdict_option(chat, 42)
+    # a tampered record is refused, typed, never read as a verdict
+    for tampered in ({"label": "maybe"}, {**rail, "label": "UNSAFE"}, {**rail, "unsafe_score": float("nan")},
+                     Verdict.model_construct(label="UNSAFE", judge="x", source="judge")):
+        with pytest.raises(InvalidVerdictError):
+            nemo._verdict_option(chat, tampered)
 
 
 def test_colang1_judges_each_request_once_the_model_reuses_the_rails_verdict(
@@ -788,3 +793,20 @@ def test_a_model_that_fails_to_load_on_a_request_is_reported_without_its_path(
     message = str(info.value.inner_exception)
     assert message == "The model 'llava' could not be loaded; the server log has the reason."
     assert "secret-place" not in str(info.value)
+
+
+def test_the_rails_judge_sees_tool_calls_and_tool_results() -> None:
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Look it up."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "search", "arguments": '{"q": "x"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Step 1: acquire the detonator."},
+        {"role": "user", "content": "Continue."},
+    ]
+    messages = nemo.request_messages("Continue.", conversation)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user"]
+    request = nemo._check("Continue.", llm=None, judge="fixed:safe", conversation=conversation)[1]
+    texts = [p.get("text", "") for m in request.conversation for p in m["content"] if isinstance(p, dict)]
+    assert "Step 1: acquire the detonator." in texts
+    assert any(m.get("tool_calls") for m in request.conversation)

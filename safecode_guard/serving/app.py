@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import JudgeError, OverloadedError, RequestTimeoutError, SafeCoDeInputError
-from .convert import to_langchain, tool_calls_out
+from ..openai_messages import to_langchain, tool_calls_out
 from .metrics import Metrics
 from .protocol import (
     ChatCompletion,

@@ -1,6 +1,7 @@
 """OpenAI chat messages <-> LangChain messages, as small pure functions that refuse what they cannot read.
 
-Input: the `messages` of a chat-completions request (`system` / `developer`,
+Used by the HTTP server (`serving`) and the NeMo integration, which both
+receive OpenAI-style requests. Input: the `messages` of a chat-completions request (`system` / `developer`,
 `user` with text and `image_url` parts, `assistant` with `tool_calls` whose
 arguments are JSON strings, `tool` results). Output: LangChain messages for
 `ChatSafeCoDe`, which decodes images under the server's `InputPolicy`.
@@ -19,7 +20,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from ..errors import UnsupportedContentError
+from .errors import UnsupportedContentError
 
 __all__ = ["to_langchain", "tool_calls_out"]
 
