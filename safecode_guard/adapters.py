@@ -84,6 +84,100 @@ def _layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "layers", ()))
 
 
+class GrowingLayer:
+    """A full-attention cache layer with room to grow, so a decode step writes in place.
+
+    transformers' `DynamicLayer` concatenates the whole cache with the new
+    token's keys at every step (O(length) copies per layer per step, a third
+    of a small model's step time on CPU). This layer keeps `(B, H, capacity, D)`
+    buffers with spare room and writes new positions into them; `keys` and
+    `values` are views of the first `length` positions, so attention reads
+    exactly what `DynamicLayer` would hold. Assigning `keys` / `values`
+    (padding, trimming, merging) replaces the buffers.
+    """
+
+    ROOM = 64
+    """Positions of spare room allocated beyond the current length (at least a quarter more)."""
+
+    def __new__(cls, layer: Any) -> Any:
+        from transformers.cache_utils import DynamicLayer
+
+        # a subclass made once, so that isinstance checks in transformers still see a DynamicLayer
+        global _GROWING
+        if _GROWING is None:
+            _GROWING = type("GrowingDynamicLayer", (_GrowingMixin, DynamicLayer), {"__doc__": cls.__doc__})
+        grown = object.__new__(_GROWING)
+        DynamicLayer.__init__(grown)
+        grown.device = layer.keys.device
+        grown.is_initialized = True
+        grown.keys, grown.values = layer.keys, layer.values
+        return grown
+
+
+class _GrowingMixin:
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+    _klen = 0
+    _vlen = 0
+
+    @staticmethod
+    def _room_for(t: torch.Tensor) -> torch.Tensor:
+        length = t.shape[-2]
+        room = max(GrowingLayer.ROOM, length // 4)
+        buf = t.new_empty((*t.shape[:-2], length + room, t.shape[-1]))
+        buf[..., :length, :] = t
+        return buf
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._kbuf is None else self._kbuf[..., : self._klen, :]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._kbuf, self._klen = (None, 0) if t is None else (self._room_for(t), t.shape[-2])
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._vbuf is None else self._vbuf[..., : self._vlen, :]
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._vbuf, self._vlen = (None, 0) if t is None else (self._room_for(t), t.shape[-2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        if self._klen + n > self._kbuf.shape[-2]:
+            self.keys, self.values = self.keys, self.values  # new buffers with room
+        self._kbuf[..., self._klen : self._klen + n, :] = key_states
+        self._vbuf[..., self._vlen : self._vlen + n, :] = value_states
+        self._klen += n
+        self._vlen += n
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._klen
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._kbuf is not None:
+            self._kbuf = self._kbuf[indices, ...]
+            self._vbuf = self._vbuf[indices, ...]
+
+
+_GROWING: type | None = None
+
+
+def _give_room(cache: Any) -> None:
+    """Swap the full-attention `DynamicLayer`s of a fresh prefill cache for `GrowingLayer`s."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and _initialized(layer):
+            layers[i] = GrowingLayer(layer)
+
+
 def unbatchable_reason(cache: Any) -> str | None:
     """Why rows of this cache cannot be realigned and merged, or None when they can.
 
@@ -97,7 +191,7 @@ def unbatchable_reason(cache: Any) -> str | None:
     if not layers:
         return f"its KV cache ({type(cache).__name__}) has no layers we can read"
     for layer in layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, _GROWING):
             return f"its KV cache has {type(layer).__name__} layers, which cannot be realigned row by row"
     return None
 
@@ -287,6 +381,7 @@ class Decoder:
         out = model(**inputs, return_dict=True)
         kwargs.pop("logits_to_keep", None)
         kwargs["cache"] = _find_cache(out)
+        _give_room(kwargs["cache"])
         kwargs = model._update_model_kwargs_for_generation(out, kwargs)
         kept = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
         if self.quirks.step_through_language_model:

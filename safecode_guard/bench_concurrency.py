@@ -5,7 +5,7 @@ scenes, so every method sees prompts of one length) are answered three ways,
 interleaved round by round so that drift hits all alike:
 
     batched     SafeCoDe as a backend sees it: N callers, each in its own thread,
-                submit at once; the model's scheduler decodes them together
+                call `generate` at once; the model's scheduler decodes them together
     serialised  SafeCoDe one request after another (what a per-model lock gave):
                 all N arrive at once, each waits for the ones before it
     plain       `model.generate` on one static batch of the N prompts (processor
@@ -14,7 +14,11 @@ interleaved round by round so that drift hits all alike:
 
 SafeCoDe runs with a fixed verdict (no judge cost) and every method decodes
 exactly `new_tokens` greedy tokens (end tokens are ignored), so tokens per
-second compare like with like. Reported per method: tokens/s, p50 and p95
+second compare like with like. No method streams: time to first token is the
+moment the first token existed (the engine's own timings for SafeCoDe; the
+first logits-processor call after the prefill for `generate`). Model work runs
+off the main thread for every method, as in a server (with GNU OpenMP a main
+thread that ran torch ops slows other threads' parallel regions on few cores). Reported per method: tokens/s, p50 and p95
 latency (arrival to last token), p95 time to first token, and the peak
 memory the run added (CUDA allocator on GPU; sampled RSS on CPU). The
 targets of SPEC section 7 are checked at concurrency 8: batched >= 4x the
@@ -111,6 +115,25 @@ class ConcurrencyReport:
         return lines
 
 
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    """`fn()` in a short-lived thread of its own (its OpenMP team goes when it ends)."""
+    box: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return box[0]
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if len(ordered) == 1:
@@ -143,7 +166,10 @@ def run_concurrency_bench(
     say = progress or (lambda _msg: None)
     dev = torch.device(device or ("cuda" if preset == "gpu" else "cpu"))
     say(f"building the {preset} preset model on {dev} ...")
-    model, processor = build_bench_llava_model(preset, device=dev)
+    # Every method runs its model work off the main thread; the main thread runs none at all.
+    # (With GNU OpenMP, once the main thread has a thread team, other threads' parallel
+    # regions are throttled on a machine with few cores: see the README's note.)
+    model, processor = _in_thread(lambda: build_bench_llava_model(preset, device=dev))
     model.generation_config.eos_token_id = None  # fixed-length decoding for every method
     engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
     size = processor.image_processor.crop_size["height"]
@@ -166,6 +192,11 @@ def run_concurrency_bench(
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    def first_token_s(result: Any) -> float:
+        # the engine's own clock: judge, queue and prefill until the first token existed
+        t = result.timings
+        return t["judge_s"] + t["queue_s"] + t["prefill_s"]
+
     def batched(images: list[Any]) -> tuple[list[float], list[float]]:
         n = len(images)
         ttft, done = [0.0] * n, [0.0] * n
@@ -174,11 +205,9 @@ def run_concurrency_bench(
 
         def caller(i: int) -> None:
             start.wait()
-            stream = engine.stream(messages(images[i]), max_new_tokens=new_tokens)
-            for k, _ in enumerate(stream):
-                if k == 0:
-                    ttft[i] = time.perf_counter()
+            result = engine.generate(messages(images[i]), max_new_tokens=new_tokens)
             done[i] = time.perf_counter()
+            ttft[i] = first_token_s(result)
 
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
         for t in threads:
@@ -188,18 +217,20 @@ def run_concurrency_bench(
         for t in threads:
             t.join()
         t0 = t0_box[0]
-        return [d - t0 for d in done], [f - t0 for f in ttft]
+        return [d - t0 for d in done], ttft
 
     def serialised(images: list[Any]) -> tuple[list[float], list[float]]:
-        t0 = time.perf_counter()
-        done, ttft = [], []
-        for img in images:
-            stream = engine.stream(messages(img), max_new_tokens=new_tokens)
-            for k, _ in enumerate(stream):
-                if k == 0:
-                    ttft.append(time.perf_counter() - t0)
-            done.append(time.perf_counter() - t0)
-        return done, ttft
+        def run() -> tuple[list[float], list[float]]:
+            t0 = time.perf_counter()
+            done, ttft = [], []
+            for img in images:
+                started = time.perf_counter() - t0  # all arrived at t0: each waits for the ones before
+                result = engine.generate(messages(img), max_new_tokens=new_tokens)
+                done.append(time.perf_counter() - t0)
+                ttft.append(started + first_token_s(result))
+            return done, ttft
+
+        return _in_thread(run)
 
     def plain(images: list[Any]) -> tuple[list[float], list[float]]:
         from transformers import LogitsProcessor, LogitsProcessorList
@@ -212,16 +243,20 @@ def run_concurrency_bench(
                     first.append(time.perf_counter())
                 return scores
 
+        def run() -> Any:
+            batch = processor(images=[[i] for i in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
+            batch = batch.to(dev)
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                out = model.generate(
+                    **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    logits_processor=LogitsProcessorList([FirstToken()]),
+                )
+            sync()
+            return out, batch
+
         t0 = time.perf_counter()
-        batch = processor(images=[[i] for i in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
-        batch = batch.to(dev)
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        with torch.inference_mode():
-            out = model.generate(
-                **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                logits_processor=LogitsProcessorList([FirstToken()]),
-            )
-        sync()
+        out, batch = _in_thread(run)  # off the main thread, as a server runs it (and as the scheduler does)
         total = time.perf_counter() - t0
         assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
         return [total] * len(images), [first[0] - t0] * len(images)
@@ -232,7 +267,9 @@ def run_concurrency_bench(
     say("warming up ...")
     for fn in runs_by_method.values():
         fn(scenes(2))
-    prompt_tokens = int(processor(images=[[scenes(1)[0]]], text=[prompt], return_tensors="pt")["input_ids"].shape[1])
+    prompt_tokens = _in_thread(
+        lambda: int(processor(images=[[scenes(1)[0]]], text=[prompt], return_tensors="pt")["input_ids"].shape[1])
+    )
     report = ConcurrencyReport(
         preset=preset,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

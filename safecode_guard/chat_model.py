@@ -59,8 +59,6 @@ the engine serialises calls and loading happens once.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import difflib
 import hashlib
 import json
@@ -1274,11 +1272,11 @@ class ChatSafeCoDe(BaseChatModel):
 
     async def _astart(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]) -> _Call:
         """`_start` on a preparation thread (images, loading, the judge block); the caller's context goes along."""
-        from .engine import PREPARE_EXECUTOR
+        from .engine import arun_briefly
 
-        context = contextvars.copy_context()  # the judge hand-off and LangChain's tracing ride on it
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(PREPARE_EXECUTOR, lambda: context.run(self._start, messages, stop, kwargs))
+        # in a short-lived thread (see engine.run_briefly); the judge hand-off and LangChain's
+        # tracing ride along on the copied context
+        return await arun_briefly(lambda: self._start(messages, stop, kwargs))
 
     async def _agenerate(
         self,

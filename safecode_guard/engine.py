@@ -21,12 +21,13 @@ rows leave the batch at the next step.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -48,14 +49,70 @@ from .verdict import Verdict, validated_verdict
 __all__ = ["SafeCoDe", "SafeCoDeResult", "SafeCoDeStream", "Usage"]
 
 FinishReason = Literal["stop", "length"]
+T = TypeVar("T")
 
 #: Most token ids one request's `logit_bias` may name (OpenAI's limit too).
 MAX_LOGIT_BIAS = 300
 
-#: Request preparation (image decoding, the processor, the judge) runs in the caller's thread;
-#: asyncio callers borrow one of these threads so their event loop never blocks. Bounded:
-#: beyond 32 at once, async requests wait for a free preparation thread.
-PREPARE_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="safecode-prepare")
+# Request preparation (the processor, the noised copy) runs torch's parallel CPU kernels. With
+# GNU OpenMP a thread that ran one keeps a thread team for as long as it lives, and once a
+# process holds more OpenMP threads than cores every team's spin-wait is throttled: with 8
+# long-lived caller threads on 2 cores the scheduler's decode steps took 40-60% longer. So
+# preparation runs in a short-lived thread of its own, and callers' threads never join OpenMP.
+MAX_PREPARING = 32
+"""Requests prepared at once from asyncio callers; more wait (threads are never piled up)."""
+_ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def run_briefly(fn: Callable[[], T]) -> T:
+    """`fn()` in a thread that ends with it (the caller's context goes along); its result or error."""
+    context = contextvars.copy_context()
+    box: list[Any] = []
+
+    def work() -> None:
+        try:
+            box.append((True, context.run(fn)))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=work, name="safecode-prepare", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+async def arun_briefly(fn: Callable[[], T]) -> T:
+    """`run_briefly` for asyncio: the event loop stays free while `fn` runs."""
+    loop = asyncio.get_running_loop()
+    slots = _ASYNC_SLOTS.get(loop)
+    if slots is None:
+        slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_PREPARING)
+    context = contextvars.copy_context()
+    async with slots:
+        future: asyncio.Future[T] = loop.create_future()
+
+        def work() -> None:
+            try:
+                result = context.run(fn)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        threading.Thread(target=work, name="safecode-prepare", daemon=True).start()
+        return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class Usage(BaseModel):
@@ -125,7 +182,8 @@ class SafeCoDeStream:
         return self._handle(*self._job.channel.get())
 
     def consume(self) -> SafeCoDeResult:
-        """Run to the end and return the result."""
+        """Run to the end and return the result (the reader is woken once, at the end)."""
+        self._job.channel.pieces_wanted = False
         for _ in self:
             pass
         assert self.result is not None
@@ -149,6 +207,7 @@ class SafeCoDeStream:
             raise
 
     async def aconsume(self) -> SafeCoDeResult:
+        self._job.channel.pieces_wanted = False
         async for _ in self:
             pass
         assert self.result is not None
@@ -346,20 +405,27 @@ class SafeCoDe:
         (`close()`) without any decoding. Raises `OverloadedError` when the
         model's queue is full.
         """
-        job, final, judge_s = self._prepare(
-            messages, steered=True, verdict=verdict, tools=tools, answer_prefix=answer_prefix,
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, stop=stop, seed=seed, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-        )
-        stream = SafeCoDeStream(final, job, self, judge_s)
-        return stream.start() if start else stream
+        options = {
+            "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "stop": stop,
+            "seed": seed, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+            "logit_bias": logit_bias,
+        }
+        return run_briefly(lambda: self._open(messages, start, options))
 
     async def astream(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeStream:
-        """`stream` for asyncio: preparation (images, judge) runs off the event loop; `async for` the result."""
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()  # e.g. a verdict handed off by a rail in this request
-        return await loop.run_in_executor(PREPARE_EXECUTOR, lambda: context.run(self.stream, messages, **kwargs))
+        """`stream` for asyncio (same arguments): preparation (images, judge) runs off the event loop,
+        and the stream is read with `async for`."""
+        start = kwargs.pop("start", True)
+        return await arun_briefly(lambda: self._open(messages, start, kwargs))
+
+    def _open(self, messages: Sequence[Mapping[str, Any]], start: bool, options: dict[str, Any]) -> SafeCoDeStream:
+        defaults = {"max_new_tokens": 256, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                    "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
+                    "logit_bias": None}
+        job, final, judge_s = self._prepare(messages, steered=True, **{**defaults, **options})
+        stream = SafeCoDeStream(final, job, self, judge_s)
+        return stream.start() if start else stream
 
     def baseline(
         self,
@@ -377,11 +443,11 @@ class SafeCoDe:
         logit_bias: Mapping[int | str, float] | None = None,
     ) -> SafeCoDeResult:
         """Plain decoding of the same prompt: no judge, no contrast, no modulation."""
-        job, _, _ = self._prepare(
+        job, _, _ = run_briefly(lambda: self._prepare(
             messages, steered=False, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-        )
+        ))
         return SafeCoDeStream(None, job, self, 0.0).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------

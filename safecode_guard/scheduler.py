@@ -73,26 +73,46 @@ class Channel:
 
     `put` never blocks; `get` blocks a thread; `aget` awaits on the reader's
     event loop (woken with `call_soon_threadsafe`), so asyncio readers need no
-    thread of their own.
+    thread of their own. Waking a reader costs the scheduler a thread switch
+    and a turn of the GIL, so it is done only when the reader wants it: a
+    reader that only wants the whole answer (`pieces_wanted = False`) is woken
+    once, at the end; pieces put with `wake=False` are delivered by the next
+    `wake()` (the scheduler wakes every reader of a step once, after the step).
     """
 
     def __init__(self) -> None:
         self._items: collections.deque[tuple[str, Any]] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._ended = False
+        self.pieces_wanted = True
 
-    def put(self, kind: str, value: Any = None) -> None:
+    def put(self, kind: str, value: Any = None, *, wake: bool = True) -> None:
         with self._cond:
             self._items.append((kind, value))
+            if kind != "piece":
+                self._ended = True
+            elif not (wake and self.pieces_wanted):
+                return
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the reader (a thread in `get`, or a task in `aget`) if it is waiting for what is here."""
+        with self._cond:
+            if not (self._ended or (self.pieces_wanted and self._items)):
+                return
             self._cond.notify()
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_wake, fut)
 
+    def _ready(self) -> bool:
+        return self._ended or (self.pieces_wanted and bool(self._items))
+
     def get(self, timeout: float | None = None) -> tuple[str, Any]:
         with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+            if not self._cond.wait_for(self._ready, timeout):
                 raise TimeoutError("no item within the timeout")
             return self._items.popleft()
 
@@ -100,7 +120,7 @@ class Channel:
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
-                if self._items:
+                if self._ready():
                     return self._items.popleft()
                 fut: asyncio.Future[None] = loop.create_future()
                 self._waiters.append((loop, fut))
@@ -190,8 +210,7 @@ def kv_bytes_per_token(model: Any) -> int:
 
 
 def _to_model(batch: Any, model: Any) -> dict[str, Any]:
-    batch = batch.to(model.device) if hasattr(batch, "to") else dict(batch)
-    out = dict(batch)
+    out = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(batch).items()}
     # pixel values follow the model's dtype (e.g. bf16); integer tensors stay as they are
     for key, value in out.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -225,6 +244,7 @@ class Scheduler:
         self._owners: list[DecodeJob] = []  # row i of the batch belongs to _owners[i]
         self._rows: RowBatch | None = None
         self._worker: threading.Thread | None = None
+        self._closing = False
         self.steps = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_step: Callable[[int], None] | None = None
@@ -292,6 +312,7 @@ class Scheduler:
         """
         with self._cond:
             worker = self._worker
+            self._closing = True  # also catches jobs admitted but not yet running
             for job in list(self._waiting):
                 job.cancel()
             for job in self._active:
@@ -299,6 +320,8 @@ class Scheduler:
             self._cond.notify_all()
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
+        with self._cond:
+            self._closing = False
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -321,8 +344,8 @@ class Scheduler:
                     continue
             if prefills:
                 self._run_prefills(prefills)
-            for job in admitted:
-                self._start(job)
+            for group in self._prefill_groups(admitted):
+                self._start(group)
             if self._active:
                 self._step()
 
@@ -402,41 +425,86 @@ class Scheduler:
 
     # -- decode jobs -------------------------------------------------------------------------
 
-    def _start(self, job: DecodeJob) -> None:
-        """Prefill a newcomer, choose its first token, and line its rows up with the batch."""
-        if job.cancelled:
-            self._end(job, "cancelled")
+    def _prefill_groups(self, jobs: list[DecodeJob]) -> list[list[DecodeJob]]:
+        """Newcomers in groups whose prompts stack without padding (one prefill each group).
+
+        Stacking only appends rows (every tensor keeps its shape but the first
+        dimension), so each row is computed as it would be alone, up to the
+        batched kernels' summation order, as in a decode step. Until the first
+        prefill shows the cache can be batched, and with batching off, every
+        request is prefilled alone.
+        """
+        groups: list[list[DecodeJob]] = []
+        for job in jobs:
+            if (
+                groups
+                and self.batchable
+                and self.settings.enabled
+                and _stackable(groups[-1][0].batch, job.batch)
+                and sum(j.rows for j in groups[-1]) + job.rows <= self.settings.max_batch_rows
+            ):
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        return groups
+
+    def _start(self, jobs: list[DecodeJob]) -> None:
+        """Prefill newcomers (stacked), choose their first tokens, and line their rows up with the batch."""
+        for job in jobs:
+            if self._closing:
+                job.cancel()
+            if job.cancelled:
+                self._end(job, "cancelled")
+        jobs = [j for j in jobs if not j.cancelled]
+        if not jobs:
             return
-        job.status = "running"
-        job.t_start = time.perf_counter()
+        started = time.perf_counter()
+        for job in jobs:
+            job.status = "running"
+            job.t_start = started
+        batch = jobs[0].batch if len(jobs) == 1 else _stack([j.batch for j in jobs])
         try:
-            rows, logits = self.decoder.prefill(_to_model(job.batch, self.model))
+            rows, logits = self.decoder.prefill(_to_model(batch, self.model))
         except Exception as exc:
-            self._fail(job, _prefill_error(exc, self.model, job))
+            if len(jobs) > 1:  # one bad request must not fail its neighbours: prefill each alone
+                for job in jobs:
+                    self._start([job])
+                return
+            self._fail(jobs[0], _prefill_error(exc, self.model, jobs[0]))
+            jobs[0].batch = None
             return
-        finally:
+        for job in jobs:
             job.batch = None  # pixels are prefill-only: free them now
+        if len(jobs) > 1:
+            self.stats["stacked_prefills"] += 1
         if self.batchable is None:
             self.unbatchable_reason = unbatchable_reason(rows.cache)
             self.batchable = self.unbatchable_reason is None
-        job.t_first = time.perf_counter()
-        try:
-            token = job.steering.choose(logits)
-        except Exception as exc:
-            self._fail(job, exc)
+        keep: list[int] = []
+        owners: list[DecodeJob] = []
+        first = 0
+        for job in jobs:
+            n = job.rows
+            job.t_first = time.perf_counter()
+            try:
+                token = job.steering.choose(logits[first : first + n])
+            except Exception as exc:
+                self._fail(job, exc)
+                first += n
+                continue
+            if not self._accept(job, token):
+                # the noised row leaves at once if the window is already over
+                keep += list(range(first, first + job.rows))
+                owners += [job] * job.rows
+            first += n
+        if not keep:
             return
-        if self._accept(job, token):
-            return
-        if job.rows < rows.size:
-            rows.select([0])  # the window is over: the noised row leaves
-        owners = [job] * rows.size
+        if len(keep) < rows.size:
+            rows.select(keep)
         with self._cond:
-            if self._rows is None:
-                self._rows = rows
-            else:
-                self._rows = merge(self._rows, rows)
+            self._rows = rows if self._rows is None else merge(self._rows, rows)
             self._owners.extend(owners)
-            self._active.append(job)
+            self._active.extend(dict.fromkeys(owners))
 
     def _step(self) -> None:
         """One forward for every active row, then each request's next token."""
@@ -477,15 +545,17 @@ class Scheduler:
                 self._fail(job, exc)
                 ended = True
                 continue
-            ended |= self._accept(job, token)
+            ended |= self._accept(job, token, wake=False)
         self._prune(force=ended)
+        for job in self._owners:  # readers wake once, together, while the next forward runs
+            job.channel.wake()
 
-    def _accept(self, job: DecodeJob, token: int) -> bool:
+    def _accept(self, job: DecodeJob, token: int, *, wake: bool = True) -> bool:
         """Record and emit `token`; True when the job has ended."""
         job.steering.accept(token)
         piece = job.tracker.add(token)
         if piece:
-            job.channel.put("piece", piece)
+            job.channel.put("piece", piece, wake=wake)
         if token in job.eos_ids or job.tracker.stopped:
             self._end(job, "stop")
             return True
@@ -499,6 +569,8 @@ class Scheduler:
         now = time.perf_counter()
         gone = False
         for job in self._active:
+            if self._closing:
+                job.cancel()
             if job.cancelled:
                 self._end(job, "cancelled")
                 gone = True
@@ -557,6 +629,31 @@ class Scheduler:
             f"queue time included; {job.steering.t} token(s) were generated). Ask for fewer tokens, retry when "
             "the model is less busy, or raise the timeout."
         )
+
+
+def _stackable(a: Any, b: Any) -> bool:
+    """Whether two encoded requests stack into one batch without padding: the same keys, and
+    every tensor of the same shape except its first dimension (rows, or images)."""
+    if a is None or b is None or set(a.keys()) != set(b.keys()):
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.ndim == 0 or x.ndim != y.ndim or x.shape[1:] != y.shape[1:] or x.dtype != y.dtype:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _stack(batches: list[Any]) -> dict[str, Any]:
+    first = batches[0]
+    return {
+        key: torch.cat([b[key] for b in batches], dim=0) if isinstance(first[key], torch.Tensor) else first[key]
+        for key in first
+    }
 
 
 def _prefill_error(exc: Exception, model: Any, job: DecodeJob) -> Exception:

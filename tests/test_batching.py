@@ -110,6 +110,57 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(fresh, family):
     assert scheduler.batchable, scheduler.unbatchable_reason
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_burst_of_same_length_prompts_is_prefilled_together_and_answered_as_alone(fresh, family):
+    model, processor = fresh(family)
+    engines = engines_for(model, processor)
+    # one prompt and one image size: the prompts stack without padding (different pixels, verdicts, settings)
+    images = [gradient_image(48, 40), stripes_image(48, 40), gradient_image(48, 40).transpose(0), stripes_image(48, 40).rotate(180)]
+    burst = [
+        (name, user_turn("Describe the image.", img), kw)
+        for (name, kw), img in zip(
+            [("safe", {"max_new_tokens": 9}), ("unsafe", {"max_new_tokens": 7}), ("plain", {"max_new_tokens": 8}),
+             ("safe", {"max_new_tokens": 6, "do_sample": True, "temperature": 1.2, "seed": 5})],
+            images, strict=True,
+        )
+    ]
+    alone = [engines[name].generate(msgs, **kw).token_ids for name, msgs, kw in burst]
+    scheduler = engines["safe"].scheduler
+    before = scheduler.stats["stacked_prefills"]
+    streams = [engines[name].stream(msgs, start=False, **kw) for name, msgs, kw in burst]
+    with scheduler._cond:  # the worker admits them in one round
+        for stream in streams:
+            stream.start()
+    assert [s.consume().token_ids for s in streams] == alone
+    assert scheduler.stats["stacked_prefills"] == before + 1
+
+
+def test_a_bad_request_in_a_stacked_prefill_fails_alone(fresh, monkeypatch):
+    from safecode_guard import adapters
+
+    model, processor = fresh("llava")
+    engine = SafeCoDe(model, processor, judge="fixed:safe")
+    good, bad = gradient_image(48, 40), stripes_image(48, 40)
+    msgs = [user_turn("Describe the image.", good), user_turn("Describe the image.", bad)]
+    alone = engine.generate(msgs[0], max_new_tokens=5).token_ids
+    bad_pixels = processor(images=[[bad]], text=["<image>"], return_tensors="pt")["pixel_values"][0]
+    real_prefill = adapters.Decoder.prefill
+
+    def refuse_the_bad_image(self, batch):  # the model fails on any batch holding the bad image
+        if any(torch.equal(p, bad_pixels) for p in batch["pixel_values"]):
+            raise RuntimeError("boom")
+        return real_prefill(self, batch)
+
+    monkeypatch.setattr(adapters.Decoder, "prefill", refuse_the_bad_image)
+    streams = [engine.stream(m, max_new_tokens=5, start=False) for m in msgs]
+    with engine.scheduler._cond:
+        for stream in streams:
+            stream.start()
+    assert streams[0].consume().token_ids == alone  # retried alone after the stacked prefill failed
+    with pytest.raises(UnsupportedContentError, match="boom"):
+        streams[1].consume()
+
+
 def test_streams_start_as_soon_as_their_own_first_token_exists(fresh):
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
