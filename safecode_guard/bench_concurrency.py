@@ -115,25 +115,6 @@ class ConcurrencyReport:
         return lines
 
 
-def _in_thread(fn: Callable[[], Any]) -> Any:
-    """`fn()` in a short-lived thread of its own (its OpenMP team goes when it ends)."""
-    box: list[Any] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            box.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return box[0]
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if len(ordered) == 1:
@@ -159,7 +140,7 @@ def run_concurrency_bench(
     progress: Callable[[str], None] | None = None,
 ) -> ConcurrencyReport:
     """Build the preset model and time the three methods at every level, interleaved."""
-    from .bench import PROMPT, _PeakMemory, _scene_image
+    from .bench import PROMPT, _PeakMemory, _scene_image, run_off_main
     from .engine import SafeCoDe
     from .testing import build_bench_llava_model
 
@@ -169,7 +150,7 @@ def run_concurrency_bench(
     # Every method runs its model work off the main thread; the main thread runs none at all.
     # (With GNU OpenMP, once the main thread has a thread team, other threads' parallel
     # regions are throttled on a machine with few cores: see the README's note.)
-    model, processor = _in_thread(lambda: build_bench_llava_model(preset, device=dev))
+    model, processor = run_off_main(lambda: build_bench_llava_model(preset, device=dev))
     model.generation_config.eos_token_id = None  # fixed-length decoding for every method
     engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
     size = processor.image_processor.crop_size["height"]
@@ -230,7 +211,7 @@ def run_concurrency_bench(
                 ttft.append(started + first_token_s(result))
             return done, ttft
 
-        return _in_thread(run)
+        return run_off_main(run)
 
     def plain(images: list[Any]) -> tuple[list[float], list[float]]:
         from transformers import LogitsProcessor, LogitsProcessorList
@@ -256,7 +237,7 @@ def run_concurrency_bench(
             return out, batch
 
         t0 = time.perf_counter()
-        out, batch = _in_thread(run)  # off the main thread, as a server runs it (and as the scheduler does)
+        out, batch = run_off_main(run)  # off the main thread, as a server runs it (and as the scheduler does)
         total = time.perf_counter() - t0
         assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
         return [total] * len(images), [first[0] - t0] * len(images)
@@ -267,7 +248,7 @@ def run_concurrency_bench(
     say("warming up ...")
     for fn in runs_by_method.values():
         fn(scenes(2))
-    prompt_tokens = _in_thread(
+    prompt_tokens = run_off_main(
         lambda: int(processor(images=[[scenes(1)[0]]], text=[prompt], return_tensors="pt")["input_ids"].shape[1])
     )
     report = ConcurrencyReport(

@@ -64,6 +64,9 @@ __all__ = ["Channel", "DecodeJob", "PrefillJob", "Scheduler", "kv_bytes_per_toke
 
 Status = Literal["waiting", "running", "finished", "cancelled", "failed"]
 
+IDLE_EXIT_S = 2.0
+"""Seconds an idle worker thread waits for new requests before it exits."""
+
 
 # --------------------------------------------------------------------------- channel
 
@@ -331,12 +334,21 @@ class Scheduler:
     # -- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        idle_since: float | None = None
         while True:
             with self._cond:
                 self._expire_waiting()
                 if not (self._active or self._waiting or self._prefills):
-                    self._worker = None
-                    return
+                    # Linger a moment before exiting: a thread keeps its allocator arena and its
+                    # OpenMP team warm for the next request (and a model is not freed meanwhile).
+                    now = time.perf_counter()
+                    idle_since = idle_since or now
+                    if self._closing or now - idle_since >= IDLE_EXIT_S:
+                        self._worker = None
+                        return
+                    self._cond.wait(IDLE_EXIT_S - (now - idle_since))
+                    continue
+                idle_since = None
                 admitted = self._admissible()
                 prefills, self._prefills = self._prefills, []
                 if not (admitted or prefills or self._active):

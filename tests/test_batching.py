@@ -353,7 +353,10 @@ def test_a_judge_score_at_the_threshold_is_rescored_alone(fresh):
     assert [results[i].unsafe_score for i in range(8)] == pytest.approx(solo, abs=1e-6)
 
 
-def test_scheduler_thread_exits_when_idle(fresh):
+def test_scheduler_thread_exits_when_idle(fresh, monkeypatch):
+    from safecode_guard import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "IDLE_EXIT_S", 0.2)
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe")
     engine.generate(user_turn("Hi", gradient_image()), max_new_tokens=3)
@@ -397,3 +400,38 @@ def test_close_cancels_everything_and_the_scheduler_stays_usable(fresh):
     assert engine.scheduler._worker is None
     assert all(s._job.status == "cancelled" for s in streams)
     assert len(engine.generate(user_turn("Hi", gradient_image()), max_new_tokens=3).token_ids) == 3
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_rss_stays_flat_over_500_mixed_requests_at_concurrency_8(fresh):
+    import concurrent.futures
+
+    model, processor = fresh("qwen2_vl")
+    engines = engines_for(model, processor)
+    requests = mixed_requests("qwen2_vl")
+
+    def one(i: int) -> int:
+        name, msgs, kw = requests[i % len(requests)]
+        kw = {**kw, "max_new_tokens": min(kw["max_new_tokens"], 8)}
+        if i % 11 == 0:  # some readers walk away mid-answer
+            stream = engines[name].stream(msgs, **kw)
+            next(stream, None)
+            stream.close()
+            return 0
+        return len(engines[name].generate(msgs, **kw).token_ids)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(100)))  # warm-up: allocator arenas, caches
+        gc.collect()
+        rss = [_rss_mb()]
+        for start in range(100, 600, 100):
+            assert all(n >= 0 for n in pool.map(one, range(start, start + 100)))
+            gc.collect()
+            rss.append(_rss_mb())
+    print(f"\nRSS (MB) after warm-up and after each 100 of 500 requests at concurrency 8: {[round(r, 1) for r in rss]}")
+    assert max(rss) - rss[0] < 30, rss
+    assert engines["safe"].scheduler.active_rows == 0 and engines["safe"].scheduler.queue_depth == 0
