@@ -221,3 +221,6 @@ class BatchingConfig(BaseModel):
     last token); None: no budget beyond `max_batch_rows`."""
     request_timeout_s: float | None = Field(None, gt=0, le=86400)
     """Seconds one request may take from submission to its last token; None waits forever."""
+    gather_ms: float = Field(50.0, ge=0, le=5000)
+    """At the start of a burst (nothing decoding), wait up to this long for requests still being
+    prepared, so that they are prefilled together and decode without padding. 0 never waits."""

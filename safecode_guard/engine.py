@@ -423,9 +423,10 @@ class SafeCoDe:
         defaults = {"max_new_tokens": 256, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
                     "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
                     "logit_bias": None}
-        job, final, judge_s = self._prepare(messages, steered=True, **{**defaults, **options})
-        stream = SafeCoDeStream(final, job, self, judge_s)
-        return stream.start() if start else stream
+        with self.scheduler.preparing():  # a burst's first prefill may wait for this one
+            job, final, judge_s = self._prepare(messages, steered=True, **{**defaults, **options})
+            stream = SafeCoDeStream(final, job, self, judge_s)
+            return stream.start() if start else stream
 
     def baseline(
         self,

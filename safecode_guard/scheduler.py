@@ -248,6 +248,7 @@ class Scheduler:
         self._rows: RowBatch | None = None
         self._worker: threading.Thread | None = None
         self._closing = False
+        self._preparing = 0  # requests being prepared for this model right now
         self.steps = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_step: Callable[[int], None] | None = None
@@ -349,6 +350,7 @@ class Scheduler:
                     self._cond.wait(IDLE_EXIT_S - (now - idle_since))
                     continue
                 idle_since = None
+                self._gather_burst()
                 admitted = self._admissible()
                 prefills, self._prefills = self._prefills, []
                 if not (admitted or prefills or self._active):
@@ -360,6 +362,27 @@ class Scheduler:
                 self._start(group)
             if self._active:
                 self._step()
+
+    def preparing(self) -> contextlib.AbstractContextManager[None]:
+        """Mark a request as being prepared for this model (images, prompt, judge) until it is queued."""
+        return _Preparing(self)
+
+    def _gather_burst(self) -> None:
+        """At the start of a burst, wait briefly for requests still being prepared (under the lock).
+
+        Requests that start together are prefilled together and decode without
+        left padding (padding costs every later step a masked attention). Only
+        when nothing is decoding, so no running answer is held up; at most
+        `BatchingConfig.gather_ms`.
+        """
+        if self._active or not self._waiting or self._preparing <= 0 or not self.settings.enabled:
+            return
+        deadline = time.perf_counter() + self.settings.gather_ms / 1000
+        while self._preparing > 0 and not self._closing:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._cond.wait(left)
 
     def _expire_waiting(self) -> None:
         now = time.perf_counter()
@@ -679,6 +702,20 @@ def _prefill_error(exc: Exception, model: Any, job: DecodeJob) -> Exception:
         error.__cause__ = exc
         return error
     return exc
+
+
+class _Preparing:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def __enter__(self) -> None:
+        with self.scheduler._cond:
+            self.scheduler._preparing += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.scheduler._cond:
+            self.scheduler._preparing -= 1
+            self.scheduler._cond.notify_all()
 
 
 # --------------------------------------------------------------------------- one scheduler per model
