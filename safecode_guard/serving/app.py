@@ -235,6 +235,25 @@ class BodySizeLimit:
             await error_response(exc)(scope, receive, send)
 
 
+class InstanceHeader:
+    """ASGI middleware: name the server instance that answered in `X-SafeCoDe-Instance`."""
+
+    def __init__(self, app: ASGIApp, value: str) -> None:
+        self.app, self.value = app, value.encode("latin-1", "replace")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-safecode-instance", self.value)]
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -388,6 +407,7 @@ def create_app(
     judge: Any = None,
     load: bool = True,
     on_ready: Callable[[], None] | None = None,
+    instance_id: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `settings.model` (or the given `host`).
 
@@ -396,6 +416,8 @@ def create_app(
     `settings.judge` for Python embeddings. Pass `load=False` and call
     `host.load()` yourself to load before serving (Ray Serve replicas do).
     `on_ready` is called once the model is loaded (the CLI prints the URL).
+    `instance_id` names this server in an `X-SafeCoDe-Instance` header on
+    every response (Ray Serve replicas set it, so a client sees which answered).
     """
     settings = settings or (host.settings if host is not None else ServerSettings())
     host = host or ModelHost(settings, judge=judge)
@@ -506,6 +528,8 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=[VERDICT_HEADER])
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    if instance_id is not None:
+        app.add_middleware(InstanceHeader, value=instance_id)
     return app
 
 
