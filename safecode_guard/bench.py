@@ -156,6 +156,32 @@ def _kv_row_mb(model: Any, tokens: int) -> float:
     return text.num_hidden_layers * 2 * heads * head_dim * tokens * element / 2**20
 
 
+def bench_model(preset: str, device: str | None, say: Callable[[str], None]) -> tuple[torch.device, Any, Any]:
+    """The preset's random model on its device, built off the main thread, ending on EOS never."""
+    from .testing import build_bench_llava_model
+
+    dev = torch.device(device or ("cuda" if preset == "gpu" else "cpu"))
+    say(f"building the {preset} preset model on {dev} ...")
+    # Model work runs off the main thread for every method (the engine's scheduler is a thread):
+    # with GNU OpenMP, a main thread that ran torch ops slows other threads' parallel regions.
+    model, processor = run_off_main(lambda: build_bench_llava_model(preset, device=dev))
+    # Fixed-length decoding: with random weights EOS could come at any step.
+    model.generation_config.eos_token_id = None
+    return dev, model, processor
+
+
+def print_report(header: str, report: Any, json_path: str | None) -> int:
+    """Print a report's header, table and verdict lines; also write it as JSON when asked."""
+    print(header)
+    print(report.table())
+    for line in report.verdicts():
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(asdict(report), f, indent=2)
+    return 0
+
+
 def run_off_main(fn: Callable[[], Any]) -> Any:
     """`fn()` in a short-lived thread of its own; its result or its error.
 
@@ -217,16 +243,9 @@ def run_bench(
     """Build the preset model and time every method `rounds` times, interleaved."""
     from .config import SafeCoDeConfig
     from .engine import SafeCoDe
-    from .testing import build_bench_llava_model
 
     say = progress or (lambda _msg: None)
-    dev = torch.device(device or ("cuda" if preset == "gpu" else "cpu"))
-    say(f"building the {preset} preset model on {dev} ...")
-    # Model work runs off the main thread for every method (the engine's scheduler is a thread):
-    # with GNU OpenMP, a main thread that ran torch ops slows other threads' parallel regions.
-    model, processor = run_off_main(lambda: build_bench_llava_model(preset, device=dev))
-    # Fixed-length decoding: with random weights EOS could come at any step.
-    model.generation_config.eos_token_id = None
+    dev, model, processor = bench_model(preset, device, say)
     size = processor.image_processor.crop_size["height"]
     messages = [{"role": "user", "content": [{"type": "image", "image": _scene_image(size)}, {"type": "text", "text": PROMPT}]}]
     cfg = SafeCoDeConfig()
@@ -337,18 +356,13 @@ def run_command(args: argparse.Namespace) -> int:
         device=args.device,
         progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
     )
-    print(
+    return print_report(
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "
         f"prompt {report.prompt_tokens} tokens, {report.new_tokens} new tokens, greedy; "
-        f"median of {report.rounds} interleaved rounds"
+        f"median of {report.rounds} interleaved rounds",
+        report,
+        args.json_path,
     )
-    print(report.table())
-    for line in report.verdicts():
-        print(line)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(asdict(report), f, indent=2)
-    return 0
 
 
 def _run_concurrency(args: argparse.Namespace) -> int:
@@ -367,15 +381,10 @@ def _run_concurrency(args: argparse.Namespace) -> int:
         device=args.device,
         progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
     )
-    print(
+    return print_report(
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "
         f"prompt {report.prompt_tokens} tokens, {report.new_tokens} new tokens each, greedy, fixed verdict; "
-        f"tokens/s from the median of {report.rounds} interleaved rounds, latencies pooled over rounds"
+        f"tokens/s from the median of {report.rounds} interleaved rounds, latencies pooled over rounds",
+        report,
+        args.json_path,
     )
-    print(report.table())
-    for line in report.verdicts():
-        print(line)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(asdict(report), f, indent=2)
-    return 0

@@ -140,18 +140,11 @@ def run_concurrency_bench(
     progress: Callable[[str], None] | None = None,
 ) -> ConcurrencyReport:
     """Build the preset model and time the three methods at every level, interleaved."""
-    from .bench import PROMPT, _PeakMemory, _scene_image, run_off_main
+    from .bench import PROMPT, _PeakMemory, _scene_image, bench_model, run_off_main
     from .engine import SafeCoDe
-    from .testing import build_bench_llava_model
 
     say = progress or (lambda _msg: None)
-    dev = torch.device(device or ("cuda" if preset == "gpu" else "cpu"))
-    say(f"building the {preset} preset model on {dev} ...")
-    # Every method runs its model work off the main thread; the main thread runs none at all.
-    # (With GNU OpenMP, once the main thread has a thread team, other threads' parallel
-    # regions are throttled on a machine with few cores: see the README's note.)
-    model, processor = run_off_main(lambda: build_bench_llava_model(preset, device=dev))
-    model.generation_config.eos_token_id = None  # fixed-length decoding for every method
+    dev, model, processor = bench_model(preset, device, say)  # off the main thread, as every method runs
     engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
     size = processor.image_processor.crop_size["height"]
     template = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]

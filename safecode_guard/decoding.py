@@ -26,7 +26,7 @@ import torch
 from . import ops
 from .config import SafeCoDeConfig
 
-__all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "Steering", "TextTracker"]
+__all__ = ["MAX_PENDING_TOKENS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "Steering", "TextTracker"]
 
 #: Most stop strings one request may give, and the longest each may be (characters).
 MAX_STOP_STRINGS = 16
@@ -34,7 +34,8 @@ MAX_STOP_CHARS = 256
 
 TokenSeq = tuple[int, ...]
 
-_UTF8_MAX_BYTES = 4
+#: Tokens a trailing U+FFFD may wait for the rest of its character before it counts as final.
+MAX_PENDING_TOKENS = 16
 
 
 class Steering:
@@ -151,9 +152,10 @@ class TextTracker:
         prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
         full = self._decode(self.ids[self._prefix_offset :])
         pending = len(self.ids) - self._read_offset
-        if len(full) <= len(prefix) or (full.endswith("\ufffd") and pending < _UTF8_MAX_BYTES):
-            # A token with no text, or half a multi-byte character: wait for more. After
-            # 4 tokens a character cannot still be incomplete, so a trailing U+FFFD is real.
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and pending < MAX_PENDING_TOKENS):
+            # A token with no text, or part of a multi-byte character: wait for more. Bytes that
+            # never become a character (garbage from a random model) are released after
+            # MAX_PENDING_TOKENS tokens, so a step never decodes more than that many.
             return ""
         before = len(self.text)
         self.text += full[len(prefix) :]

@@ -249,6 +249,7 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._closing = False
         self._preparing = 0  # requests being prepared for this model right now
+        self._burst_deadline: float | None = None
         self.steps = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_step: Callable[[int], None] | None = None
@@ -350,8 +351,8 @@ class Scheduler:
                     self._cond.wait(IDLE_EXIT_S - (now - idle_since))
                     continue
                 idle_since = None
-                self._gather_burst()
-                admitted = self._admissible()
+                # judge prefills that came in while gathering run first; the gathering goes on after
+                admitted = [] if self._gather_burst() else self._admissible()
                 prefills, self._prefills = self._prefills, []
                 if not (admitted or prefills or self._active):
                     self._cond.wait(0.05)  # waiting requests that do not fit yet (cannot happen alone)
@@ -367,22 +368,27 @@ class Scheduler:
         """Mark a request as being prepared for this model (images, prompt, judge) until it is queued."""
         return _Preparing(self)
 
-    def _gather_burst(self) -> None:
+    def _gather_burst(self) -> bool:
         """At the start of a burst, wait briefly for requests still being prepared (under the lock).
 
         Requests that start together are prefilled together and decode without
         left padding (padding costs every later step a masked attention). Only
-        when nothing is decoding, so no running answer is held up; at most
-        `BatchingConfig.gather_ms`.
+        when nothing is decoding, so no running answer is held up, and at most
+        `BatchingConfig.gather_ms` per burst. A request being prepared may be
+        waiting for its self judge's prefill: when one arrives, the wait stops
+        (returning True) so that the prefill runs, and resumes afterwards.
         """
-        if self._active or not self._waiting or self._preparing <= 0 or not self.settings.enabled:
-            return
-        deadline = time.perf_counter() + self.settings.gather_ms / 1000
-        while self._preparing > 0 and not self._closing:
-            left = deadline - time.perf_counter()
+        if self._active or not self._waiting or not self.settings.enabled:
+            self._burst_deadline = None
+            return False
+        if self._burst_deadline is None:
+            self._burst_deadline = time.perf_counter() + self.settings.gather_ms / 1000
+        while self._preparing > 0 and not self._closing and not self._prefills:
+            left = self._burst_deadline - time.perf_counter()
             if left <= 0:
                 break
             self._cond.wait(left)
+        return bool(self._prefills) and self._preparing > 0
 
     def _expire_waiting(self) -> None:
         now = time.perf_counter()

@@ -31,3 +31,17 @@ def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
 def test_bench_command_rejects_bad_arguments(capsys):
     assert main(["bench", "--preset", "tiny", "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_concurrency_bench_measures_three_methods_per_level(tmp_path, capsys):
+    out = tmp_path / "conc.json"
+    assert main(["bench", "--preset", "tiny", "--concurrency", "1,2", "--rounds", "1", "--new-tokens", "3",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "x serial" in printed and "p95 TTFT s" in printed and "peak memory per extra concurrent request" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["method"], r["concurrency"]) for r in rows) == sorted(
+        (m, n) for m in ("batched", "serialised", "plain") for n in (1, 2)
+    )
+    assert all(r["tokens_per_s"] > 0 and r["p95_ttft_s"] <= r["p95_latency_s"] for r in rows)
+    assert main(["bench", "--preset", "tiny", "--concurrency", "0,x"]) == 2

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import SafeCoDe, SafeCoDeConfig, Verdict
 from safecode_guard.ops import noised_image
-from safecode_guard.testing import FAMILIES, gradient_image
+from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 FILL_ONE = {"paligemma"}  # PaliGemma marks generated tokens 1 (causal suffix), others 0
 
@@ -389,3 +389,75 @@ def test_inputs_a_family_cannot_take_are_typed_errors_and_the_model_stays_usable
     with pytest.raises(UnsupportedContentError, match="2 image"):
         engine.generate(user_turn("Compare.", gradient_image(), gradient_image()), max_new_tokens=2)
     assert engine.generate(user_turn("Describe.", gradient_image()), max_new_tokens=2).usage.completion_tokens >= 1
+
+
+# -- issue 10: limits before any model work, bounded stop strings, no lock across a yield ---------
+
+
+def test_every_length_limit_is_checked_before_the_judge(llava):
+    from safecode_guard import InputLimitError, InputPolicy
+
+    model, processor = llava
+    calls: list[object] = []
+
+    def judge(request):
+        calls.append(request)
+        return "safe"
+
+    long_text = "word " * 5000
+    engine = SafeCoDe(model, processor, judge=judge, policy=InputPolicy(max_prompt_tokens=64))
+    with pytest.raises(InputLimitError, match="max_prompt_tokens"):
+        engine.generate([{"role": "user", "content": long_text}], max_new_tokens=4)
+    unlimited = SafeCoDe(model, processor, judge=judge)
+    with pytest.raises(InputLimitError, match="context"):
+        unlimited.generate([{"role": "user", "content": long_text}], max_new_tokens=4)
+    with pytest.raises(InputLimitError, match="stop"):
+        unlimited.generate([{"role": "user", "content": "hi"}], stop=["x" * 300])
+    assert calls == []  # the judge (which may be a forward pass) never ran
+    self_judged = SafeCoDe(model, processor, judge="self", policy=InputPolicy(max_prompt_tokens=64))
+    seen: list[int] = []
+    self_judged.scheduler.on_step = seen.append
+    try:
+        with pytest.raises(InputLimitError):
+            self_judged.generate([{"role": "user", "content": long_text}], max_new_tokens=4)
+    finally:
+        self_judged.scheduler.on_step = None
+    assert self_judged.scheduler.stats["judge_batches"] == 0 and seen == []
+
+
+def test_stop_strings_are_bounded_in_number_and_length(llava):
+    from safecode_guard import InputLimitError
+    from safecode_guard.decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    model, processor = llava
+    engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InputLimitError, match=f"at most {MAX_STOP_STRINGS}"):
+        engine.generate(msgs, stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)])
+    with pytest.raises(InputLimitError, match=f"at most {MAX_STOP_CHARS}"):
+        engine.generate(msgs, stop=["y" * (MAX_STOP_CHARS + 1)])
+    full = engine.generate(msgs, max_new_tokens=20)
+    stops = ["z" * MAX_STOP_CHARS] * (MAX_STOP_STRINGS - 1) + [full.text[4:7]]
+    cut = engine.generate(msgs, max_new_tokens=20, stop=stops)
+    assert cut.text == full.text[: full.text.index(full.text[4:7])]
+
+
+def test_a_stream_read_from_two_threads_holds_nothing_and_a_paused_reader_blocks_no_one(llava):
+    import threading
+
+    model, processor = llava
+    engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
+    msgs = user_turn("Describe the image.", gradient_image())
+    alone = engine.generate(msgs, max_new_tokens=12).text
+    stream = engine.stream(msgs, max_new_tokens=12)
+    first = next(stream)  # read on this thread ...
+    rest: list[str] = []
+    reader = threading.Thread(target=lambda: rest.extend(stream))  # ... the rest on another
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive() and first + "".join(rest) == alone
+    paused = engine.stream(msgs, max_new_tokens=200)
+    next(paused)  # a reader that stops reading ...
+    other = engine.generate(user_turn("What is this?", stripes_image()), max_new_tokens=6)
+    assert len(other.token_ids) == 6  # ... holds up nobody
+    paused.close()

@@ -173,3 +173,45 @@ def test_penalize_follows_openai_definitions():
     assert out.tolist() == [1.0, 2.0 - 0.75 - 0.5, 3.0, 4.0 - 0.25 - 0.5]
     assert ops.penalize(z, {2: 1}, 0.0, 0.0, {0: 10.0, 3: -100.0}).tolist() == [11.0, 2.0, 3.0, -96.0]
     assert z.tolist() == [1.0, 2.0, 3.0, 4.0]  # never in place
+
+
+# -- the incremental text tracker against a naive one ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _CharTokenizer:
+    """Token i is the character chr(97 + i % 5), except 7 and 8: the two halves of 'é' in UTF-8."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        data = b"".join(bytes([0xC3]) if i == 7 else bytes([0xA9]) if i == 8 else chr(97 + i % 5).encode() for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    # at most 15 tokens: garbage bytes are released after MAX_PENDING_TOKENS (16) unmatched tokens
+    ids=st.lists(st.sampled_from([0, 1, 2, 3, 4, 7, 8]), max_size=15),
+    stops=st.lists(st.text(alphabet="abcdeé", min_size=1, max_size=4), max_size=3),
+)
+def test_text_tracker_matches_a_naive_decode_cut_at_the_first_stop(ids, stops):
+    from safecode_guard.decoding import TextTracker
+
+    tok = _CharTokenizer()
+    tracker = TextTracker(tok, stops)
+    pieces = []
+    for i in ids:
+        pieces.append(tracker.add(i))
+        if tracker.stopped:
+            break
+    pieces.append(tracker.flush())
+    text = tok.decode(ids[: len(tracker.ids)])  # everything the tracker was given, decoded at once
+    hits = [text.find(s) for s in stops if text.find(s) != -1]
+    assert "".join(pieces) == tracker.text  # streamed pieces add up to the answer
+    assert tracker.stopped == bool(hits)  # it stops exactly when a stop string appears
+    if hits:
+        assert tracker.text == text[: min(hits)]  # cut before the first one
+    else:
+        # the same text, except a trailing half character still waiting for its other half
+        assert tracker.text == text or (text.endswith("\ufffd") and text.startswith(tracker.text))
