@@ -313,9 +313,10 @@ class SafeCoDe:
 
         if dtype is not None:
             model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        model, processor = load_pretrained(path_or_id, **model_kwargs)
+        # Loading runs torch ops; in a thread of its own, so the caller's thread never joins OpenMP.
+        model, processor = run_briefly(lambda: load_pretrained(path_or_id, **model_kwargs))
         if device is not None:
-            model = model.to(device)
+            model = run_briefly(lambda: model.to(device))
         return cls(
             model, processor, config=config, judge=judge, policy=policy, model_name=str(path_or_id), batching=batching
         )
@@ -355,7 +356,7 @@ class SafeCoDe:
 
     def judge(self, messages: Sequence[Mapping[str, Any]]) -> Verdict:
         """The judge's verdict for `messages`, without generating an answer."""
-        return self._judge(parse_messages(messages, self.policy, max_side=self.image_side))
+        return run_briefly(lambda: self._judge(parse_messages(messages, self.policy, max_side=self.image_side)))
 
     def generate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
         """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""

@@ -485,9 +485,11 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
 
     async def _load(self) -> None:
         """Load the engine now (once), reporting a failure without the local path it names."""
+        from .engine import arun_briefly
+
         chat = self._llm
         try:
-            await asyncio.to_thread(lambda: chat.engine)
+            await arun_briefly(lambda: chat.engine)
         except Exception as exc:
             log.error("Loading the safecode model %r failed: %s", chat.model, exc, exc_info=exc)
             raise SafeCoDeError(

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..engine import arun_briefly
 from ..errors import JudgeError, OverloadedError, RequestTimeoutError, SafeCoDeInputError
 from ..openai_messages import to_langchain, tool_calls_out
 from .metrics import Metrics
@@ -428,7 +429,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = None
         if load and not host.ready:
-            loader = asyncio.create_task(asyncio.to_thread(_load_and_log, host, metrics, on_ready))
+            loader = asyncio.create_task(arun_briefly(lambda: _load_and_log(host, metrics, on_ready)))
         yield
         if loader is not None and not loader.done():
             loader.cancel()
