@@ -754,17 +754,8 @@ def _decode_opened(im: ImageFile.ImageFile, policy: InputPolicy, max_side: int |
     target = fit_within(im.size, max_side)
     if target is not None and im.format in ("JPEG", "MPO"):
         im.draft(None, target)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, still at least `target`
-    try:
-        im.load()
-    except Image.DecompressionBombError as exc:
-        raise _bomb_error(exc, policy.max_image_pixels) from exc
-    except MemoryError as exc:
-        raise _out_of_memory(im) from exc
-    except Exception as exc:  # truncated data, bad CRC, broken compressed stream, ...
-        raise ImageInputError(
-            f"The {im.format} image is corrupt or truncated ({type(exc).__name__}: {exc}). "
-            "Send the complete, unmodified file, or re-export it."
-        ) from exc
+    problem = f"The {im.format} image is corrupt or truncated"
+    _load_pixels(im, policy, problem, "Send the complete, unmodified file, or re-export it.")
     # The header size can grow while loading (a GIF frame larger than its screen).
     check_pixels(im.size, policy.max_image_pixels)
     orientation = _orientation(im)  # after loading: a PNG's eXIf chunk may follow its pixels
@@ -772,6 +763,18 @@ def _decode_opened(im: ImageFile.ImageFile, policy: InputPolicy, max_side: int |
         return _upright(_shrink_to_rgb(im, max_side), orientation)
     except MemoryError as exc:
         raise _out_of_memory(im) from exc
+
+
+def _load_pixels(im: Image.Image, policy: InputPolicy, problem: str, fix: str) -> None:
+    """`im.load()` with every failure typed: a bomb, memory, or a corrupt file (`problem`, `fix`)."""
+    try:
+        im.load()
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(exc, policy.max_image_pixels) from exc
+    except MemoryError as exc:
+        raise _out_of_memory(im) from exc
+    except Exception as exc:  # truncated data, bad CRC, broken compressed stream, ...
+        raise ImageInputError(f"{problem} ({type(exc).__name__}: {exc}). {fix}") from exc
 
 
 def _out_of_memory(im: Image.Image) -> ImageInputError:
@@ -827,17 +830,8 @@ def _from_pil(im: Image.Image, policy: InputPolicy, max_side: int | None) -> Ima
     small, and its scans counted, pass its bytes instead.
     """
     _check_pil(im, policy)
-    try:
-        im.load()
-    except Image.DecompressionBombError as exc:
-        raise _bomb_error(exc, policy.max_image_pixels) from exc
-    except MemoryError as exc:
-        raise _out_of_memory(im) from exc
-    except Exception as exc:
-        raise ImageInputError(
-            f"The PIL image cannot be loaded; its file is corrupt or truncated ({type(exc).__name__}: {exc}). "
-            "Send the complete file, or re-export it."
-        ) from exc
+    problem = "The PIL image cannot be loaded; its file is corrupt or truncated"
+    _load_pixels(im, policy, problem, "Send the complete file, or re-export it.")
     try:
         return _shrink_to_rgb(im, max_side)
     except MemoryError as exc:
