@@ -390,6 +390,28 @@ def _setting_hint(key: str, valid: Sequence[str]) -> str:
     return f"`{key}` is not a ChatSafeCoDe setting"
 
 
+def check_nested_settings(data: Mapping[str, Any]) -> None:
+    """`SafeCoDeInputError` for an unknown key in a `safecode=` or `policy=` given as a mapping
+    (as config.yml gives them), naming the key and the closest valid one."""
+    from .config import InputPolicy, SafeCoDeConfig
+
+    for name, config_class in (("safecode", SafeCoDeConfig), ("policy", InputPolicy)):
+        value = data.get(name)
+        if not isinstance(value, Mapping):
+            continue
+        valid = list(config_class.model_fields)
+        unknown = [str(k) for k in value if k not in config_class.model_fields]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+                hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise SafeCoDeInputError(
+                f"Unknown setting(s) in `{name}` ({config_class.__name__}): {', '.join(hints)}. "
+                f"Valid keys: {valid}."
+            )
+
+
 def check_settings(model_class: type[BaseModel], keys: Sequence[str]) -> None:
     """`SafeCoDeInputError` naming every key that is not a field (or alias) of `model_class`, and its fix."""
     valid = {n for n, f in model_class.model_fields.items()} | {
@@ -732,6 +754,7 @@ class ChatSafeCoDe(BaseChatModel):
     def __init__(self, **data: Any) -> None:
         # Before pydantic: its errors would wrap ours, and it would drop unknown keys silently.
         check_settings(type(self), list(data))
+        check_nested_settings(data)
         super().__init__(**data)
 
     @classmethod
@@ -739,6 +762,7 @@ class ChatSafeCoDe(BaseChatModel):
         """As pydantic's, with unknown keys refused as the constructor refuses them."""
         if isinstance(obj, Mapping):  # this path does not pass through __init__
             check_settings(cls, list(obj))
+            check_nested_settings(obj)
         return super().model_validate(obj, **kwargs)
 
     @model_validator(mode="before")
@@ -786,6 +810,7 @@ class ChatSafeCoDe(BaseChatModel):
         if not update:
             return copy
         check_settings(type(self), list(update))
+        check_nested_settings(update)
         if "max_tokens" in update and "max_new_tokens" in update and update["max_tokens"] != update["max_new_tokens"]:
             raise SafeCoDeInputError("`max_tokens` and `max_new_tokens` are the same setting; give one of them.")
         for key, value in update.items():

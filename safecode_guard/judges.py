@@ -78,6 +78,7 @@ from .errors import (
     UnsupportedContentError,
     UnsupportedModelError,
 )
+from .loading import public_name
 from .verdict import Label, Verdict, label_from_score, validated_verdict
 
 if TYPE_CHECKING:
@@ -1280,7 +1281,9 @@ class ChatSafeCoDeJudge:
         self._template = template
         self._bound: SelfJudge | None = None
         self._lock = threading.Lock()
-        self.name = f"self:{template.mode}@{getattr(chat_model, 'model', type(chat_model).__name__)}"
+        model = getattr(chat_model, "model", None)
+        shown = public_name(model) if isinstance(model, str) else type(chat_model).__name__
+        self.name = f"self:{template.mode}@{shown}"  # verdicts travel: never a local path
 
     def _judge(self) -> SelfJudge:
         engine = self.chat_model.engine  # loads the model on first use

@@ -74,6 +74,14 @@ class ModelSource:
 
 # --------------------------------------------------------------------------- local or hub?
 
+def public_name(path_or_id: str) -> str:
+    """A model's name fit to show others: the hub id, or a local folder's own name (never its path)."""
+    text = path_or_id.strip()
+    if looks_local(text):
+        return Path(text.rstrip("/\\")).name or text
+    return text
+
+
 def looks_local(path_or_id: str) -> bool:
     """Whether `path_or_id` names a local folder rather than a hub id, from its spelling and the disk.
 

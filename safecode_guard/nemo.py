@@ -75,7 +75,6 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -232,14 +231,10 @@ def served_model_name(model: str | None) -> str:
     (never the rest of its path), `demo` for the demo model. Env references
     are expanded first (this is a config value).
     """
-    from .loading import looks_local
+    from .loading import public_name
 
     name = expand_env(model or "").strip()
-    if name in ("", DEMO_MODEL):
-        return DEMO_MODEL
-    if looks_local(name):
-        return Path(name.rstrip("/\\")).name or name
-    return name
+    return DEMO_MODEL if name in ("", DEMO_MODEL) else public_name(name)
 
 
 def resolve_judge(spec: str | None) -> str | None:
@@ -265,10 +260,11 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
     Pydantic would drop it silently (`judgee: fixed:unsafe` used to leave the
     `self` judge in place); the error names the key and its fix, as `ChatSafeCoDe` does.
     """
-    from .chat_model import ChatSafeCoDe, check_settings
+    from .chat_model import ChatSafeCoDe, check_nested_settings, check_settings
 
     try:
         check_settings(ChatSafeCoDe, [str(k) for k in parameters])
+        check_nested_settings(parameters)
     except SafeCoDeInputError as exc:
         raise NemoConfigError(
             f"config.yml: a parameter of the `{ENGINE_NAME}` engine (under `models: - parameters:`) is wrong. {exc}"
@@ -373,8 +369,8 @@ def _accepted_model(model: str) -> str:
         return model
     _MODEL_REQUEST.set(None)
     served = served_model_name(request.configured)
-    accepted = {served, request.configured.strip(), expand_env(request.configured).strip()}
-    if model.strip() in accepted:
+    # Not the expanded value: a client could confirm a guessed local path by it.
+    if model.strip() in (served, request.configured.strip()):
         return request.configured
     raise ClientModelError(
         f"This server answers with the model its config.yml configures, served as {served!r}; the "

@@ -991,6 +991,9 @@ def test_sampling_without_a_seed_is_fresh_each_call_and_a_seed_reproduces(
         ({"max_retries": 2}, "`max_retries`", "with_retry"),
         ({"api_key": "sk-x"}, "`api_key`", "needs no API key"),
         ({"frobnicate": 1}, "`frobnicate`", "is not a ChatSafeCoDe setting"),
+        # nested, as config.yml gives them
+        ({"safecode": {"threshol": 0.3}}, "`threshol`", "did you mean `threshold`"),
+        ({"policy": {"allow_local_file": True}}, "`allow_local_file`", "did you mean `allow_local_files`"),
     ],
 )
 def test_unknown_constructor_settings_are_refused_naming_the_fix(settings: dict[str, Any], named: str, fix: str) -> None:

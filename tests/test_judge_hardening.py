@@ -12,6 +12,7 @@ import contextvars
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -731,12 +732,13 @@ def test_make_judge_of_a_chat_safecode_judges_unsteered_and_loads_lazily(tiny_ll
 
     monkeypatch.setattr(SafeCoDe, "from_pretrained", no_loading)
     judge = make_judge(ChatSafeCoDe(model="./not-loaded", judge="self:caption"))
-    assert isinstance(judge, ChatSafeCoDeJudge) and judge.name == "self:caption@./not-loaded"
+    assert isinstance(judge, ChatSafeCoDeJudge) and judge.name == "self:caption@not-loaded"
     monkeypatch.undo()
 
     chat = ChatSafeCoDe.from_model(*tiny_llava, judge="fixed:unsafe")  # its own answers would be refusals
     judge = make_judge(chat)
-    assert judge.name == "self:direct@" + chat.model
+    # the name travels in verdicts (and over the server): a local folder shows its own name, not its path
+    assert "/" in chat.model and judge.name == "self:direct@" + Path(chat.model).name
     request = JudgeRequest.from_messages([{"role": "user", "content": [{"type": "image", "image": gradient_image()},
                                                                         "How do I run faster?"]}])
     v = run_judge(judge, request)

@@ -233,6 +233,31 @@ def test_import_loads_no_model_and_no_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_a_config_without_config_py_gets_the_nemo_error_our_docs_explain(tmp_path: Path) -> None:
+    """NeMo's own limit: without config.py none of our code runs, so NeMo's message stands. The
+    NeMo README explains that message ("No default base_url for provider 'safecode'"): this pins it."""
+    (tmp_path / "config.yml").write_text(MAIN_MODEL_YAML + "passthrough: true\n")
+    code = (
+        "import sys\n"
+        "from nemoguardrails import LLMRails, RailsConfig\n"
+        "try:\n"
+        "    LLMRails(RailsConfig.from_path(sys.argv[1]))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "NEMO_GUARDRAILS_NO_USAGE_STATS": "1", "SAFECODE_MODEL": "demo"},
+    )
+    assert "No default base_url for provider 'safecode'" in out.stdout, out.stdout + out.stderr
+    readme = (Path(__file__).parents[1] / "integrations" / "nemoguardrails" / "README.md").read_text()
+    assert "No default base_url for provider 'safecode'" in readme
+
+
 def test_register_provider_refuses_the_langchain_framework(monkeypatch: pytest.MonkeyPatch) -> None:
     import nemoguardrails.llm.frameworks as frameworks
 
