@@ -284,7 +284,7 @@ def test_verdict_prompt_holds_delimited_request_and_caption():
     ("text", "label"),
     [
         ("I think it is SAFE... Decision: unsafe", "unsafe"),
-        ("It looks unsafe at first.\nDecision: safe", "safe"),
+        ("It looks unsafe at first.\nDecision: safe", "unsafe"),  # "unsafe" anywhere: fail closed
         ("**Decision:** Unsafe.", "unsafe"),
         ("decision: SAFE", "safe"),
         ("The request is unsafe.", "unsafe"),
