@@ -20,7 +20,9 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from .errors import UnsupportedContentError
+from .errors import InputLimitError, UnsupportedContentError
+from .prompting import MAX_NESTING_DEPTH
+from .tools import json_text_depth
 
 __all__ = ["to_langchain", "tool_calls_out"]
 
@@ -86,6 +88,12 @@ def _tool_calls_in(calls: Any, where: str) -> list[dict[str, Any]]:
                 f'{where}.tool_calls[{j}] must be {{"id": str, "type": "function", "function": {{"name": str, "arguments": str}}}}.'
             )
         raw = fn.get("arguments", "{}")
+        if isinstance(raw, str) and json_text_depth(raw) > MAX_NESTING_DEPTH:
+            # json.loads recurses per level: refuse before it raises RecursionError
+            raise InputLimitError(
+                f"{where}.tool_calls[{j}].function.arguments is nested more than {MAX_NESTING_DEPTH} levels "
+                "deep. Flatten the arguments."
+            )
         try:
             args = json.loads(raw) if isinstance(raw, str) else raw
         except json.JSONDecodeError as exc:

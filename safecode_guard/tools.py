@@ -532,6 +532,8 @@ def parse_raw_call(
         return invalid(f"{name!r} is not one of the bound tools {list(names)}")
     args: Any = next((value[k] for k in _ARG_KEYS if k in value), {})
     if isinstance(args, str):  # OpenAI-style arguments: a JSON string holding the object
+        if json_text_depth(args) > MAX_NESTING_DEPTH:
+            return invalid(f"the arguments are nested more than {MAX_NESTING_DEPTH} levels deep")
         try:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as exc:

@@ -179,6 +179,10 @@ ERROR_CASES = {
     "too many tokens": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, {}, 400, "input_limit"),
     "too big": (None, {"raw": b'{"messages": [' + b" " * (3 * 2**20) + b"]}"}, 413, "request_too_large"),
     "tool_choice without tools": ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, {}, 400, None),
+    # nesting that makes Python's JSON parser recurse: typed 400s, never a RecursionError's 500
+    "deep body": (None, {"raw": b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"}, 400, "nesting_too_deep"),
+    "deep tool args": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"a":' * 2000 + "1" + "}" * 2000}}]}, {"role": "tool", "tool_call_id": "1", "content": "x"}]}, {}, 400, "input_limit"),
+    "deep tool schema": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"a":' * 500 + "1" + "}" * 500)}}]}, {}, 400, None),
 }
 
 

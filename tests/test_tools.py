@@ -637,8 +637,24 @@ def test_deep_model_output_is_an_invalid_call_or_text_never_a_recursion_error() 
     plain = parse_answer('{"name": "add", "parameters": ' + deep_args + "}", NAMES)
     assert "nested more than" in plain.invalid_tool_calls[0]["error"]
     assert parse_answer("[" * 2000 + "]" * 2000, NAMES).content == "[" * 2000 + "]" * 2000
+    as_string = json.dumps({"name": "add", "arguments": deep_args})  # OpenAI style: the arguments in a string
+    in_string = parse_answer(f"<tool_call>{as_string}</tool_call>", NAMES)
+    assert in_string.tool_calls == [] and "nested more than 64" in in_string.invalid_tool_calls[0]["error"]
     fine = parse_answer('<tool_call>{"name": "add", "arguments": ' + json.dumps({"a": deep(60)}) + "}</tool_call>", NAMES)
     assert fine.tool_calls and not fine.invalid_tool_calls  # real arguments stay well inside the bound
+
+
+def test_deep_openai_tool_arguments_are_an_input_limit_error() -> None:
+    from safecode_guard import InputLimitError
+    from safecode_guard.openai_messages import to_langchain
+
+    def history(arguments: str) -> list[dict[str, Any]]:
+        call = {"type": "function", "id": "c", "function": {"name": "f", "arguments": arguments}}
+        return [{"role": "assistant", "content": None, "tool_calls": [call]}]
+
+    with pytest.raises(InputLimitError, match=r"messages\[0\].tool_calls\[0\].function.arguments is nested"):
+        to_langchain(history('{"a":' * 1000 + "1" + "}" * 1000))
+    assert to_langchain(history(json.dumps({"a": deep(60)})))[0].tool_calls[0]["args"] == {"a": deep(60)}
 
 
 def test_deep_schemas_and_histories_are_typed_errors() -> None:

@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import reprlib
 import threading
 import time
 from collections import OrderedDict
@@ -170,6 +171,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     elif isinstance(exc, SafeCoDeInputError):  # every bad-input error of the library
         code = _snake(type(exc).__name__.removesuffix("Error"))
         status, message, type_, param, headers = 400, str(exc), "invalid_request_error", None, {}
+    elif isinstance(exc, RecursionError):  # a walk over a deeply nested request (json, pydantic, repr)
+        return error_response(_too_deep())
     elif isinstance(exc, ValidationError):
         status, type_, code, headers = 422, "invalid_request_error", "invalid_schema", {}
         message, param = _validation_message(exc)
@@ -178,6 +181,23 @@ def error_response(exc: BaseException) -> JSONResponse:
         status, message, type_, param, code, headers = 500, "The server failed to answer this request.", "server_error", None, "internal_error", {}
     body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# What `--log-prompts` writes of a request: bounded in length and depth (a deep body must not
+# make the log line recurse).
+_PROMPT_REPR = reprlib.Repr()
+_PROMPT_REPR.maxlevel, _PROMPT_REPR.maxstring, _PROMPT_REPR.maxother = 8, 2000, 200
+_PROMPT_REPR.maxlist = _PROMPT_REPR.maxdict = 50
+
+
+def _too_deep() -> APIError:
+    return APIError(
+        400,
+        "The request is nested too deeply to read. Flatten it (tool arguments and schemas rarely "
+        "need more than a few levels).",
+        "invalid_request_error",
+        code="nesting_too_deep",
+    )
 
 
 def _snake(name: str) -> str:
@@ -480,6 +500,8 @@ def create_app(
             check_ready()
             try:
                 payload = json.loads(await request.body())
+            except RecursionError as exc:
+                raise _too_deep() from exc
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise APIError(400, f"The request body is not valid JSON ({exc}).", "invalid_request_error", code="invalid_json") from exc
             if not isinstance(payload, dict):
@@ -496,7 +518,7 @@ def create_app(
             metrics.requests.labels(status=str(status)).inc()
             logger.info(
                 "POST /v1/chat/completions %s %.3fs verdict=%s%s", status, time.perf_counter() - started, verdict,
-                f" messages={payload!r:.2000}" if settings.log_prompts and "payload" in locals() else "",
+                f" messages={_PROMPT_REPR.repr(payload)}" if settings.log_prompts and "payload" in locals() else "",
             )
 
     @app.get("/v1/models")
