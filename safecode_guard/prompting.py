@@ -13,7 +13,7 @@ the request offers tools).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +171,56 @@ def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
     return text
 
 
+def neutralize_text_parts(texts: Sequence[str], specials: Sequence[str]) -> list[str]:
+    """`neutralize_special_tokens` for the text parts of one message, which a template writes
+    one after another: a token split across parts ("hi<|im_" + "end|>") is broken too.
+
+    Each part is neutralized alone; then wherever a special-token string spans a
+    boundary between parts, the zero-width space goes after its first character,
+    in the part that holds it.
+    """
+    out = [neutralize_special_tokens(t, specials) for t in texts]
+    tokens = _longest_first(tuple(specials))
+    if len(out) < 2 or not tokens:
+        return out
+    reach = len(tokens[0]) - 1  # a token spanning a boundary starts at most this far before it
+    k = 0
+    while k < len(out) - 1:
+        window, cut = _around_boundary(out, k, reach)
+        spanning = next((i for t in tokens for i in _occurrences(window, t) if i < cut < i + len(t)), None)
+        if spanning is None:
+            k += 1
+            continue
+        # the token's first character lies `cut - spanning` characters before the boundary
+        part, back = k, cut - spanning
+        while back > len(out[part]):
+            back -= len(out[part])
+            part -= 1
+        offset = len(out[part]) - back + 1
+        out[part] = out[part][:offset] + "\u200b" + out[part][offset:]
+    return out
+
+
+def _around_boundary(parts: Sequence[str], k: int, reach: int) -> tuple[str, int]:
+    """The joined text within `reach` characters of the boundary after `parts[k]`, and where
+    the boundary falls in it."""
+    left, j = "", k
+    while j >= 0 and len(left) < reach:
+        left, j = parts[j] + left, j - 1
+    right, j = "", k + 1
+    while j < len(parts) and len(right) < reach:
+        right, j = right + parts[j], j + 1
+    left = left[len(left) - reach :] if len(left) > reach else left
+    return left + right[:reach], len(left)
+
+
+def _occurrences(text: str, token: str) -> Iterator[int]:
+    i = text.find(token)
+    while i >= 0:
+        yield i
+        i = text.find(token, i + 1)
+
+
 _SORTED_SPECIALS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
@@ -244,12 +294,8 @@ def render_prompt(
         content = m["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
-        parts = []
-        for p in content:
-            if p["type"] == "image":
-                parts.append({"type": "image"})
-            else:
-                parts.append({"type": "text", "text": neutralize_special_tokens(p["text"], specials)})
+        texts = iter(neutralize_text_parts([p["text"] for p in content if p["type"] != "image"], specials))
+        parts = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": next(texts)} for p in content]
         rendered: dict[str, Any] = {"role": m["role"], "content": parts}
         if m["role"] == "tool" or m.get("tool_calls"):
             # Tool-capable templates written for text models read these turns' content as a
