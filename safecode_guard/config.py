@@ -151,6 +151,12 @@ class InputPolicy(BaseModel):
     """Most images one request may hold (counted before any is decoded)."""
     max_image_pixels: int = Field(40_000_000, ge=1)
     """Decompression-bomb cap: width * height, read from the header before decoding."""
+    max_decode_mb: int = Field(512, ge=16)
+    """Most memory decoding one image may take, estimated from its header (format, mode, size,
+    JPEG progression) before any pixel is decoded (`safecode_guard.images.decode_memory_estimate`):
+    decoders hold the full-size image, and some several copies of it (WEBP about 19 bytes per
+    pixel, RGBA about 11, RGB about 7). Over it the image is refused (`ImageInputError`). The
+    default lets every format through up to `max_image_pixels` but WEBP (up to about 28 M pixels)."""
     max_image_bytes: int = Field(25_000_000, ge=1)
     """Largest encoded image (bytes, base64 decoded, file or download)."""
     max_total_image_bytes: int = Field(64_000_000, ge=1)

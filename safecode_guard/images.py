@@ -77,10 +77,12 @@ __all__ = [
     "MAX_TIFF_TAGS",
     "WORKING_SIDE_MARGIN",
     "address_problem",
+    "check_decode_memory",
     "check_encoded_size",
     "check_pixels",
     "decode_base64",
     "decode_image_bytes",
+    "decode_memory_estimate",
     "fetch_image_bytes",
     "fit_within",
     "image_working_side",
@@ -448,6 +450,7 @@ def _gif_problem(data: bytes) -> str | None:
 
 _TIFF_BLOCK_TAGS = frozenset((273, 279, 324, 325))  # strip and tile offsets and byte counts
 _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
+_TIFF_COMPRESSION = 259
 
 
 def _tiff_problem(data: bytes) -> str | None:
@@ -469,9 +472,14 @@ def _tiff_problem(data: bytes) -> str | None:
             f"The TIFF's first directory holds {entries} entries, over {MAX_TIFF_TAGS}; real files have "
             "under 100. Re-save the image."
         )
+    value_at = 12 if step == 20 else 8  # where an entry's inline value starts
+    blocks = 0
+    jpeg = False
     for i in range(entries):
         try:
             tag, _kind, count = struct.unpack_from(fmt, data, first + i * step)
+            if tag == _TIFF_COMPRESSION:
+                jpeg = _u16(data, first + i * step + value_at, order) in (6, 7)  # old- and new-style JPEG
         except struct.error:
             break
         if tag in _TIFF_BLOCK_TAGS and count > MAX_TIFF_BLOCKS:
@@ -479,6 +487,15 @@ def _tiff_problem(data: bytes) -> str | None:
                 f"The TIFF is cut into {count} strips or tiles, over {MAX_TIFF_BLOCKS}; each costs a "
                 "parsing step. Re-save it with more rows per strip (or as PNG)."
             )
+        if tag in _TIFF_BLOCK_TAGS:
+            blocks = max(blocks, count)
+    # JPEG strips: one scan each when baseline; a progressive one repeats passes over the image
+    # (the JPEG scan bomb). Entropy-coded data never holds FF DA, so counting it counts scans.
+    if jpeg and data.count(b"\xff\xda") > blocks + MAX_JPEG_SCANS:
+        return (
+            f"The TIFF's JPEG data holds more than {MAX_JPEG_SCANS} scans beyond one per strip; decoding "
+            "costs one pass over the image per scan. Re-save it as a baseline JPEG, PNG or uncompressed TIFF."
+        )
     return None
 
 
@@ -746,7 +763,67 @@ def open_image_bytes(
         raise ImageInputError(_describe_unreadable(data, quote))
     check_pixels(im.size, policy.max_image_pixels)
     _check_tiff_tiles(im)
+    check_decode_memory(im, policy)
     return im
+
+
+# Peak bytes per header pixel while Pillow decodes an image and we shrink it: measured on
+# 40 M-pixel images (2026-11-30, Pillow 12, VmHWM), plus about 10%. The decoder's buffers
+# and the full-size copies that conversion and resampling need: alpha is premultiplied in a
+# copy, palettes are expanded, WEBP passes its frame through two buffers, and libjpeg keeps
+# every coefficient of a progressive file.
+_BYTES_PER_PIXEL_WEBP = 19  # measured 17.8
+_BYTES_PER_PIXEL_PALETTE_ALPHA = 12  # 10.8
+_BYTES_PER_PIXEL_ALPHA = 11  # 9.8
+_BYTES_PER_PIXEL_DEEP_COLOUR = 11  # TIFFs of more than 8 bits per colour sample: 10.1
+_BYTES_PER_PIXEL_PROGRESSIVE_CMYK = 10  # 9.1
+_BYTES_PER_PIXEL_PROGRESSIVE = 8  # 4:4:4, 7.1
+_BYTES_PER_PIXEL_PALETTE = 8  # 6.8
+_BYTES_PER_PIXEL_OTHER = 7  # RGB 5.8, float grey 6.2, 16-bit grey 3.8
+_BYTES_PER_PIXEL_GREY = 2  # 1.6
+
+
+def decode_memory_estimate(im: Image.Image) -> int:
+    """Bytes that decoding `im` (opened, not loaded) and shrinking it may take at the peak, from its
+    header: format, mode, size, JPEG progression. Compared with `InputPolicy.max_decode_mb`."""
+    pixels = im.width * im.height
+    mode, fmt = im.mode, im.format
+    alpha = mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info
+    if fmt == "WEBP":
+        per_pixel = _BYTES_PER_PIXEL_WEBP
+    elif fmt in ("JPEG", "MPO") and im.info.get("progressive"):
+        per_pixel = _BYTES_PER_PIXEL_PROGRESSIVE_CMYK if mode == "CMYK" else _BYTES_PER_PIXEL_PROGRESSIVE
+    elif mode in ("P", "PA"):
+        per_pixel = _BYTES_PER_PIXEL_PALETTE_ALPHA if alpha else _BYTES_PER_PIXEL_PALETTE
+    elif alpha:
+        per_pixel = _BYTES_PER_PIXEL_ALPHA
+    elif fmt == "TIFF" and (_deep_colour_tiff(im) or im.info.get("compression") in ("jpeg", "tiff_jpeg")):
+        # libtiff's JPEG path holds a progressive file's coefficients, as libjpeg does
+        per_pixel = _BYTES_PER_PIXEL_DEEP_COLOUR
+    elif mode in ("1", "L"):
+        per_pixel = _BYTES_PER_PIXEL_GREY
+    else:
+        per_pixel = _BYTES_PER_PIXEL_OTHER
+    return pixels * per_pixel
+
+
+def _deep_colour_tiff(im: Image.Image) -> bool:
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None  # BitsPerSample
+    bits = bits if isinstance(bits, tuple) else (bits,) if isinstance(bits, int) else ()
+    return len(bits) >= 3 and max(bits) > 8
+
+
+def check_decode_memory(im: Image.Image, policy: InputPolicy) -> None:
+    """`ImageInputError` when decoding `im` would take more than `policy.max_decode_mb`."""
+    need = decode_memory_estimate(im)
+    if need > policy.max_decode_mb * 2**20:
+        raise ImageInputError(
+            f"Decoding this {im.width}x{im.height} {im.format or ''} {im.mode} image would take about "
+            f"{need / 2**20:.0f} MB, over the limit of {policy.max_decode_mb} MB (InputPolicy.max_decode_mb). "
+            "Send it smaller (or as PNG or JPEG, which decode in less memory), or raise max_decode_mb "
+            "if this process may spend that much on one image."
+        )
 
 
 def _decode_opened(im: ImageFile.ImageFile, policy: InputPolicy, max_side: int | None) -> Image.Image:
@@ -820,6 +897,7 @@ def _check_pil(im: Image.Image, policy: InputPolicy) -> None:
         )
     if pending:
         _check_tiff_tiles(im)
+        check_decode_memory(im, policy)
 
 
 def _from_pil(im: Image.Image, policy: InputPolicy, max_side: int | None) -> Image.Image:

@@ -417,6 +417,65 @@ def test_peak_memory_of_one_image(case: str, build, bound_mb: int) -> None:
         assert got["result"] == str(fit_within(BIG, InputPolicy().max_working_side)), got
 
 
+def _gradient(mode: str, size: tuple[int, int]) -> Image.Image:
+    """A smooth image (cheap to encode, but real pixels to decode) in `mode`."""
+    width, height = size
+    ramp = (np.add.outer(np.arange(height), np.arange(width)) % 256).astype(np.uint8)
+    rgb = Image.fromarray(np.dstack([ramp, ramp[::-1], np.full_like(ramp, 90)]))
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([np.asarray(rgb), ramp]))
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("case", "build"),
+    [
+        ("lossless WEBP with alpha, 20 M px", lambda: encode(_gradient("RGBA", (5000, 4000)), "WEBP", lossless=True)),
+        ("RGBA PNG, 40 M px", lambda: encode(_gradient("RGBA", BIG), "PNG", compress_level=1)),
+        ("palette PNG with transparency, 40 M px", lambda: encode(_gradient("P", BIG), "PNG", transparency=0, compress_level=1)),
+        ("progressive CMYK JPEG, 40 M px", lambda: encode(_gradient("CMYK", BIG), "JPEG", progressive=True)),
+        ("JPEG-compressed TIFF, 20 M px", lambda: encode(_gradient("RGB", (5000, 4000)), "TIFF", compression="jpeg")),
+    ],
+    ids=["webp-rgba", "png-rgba", "png-palette-alpha", "jpeg-progressive-cmyk", "tiff-jpeg"],
+)
+def test_decode_memory_stays_within_its_estimate(case: str, build) -> None:
+    # The review's second round: formats whose decoders hold several full-size copies
+    # (WEBP 613-680 MB at 40 M px) went past the README's figures; the estimate that
+    # `max_decode_mb` is checked against must bound what decoding really takes.
+    data = build()
+    estimate_mb = images.decode_memory_estimate(images.open_image_bytes(data)) / 2**20
+    got = measure(data, "result = load_image(data).size")
+    assert got["result"] == str(fit_within(Image.open(io.BytesIO(data)).size, InputPolicy().max_working_side)), got
+    assert got["mb"] <= estimate_mb, (case, got, estimate_mb)
+
+
+def test_an_image_over_the_decode_budget_is_refused_before_decoding() -> None:
+    webp = encode(_gradient("RGB", BIG), "WEBP", lossless=True)  # 40 M px: about 725 MB to decode
+    got = measure(webp, "result = load_image(data).size")
+    assert got["result"].startswith("ImageInputError") and "max_decode_mb" in got["result"], got
+    assert got["mb"] < 30 and got["seconds"] < 0.5, got
+    assert load_image(webp, InputPolicy(max_decode_mb=1024)).size == fit_within(BIG, 2048)  # a bigger budget lets it in
+
+
+def test_progressive_jpeg_inside_a_tiff_counts_its_scans() -> None:
+    side = 512
+    jpeg = encode(_gradient("RGB", (side, side)), "JPEG", progressive=True)
+    end, last = jpeg.rfind(b"\xff\xd9"), jpeg.rfind(b"\xff\xda")
+    bomb = jpeg[:end] + jpeg[last:end] * 100 + jpeg[end:]  # the last scan repeated
+    entries = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 7), (262, 3, 6), (273, 4, 0), (277, 3, 3),
+               (278, 4, side), (279, 4, len(bomb)), (284, 3, 1)]
+    header = 8 + 2 + 12 * len(entries) + 4
+    tiff = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, value in entries:
+        value = header if tag == 273 else value
+        tiff += struct.pack("<HHIHH", tag, kind, 1, value, 0) if kind == 3 else struct.pack("<HHII", tag, kind, 1, value)
+    tiff += struct.pack("<I", 0) + bomb
+    problem = structure_problem(tiff)
+    assert problem is not None and f"more than {MAX_JPEG_SCANS} scans" in problem
+    with pytest.raises(ImageInputError, match="scans"):
+        load_image(tiff)
+
+
 def test_engine_path_memory_with_the_working_size() -> None:
     # What the engine does: parse_messages at the processor's working size, then the noised copy.
     # Before: 2.45 GB for one 40 M-pixel PNG (the noised copy alone 1.84 GB).
