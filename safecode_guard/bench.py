@@ -354,7 +354,7 @@ def run_command(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         new_tokens=args.new_tokens,
         device=args.device,
-        progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
+        progress=_progress,
     )
     return print_report(
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "
@@ -363,6 +363,10 @@ def run_command(args: argparse.Namespace) -> int:
         report,
         args.json_path,
     )
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _run_concurrency(args: argparse.Namespace) -> int:
@@ -379,7 +383,7 @@ def _run_concurrency(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         new_tokens=args.new_tokens,
         device=args.device,
-        progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
+        progress=_progress,
     )
     return print_report(
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "

@@ -125,3 +125,19 @@ def pytest_runtest_teardown(item: pytest.Item) -> Any:
     from pytest_socket import _remove_restrictions
 
     _remove_restrictions()
+
+
+@pytest.fixture
+def decoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of every `SafeCoDe.stream` call (the decoder really runs)."""
+    from safecode_guard import SafeCoDe
+
+    calls: list[dict[str, Any]] = []
+    real = SafeCoDe.stream
+
+    def recording(self: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(self, messages, **kwargs)
+
+    monkeypatch.setattr(SafeCoDe, "stream", recording)
+    return calls

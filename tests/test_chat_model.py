@@ -725,14 +725,7 @@ def test_bad_input_leaves_the_model_usable(llm: ChatSafeCoDe) -> None:
 
 
 def test_langchain_cache_hits_only_for_identical_settings(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    original = SafeCoDe.stream
-
-    def counting(self: SafeCoDe, *args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SafeCoDe, "stream", counting)
+    calls = _counting_stream(monkeypatch)
     cache = InMemoryCache()
     first = ChatSafeCoDe(model=llava_path, max_new_tokens=8, cache=cache)
     answer = first.invoke("Hello")

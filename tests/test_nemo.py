@@ -679,17 +679,10 @@ def test_library_callers_may_opt_in_to_verdict_overrides(
 
 @pytest.mark.parametrize("config_dir", [CONFIG_V1, CONFIG_V2], ids=["colang1", "colang2"])
 def test_openai_options_from_requests_reach_the_decoder(
-    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, config_dir: Path
+    safecode_env: Callable[[str], Path], decoder_calls: list[dict[str, Any]], config_dir: Path
 ) -> None:
     safecode_env("fixed:safe")
-    calls: list[dict[str, Any]] = []
-    real = SafeCoDe.stream
-
-    def recording(self: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return real(self, messages, **kwargs)
-
-    monkeypatch.setattr(SafeCoDe, "stream", recording)
+    calls = decoder_calls
     rails = LLMRails(RailsConfig.from_path(str(config_dir)))
     params = {
         "max_completion_tokens": 3,

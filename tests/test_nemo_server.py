@@ -86,20 +86,6 @@ def error_of(response: Any) -> str:
     return response.json()["error"]["message"]
 
 
-@pytest.fixture
-def decoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The keyword arguments of every `SafeCoDe.stream` call (the decoder really runs)."""
-    calls: list[dict[str, Any]] = []
-    real = SafeCoDe.stream
-
-    def recording(self: SafeCoDe, messages: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return real(self, messages, **kwargs)
-
-    monkeypatch.setattr(SafeCoDe, "stream", recording)
-    return calls
-
-
 # --------------------------------------------------------------------------- the request's `model`
 
 
