@@ -1,9 +1,12 @@
 """`SafeCoDe`: safety-aware contrastive decoding around a loaded HF vision-language model.
 
 Input flow (in the caller's thread): chat messages -> `parse_messages`
-(images decoded and checked) -> one noised copy of every image -> the
-prompt rendered and encoded for both views -> every length limit checked ->
-the judge's verdict -> a `DecodeJob` for the model's scheduler.
+(images decoded and checked) -> one `Conversation` with the call's tools and
+answer opening -> one noised copy of every image -> the prompt rendered from
+the conversation and encoded for both views -> every length limit checked ->
+the judge's verdict on a `JudgeRequest` made from the same conversation (what
+the model reads, text joined as its template joins it) -> a `DecodeJob` for
+the model's scheduler.
 
 Decoding (in the scheduler's thread, `scheduler.py`, batched with every
 other request on the model): one prefill of both views; for the first

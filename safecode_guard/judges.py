@@ -59,7 +59,6 @@ import contextvars
 import functools
 import hashlib
 import io
-import json
 import math
 import numbers
 import re
@@ -86,7 +85,15 @@ from .errors import (
     UnsupportedModelError,
 )
 from .loading import public_name
-from .messages import Conversation, Turn, canonical_json, read_turns
+from .messages import (
+    Conversation,
+    Turn,
+    canonical_json,
+    checked_prefix,
+    checked_schema,
+    checked_tools,
+    read_turns,
+)
 from .verdict import Label, Verdict, label_from_score, validated_verdict
 
 if TYPE_CHECKING:
@@ -188,12 +195,10 @@ class JudgeRequest:
                 f"JudgeRequest.threshold (={self.threshold!r}) must be between 0 and 1. "
                 "Use a probability such as 0.5."
             )
-        # The same checks as the model's: a judge reads exactly what the template would get.
-        extras = Conversation((), ()).with_request(
-            tools=self.tools, answer_prefix=self.answer_prefix, response_schema=self.response_schema
-        )
-        object.__setattr__(self, "tools", extras.tools)
-        object.__setattr__(self, "response_schema", extras.response_schema)
+        # The same checks as the model's (`Conversation.with_request`), frozen copies kept.
+        object.__setattr__(self, "tools", checked_tools(self.tools))
+        object.__setattr__(self, "response_schema", checked_schema(self.response_schema))
+        checked_prefix(self.answer_prefix)
         turns = read_turns(self.conversation, "conversation")
         object.__setattr__(self, "turns", turns)
         seen = tuple(img for turn in turns for img in turn.images)

@@ -46,7 +46,11 @@ __all__ = [
     "ROLES",
     "Conversation",
     "Turn",
+    "canonical_json",
     "checked_json",
+    "checked_prefix",
+    "checked_schema",
+    "checked_tools",
     "parse_messages",
     "read_turns",
 ]
@@ -153,21 +157,14 @@ class Conversation:
     ) -> Conversation:
         """This conversation with what else one call gives the model: tools, an answer opening, a schema.
 
-        Each is checked (`checked_tools`, `checked_json`); a bad value raises a typed error.
+        Each is checked (`checked_tools`, `checked_schema`, `checked_prefix`); a bad value
+        raises a typed error.
         """
-        if not isinstance(answer_prefix, str):
-            raise UnsupportedContentError(
-                f"`answer_prefix` is a {type(answer_prefix).__name__}; give the answer's opening as a string."
-            )
-        schema = None
-        if response_schema is not None:
-            if not isinstance(response_schema, Mapping):
-                raise UnsupportedContentError(
-                    f"`response_schema` is a {type(response_schema).__name__}; give a JSON schema as a dict."
-                )
-            schema = checked_json(response_schema, "response_schema")
         return dataclasses.replace(
-            self, tools=checked_tools(tools), answer_prefix=answer_prefix, response_schema=schema
+            self,
+            tools=checked_tools(tools),
+            answer_prefix=checked_prefix(answer_prefix),
+            response_schema=checked_schema(response_schema),
         )
 
     def with_joins(self, joins: Sequence[Sequence[str]] | None) -> Conversation:
@@ -204,6 +201,21 @@ def checked_tools(tools: Sequence[Mapping[str, Any]] | None) -> tuple[dict[str, 
             )
         out.append(checked_json(tool, f"tools[{i}]"))
     return tuple(out)
+
+
+def checked_schema(schema: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A response schema as a JSON-safe dict (`checked_json`), or None."""
+    if schema is None:
+        return None
+    if not isinstance(schema, Mapping):
+        raise UnsupportedContentError(f"`response_schema` is a {type(schema).__name__}; give a JSON schema as a dict.")
+    return checked_json(schema, "response_schema")
+
+
+def checked_prefix(prefix: Any) -> str:
+    if not isinstance(prefix, str):
+        raise UnsupportedContentError(f"`answer_prefix` is a {type(prefix).__name__}; give the answer's opening as a string.")
+    return prefix
 
 
 def checked_json(value: Mapping[str, Any], where: str) -> dict[str, Any]:

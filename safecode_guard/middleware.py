@@ -164,7 +164,7 @@ def _tool_schema(tool: Any) -> dict[str, Any]:
         return _json_safe(dict(tool))
     try:
         return _json_safe(convert_to_openai_tool(tool))
-    except Exception:  # noqa: BLE001 - LangChain raises ValueError, TypeError or KeyError here
+    except Exception:
         return {"name": str(getattr(tool, "name", type(tool).__name__)), "description": str(getattr(tool, "description", ""))}
 
 

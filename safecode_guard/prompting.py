@@ -14,7 +14,12 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .errors import InputLimitError, SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
+from .errors import (
+    InputLimitError,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+)
 from .messages import MAX_NESTING_DEPTH, ROLES, Conversation, parse_messages
 
 __all__ = [

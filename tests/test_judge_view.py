@@ -27,7 +27,12 @@ from tool_support import ScriptedDecoding, build_tool_vlm
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig
 from safecode_guard.config import InputPolicy
-from safecode_guard.errors import InputLimitError, JudgeError, JudgeTruncatedError, UnsupportedContentError
+from safecode_guard.errors import (
+    InputLimitError,
+    JudgeError,
+    JudgeTruncatedError,
+    UnsupportedContentError,
+)
 from safecode_guard.judges import (
     CAPTION_PROMPT,
     CallableJudge,
