@@ -327,9 +327,12 @@ def request_fingerprint(request: JudgeRequest) -> str:
 
     Injective by construction (up to SHA-256 collisions): each field is written
     with its kind and length, lists with their count, so e.g. a request with a
-    1x1 image never meets the same request without it, and ("ab", "c") never
-    meets ("a", "bc"). Images: mode, size, palette, transparency and pixels.
-    Turns: role, text and image parts in order (an image by its position in
+    1x1 image never meets the same request without it, and ("ab", image, "c")
+    never meets ("a", image, "bc"). Text parts count as the model reads them:
+    each run of text joined as the chat template joins it (so ("ab", "c") and
+    ("a", "bc") under a concatenating template are one request). Images: mode,
+    size, palette, transparency and pixels.
+    Turns: role, text runs and image parts in order (an image by its position in
     `request.images`, which `JudgeRequest` checks match), tool calls (id, name,
     canonical JSON arguments), tool name and call id. Then the tools, the
     response schema (canonical JSON) and the answer's opening.
