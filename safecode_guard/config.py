@@ -70,6 +70,10 @@ class SafeCoDeConfig(BaseModel):
     """What a judge failure becomes: fail closed (default), fail open, or raise `JudgeError`."""
     judge_timeout_s: float | None = 120.0
     """Seconds a judge may take before it counts as failed; None waits forever."""
+    on_judge_truncation: Literal["unsafe", "safe", "raise"] = "unsafe"
+    """What a "safe" verdict on a truncated view becomes (the conversation did not fit the
+    judge's budget, `max_transcript_chars`): "unsafe" (default, fail closed: a fallback
+    verdict), "safe" (accept a verdict on the most recent part), or "raise" (`JudgeTruncatedError`)."""
 
     @field_validator("alpha")
     @classmethod

@@ -1,9 +1,12 @@
 """`SafeCoDe`: safety-aware contrastive decoding around a loaded HF vision-language model.
 
 Input flow (in the caller's thread): chat messages -> `parse_messages`
-(images decoded and checked) -> one noised copy of every image -> the
-prompt rendered and encoded for both views -> every length limit checked ->
-the judge's verdict -> a `DecodeJob` for the model's scheduler.
+(images decoded and checked) -> one `Conversation` with the call's tools and
+answer opening -> one noised copy of every image -> the prompt rendered from
+the conversation and encoded for both views -> every length limit checked ->
+the judge's verdict on a `JudgeRequest` made from the same conversation (what
+the model reads, text joined as its template joins it) -> a `DecodeJob` for
+the model's scheduler.
 
 Decoding (in the scheduler's thread, `scheduler.py`, batched with every
 other request on the model): one prefill of both views; for the first
@@ -42,7 +45,8 @@ from .errors import (
     UnsupportedContentError,
 )
 from .images import image_working_side
-from .prompting import Conversation, parse_messages, render_prompt
+from .judges import JudgeRequest
+from .prompting import Conversation, parse_messages, render_prompt, template_joins
 from .scheduler import DecodeJob, Scheduler, scheduler_for
 from .verdict import Verdict, validated_verdict
 
@@ -354,9 +358,13 @@ class SafeCoDe:
 
     # -- public API ---------------------------------------------------------------------
 
-    def judge(self, messages: Sequence[Mapping[str, Any]]) -> Verdict:
-        """The judge's verdict for `messages`, without generating an answer."""
-        return run_briefly(lambda: self._judge(parse_messages(messages, self.policy, max_side=self.image_side)))
+    def judge(
+        self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> Verdict:
+        """The judge's verdict for `messages` (offered `tools`, as in `stream`), without generating an answer."""
+        return run_briefly(
+            lambda: self._judge(parse_messages(messages, self.policy, max_side=self.image_side).with_request(tools=tools))
+        )
 
     def generate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
         """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""
@@ -499,7 +507,10 @@ class SafeCoDe:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise SafeCoDeInputError(f"`seed` (={seed!r}) must be a non-negative integer, or None for fresh randomness.")
         override = self._override(verdict) if verdict is not None else None
-        conv = parse_messages(messages, self.policy, max_side=self.image_side)
+        # One conversation object: the prompt below and the judge's request both come from it.
+        conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(
+            tools=tools, answer_prefix=answer_prefix
+        )
         self._check_images(conv)
         cfg = self.config
         window = cfg.steered_steps if steered else 0
@@ -508,7 +519,7 @@ class SafeCoDe:
         if contrastive:
             noise = torch.Generator().manual_seed(cfg.seed)
             views.append([ops.noised_image(img, cfg.noise_std, noise) for img in conv.images])
-        prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
+        prompt = render_prompt(self.processor, conv, self._specials)
         batch = encode_views(self.processor, prompt, views)
         prompt_len = int(batch["input_ids"].shape[1])
         self._check_length(prompt_len, max_new_tokens)
@@ -658,15 +669,15 @@ class SafeCoDe:
             f'`verdict` (={verdict!r}) must be "safe", "unsafe" or a Verdict; leave it None to ask the judge.'
         )
 
-    def _judge(self, conv: Conversation) -> Verdict:
-        from .judges import JudgeRequest, SelfJudge, _judge_name, handed_off_verdict, run_judge
+    def judge_request(self, conv: Conversation) -> JudgeRequest:
+        """The judge's request for `conv`: what this model reads, text parts joined as its chat template joins them."""
+        joins = template_joins(self.processor, conv, self._specials)
+        return JudgeRequest.from_conversation(conv.with_joins(joins), threshold=self.config.threshold)
 
-        request = JudgeRequest(
-            images=conv.images,
-            request=conv.request,
-            conversation=conv.messages,
-            threshold=self.config.threshold,
-        )
+    def _judge(self, conv: Conversation) -> Verdict:
+        from .judges import SelfJudge, _judge_name, handed_off_verdict, run_judge
+
+        request = self.judge_request(conv)
         judge = self.judge_impl
         handed = handed_off_verdict(request, _judge_name(judge))
         if handed is not None:

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidVerdictError",
     "JudgeBusyError",
     "JudgeError",
+    "JudgeTruncatedError",
     "OverloadedError",
     "RequestTimeoutError",
     "SafeCoDeError",
@@ -48,6 +49,11 @@ class UnsupportedModelError(SafeCoDeInputError):
 
 class JudgeError(SafeCoDeError, RuntimeError):
     """A judge failed and the policy `on_judge_error="raise"` asked for the error."""
+
+
+class JudgeTruncatedError(JudgeError):
+    """A judge saw only part of what the model reads (its budget was too small), and the policy
+    `on_judge_truncation="raise"` asked for the error instead of a verdict."""
 
 
 class OverloadedError(SafeCoDeError):

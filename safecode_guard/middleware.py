@@ -11,23 +11,28 @@
 
 Flow, per model call of the agent loop:
 
-1. `before_model` judges the latest user turn (its text and every image the
-   user sent) once; later loop iterations of the same turn reuse the
-   verdict kept in the agent state (`safecode_verdict`). On an unsafe
-   verdict it either ends the run with a refusal message
-   (`on_unsafe="end"`, before the agent's model runs at all) or only
-   records it (`on_unsafe="record"`). This works whatever the agent's model
-   is: the judge is the middleware's, not the model's.
-2. `wrap_model_call`: when the agent's model is a `ChatSafeCoDe`, the
-   middleware's verdict is handed to it (`verdict=`), so the model decodes
-   under the same verdict and does not judge a second time; its answer's
-   `safety.source` then says "override" and `safety.judge` names the
-   middleware's judge. `share_verdict=False` lets the model judge on its own.
-   Under a recorded unsafe verdict an agent's `response_format` is dropped
-   for the call: structured output is acted on like a tool call, so the
-   model answers in words instead. If the model's own judge finds the turn
-   unsafe and its refusal cannot be parsed as structured output, the refusal
-   becomes the answer instead of LangChain's parse error.
+1. `wrap_model_call` judges what the agent's model is about to read: the
+   system prompt, every message (each user turn with its images, earlier
+   answers and their tool calls, tool results), the tools bound for the
+   call (names, descriptions, schemas) and the response format's schema
+   (`judge_request_from_messages`). A call whose view was judged before
+   (same fingerprint: a later loop iteration with nothing new) reuses the
+   verdict kept in the agent state (`safecode_verdict`); a new view (a new
+   user turn, tool results that came in, another tool list) is judged
+   again. On an unsafe verdict it either answers with a refusal instead of
+   calling the model (`on_unsafe="end"`) or only records it
+   (`on_unsafe="record"`). This works whatever the agent's model is: the
+   judge is the middleware's, not the model's.
+2. When the agent's model is a `ChatSafeCoDe`, the middleware's verdict is
+   handed to it (`verdict=`), so the model decodes under the same verdict
+   and does not judge a second time; its answer's `safety.source` then says
+   "override" and `safety.judge` names the middleware's judge.
+   `share_verdict=False` lets the model judge on its own. Under an unsafe
+   verdict an agent's `response_format` is dropped for the call:
+   structured output is acted on like a tool call, so the model answers in
+   words instead. If the model's own judge finds the turn unsafe and its
+   refusal cannot be parsed as structured output, the refusal becomes the
+   answer instead of LangChain's parse error.
 3. `after_model`: an unsafe turn ends with its answer. An answer that
    carries tool calls under an unsafe verdict (the answer's own
    `response_metadata["safety"]`, or the recorded verdict of this turn)
@@ -46,19 +51,23 @@ raises `ModelRefusalError`; with `ProviderStrategy`, LangChain raises its own
 with the refusal.
 
 Async agents get the same hooks; the judge's blocking work runs in a
-worker thread, so the event loop stays free.
+worker thread, so the event loop stays free. Middleware listed after this
+one (inner) may still change the request; list this one last to judge the
+request exactly as the model gets it.
 
 Needs the optional agent packages: `pip install 'safecode-guard[agents]'`.
-The judge sees the whole conversation (`judge_request_from_messages`): the
+The judge sees what the model reads (`judge_request_from_messages`): the
 system message, every user turn and its images, earlier answers and their
-tool calls, and tool results. When tool results come in during a turn, the
-turn is judged again before the model reads them, so a tool returning
-harmful content (or instructions) is judged in context too.
+tool calls, tool results, the tools and the response schema. When tool
+results come in during a turn, the turn is judged again before the model
+reads them, so a tool returning harmful content (or instructions) is judged
+in context too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -77,13 +86,16 @@ except ImportError as exc:  # tested by hiding the package
         f"packages): {exc}. Install them with `pip install 'safecode-guard[agents]'`."
     ) from exc
 
+from langchain.agents.middleware import ExtendedModelResponse
 from langchain.agents.structured_output import StructuredOutputError
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.types import Command
 from typing_extensions import NotRequired
 
 from .config import InputPolicy, SafeCoDeConfig
 from .errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
-from .judges import JudgeRequest, SelfJudge, _judge_name, make_judge, run_judge
+from .judges import JudgeRequest, SelfJudge, _judge_name, make_judge, request_fingerprint, run_judge
 from .lc_messages import message_role, to_hf_message
 from .verdict import Verdict, validated_verdict
 
@@ -101,8 +113,9 @@ class SafeCoDeState(AgentState):
     """The agent state with the middleware's verdict for the latest user turn."""
 
     safecode_verdict: NotRequired[dict[str, Any] | None]
-    """`Verdict.to_dict()` plus "message_id" (the user turn it judged) and "messages_judged"
-    (how many messages the judge saw; tool results after them are judged again)."""
+    """`Verdict.to_dict()` plus "message_id" (the user turn it judged), "messages_judged"
+    (how many messages the judge saw) and "fingerprint" (`request_fingerprint` of what it
+    judged: a model call that reads anything else is judged again)."""
 
 
 def _latest_human(messages: Sequence[BaseMessage]) -> HumanMessage | None:
@@ -110,23 +123,65 @@ def _latest_human(messages: Sequence[BaseMessage]) -> HumanMessage | None:
 
 
 def judge_request_from_messages(
-    messages: Sequence[BaseMessage], policy: InputPolicy, threshold: float
+    messages: Sequence[BaseMessage],
+    policy: InputPolicy,
+    threshold: float,
+    *,
+    system_message: SystemMessage | None = None,
+    tools: Sequence[Any] = (),
+    response_format: Any = None,
 ) -> JudgeRequest | None:
-    """The judge's view of an agent conversation: every turn, every user image, the latest user text.
+    """The judge's view of an agent's model call: what the model reads.
 
-    The judge sees what the agent's model sees that could make the request
-    unsafe: the system message, every user turn with its images, earlier
-    assistant turns with their tool calls, and tool results. None when there
-    is no user turn. User images are decoded under `policy` (bad images raise
-    the usual typed errors). A non-user turn holding blocks a local model
-    cannot read (the agent's model may be another provider's) is kept as its
-    text and tool calls plus a note of what was left out, so the judge still
-    sees it rather than failing the turn.
+    The system message (the agent's system prompt, which LangChain keeps out
+    of `messages`), every user turn with its images, earlier assistant turns
+    with their tool calls, tool results, the tools bound for the call (as
+    OpenAI function schemas: names, descriptions, parameters) and the schema
+    of `response_format` (a LangChain structured-output strategy or schema).
+    None when there is no user turn. User images are decoded under `policy`
+    (bad images raise the usual typed errors). A non-user turn holding blocks
+    a local model cannot read (the agent's model may be another provider's)
+    is kept as its text and tool calls plus a note of what was left out, so
+    the judge still sees it rather than failing the turn.
     """
-    turns = [_judge_turn(m, i, policy) for i, m in enumerate(messages)]
+    listed = [system_message, *messages] if system_message is not None else list(messages)
+    turns = [_judge_turn(m, i, policy) for i, m in enumerate(listed)]
     if not any(t["role"] == "user" for t in turns):
         return None
-    return JudgeRequest.from_messages(turns, threshold=threshold)
+    return JudgeRequest.from_messages(
+        turns, threshold=threshold, tools=[_tool_schema(t) for t in tools], response_schema=_response_schema(response_format)
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    # what a judge shows must be JSON; anything else (a default value object, say) as its repr
+    return json.loads(json.dumps(value, ensure_ascii=False, default=repr))
+
+
+def _tool_schema(tool: Any) -> dict[str, Any]:
+    """A bound tool as the model's provider reads it: an OpenAI function schema, or its name and description."""
+    if isinstance(tool, Mapping):  # a provider tool (e.g. {"type": "web_search"}) or a schema written out
+        return _json_safe(dict(tool))
+    try:
+        return _json_safe(convert_to_openai_tool(tool))
+    except Exception:
+        return {"name": str(getattr(tool, "name", type(tool).__name__)), "description": str(getattr(tool, "description", ""))}
+
+
+def _response_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema(s) of a structured-output strategy (`ToolStrategy`, `ProviderStrategy`,
+    `AutoStrategy`) or a bare schema; None without one."""
+    if response_format is None:
+        return None
+    specs = getattr(response_format, "schema_specs", None)
+    if specs is None and getattr(response_format, "schema_spec", None) is not None:
+        specs = [response_format.schema_spec]
+    if specs:
+        entries = [{"name": s.name, "description": s.description, "parameters": s.json_schema} for s in specs]
+    else:
+        schema = getattr(response_format, "schema", response_format)
+        entries = [_tool_schema(schema)]
+    return _json_safe(entries[0] if len(entries) == 1 else {"anyOf": entries})
 
 
 def _judge_turn(message: BaseMessage, index: int, policy: InputPolicy) -> dict[str, Any]:
@@ -157,7 +212,7 @@ def _judge_turn(message: BaseMessage, index: int, policy: InputPolicy) -> dict[s
 
 
 #: Keys of the state record that are the middleware's own bookkeeping, not verdict fields.
-_BOOKKEEPING = ("message_id", "messages_judged")
+_BOOKKEEPING = ("message_id", "messages_judged", "fingerprint")
 
 
 def _recorded_verdict(record: Any, config: SafeCoDeConfig, judge_name: str) -> Verdict:
@@ -204,7 +259,7 @@ def _refusal_response(error: StructuredOutputError) -> ModelResponse:
 
 
 class SafeCoDeMiddleware(AgentMiddleware):
-    """Judge each user turn with SafeCoDe's judge before the agent's model runs; act on unsafe.
+    """Judge what the agent's model reads with SafeCoDe's judge before it runs; act on unsafe.
 
     - `judge`: a judge spec ("self", "self:caption", "fixed:unsafe",
       "chat:<provider>:<model>"), a judge object, a LangChain chat model or a
@@ -290,9 +345,13 @@ class SafeCoDeMiddleware(AgentMiddleware):
                 self._bound = (engine, self.judge.bind(engine))
             return self._bound[1]
 
-    def judge_messages(self, messages: Sequence[BaseMessage]) -> Verdict | None:
-        """The verdict for the latest user turn of `messages` (None without a user turn)."""
-        request = judge_request_from_messages(messages, self.policy, self.config.threshold)
+    def judge_messages(self, messages: Sequence[BaseMessage], **model_call: Any) -> Verdict | None:
+        """The verdict for the latest user turn of `messages` (None without a user turn).
+
+        `model_call` takes what else the model reads, as `judge_request_from_messages`
+        does: `system_message`, `tools`, `response_format`.
+        """
+        request = judge_request_from_messages(messages, self.policy, self.config.threshold, **model_call)
         if request is None:
             return None
         return run_judge(self._judge_impl(), request, self.config)
@@ -316,77 +375,98 @@ class SafeCoDeMiddleware(AgentMiddleware):
         record = self._record(state)
         return None if record is None else _recorded_verdict(record, self.config, _judge_name(self.judge))
 
-    def _new_tool_results(self, state: dict[str, Any]) -> bool:
-        """Whether tool results arrived after this turn's verdict: what they say must be judged too."""
-        record = self._record(state)
-        judged = record.get("messages_judged") if isinstance(record, Mapping) else None
-        if not isinstance(judged, int):
-            return False
-        return any(isinstance(m, ToolMessage) for m in state["messages"][judged:])
+    def _judge_call(self, request: ModelRequest) -> tuple[Verdict | None, dict[str, Any] | None]:
+        """The verdict on what this model call reads, and the state record to write when it was judged now.
+
+        The view the judge gets is the model's own: the request's system message,
+        messages, tools and response format. A view judged before (its fingerprint is
+        in this turn's record) is not judged again; the recorded verdict is validated
+        again instead.
+        """
+        judged = judge_request_from_messages(
+            request.messages,
+            self.policy,
+            self.config.threshold,
+            system_message=request.system_message,
+            tools=request.tools,
+            response_format=request.response_format,
+        )
+        if judged is None:
+            return None, None  # no user turn: nothing to judge
+        fingerprint = request_fingerprint(judged)
+        record = self._record(request.state)
+        if isinstance(record, Mapping) and record.get("fingerprint") == fingerprint:
+            return self._current(request.state), None
+        verdict = run_judge(self._judge_impl(), judged, self.config)
+        human = _latest_human(request.messages) or _latest_human(request.state["messages"])
+        return verdict, {
+            **verdict.to_dict(),
+            "message_id": human.id if human is not None else None,
+            "messages_judged": len(request.state["messages"]),
+            "fingerprint": fingerprint,
+        }
 
     # -- hooks ------------------------------------------------------------------------------
 
-    @hook_config(can_jump_to=["end"])
-    def before_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
-        """Judge a new user turn (again when tool results came in); on unsafe end the run (or record it)."""
-        human = _latest_human(state["messages"])
-        if human is None:
-            return None
-        if self._record(state) is not None and not self._new_tool_results(state):
-            return None  # this turn was judged on an earlier loop iteration, and nothing new came in
-        verdict = self.judge_messages(state["messages"])
-        assert verdict is not None  # there is a user turn
-        record = {**verdict.to_dict(), "message_id": human.id, "messages_judged": len(state["messages"])}
-        if verdict.unsafe and self.on_unsafe == "end":
-            refusal = AIMessage(
-                content=self.refusal_message,
-                response_metadata={"safety": _safety(verdict, self.config.threshold)},
-            )
-            return {"safecode_verdict": record, "messages": [refusal], "jump_to": "end"}
-        return {"safecode_verdict": record}
-
-    @hook_config(can_jump_to=["end"])
-    async def abefore_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
-        # The judge is blocking model work (or a blocking chat-model call): keep it off the loop.
-        return await asyncio.to_thread(self.before_model, state, runtime)
-
-    def _with_verdict(self, request: ModelRequest) -> ModelRequest:
+    def _prepared(self, request: ModelRequest, verdict: Verdict | None) -> ModelRequest:
+        """The request with this call's verdict handed on, and no `response_format` under an unsafe one."""
         from .chat_model import ChatSafeCoDe
 
-        verdict = self._current(request.state)
-        if not self.share_verdict or verdict is None or not isinstance(request.model, ChatSafeCoDe):
-            return request
-        if "verdict" in request.model_settings:
-            return request  # the application pinned one itself
-        return request.override(model_settings={**request.model_settings, "verdict": verdict})
-
-    def _prepared(self, request: ModelRequest) -> ModelRequest:
-        """The request with this turn's verdict handed on, and no `response_format` under an unsafe one."""
-        request = self._with_verdict(request)
-        verdict = self._current(request.state)
-        unsafe = verdict is not None and verdict.unsafe
-        if unsafe and self.block_tool_calls and request.response_format is not None:
+        if (
+            self.share_verdict
+            and verdict is not None
+            and isinstance(request.model, ChatSafeCoDe)
+            and "verdict" not in request.model_settings  # else the application pinned one itself
+        ):
+            request = request.override(model_settings={**request.model_settings, "verdict": verdict})
+        if verdict is not None and verdict.unsafe and self.block_tool_calls and request.response_format is not None:
             # Structured output is data the application acts on, like a tool call: withheld.
             request = request.override(response_format=None)
         return request
 
+    def _refusal(self, verdict: Verdict) -> ModelResponse:
+        message = AIMessage(
+            content=self.refusal_message, response_metadata={"safety": _safety(verdict, self.config.threshold)}
+        )
+        return ModelResponse(result=[message])
+
+    def _respond(
+        self, verdict: Verdict | None, record: dict[str, Any] | None, call: Callable[[], Any]
+    ) -> ModelResponse | ExtendedModelResponse:
+        """The refusal (unsafe, `on_unsafe="end"`) or the model's answer, with the new record if any."""
+        if verdict is not None and verdict.unsafe and self.on_unsafe == "end":
+            response = self._refusal(verdict)  # the model is never called
+        else:
+            try:
+                response = call()
+            except StructuredOutputError as exc:
+                response = _refusal_response(exc)
+        if record is None:
+            return response
+        if isinstance(response, AIMessage):
+            response = ModelResponse(result=[response])
+        # The state update rides with the model node's own (after_model then reads it).
+        return ExtendedModelResponse(model_response=response, command=Command(update={"safecode_verdict": record}))
+
     def wrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
-    ) -> ModelResponse:
-        """Hand this turn's verdict to a `ChatSafeCoDe` agent model (one judge call per turn);
-        keep a refusal as the answer when structured output cannot be read from it."""
-        try:
-            return handler(self._prepared(request))
-        except StructuredOutputError as exc:
-            return _refusal_response(exc)
+    ) -> ModelResponse | ExtendedModelResponse:
+        """Judge what the model is about to read (once per view); refuse, or hand the verdict on and call it."""
+        verdict, record = self._judge_call(request)
+        return self._respond(verdict, record, lambda: handler(self._prepared(request, verdict)))
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
-    ) -> ModelResponse:
+    ) -> ModelResponse | ExtendedModelResponse:
+        # The judge is blocking model work (or a blocking chat-model call): keep it off the loop.
+        verdict, record = await asyncio.to_thread(self._judge_call, request)
+        if verdict is not None and verdict.unsafe and self.on_unsafe == "end":
+            return self._respond(verdict, record, lambda: None)
         try:
-            return await handler(self._prepared(request))
+            response: Any = await handler(self._prepared(request, verdict))
         except StructuredOutputError as exc:
-            return _refusal_response(exc)
+            response = _refusal_response(exc)
+        return self._respond(None, record, lambda: response)
 
     @hook_config(can_jump_to=["end"])
     def after_model(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:

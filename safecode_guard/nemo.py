@@ -797,7 +797,8 @@ def _check(
     judge_impl, config, policy = _judge_setup(llm, spec)
     try:
         lc_messages = _to_langchain(request_messages(user_message, conversation))
-        conv = parse_messages(to_hf_messages(lc_messages, policy), policy)
+        # The tools the request offers the model are judged with it (as ChatSafeCoDe formats them).
+        conv = parse_messages(to_hf_messages(lc_messages, policy), policy).with_request(tools=_request_tools())
     except ValueError as exc:  # SafeCoDeInputError, and langchain-core rejecting a message shape
         # Fail closed: content the judge cannot read, the model cannot answer either.
         fallback = Verdict(
@@ -807,13 +808,23 @@ def _check(
             error=f"{type(exc).__name__}: {exc}",
         )
         return fallback, None
-    request = JudgeRequest(
-        images=conv.images,
-        request=conv.request,
-        conversation=conv.messages,
-        threshold=config.threshold,
-    )
+    request = JudgeRequest.from_conversation(conv, threshold=config.threshold)
     return run_judge(judge_impl, request, config), request
+
+
+def _request_tools() -> list[dict[str, Any]] | None:
+    """The tools this NeMo request offers the model (`options.llm_params`, which NeMo's server fills
+    from a request's `tools`), formatted as `ChatSafeCoDe` formats them; None when none are offered."""
+    from nemoguardrails.context import generation_options_var
+
+    from .tools import format_tools
+
+    options = generation_options_var.get()
+    params = getattr(options, "llm_params", None) or {}
+    tools = params.get("tools") if isinstance(params, Mapping) else None
+    if not tools or params.get("tool_choice") == "none":  # "none": the model is not shown them
+        return None
+    return format_tools(tools)
 
 
 def _current_request() -> Any:

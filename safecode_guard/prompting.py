@@ -1,160 +1,37 @@
-"""From chat messages to a prompt string and the request's images.
+"""From a `Conversation` to the model's prompt string.
 
-Input: Hugging Face chat messages (`{"role", "content"}`; content a string or
-a list of `{"type": "text", "text"}` / `{"type": "image", "image"}` parts).
-Tool turns follow the transformers convention: an assistant message may carry
-`tool_calls` (`[{"type": "function", "id", "function": {"name", "arguments": dict}}]`)
-and a `{"role": "tool", "content", "tool_call_id", "name"}` message answers one call.
-Output: a `Conversation` holding validated messages with PIL images, the
-images in message order, and the text of the latest user turn. Rendering to
-a prompt string uses the processor's own chat template (with `tools=` when
-the request offers tools).
+The conversation comes from `messages.parse_messages` (re-exported here):
+validated messages with PIL images, the images in order, the tools and the
+answer's forced opening. `render_prompt` renders it with the processor's own
+chat template (with `tools=` when the request offers tools), every string the
+caller controls neutralized first; `template_joins` reads how that template
+joins a message's content parts, so a judge reads the text as the model does.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+from .errors import (
+    InputLimitError,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+)
+from .messages import MAX_NESTING_DEPTH, ROLES, Conversation, parse_messages
 
-from .config import InputPolicy
-from .errors import InputLimitError, UnsupportedContentError, UnsupportedModelError
-
-__all__ = ["Conversation", "neutralize_special_tokens", "parse_messages", "render_prompt"]
-
-ROLES = ("system", "user", "assistant", "tool")
-_IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """Validated messages (images as PIL), the images in order, the latest user text."""
-
-    messages: tuple[dict[str, Any], ...]
-    images: tuple[Image.Image, ...]
-    request: str
-
-
-def _image_value(part: Mapping[str, Any]) -> Any:
-    for key in _IMAGE_KEYS:
-        value = part.get(key)
-        if value is not None:
-            if key == "image_url" and isinstance(value, Mapping):
-                value = value.get("url")
-            return value
-    raise UnsupportedContentError(
-        f"An image part has no image data (keys: {sorted(part)}). "
-        'Use {"type": "image", "image": <PIL.Image | bytes | data URL>}.'
-    )
-
-
-def _parse_part(part: Any, where: str) -> dict[str, Any]:
-    """One content part, validated; an image part keeps its raw value (decoded later, all together)."""
-    if isinstance(part, str):
-        return {"type": "text", "text": part}
-    if not isinstance(part, Mapping):
-        raise UnsupportedContentError(
-            f"{where} is a {type(part).__name__}; content parts must be dicts like "
-            '{"type": "text", "text": "..."} or {"type": "image", "image": ...}.'
-        )
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise UnsupportedContentError(f'{where} is a text part whose "text" is not a string.')
-        return {"type": "text", "text": text}
-    if kind in ("image", "image_url"):
-        return {"type": "image", "image": _image_value(part)}
-    raise UnsupportedContentError(
-        f"{where} has type {kind!r}, which this model cannot read. "
-        'Supported content parts: "text" and "image".'
-    )
-
-
-def _tool_fields(message: Mapping[str, Any], role: str, where: str) -> dict[str, Any]:
-    """The tool-calling fields of one message: `tool_calls` (assistant), `tool_call_id` / `name` (tool)."""
-    if role == "assistant" and message.get("tool_calls"):
-        calls = message["tool_calls"]
-        ok = isinstance(calls, Sequence) and not isinstance(calls, (str, bytes)) and all(
-            isinstance(c, Mapping)
-            and isinstance(c.get("function"), Mapping)
-            and isinstance(c["function"].get("name"), str)
-            and isinstance(c["function"].get("arguments"), Mapping)
-            for c in calls
-        )
-        if not ok:
-            raise UnsupportedContentError(
-                f"{where}.tool_calls must be a list of "
-                '{"type": "function", "id": ..., "function": {"name": str, "arguments": dict}}.'
-            )
-        return {"tool_calls": [dict(c) for c in calls]}
-    if role == "tool":
-        return {k: str(message[k]) for k in ("tool_call_id", "name") if message.get(k) is not None}
-    return {}
-
-
-def parse_messages(
-    messages: Sequence[Mapping[str, Any]], policy: InputPolicy, *, max_side: int | None = None
-) -> Conversation:
-    """Validate `messages`, decode their images, merge consecutive same-role turns.
-
-    Every message is validated and every image counted (with the request's
-    total bytes and declared pixels, `images.load_images`) before any image is
-    decoded. Images come back RGB with their longer side at most `max_side`
-    (and `policy.max_working_side`): pass `images.image_working_side(processor, policy)`.
-    """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise UnsupportedContentError(
-            f"`messages` must be a list of chat messages, got {type(messages).__name__}. "
-            'Use [{"role": "user", "content": "..."}].'
-        )
-    if not messages:
-        raise UnsupportedContentError('`messages` is empty. Give at least one {"role": "user", ...} message.')
-    parsed: list[dict[str, Any]] = []
-    image_parts: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise UnsupportedContentError(f"messages[{i}] is a {type(message).__name__}, not a dict with role and content.")
-        role = message.get("role")
-        if role not in ROLES:
-            raise UnsupportedContentError(f"messages[{i}] has role {role!r}; use one of {list(ROLES)}.")
-        content = message.get("content")
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
-            parts = [_parse_part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(content)]
-        else:
-            raise UnsupportedContentError(
-                f"messages[{i}].content is a {type(content).__name__}; use a string or a list of parts."
-            )
-        if role != "user" and any(p["type"] == "image" for p in parts):
-            raise UnsupportedContentError(
-                f"messages[{i}] ({role}) holds an image; only user turns may carry images."
-            )
-        image_parts.extend(p for p in parts if p["type"] == "image")
-        extras = _tool_fields(message, role, f"messages[{i}]")
-        if parsed and parsed[-1]["role"] == role and role != "tool" and not extras and len(parsed[-1]) == 2:
-            # Many chat templates insist on alternating roles; two turns in a row are one turn.
-            # (Tool results and tool-calling turns stay apart: each answers or makes its own calls.)
-            parsed[-1]["content"] = [*parsed[-1]["content"], {"type": "text", "text": "\n"}, *parts]
-        else:
-            parsed.append({"role": role, "content": parts, **extras})
-    if parsed[-1]["role"] == "assistant":
-        raise UnsupportedContentError(
-            "The last message is an assistant turn; end with a user turn for the model to answer."
-        )
-    from .images import load_images  # the one place images are decoded and checked
-
-    images = load_images([p["image"] for p in image_parts], policy, max_side=max_side)
-    for part, image in zip(image_parts, images, strict=True):
-        part["image"] = image
-    user_turns = [m for m in parsed if m["role"] == "user"]
-    request = ""
-    if user_turns:
-        request = "".join(p["text"] for p in user_turns[-1]["content"] if p["type"] == "text").strip()
-    return Conversation(messages=tuple(parsed), images=tuple(images), request=request)
+__all__ = [
+    "MAX_NESTING_DEPTH",
+    "ROLES",
+    "Conversation",
+    "neutralize_special_tokens",
+    "neutralize_text_parts",
+    "parse_messages",
+    "render_prompt",
+    "template_joins",
+]
 
 
 def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
@@ -234,14 +111,6 @@ def _longest_first(specials: tuple[str, ...]) -> tuple[str, ...]:
     return held
 
 
-#: Deepest nesting of lists and dicts accepted in what reaches a chat template as
-#: structure (tool-call arguments, tool schemas). Every walk over such values (ours,
-#: JSON encoding, Jinja's `tojson`) recurses once per level; real arguments and schemas
-#: stay far below this, and a request nested deeper gets `InputLimitError`, not a
-#: `RecursionError` from deep inside a library.
-MAX_NESTING_DEPTH = 64
-
-
 def _neutralize_values(value: Any, specials: Sequence[str], where: str = "a tool value", depth: int = 0) -> Any:
     """`value` (tool-call arguments, tool schemas: dicts, lists, strings) with every string
     neutralized, dict keys included; `InputLimitError` past `MAX_NESTING_DEPTH` levels."""
@@ -269,26 +138,9 @@ def _neutralize_values(value: Any, specials: Sequence[str], where: str = "a tool
     return value
 
 
-def render_prompt(
-    processor: Any,
-    messages: Sequence[Mapping[str, Any]],
-    specials: Sequence[str] = (),
-    *,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    add_generation_prompt: bool = True,
-) -> str:
-    """The prompt string from the processor's chat template, ready for the assistant's turn.
-
-    Image parts become `{"type": "image"}` placeholders the template expands.
-    Every string the caller controls that reaches the template has its
-    special-token strings neutralized first: text parts, tool results, tool
-    calls in history (name, id, argument keys and values), tool messages'
-    `name` and `tool_call_id`, and the `tools` schemas (names, descriptions,
-    parameter names, enums...). `tools` (OpenAI-format function schemas) go to
-    the template's `tools=` argument. Structures nested deeper than
-    `MAX_NESTING_DEPTH` raise `InputLimitError`; a template that rejects the
-    conversation (e.g. roles that must alternate) raises `UnsupportedContentError`.
-    """
+def _template_messages(messages: Sequence[Mapping[str, Any]], specials: Sequence[str]) -> list[dict[str, Any]]:
+    """`messages` as the chat template receives them: image parts as placeholders, every
+    caller-controlled string neutralized, tool turns' text as one string."""
     template_messages = []
     for i, m in enumerate(messages):
         content = m["content"]
@@ -309,6 +161,16 @@ def render_prompt(
                 _neutralize_values(c, specials, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m["tool_calls"])
             ]
         template_messages.append(rendered)
+    return template_messages
+
+
+def _template_tools(tools: Sequence[Mapping[str, Any]] | None, specials: Sequence[str]) -> list[Any] | None:
+    return [_neutralize_values(t, specials, f"tools[{j}]") for j, t in enumerate(tools)] if tools else None
+
+
+def _apply_template(
+    processor: Any, template_messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool
+) -> str:
     # Some processors (InstructBLIP in transformers 5.x) drop their template on reload
     # while their tokenizer keeps it.
     template = getattr(processor, "chat_template", None) or getattr(
@@ -319,9 +181,7 @@ def render_prompt(
             f"{type(processor).__name__} has no chat template. Set `processor.chat_template` "
             "to a Jinja template (see the model card) before using it with SafeCoDe."
         )
-    extra: dict[str, Any] = {}
-    if tools:
-        extra["tools"] = [_neutralize_values(t, specials, f"tools[{j}]") for j, t in enumerate(tools)]
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
     from jinja2 import TemplateError  # transformers' own template engine
 
     try:
@@ -338,3 +198,92 @@ def render_prompt(
             "Check the order of the turns (many templates want user and assistant turns to alternate, "
             "starting with a user turn) or set `processor.chat_template` to a template that accepts it."
         ) from exc
+
+
+def render_prompt(
+    processor: Any,
+    messages: Sequence[Mapping[str, Any]] | Conversation,
+    specials: Sequence[str] = (),
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt string from the processor's chat template, ready for the assistant's turn.
+
+    `messages` is a `Conversation` (its `tools` are rendered, and its
+    `answer_prefix` ends the prompt) or a list of validated messages (`tools`
+    then says which tools). Image parts become `{"type": "image"}`
+    placeholders the template expands. Every string the caller controls that
+    reaches the template has its special-token strings neutralized first: text
+    parts, tool results, tool calls in history (name, id, argument keys and
+    values), tool messages' `name` and `tool_call_id`, and the `tools` schemas
+    (names, descriptions, parameter names, enums...). `tools` (OpenAI-format
+    function schemas) go to the template's `tools=` argument. Structures nested
+    deeper than `MAX_NESTING_DEPTH` raise `InputLimitError`; a template that
+    rejects the conversation (e.g. roles that must alternate) raises
+    `UnsupportedContentError`.
+    """
+    prefix = ""
+    if isinstance(messages, Conversation):
+        if tools is not None:
+            raise SafeCoDeInputError("Give `tools` in the Conversation (`conv.with_request(tools=...)`), not twice.")
+        messages, tools, prefix = messages.messages, messages.tools, messages.answer_prefix
+    rendered = _apply_template(
+        processor, _template_messages(messages, specials), _template_tools(tools, specials), add_generation_prompt
+    )
+    return rendered + prefix
+
+
+# Private-use characters around each content part in the probe render of `template_joins`:
+# a template has no reason to touch them, and with a fresh nonce per call user text cannot
+# forge one.
+_OPEN, _MID, _CLOSE = "\ue000", "\ue001", "\ue002"
+
+
+def template_joins(
+    processor: Any, conversation: Conversation, specials: Sequence[str] = ()
+) -> tuple[tuple[str, ...], ...] | None:
+    """Per message of `conversation`, the text its chat template writes between consecutive content parts.
+
+    The template renders the conversation once more with every content part
+    (images included, as text) wrapped in markers no user text can forge;
+    what lies between the end of part k and the start of part k+1 is how the
+    template joins them ("" for most templates, a space or a newline for
+    others). A join that cannot be read that way (the template left a part
+    out, or moved it) is "" (the parts then read concatenated). None when the
+    template rejects the probe, and `()` for a message without joins (one
+    part, or a tool turn, which is rendered as one string).
+    """
+    if all(len(m["content"]) < 2 or m["role"] == "tool" or m.get("tool_calls") for m in conversation.messages):
+        return tuple(() for _ in conversation.messages)  # nothing to join: skip the second render
+    nonce = secrets.token_hex(8)
+
+    def mark(kind: str, i: int, k: int) -> str:
+        return f"{kind}{nonce}{_MID}{i}.{k}{kind}"
+
+    probe = []
+    for i, m in enumerate(_template_messages(conversation.messages, specials)):
+        if not isinstance(m["content"], str):
+            m = {
+                **m,
+                "content": [
+                    {"type": "text", "text": mark(_OPEN, i, k) + p.get("text", "") + mark(_CLOSE, i, k)}
+                    for k, p in enumerate(m["content"])
+                ],
+            }
+        probe.append(m)
+    try:
+        out = _apply_template(processor, probe, _template_tools(conversation.tools, specials), True)
+    except SafeCoDeInputError:
+        return None
+    joins = []
+    for i, m in enumerate(probe):
+        glue = []
+        for k in range(len(m["content"]) - 1 if not isinstance(m["content"], str) else 0):
+            close = mark(_CLOSE, i, k)
+            end = out.find(close)
+            start = out.find(mark(_OPEN, i, k + 1), end) if end >= 0 else -1
+            between = out[end + len(close) : start] if start >= 0 else ""
+            glue.append("" if nonce in between else between)
+        joins.append(tuple(glue))
+    return tuple(joins)

@@ -606,7 +606,7 @@ def test_fuzz_turns_cannot_forge_transcript_structure(texts: list[str]) -> None:
     view = judge_view(JudgeRequest.from_messages(conv))
     prompt = verdict_prompt_for(view)
     counts = _count_tags(prompt)
-    assert counts == {"request": 2, "caption": 0, "transcript": 2, "turn": 2 * len(texts)}
+    assert counts == {"request": 2, "caption": 0, "transcript": 2, "turn": 2 * len(texts), "tools": 0}
 
 
 def verdict_prompt_for(view) -> str:
@@ -681,8 +681,8 @@ def test_fingerprint_tells_apart_requests_the_old_one_confused() -> None:
         (text_only, JudgeRequest.from_messages([{"role": "system", "content": HARM},
                                                 {"role": "user", "content": "Is this safe?"}])),
         (JudgeRequest((_palette_image((255, 0, 0)),), "x"), JudgeRequest((_palette_image((0, 0, 255)),), "x")),
-        (JudgeRequest.from_messages([{"role": "user", "content": [{"type": "text", "text": "ab"}, "c"]}]),
-         JudgeRequest.from_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, "bc"]}])),
+        (JudgeRequest.from_messages([{"role": "user", "content": ["ab", {"type": "image", "image": tiny}, "c"]}]),
+         JudgeRequest.from_messages([{"role": "user", "content": ["a", {"type": "image", "image": tiny}, "bc"]}])),
         (JudgeRequest.from_messages([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]),
          JudgeRequest.from_messages([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])),
         (JudgeRequest.from_messages([_call_turn({"door": "front"}), {"role": "user", "content": "ok"}]),
@@ -691,6 +691,10 @@ def test_fingerprint_tells_apart_requests_the_old_one_confused() -> None:
     ]
     for a, b in pairs:
         assert request_fingerprint(a) != request_fingerprint(b)
+    # Text parts read as the template joins them (concatenated here): the same text, the same request.
+    split = JudgeRequest.from_messages([{"role": "user", "content": [{"type": "text", "text": "ab"}, "c"]}])
+    other_split = JudgeRequest.from_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, "bc"]}])
+    assert request_fingerprint(split) == request_fingerprint(other_split)
     same = JudgeRequest.from_messages([{"role": "user", "content": [{"type": "image", "image": tiny.copy()}, "x"]}])
     again = JudgeRequest.from_messages([{"role": "user", "content": [{"type": "image", "image": tiny.copy()}, "x"]}])
     assert request_fingerprint(same) == request_fingerprint(again)
@@ -741,9 +745,20 @@ def _build(turns, threshold) -> tuple[JudgeRequest, tuple]:
             content = [c for c in content if c["type"] == "text"]
             kparts = [k for k in kparts if k[0] == "text"]
         conv.append({"role": role, "content": content})
-        key.append((role, tuple(kparts)))
+        key.append((role, tuple(_text_runs(kparts))))
     request = JudgeRequest.from_messages(conv, threshold=threshold)
     return request, (threshold, request.request, tuple(key))
+
+
+def _text_runs(kparts: list[tuple]) -> list[tuple]:
+    """Adjacent text parts as one: the model reads them joined (these templates concatenate)."""
+    runs: list[tuple] = []
+    for k in kparts:
+        if k[0] == "text" and runs and runs[-1][0] == "text":
+            runs[-1] = ("text", runs[-1][1] + k[1])
+        else:
+            runs.append(k)
+    return runs
 
 
 @settings(max_examples=300, deadline=None)

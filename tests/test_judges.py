@@ -326,7 +326,7 @@ def test_judge_request_from_messages_collects_images_in_order_and_latest_user_te
     ]
     req = JudgeRequest.from_messages(messages, threshold=0.3)
     assert req.images == (a, b, c)
-    assert req.request == "How do I\nrun faster?"
+    assert req.request == "How do Irun faster?"  # text parts concatenated, as the chat templates write them
     assert req.conversation == tuple(messages)
     assert req.threshold == 0.3
 
