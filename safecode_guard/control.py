@@ -77,6 +77,9 @@ class RequestControl:
         self._wakers: set[threading.Event] = set()
         self._callbacks: list[Callable[[], None]] = []
         self._children: weakref.WeakSet[RequestControl] = weakref.WeakSet()
+        # A child holds its parent (the parent holds its children weakly): a chain stays alive as
+        # long as its innermost control, e.g. the one a queued job carries, is in use.
+        self._parent = parent
         if parent is not None:
             parent._adopt(self)
 

@@ -127,8 +127,9 @@ async def arun_briefly(fn: Callable[[], T], *, control: RequestControl | None = 
         slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_PREPARING)
     own = RequestControl(parent=control if control is not None else current_control())
     context = contextvars.copy_context()
+    deadline = asyncio.timeout(own.remaining())
     try:
-        async with asyncio.timeout(own.remaining()):
+        async with deadline:
             async with slots:
                 own.check()
                 future: asyncio.Future[T] = loop.create_future()
@@ -151,9 +152,9 @@ async def arun_briefly(fn: Callable[[], T], *, control: RequestControl | None = 
                     return await future
                 finally:
                     forget()
-    except TimeoutError as exc:
+    except TimeoutError:
         own.cancel()
-        if isinstance(exc, RequestTimeoutError) or not own.expired:
+        if not deadline.expired():  # a TimeoutError of the work itself (e.g. its own RequestTimeoutError)
             raise
         raise own.timeout_error() from None
     except BaseException:
@@ -319,6 +320,18 @@ class SafeCoDeStream:
         job = getattr(self, "_job", None)
         if job is not None and not job.done:
             job.cancel()
+
+
+def _token_id(key: Any) -> int | None:
+    """A `logit_bias` key as a token id: an int, or a string of at most 19 ASCII digits ("²", "٣" and
+    5000-digit strings are not ids, and `int()` would raise or work for minutes on them)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str):
+        digits = key.strip()
+        if 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit():
+            return int(digits)
+    return None
 
 
 def _wake_cancelled(job: DecodeJob) -> None:
@@ -768,9 +781,7 @@ class SafeCoDe:
         vocab = self._vocab_size
         out: dict[int, float] = {}
         for key, bias in logit_bias.items():
-            token = int(key) if isinstance(key, int) and not isinstance(key, bool) else (
-                int(key) if isinstance(key, str) and key.strip().isdigit() else None
-            )
+            token = _token_id(key)
             if token is None or not 0 <= token < vocab:
                 raise SafeCoDeInputError(
                     f"`logit_bias` key {key!r} is not a token id of this model (0 to {vocab - 1}). "

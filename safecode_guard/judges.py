@@ -109,6 +109,7 @@ __all__ = [
     "delimit",
     "hand_off_verdict",
     "handed_off_verdict",
+    "judge_error_code",
     "judge_view",
     "label_token_ids",
     "make_judge",
@@ -629,6 +630,28 @@ def run_judge(
     return verdict.model_copy(update={"source": "judge", "latency_s": time.perf_counter() - start})
 
 
+JUDGE_ERROR_CODES: dict[str, str] = {
+    "TimeoutError": "judge_timeout",
+    "JudgeBusyError": "judge_busy",
+    "InvalidVerdictError": "judge_unparseable",
+}
+"""Fixed reasons for a failed judge, by the exception type a fallback verdict's `error` starts with
+(`run_judge` writes "Type: message"); any other failure is "judge_error"."""
+
+
+def judge_error_code(error: str | None) -> str | None:
+    """The fixed reason (`judge_error`, `judge_timeout`, `judge_busy`, `judge_unparseable`) for a
+    fallback verdict's `error` text, or None when there is no error.
+
+    What an HTTP client may see instead of the text, which can hold anything
+    a judge's backend said (a local path, an upstream error body, a masked key).
+    """
+    if error is None:
+        return None
+    kind = error.split(":", 1)[0].strip()
+    return JUDGE_ERROR_CODES.get(kind, "judge_error")
+
+
 def _judge_name(judge: Any) -> str:
     name = getattr(judge, "name", None)
     if isinstance(name, str) and name:
@@ -648,7 +671,7 @@ def _normalise(raw: Any, threshold: float, name: str) -> Verdict:
     if isinstance(raw, str):
         label = raw.strip().lower()
         if label not in ("safe", "unsafe"):
-            raise ValueError(
+            raise InvalidVerdictError(
                 f"judge {name!r} returned the string {raw[:80]!r}; a label must be 'safe' or 'unsafe'"
             )
         return Verdict(label=label, judge=name)
@@ -656,11 +679,11 @@ def _normalise(raw: Any, threshold: float, name: str) -> Verdict:
     if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
         score = float(raw)
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
-            raise ValueError(
+            raise InvalidVerdictError(
                 f"judge {name!r} returned the score {raw!r}; a score must be in [0, 1]"
             )
         return Verdict(label=label_from_score(score, threshold), unsafe_score=score, judge=name)
-    raise TypeError(
+    raise InvalidVerdictError(
         f"judge {name!r} returned a {type(raw).__name__} ({raw!r:.80}); a judge must return a "
         "Verdict, 'safe' / 'unsafe', or an unsafe score (float in [0, 1])"
     )
@@ -1550,7 +1573,7 @@ class ChatModelJudge:
         answer = _message_text(self.chat_model.invoke([HumanMessage(content=prompt)]))
         label = parse_verdict_text(answer)
         if label is None:
-            raise ValueError(
+            raise InvalidVerdictError(
                 f"could not find 'safe' or 'unsafe' as an unambiguous decision in the judge's answer "
                 f"{answer[:200]!r}"
             )

@@ -20,9 +20,10 @@ from typing import Any
 from PIL import Image
 
 from .config import InputPolicy
+from .control import checkpoint
 from .errors import InputLimitError, UnsupportedContentError, UnsupportedModelError
 
-__all__ = ["Conversation", "neutralize_special_tokens", "parse_messages", "render_prompt"]
+__all__ = ["Conversation", "check_counts", "count_parts", "neutralize_special_tokens", "parse_messages", "render_prompt"]
 
 ROLES = ("system", "user", "assistant", "tool")
 _IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
@@ -95,6 +96,38 @@ def _tool_fields(message: Mapping[str, Any], role: str, where: str) -> dict[str,
     return {}
 
 
+def count_parts(content: Any) -> int:
+    """Content parts of one message's `content`: a list's length, 1 for anything else (a string)."""
+    if isinstance(content, (str, bytes, bytearray)) or not isinstance(content, Sequence):
+        return 1
+    return len(content)
+
+
+def check_counts(messages: Sequence[Any], policy: InputPolicy, parts_of: Any = None) -> None:
+    """Refuse a conversation over `policy.max_messages` or `policy.max_content_parts` before any
+    message is read (`InputLimitError` naming the limit). `parts_of(message)` gives a message's
+    content (default: `message.get("content")` for dicts, `message.content` for objects)."""
+    if len(messages) > policy.max_messages:
+        raise InputLimitError(
+            f"The conversation holds {len(messages)} messages; the limit is {policy.max_messages} "
+            "(InputPolicy.max_messages). Send fewer messages (e.g. summarise older turns), or raise the limit."
+        )
+    total = 0
+    for message in messages:
+        if parts_of is not None:
+            content = parts_of(message)
+        elif isinstance(message, Mapping):
+            content = message.get("content")
+        else:
+            content = getattr(message, "content", None)
+        total += count_parts(content)
+        if total > policy.max_content_parts:
+            raise InputLimitError(
+                f"The conversation holds more than {policy.max_content_parts} content parts "
+                "(InputPolicy.max_content_parts). Send fewer text or image blocks, or raise the limit."
+            )
+
+
 def parse_messages(
     messages: Sequence[Mapping[str, Any]], policy: InputPolicy, *, max_side: int | None = None
 ) -> Conversation:
@@ -112,9 +145,11 @@ def parse_messages(
         )
     if not messages:
         raise UnsupportedContentError('`messages` is empty. Give at least one {"role": "user", ...} message.')
+    check_counts(messages, policy)
     parsed: list[dict[str, Any]] = []
     image_parts: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
+        checkpoint()  # a cancelled request (e.g. its client left) stops here
         if not isinstance(message, Mapping):
             raise UnsupportedContentError(f"messages[{i}] is a {type(message).__name__}, not a dict with role and content.")
         role = message.get("role")
@@ -138,7 +173,8 @@ def parse_messages(
         if parsed and parsed[-1]["role"] == role and role != "tool" and not extras and len(parsed[-1]) == 2:
             # Many chat templates insist on alternating roles; two turns in a row are one turn.
             # (Tool results and tool-calling turns stay apart: each answers or makes its own calls.)
-            parsed[-1]["content"] = [*parsed[-1]["content"], {"type": "text", "text": "\n"}, *parts]
+            # Extended in place (`parts` is this call's own list): linear in the messages, never a copy per turn.
+            parsed[-1]["content"].extend([{"type": "text", "text": "\n"}, *parts])
         else:
             parsed.append({"role": role, "content": parts, **extras})
     if parsed[-1]["role"] == "assistant":

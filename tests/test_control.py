@@ -104,6 +104,16 @@ def test_a_child_shares_the_parents_cancellation_and_the_earlier_deadline():
         late.check()
 
 
+def test_a_grandchild_hears_of_a_cancel_after_the_middle_control_is_dropped():
+    import gc
+
+    root = RequestControl()
+    grandchild = root.child().child()  # the middle one (e.g. a preparation thread's) is gone at once
+    gc.collect()
+    root.cancel()
+    assert grandchild.cancelled
+
+
 def test_cancelling_a_child_leaves_the_parent_alone():
     parent = RequestControl()
     parent.child().cancel()
