@@ -185,6 +185,7 @@ def run_server(
     from .serving.settings import ConnectionLimits
 
     _raise_open_file_limit()
+    _return_large_blocks_to_the_os()
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
@@ -209,3 +210,30 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):  # not allowed here: keep the soft limit
             pass
+
+
+MMAP_THRESHOLD = 4 * 2**20
+"""Allocations at least this large get pages of their own (glibc `M_MMAP_THRESHOLD`)."""
+
+
+def _return_large_blocks_to_the_os() -> None:
+    """Make glibc give every allocation of `MMAP_THRESHOLD` or more back to the OS when it is freed.
+
+    By default glibc raises its mmap threshold each time a large block is freed
+    (up to 32 MB), so the buffers of big image decodes in many threads end up in
+    malloc arenas that are never trimmed: a server's RSS grew by 280 MB over a
+    load test with big images and stayed there. A fixed threshold keeps it flat.
+    No effect off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return
+    if mallopt is not None:
+        m_mmap_threshold = -3  # from <malloc.h>
+        mallopt(m_mmap_threshold, MMAP_THRESHOLD)

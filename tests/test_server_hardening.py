@@ -316,3 +316,256 @@ def test_many_clients_timing_out_leave_room_for_the_next_request(tiny_model_dir)
         assert answer.status_code == 200, answer.text
         assert wait_until(lambda: scheduler.active_rows == 0 and scheduler.queue_depth == 0)
         assert scheduler.stats["finished_length"] <= 1  # only the follow-up ran to its end
+
+
+# -- item 5: preparation is linear, capped before any work, and stops when the client leaves ----
+
+
+def one_liners(n: int) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"line {i}"} for i in range(n)]
+
+
+def test_merging_many_same_role_messages_is_linear():
+    """100,000 one-line user messages merge into one turn. The old merge copied the turn per message
+    (about 1.5e10 element copies here: many minutes); a linear one takes seconds. The bound is a hang
+    guard, 30x or more above what the linear merge needs on this shared machine."""
+    from safecode_guard.prompting import parse_messages
+
+    policy = InputPolicy(max_messages=200_000, max_content_parts=200_000)
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(parse_messages(one_liners(100_000), policy)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "merging 100,000 messages did not finish within 60 s"
+    (turn,) = done[0].messages
+    assert len(turn["content"]) == 2 * 100_000 - 1 and turn["content"][-1]["text"] == "line 99999"
+
+
+def test_merge_turns_is_linear_and_leaves_its_input_alone():
+    from safecode_guard.chat_model import merge_turns
+
+    turns = [{"role": "user", "content": [{"type": "text", "text": f"{i}"}]} for i in range(100_000)]
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(merge_turns(turns)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "merge_turns did not finish within 60 s"
+    assert len(done[0]) == 1 and len(done[0][0]["content"]) == 2 * 100_000 - 1
+    assert turns[0]["content"] == [{"type": "text", "text": "0"}]  # the caller's lists are not extended
+
+
+def test_message_and_part_caps_come_before_any_work(monkeypatch):
+    from langchain_core.messages import HumanMessage
+
+    from safecode_guard import InputLimitError
+    from safecode_guard.lc_messages import to_hf_messages
+    from safecode_guard.prompting import parse_messages
+
+    def no_images(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("nothing may be decoded before the caps are checked")
+
+    monkeypatch.setattr("safecode_guard.images.load_images", no_images)
+    monkeypatch.setattr("safecode_guard.lc_messages.load_images", no_images)
+    bad_image = {"type": "image", "image": "data:image/png;base64,AAAA"}
+    policy = InputPolicy()
+    with pytest.raises(InputLimitError, match="max_messages"):
+        parse_messages([*one_liners(1024), {"role": "user", "content": [bad_image]}], policy)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4000}, {"role": "user", "content": [bad_image] * 97}]
+    with pytest.raises(InputLimitError, match="max_content_parts"):
+        parse_messages(parts, policy)
+    with pytest.raises(InputLimitError, match="max_messages"):
+        to_hf_messages([HumanMessage("hi")] * 1025, policy)
+    with pytest.raises(InputLimitError, match="max_content_parts"):
+        to_hf_messages([HumanMessage([{"type": "text", "text": "x"}] * 4097)], policy)
+
+
+def test_the_server_checks_the_caps_before_converting(keyed, monkeypatch):
+    def no_conversion(messages: Any) -> Any:
+        raise AssertionError("converted before the caps were checked")
+
+    monkeypatch.setattr("safecode_guard.serving.app.to_langchain", no_conversion)
+    too_many = post(keyed.url, {"messages": one_liners(1025)}, key=KEY)
+    assert too_many.status_code == 400 and "max_messages" in too_many.json()["error"]["message"]
+    parts = [{"type": "text", "text": "x"}] * 4097
+    too_many_parts = post(keyed.url, {"messages": [{"role": "user", "content": parts}]}, key=KEY)
+    assert too_many_parts.status_code == 400 and "max_content_parts" in too_many_parts.json()["error"]["message"]
+
+
+def png_data_url(size: tuple[int, int] = (64, 48)) -> str:
+    import base64
+
+    buf = io.BytesIO()
+    gradient_image(*size).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_client_that_leaves_stops_its_preparation(tiny_model_dir, monkeypatch):
+    """Eight images, each slow to decode; the client leaves during the first: the rest are never decoded."""
+    from safecode_guard import images
+
+    decoded: list[int] = []
+    original = images._decode_opened
+
+    def slow_decode(*args: Any, **kwargs: Any) -> Any:
+        decoded.append(1)
+        time.sleep(0.4)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images, "_decode_opened", slow_decode)
+    app = thread_app(str(tiny_model_dir("llava")), judge="fixed:safe")
+    content = [{"type": "image_url", "image_url": {"url": png_data_url()}} for _ in range(8)]
+    content.append({"type": "text", "text": "Compare them."})
+    with ThreadServer(app) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            post(srv.url, {"messages": [{"role": "user", "content": content}], "max_tokens": 4}, timeout=0.3)
+        time.sleep(4.0)  # eight decodes would take 3.2 s
+    assert 1 <= len(decoded) <= 3, decoded
+
+
+# -- item 8: JSON within a structure budget, parsed off the event loop ---------------------------
+
+
+def test_json_structure_budget():
+    from safecode_guard.serving.body import JSONBudgetError, json_values_bound, parse_json_body
+
+    assert json_values_bound(b'[1,[2,{"a":3}]]') >= 5
+    with pytest.raises(JSONBudgetError) as info:
+        parse_json_body(b"[" + b"{}," * 200_000 + b"{}]", max_items=100_000)
+    assert info.value.code == "too_many_json_values"
+    # commas inside strings are not values: the exact count lets a long text through
+    text = {"messages": [{"role": "user", "content": "a, b, [c], {d}, " * 100_000}]}
+    assert parse_json_body(json.dumps(text).encode(), max_items=1000) == text
+    with pytest.raises(JSONBudgetError) as info:
+        parse_json_body(b'{"a":' * 65 + b"1" + b"}" * 65, max_depth=64)
+    assert info.value.code == "nesting_too_deep"
+    assert parse_json_body(b'{"a":' * 64 + b"1" + b"}" * 64, max_depth=64)
+    for bad in (b"{nope", b'{"seed": ' + b"9" * 5000 + b"}", b"\xff\xfe"):
+        with pytest.raises(JSONBudgetError) as info:
+            parse_json_body(bad)
+        assert info.value.code == "invalid_json"
+
+
+def test_a_body_of_millions_of_values_is_refused_before_parsing(tiny_model_dir, monkeypatch):
+    from safecode_guard.serving import body as body_module
+
+    parsed: list[int] = []
+    counting = type("CountingJSON", (), {
+        "loads": staticmethod(lambda data: (parsed.append(1), json.loads(data))[1]),
+        "JSONDecodeError": json.JSONDecodeError,
+    })
+    monkeypatch.setattr(body_module, "json", counting)
+    app = thread_app(str(tiny_model_dir("llava")), judge="fixed:safe", max_body_bytes=16 * 2**20)
+    raw = b'{"messages": [{"role": "user", "content": "hi"}], "metadata": [' + b"{}," * 3_000_000 + b"{}]}"
+    with ThreadServer(app) as srv:
+        answer = post(srv.url, None, raw=raw)
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "too_many_json_values"
+    assert parsed == []  # refused from the count alone
+
+
+# -- item 6: the decode-memory budget on the wire ------------------------------------------------
+
+
+@pytest.fixture
+def default_budget_after():
+    from safecode_guard.decode_budget import DEFAULT_DECODE_BUDGET_MB, set_decode_memory_budget
+
+    yield
+    set_decode_memory_budget(DEFAULT_DECODE_BUDGET_MB)
+
+
+def test_a_decode_that_waits_too_long_for_memory_gets_429(tiny_model_dir, default_budget_after):
+    from safecode_guard.decode_budget import decode_memory_budget
+
+    app = thread_app(str(tiny_model_dir("llava")), judge="fixed:safe", decode_budget_mb=64, decode_wait_s=0.3)
+    image = {"type": "image_url", "image_url": {"url": png_data_url((1500, 1500))}}  # about 16 MB to decode
+    body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]}], "max_tokens": 2}
+    with ThreadServer(app) as srv:
+        release, held = threading.Event(), threading.Event()
+
+        def other_requests() -> None:  # what other requests hold right now
+            with decode_memory_budget.hold(60 * 2**20):
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=other_requests)
+        holder.start()
+        assert held.wait(10)
+        busy = post(srv.url, body)
+        release.set()
+        holder.join(10)
+        calm = post(srv.url, body)
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
+    assert busy.json()["error"]["code"] == "overloaded" and "decode" in busy.json()["error"]["message"]
+    assert calm.status_code == 200, calm.text
+
+
+# -- item 7: idle, slow and oversized connections -----------------------------------------------
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent before closing `sock` within `within` seconds, or None if still open."""
+    sock.settimeout(within)
+    got = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return got
+            got += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return got
+    except TimeoutError:
+        return None
+
+
+def test_idle_and_slow_clients_are_dropped_while_others_are_served(tiny_model_dir):
+    proc = ServerProcess.start([
+        "--model", str(tiny_model_dir("llava")), "--judge", "fixed:safe", "--api-key", KEY, "--max-new-tokens", "4",
+        "--header-timeout", "1", "--keep-alive", "1", "--max-connections", "150",
+    ])
+    port = int(proc.url.rsplit(":", 1)[1])
+    stop = threading.Event()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]  # connect, say nothing
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        for s in slow:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+
+        def trickle() -> None:  # slowloris: a header byte every 0.2 s, never finishing
+            while not stop.is_set():
+                for s in slow:
+                    try:
+                        s.sendall(b"X")
+                    except OSError:
+                        pass
+                stop.wait(0.2)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        # everyone else is served meanwhile (no key needed for /health; the API with it)
+        assert httpx.get(f"{proc.url}/health", timeout=10).status_code == 200
+        answer = post(proc.url, chat_body(), key=KEY, timeout=30)
+        assert answer.status_code == 200, answer.text
+        # within the header timeout (plus slack), the server closed every idle and slow connection
+        for s in idle + slow:
+            sent = _closed_by_server(s, 10)
+            assert sent is not None, "a silent or trickling client kept its connection"
+            assert sent == b"" or sent.startswith(b"HTTP/1.1 408")
+        # a kept-alive connection that goes quiet after its answer is closed too (--keep-alive 1)
+        kept = socket.create_connection(("127.0.0.1", port))
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _closed_by_server(kept, 10) is not None
+        # a head over the size cap: 400, closed
+        big = socket.create_connection(("127.0.0.1", port))
+        big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (80 * 1024) + b"\r\n\r\n")
+        reply = _closed_by_server(big, 10)
+        assert reply is not None and reply.startswith(b"HTTP/1.1 400")
+        # past the connection cap new requests get a prompt 503, and the cap frees as idlers are dropped
+        crowd = [socket.create_connection(("127.0.0.1", port)) for _ in range(150)]
+        assert httpx.get(f"{proc.url}/health", timeout=10).status_code == 503
+        assert wait_until(lambda: httpx.get(f"{proc.url}/health", timeout=10).status_code == 200, 15)
+        for s in idle + slow + crowd + [kept, big]:
+            s.close()
+    finally:
+        stop.set()
+        assert proc.stop() == 0
