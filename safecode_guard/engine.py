@@ -387,6 +387,7 @@ class SafeCoDe:
         self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
         self._specials = self._find_special_strings()
         self.context_length = self._find_context_length()
+        self._token_chars = self._find_token_chars()
         self._vocab_size = self._find_vocab_size()
         self.image_side = image_working_side(processor, self.policy)
         """Longest image side worth keeping for this processor: images shrink to it on decoding."""
@@ -449,6 +450,15 @@ class SafeCoDe:
         """Rows of the logits (the output embedding), which may exceed the tokenizer's size."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         return int(head.weight.shape[0]) if head is not None else len(self.tokenizer)
+
+    def _find_token_chars(self) -> int:
+        """The most characters one token can stand for (its longest vocabulary entry; byte-level and
+        byte-fallback entries are at least as long as the text they decode to)."""
+        try:
+            vocab = self.tokenizer.get_vocab()
+        except Exception:  # a tokenizer without a vocabulary to read: no cheap bound
+            return 0
+        return max((len(token) for token in vocab), default=0)
 
     def _find_context_length(self) -> int | None:
         text_config = self.model.config.get_text_config()
@@ -670,6 +680,7 @@ class SafeCoDe:
             noise = torch.Generator().manual_seed(cfg.seed)
             views.append([ops.noised_image(img, cfg.noise_std, noise) for img in conv.images])
         prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
+        self._check_prompt_chars(len(prompt), max_new_tokens)
         batch = encode_views(self.processor, prompt, views)
         prompt_len = int(batch["input_ids"].shape[1])
         self._check_length(prompt_len, max_new_tokens)
@@ -838,6 +849,27 @@ class SafeCoDe:
             # time spent waiting for the model must never count as a judge timeout.
             return run_judge(judge, request, self._untimed_config)
         return run_judge(judge, request, self.config)
+
+    def _check_prompt_chars(self, chars: int, max_new_tokens: int) -> None:
+        """Refuse, before tokenizing, a prompt too long to fit whatever its tokens (`InputLimitError`).
+
+        Every token stands for at most `_token_chars` characters, so a prompt of
+        more than `limit * _token_chars` characters holds more than `limit`
+        tokens (4x slack for normalizers that merge characters). Tokenizing a
+        63 MB message only to count its tokens took minutes and 12 GB.
+        """
+        limits = [self.policy.max_prompt_tokens] if self.policy.max_prompt_tokens is not None else []
+        if self.context_length is not None:
+            limits.append(self.context_length - max_new_tokens)
+        if not limits or self._token_chars <= 0:
+            return
+        limit = max(min(limits), 0)
+        if chars > 4 * self._token_chars * max(limit, 1):
+            raise InputLimitError(
+                f"The prompt is {chars} characters long: more than the {limit} tokens it may take "
+                f"(`InputPolicy.max_prompt_tokens`, or the model's context of {self.context_length} tokens minus "
+                "max_new_tokens) could hold. Shorten the conversation or send less text."
+            )
 
     def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         limit = self.policy.max_prompt_tokens

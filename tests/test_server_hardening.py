@@ -569,3 +569,27 @@ def test_idle_and_slow_clients_are_dropped_while_others_are_served(tiny_model_di
     finally:
         stop.set()
         assert proc.stop() == 0
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(tiny_vlm, monkeypatch):
+    """The largest body the server allows held one 63 MB message: tokenizing it only to count its tokens
+    took minutes and 12 GB. Every token stands for at most its vocabulary entry's length, so such a
+    prompt is refused from its length in characters."""
+    from safecode_guard import InputLimitError, SafeCoDe
+    from safecode_guard import engine as engine_module
+
+    engine = SafeCoDe(*tiny_vlm, judge="fixed:safe")
+    assert engine._token_chars >= 1 and engine.context_length is not None
+    bound = 4 * engine._token_chars * (engine.context_length - 4)
+
+    def no_tokenizing(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tokenized a prompt that could never fit")
+
+    monkeypatch.setattr(engine_module, "encode_views", no_tokenizing)
+    with pytest.raises(InputLimitError, match="characters"):
+        engine.generate([{"role": "user", "content": "x" * (bound + 1)}], max_new_tokens=4)
+    monkeypatch.undo()
+    # below that bound the tokenizer decides, as before
+    with pytest.raises(InputLimitError, match="context"):
+        engine.generate([{"role": "user", "content": "x " * (engine.context_length + 10)}], max_new_tokens=4)
+    assert engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=2).text is not None
