@@ -43,7 +43,12 @@ def json_values_bound(body: bytes) -> int:
 
 
 def _values_outside_strings(body: bytes) -> int:
-    return json_values_bound(_STRING.sub(b'""', body))
+    """`json_values_bound` without the `[`, `{` and `,` inside strings (no copy of the body is made)."""
+    inside = 0
+    for match in _STRING.finditer(body):
+        text = match.group()
+        inside += text.count(b",") + text.count(b"[") + text.count(b"{")
+    return json_values_bound(body) - inside
 
 
 def parse_json_body(body: bytes, *, max_items: int = DEFAULT_MAX_JSON_ITEMS, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
