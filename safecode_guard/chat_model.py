@@ -635,9 +635,10 @@ def merge_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for m in messages:
         plain = set(m) <= {"role", "content"}
         if merged and merged[-1]["role"] == m["role"] and m["role"] != "tool" and plain and len(merged[-1]) == 2:
-            merged[-1] = {**merged[-1], "content": [*merged[-1]["content"], {"type": "text", "text": "\n"}, *m["content"]]}
+            # in place, on the copy made below: linear in the turns, never a copy per turn
+            merged[-1]["content"].extend([{"type": "text", "text": "\n"}, *m["content"]])
         else:
-            merged.append(dict(m))
+            merged.append({**m, "content": list(m["content"])} if isinstance(m.get("content"), list) else dict(m))
     return merged
 
 

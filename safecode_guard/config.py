@@ -151,6 +151,11 @@ class InputPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    max_messages: int = Field(1024, ge=1, le=1_000_000)
+    """Most chat messages one request may hold, counted before any message is read."""
+    max_content_parts: int = Field(4096, ge=1, le=10_000_000)
+    """Most content parts (text and image blocks, a string content counting as one) in all of one
+    request's messages, counted before any message is read."""
     max_images: int = Field(8, ge=0, le=256)
     """Most images one request may hold (counted before any is decoded)."""
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -63,6 +63,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageFile
 
 from safecode_guard.config import InputPolicy
+from safecode_guard.control import checkpoint
+from safecode_guard.decode_budget import decode_memory_budget
 from safecode_guard.errors import ImageInputError, InputLimitError
 
 __all__ = [
@@ -1420,10 +1422,11 @@ def _read_capped(response: httpx.Response, max_bytes: int, deadline: float, url:
     at once: 16 KiB of zstd became 1 GB), then each content coding is undone
     in bounded pieces, so a compression bomb stops within 64 KiB of the cap.
     """
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    declared = response.headers.get("content-length", "").strip()
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it); a 20-digit length is over any cap
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
         raise ImageInputError(
-            f"The image at {_preview(url)} is {declared} bytes, over the limit of {max_bytes} "
+            f"The image at {_preview(url)} is {declared[:20]} bytes, over the limit of {max_bytes} "
             "(InputPolicy.max_image_bytes). Use a smaller image, or raise max_image_bytes."
         )
     if response.is_stream_consumed:
@@ -1586,10 +1589,17 @@ def _prepare(read: _Read, policy: InputPolicy) -> _Pending:
 
 
 def _finish(pending: _Pending, policy: InputPolicy, max_side: int) -> Image.Image:
-    if pending.pil is not None:
-        return _from_pil(pending.pil, policy, max_side)
-    assert pending.opened is not None
-    return _decode_opened(pending.opened, policy, max_side)
+    """Decode one checked image, holding its estimated decoding memory from the process-wide budget
+    (`decode_budget`): concurrent requests wait for room rather than decode beyond it together."""
+    checkpoint()  # a cancelled request decodes nothing more
+    image = pending.opened if pending.opened is not None else pending.pil
+    assert image is not None
+    undecoded = pending.opened is not None or (isinstance(image, ImageFile.ImageFile) and bool(image.tile))
+    with decode_memory_budget.hold(decode_memory_estimate(image) if undecoded else 0):
+        if pending.pil is not None:
+            return _from_pil(pending.pil, policy, max_side)
+        assert pending.opened is not None
+        return _decode_opened(pending.opened, policy, max_side)
 
 
 def load_image(

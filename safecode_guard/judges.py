@@ -75,11 +75,14 @@ import torch
 from PIL import Image
 
 from .config import SafeCoDeConfig
+from .control import RequestControl, current_control
 from .errors import (
     InvalidVerdictError,
     JudgeBusyError,
     JudgeError,
     JudgeTruncatedError,
+    RequestCancelledError,
+    RequestTimeoutError,
     SafeCoDeInputError,
     UnsupportedContentError,
     UnsupportedModelError,
@@ -121,6 +124,7 @@ __all__ = [
     "delimit",
     "hand_off_verdict",
     "handed_off_verdict",
+    "judge_error_code",
     "judge_view",
     "label_token_ids",
     "make_judge",
@@ -423,11 +427,19 @@ class _JudgeThreads:
         # Running calls keep and release the semaphore they took; new calls use the new one.
         self.limit, self._slots = limit, threading.BoundedSemaphore(limit)
 
-    def call(self, fn: Callable[[], Any], timeout_s: float, name: str) -> Any:
-        """`fn()` in a worker thread; give up after `timeout_s` seconds in all (slot wait included)."""
-        deadline = time.monotonic() + timeout_s
+    def call(
+        self, fn: Callable[[], Any], timeout_s: float | None, name: str, control: RequestControl | None = None
+    ) -> Any:
+        """`fn()` in a worker thread; give up after `timeout_s` seconds in all (slot wait included).
+
+        With `control` the wait also ends when the request is cancelled or runs
+        past its deadline (`RequestCancelledError` / `RequestTimeoutError`); the
+        thread cannot be killed and finishes on its own, its result discarded.
+        `timeout_s=None` waits for the judge as long as the control allows.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         slots, limit = self._slots, self.limit
-        if not slots.acquire(timeout=timeout_s):
+        if not self._acquire(slots, deadline, control):
             raise JudgeBusyError(
                 f"all {limit} judge threads are busy (judges still running past their timeout?), so judge "
                 f"{name!r} could not start within judge_timeout_s={timeout_s:g}s. Fix or speed up the "
@@ -453,7 +465,9 @@ class _JudgeThreads:
         except BaseException:
             slots.release()
             raise
-        if not done.wait(max(0.0, deadline - time.monotonic())):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        finished = control.wait(done, left) if control is not None else done.wait(left)
+        if not finished:
             raise TimeoutError(
                 f"judge {name!r} gave no verdict within judge_timeout_s={timeout_s:g}s "
                 "(raise `judge_timeout_s` if the judge is just slow)"
@@ -461,6 +475,25 @@ class _JudgeThreads:
         if "error" in box:
             raise box["error"]
         return box["result"]
+
+    @staticmethod
+    def _acquire(slots: threading.BoundedSemaphore, deadline: float | None, control: RequestControl | None) -> bool:
+        """Take a slot by `deadline`; with a control, in short waits so a cancelled request stops waiting."""
+        if control is None:
+            return slots.acquire(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        while True:
+            control.check()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return slots.acquire(blocking=False)
+            remaining = control.remaining()
+            wait = min(x for x in (left, remaining, _SLOT_POLL_S) if x is not None)
+            if slots.acquire(timeout=wait):
+                return True
+
+
+_SLOT_POLL_S = 0.05
+"""How often a request waiting for a judge thread checks whether it was cancelled."""
 
 
 _THREADS = _JudgeThreads(DEFAULT_MAX_JUDGE_THREADS)
@@ -477,7 +510,9 @@ def set_max_judge_threads(limit: int) -> None:
     _THREADS.resize(limit)
 
 
-def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None = None) -> Verdict:
+def run_judge(
+    judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None = None, *, control: RequestControl | None = None
+) -> Verdict:
     """Run `judge` on `request` and return a validated `Verdict` (never hangs past the timeout).
 
     The judge runs in a daemon worker thread and the caller stops waiting after
@@ -507,6 +542,14 @@ def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None
     `config.on_judge_truncation` is "safe": by default the verdict becomes an
     unsafe `source="fallback"` one whose `error` says why; "raise" raises
     `JudgeTruncatedError`.
+
+    The request's own deadline and cancellation (`control`, default
+    `control.current_control()`) are not judge failures: when the request is
+    cancelled or runs past its deadline while the judge runs, the caller stops
+    waiting and `RequestCancelledError` / `RequestTimeoutError` is raised. With
+    a control, every judge but the self judge (whose waits follow the control
+    themselves) and `FixedJudge` runs in a worker thread, even with
+    `judge_timeout_s=None`, so that the wait can end.
     """
     config = config if config is not None else SafeCoDeConfig()
     if not callable(judge):
@@ -515,16 +558,25 @@ def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None
             "callable, or build one with `make_judge(...)` (e.g. make_judge('self'))."
         )
     name = _judge_name(judge)
+    control = control if control is not None else current_control()
     start = time.perf_counter()
     views = _ViewLog()
     token = _VIEWS.set(views)  # copied into the worker thread's context with everything else
     try:
-        if config.judge_timeout_s is None:
+        if control is not None:
+            control.check()
+        inline = config.judge_timeout_s is None and (control is None or isinstance(judge, (SelfJudge, FixedJudge)))
+        if inline:
             raw = judge(request)
         else:
-            raw = _THREADS.call(lambda: judge(request), config.judge_timeout_s, name)
+            raw = _THREADS.call(lambda: judge(request), config.judge_timeout_s, name, control)
         verdict = _normalise(raw, request.threshold, name)
     except Exception as exc:
+        if control is not None and control.done:
+            # the request's deadline or cancellation, not the judge's failure: no fallback
+            if isinstance(exc, (RequestCancelledError, RequestTimeoutError)):
+                raise
+            control.check()
         latency = time.perf_counter() - start
         error = f"{type(exc).__name__}: {exc}"
         if config.on_judge_error == "raise":
@@ -584,6 +636,30 @@ def _truncated_fallback(verdict: Verdict, budget: int | None, config: SafeCoDeCo
     )
 
 
+JUDGE_ERROR_CODES: dict[str, str] = {
+    "TimeoutError": "judge_timeout",
+    "JudgeBusyError": "judge_busy",
+    "InvalidVerdictError": "judge_unparseable",
+    "JudgeTruncatedError": "judge_truncated",
+}
+"""Fixed reasons for a failed judge, by the exception type a fallback verdict's `error` starts with
+(`run_judge` writes "Type: message"); any other failure is "judge_error"."""
+
+
+def judge_error_code(error: str | None) -> str | None:
+    """The fixed reason (`judge_error`, `judge_timeout`, `judge_busy`, `judge_unparseable`,
+    `judge_truncated`: a safe verdict on a partial view, refused by `on_judge_truncation`) for a
+    fallback verdict's `error` text, or None when there is no error.
+
+    What an HTTP client may see instead of the text, which can hold anything
+    a judge's backend said (a local path, an upstream error body, a masked key).
+    """
+    if error is None:
+        return None
+    kind = error.split(":", 1)[0].strip()
+    return JUDGE_ERROR_CODES.get(kind, "judge_error")
+
+
 def _judge_name(judge: Any) -> str:
     name = getattr(judge, "name", None)
     if isinstance(name, str) and name:
@@ -603,7 +679,7 @@ def _normalise(raw: Any, threshold: float, name: str) -> Verdict:
     if isinstance(raw, str):
         label = raw.strip().lower()
         if label not in ("safe", "unsafe"):
-            raise ValueError(
+            raise InvalidVerdictError(
                 f"judge {name!r} returned the string {raw[:80]!r}; a label must be 'safe' or 'unsafe'"
             )
         return Verdict(label=label, judge=name)
@@ -611,11 +687,11 @@ def _normalise(raw: Any, threshold: float, name: str) -> Verdict:
     if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
         score = float(raw)
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
-            raise ValueError(
+            raise InvalidVerdictError(
                 f"judge {name!r} returned the score {raw!r}; a score must be in [0, 1]"
             )
         return Verdict(label=label_from_score(score, threshold), unsafe_score=score, judge=name)
-    raise TypeError(
+    raise InvalidVerdictError(
         f"judge {name!r} returned a {type(raw).__name__} ({raw!r:.80}); a judge must return a "
         "Verdict, 'safe' / 'unsafe', or an unsafe score (float in [0, 1])"
     )
@@ -1596,7 +1672,7 @@ class ChatModelJudge:
         answer = _message_text(self.chat_model.invoke([HumanMessage(content=prompt)]))
         label = parse_verdict_text(answer)
         if label is None:
-            raise ValueError(
+            raise InvalidVerdictError(
                 f"could not find 'safe' or 'unsafe' as an unambiguous decision in the judge's answer "
                 f"{answer[:200]!r}"
             )

@@ -37,8 +37,10 @@ from typing import Any
 from langchain_core.messages import BaseMessage, ChatMessage
 
 from .config import InputPolicy
+from .control import checkpoint
 from .errors import UnsupportedContentError
 from .images import load_image, load_images
+from .prompting import check_counts
 from .tools import hf_tool_calls
 
 __all__ = [
@@ -281,6 +283,10 @@ def to_hf_messages(
     and declared pixels) before any image is decoded; images come back RGB,
     their longer side at most `max_side` (and `policy.max_working_side`).
     """
-    converted = [_convert(m, i, policy) for i, m in enumerate(messages)]
+    check_counts(messages, policy)  # before any message is converted
+    converted = []
+    for i, m in enumerate(messages):
+        checkpoint()  # a cancelled request stops here
+        converted.append(_convert(m, i, policy))
     _decode_images(converted, policy, max_side)
     return converted

@@ -38,6 +38,7 @@ from typing import Any
 from PIL import Image
 
 from .config import InputPolicy
+from .control import checkpoint
 from .errors import InputLimitError, UnsupportedContentError
 from .images import load_images
 
@@ -47,10 +48,12 @@ __all__ = [
     "Conversation",
     "Turn",
     "canonical_json",
+    "check_counts",
     "checked_json",
     "checked_prefix",
     "checked_schema",
     "checked_tools",
+    "count_parts",
     "parse_messages",
     "read_turns",
 ]
@@ -407,6 +410,38 @@ def read_turns(messages: Sequence[Mapping[str, Any]], where: str = "messages") -
     return tuple(turns)
 
 
+def count_parts(content: Any) -> int:
+    """Content parts of one message's `content`: a list's length, 1 for anything else (a string)."""
+    if isinstance(content, (str, bytes, bytearray)) or not isinstance(content, Sequence):
+        return 1
+    return len(content)
+
+
+def check_counts(messages: Sequence[Any], policy: InputPolicy, parts_of: Any = None) -> None:
+    """Refuse a conversation over `policy.max_messages` or `policy.max_content_parts` before any
+    message is read (`InputLimitError` naming the limit). `parts_of(message)` gives a message's
+    content (default: `message.get("content")` for dicts, `message.content` for objects)."""
+    if len(messages) > policy.max_messages:
+        raise InputLimitError(
+            f"The conversation holds {len(messages)} messages; the limit is {policy.max_messages} "
+            "(InputPolicy.max_messages). Send fewer messages (e.g. summarise older turns), or raise the limit."
+        )
+    total = 0
+    for message in messages:
+        if parts_of is not None:
+            content = parts_of(message)
+        elif isinstance(message, Mapping):
+            content = message.get("content")
+        else:
+            content = getattr(message, "content", None)
+        total += count_parts(content)
+        if total > policy.max_content_parts:
+            raise InputLimitError(
+                f"The conversation holds more than {policy.max_content_parts} content parts "
+                "(InputPolicy.max_content_parts). Send fewer text or image blocks, or raise the limit."
+            )
+
+
 def parse_messages(
     messages: Sequence[Mapping[str, Any]], policy: InputPolicy, *, max_side: int | None = None
 ) -> Conversation:
@@ -420,9 +455,11 @@ def parse_messages(
     _check_list(messages, "messages")
     if not messages:
         raise UnsupportedContentError('`messages` is empty. Give at least one {"role": "user", ...} message.')
+    check_counts(messages, policy)
     parsed: list[dict[str, Any]] = []
     image_parts: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
+        checkpoint()  # a cancelled request (e.g. its client left) stops here
         at = f"messages[{i}]"
         role = _role(message, at)
         content = message.get("content")

@@ -35,6 +35,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--allow-request-settings", action="store_true", help="let requests carry a `safecode` object (method knobs, local judge, verdict)")
     net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (repeatable; default: no CORS)")
     net.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default: 64)")
+    net.add_argument("--body-timeout", type=float, default=None, help="seconds to receive a request body, then 408 (default: 60)")
+    net.add_argument("--max-json-values", type=int, default=None, help="JSON values in one request body, counted before parsing (default: 100000)")
+    net.add_argument("--max-json-depth", type=int, default=None, help="nesting of one request body (default: 64)")
+    net.add_argument("--docs", action="store_true", help="serve /openapi.json, /docs and /redoc (behind the API key; default: off)")
+    con = parser.add_argument_group("connections (uvicorn)")
+    con.add_argument("--max-connections", type=int, default=None, help="open connections plus requests in flight before new requests get 503 (default: 1000; 0: no cap)")
+    con.add_argument("--header-timeout", type=float, default=None, help="seconds a client may take to send a request's headers, then 408 and close (default: 10)")
+    con.add_argument("--keep-alive", type=int, default=None, help="seconds an idle kept-alive connection stays open (default: 5)")
+    con.add_argument("--max-header-kb", type=int, default=None, help="largest request line plus headers in KB (default: 64)")
     net.add_argument("--log-prompts", action="store_true", help="log each request's messages (default: off)")
     net.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds requests in flight may take after SIGTERM (default: 30)")
     net.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -43,6 +52,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     gen.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
     lim = parser.add_argument_group("input limits (InputPolicy)")
+    lim.add_argument("--max-messages", type=int, default=None, help="messages per request, counted before any is read (1024)")
+    lim.add_argument("--max-content-parts", type=int, default=None, help="text and image parts per request, in all (4096)")
     lim.add_argument("--max-images", type=int, default=None, help="images per request (8)")
     lim.add_argument("--max-image-bytes", type=int, default=None, help="encoded bytes per image (25000000)")
     lim.add_argument("--max-image-pixels", type=int, default=None, help="pixels per image (40000000)")
@@ -50,11 +61,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-new-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask (8192)")
     lim.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts only; off by default)")
     lim.add_argument("--url-timeout", type=float, default=None, help="seconds per image download (10)")
+    lim.add_argument("--decode-budget-mb", type=int, default=None, help="image-decoding memory all requests may hold at once, process-wide (2048; 0: no budget)")
+    lim.add_argument("--decode-wait", type=float, default=None, help="seconds an image decode waits for room in that budget, then 429 (10)")
     bat = parser.add_argument_group("batching (BatchingConfig)")
     bat.add_argument("--max-batch-rows", type=int, default=None, help="rows per decode step (32)")
     bat.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429 (1024)")
     bat.add_argument("--kv-cache-budget-mb", type=float, default=None, help="KV-cache memory the batch may plan for (no limit)")
-    bat.add_argument("--request-timeout", type=float, default=None, help="seconds per request, queue included (no limit)")
+    bat.add_argument("--request-timeout", type=float, default=None, help="seconds per request from its body to its last token: parsing, images, judge, queue and decoding (no limit)")
     bat.add_argument("--no-batching", action="store_true", help="one request at a time (debugging)")
     add_safecode_arguments(parser)
 
@@ -64,12 +77,13 @@ def settings_from_args(args: argparse.Namespace) -> object:
     from pydantic import SecretStr
 
     from .config import BatchingConfig, InputPolicy
-    from .serving.settings import ServerSettings
+    from .serving.settings import ConnectionLimits, ServerSettings
 
     def given(mapping: dict[str, str]) -> dict[str, object]:
         return {field: getattr(args, flag) for flag, field in mapping.items() if getattr(args, flag) is not None}
 
     policy = given({
+        "max_messages": "max_messages", "max_content_parts": "max_content_parts",
         "max_images": "max_images", "max_image_bytes": "max_image_bytes", "max_image_pixels": "max_image_pixels",
         "max_prompt_tokens": "max_prompt_tokens", "max_new_tokens_limit": "max_new_tokens_limit",
         "url_timeout": "url_timeout_s",
@@ -83,7 +97,23 @@ def settings_from_args(args: argparse.Namespace) -> object:
     if args.no_batching:
         batching["enabled"] = False
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    connections: dict[str, object] = given({
+        "header_timeout": "header_timeout_s", "keep_alive": "keep_alive_s",
+    })
+    if args.max_connections is not None:
+        connections["max_connections"] = args.max_connections or None
+    if args.max_header_kb is not None:
+        connections["max_header_bytes"] = args.max_header_kb * 1024
+    server = given({
+        "body_timeout": "body_timeout_s", "max_json_values": "max_json_values", "max_json_depth": "max_json_depth",
+        "decode_wait": "decode_wait_s",
+    })
+    if args.decode_budget_mb is not None:
+        server["decode_budget_mb"] = args.decode_budget_mb or None
     return ServerSettings(
+        **server,
+        connections=ConnectionLimits(**connections),
+        docs=args.docs,
         model=args.model,
         served_model_name=args.served_model_name,
         judge=args.judge,
@@ -126,27 +156,84 @@ def run_command(args: argparse.Namespace) -> int:
 
     app = create_app(settings, on_ready=ready)
     print(f"safecode-guard: loading {settings.model} ... (/health answers now, /ready once loaded)", file=sys.stderr, flush=True)
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
+    run_server(
+        app, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout,
+        limits=settings.connections,
+    )
     return 0
 
 
-def run_server(app: object, *, host: str, port: int, log_level: str = "info", shutdown_timeout: float = 30.0) -> None:
+def run_server(
+    app: object, *, host: str, port: int, log_level: str = "info", shutdown_timeout: float = 30.0,
+    limits: object = None,
+) -> None:
     """Serve `app` with uvicorn until SIGTERM or Ctrl-C; a SIGTERM shutdown returns normally (exit 0).
 
     uvicorn stops accepting, lets requests in flight finish (up to
     `shutdown_timeout`), then re-raises the signal it caught with the handler
     that was there before it; a no-op handler makes that a clean return.
+    `limits` (a `ConnectionLimits`, default its defaults) bounds connections:
+    a header-read timeout, idle keep-alive, the header size, and connections
+    in all (`serving.http_limits`); the open-file limit is raised to its hard
+    maximum so that the connection cap, not the file table, is what refuses.
     """
     import signal
 
     import uvicorn
 
+    from .serving.http_limits import uvicorn_limits
+    from .serving.settings import ConnectionLimits
+
+    _raise_open_file_limit()
+    _return_large_blocks_to_the_os()
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
+        **uvicorn_limits(limits if limits is not None else ConnectionLimits()),
     )
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_open_file_limit() -> None:
+    """Raise this process's soft open-file limit to the hard one (each connection is a file)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # not allowed here: keep the soft limit
+            pass
+
+
+MMAP_THRESHOLD = 4 * 2**20
+"""Allocations at least this large get pages of their own (glibc `M_MMAP_THRESHOLD`)."""
+
+
+def _return_large_blocks_to_the_os() -> None:
+    """Make glibc give every allocation of `MMAP_THRESHOLD` or more back to the OS when it is freed.
+
+    By default glibc raises its mmap threshold each time a large block is freed
+    (up to 32 MB), so the buffers of big image decodes in many threads end up in
+    malloc arenas that are never trimmed: a server's RSS grew by 280 MB over a
+    load test with big images and stayed there. A fixed threshold keeps it flat.
+    No effect off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return
+    if mallopt is not None:
+        m_mmap_threshold = -3  # from <malloc.h>
+        mallopt(m_mmap_threshold, MMAP_THRESHOLD)

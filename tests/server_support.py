@@ -150,7 +150,7 @@ def _main() -> None:
     args = parser.parse_args(spec["args"])
     settings = settings_from_args(args)
     app = create_app(settings, judge=keyword_judge)
-    run_server(app, host="127.0.0.1", port=spec["port"], log_level="warning")
+    run_server(app, host="127.0.0.1", port=spec["port"], log_level="warning", limits=settings.connections)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import numpy as np
@@ -808,3 +810,133 @@ def test_working_side_keeps_processor_output_close(family: str, tiny_model_dir) 
     spread = float(a.max() - a.min())
     # Measured: 0.03-0.08% of the value range on every family (the largest single value 0.5%).
     assert float(np.abs(a - b).mean()) < 0.003 * spread, (family, side, float(np.abs(a - b).mean()), spread)
+
+
+# --------------------------------------------------------------------------
+# Issue 17 item 6: one decode-memory budget for every request of the process
+
+_CONCURRENT = r"""
+import io, json, re, sys, threading
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from safecode_guard.decode_budget import decode_memory_budget, set_decode_memory_budget
+from safecode_guard.images import load_image
+
+def vm(field):
+    return int(re.search(field + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+side, n, budget = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+ramp = (np.add.outer(np.arange(side), np.arange(side)) % 256).astype(np.uint8)
+buf = io.BytesIO()
+Image.fromarray(np.dstack([ramp, ramp[::-1], np.full_like(ramp, 90)])).save(buf, "WEBP", lossless=True)
+data = buf.getvalue()
+del ramp
+load_image(data)  # warm Pillow's decoder
+set_decode_memory_budget(budget, max_wait_s=300)
+Path("/proc/self/clear_refs").write_text("5")
+before = vm("VmRSS")
+start, sizes = threading.Barrier(n), []
+
+def one():
+    start.wait()
+    sizes.append(load_image(data).size)
+
+threads = [threading.Thread(target=one) for _ in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"mb": (vm("VmHWM") - before) / 1024, "done": len(sizes), "held_mb": decode_memory_budget.peak / 2**20}))
+"""
+
+
+def _concurrent_decodes(side: int, n: int, budget_mb: int | None) -> dict[str, float]:
+    package_root = str(Path(safecode_guard.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT, str(side), str(n), json.dumps(budget_mb)],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS per case needs Linux")
+def test_concurrent_decodes_stay_within_one_process_budget() -> None:
+    """Six requests each decode a 2400x2400 lossless WEBP (about 104 MB to decode by the estimate; each
+    within the per-image cap). Without a shared budget they decode together; with 256 MB, two at a time."""
+    free = _concurrent_decodes(2400, 6, None)
+    held = _concurrent_decodes(2400, 6, 256)
+    assert free["done"] == held["done"] == 6
+    assert held["held_mb"] <= 256
+    assert held["mb"] < 256 + 96, held  # the budget plus the interpreter's own growth
+    assert free["mb"] > 1.6 * held["mb"], (free, held)
+
+
+def test_the_budget_makes_decodes_wait_then_refuses_past_the_wait() -> None:
+    from safecode_guard.decode_budget import DecodeMemoryBudget
+    from safecode_guard.errors import OverloadedError
+
+    budget = DecodeMemoryBudget(64, max_wait_s=5)
+    mb = 2**20
+    entered = threading.Event()
+    release = threading.Event()
+
+    def hold_most() -> None:
+        with budget.hold(48 * mb):
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_most)
+    holder.start()
+    assert entered.wait(10)
+    got: list[str] = []
+    waiter = threading.Thread(target=lambda: (budget.hold(32 * mb).__enter__(), got.append("in")))
+    waiter.start()
+    waiter.join(0.3)
+    assert got == [] and budget.used == 48 * mb  # no room: it waits
+    release.set()
+    waiter.join(10)
+    holder.join(10)
+    assert got == ["in"] and budget.peak <= 64 * mb
+    budget.used = 0
+    impatient = DecodeMemoryBudget(64, max_wait_s=0.2)
+    with impatient.hold(60 * mb):
+        result: list[BaseException] = []
+        t = threading.Thread(target=lambda: result.append(_raises(lambda: impatient.hold(16 * mb).__enter__())))
+        t.start()
+        t.join(10)
+    assert isinstance(result[0], OverloadedError) and "budget" in str(result[0]) and impatient.refused == 1
+    with impatient.hold(10 * 64 * mb):  # larger than the whole budget: runs alone, when nothing else does
+        assert impatient.used == 10 * 64 * mb
+
+
+def test_a_cancelled_request_stops_waiting_for_decode_room() -> None:
+    from safecode_guard.control import RequestControl, use_control
+    from safecode_guard.decode_budget import DecodeMemoryBudget
+    from safecode_guard.errors import RequestCancelledError
+
+    budget = DecodeMemoryBudget(64, max_wait_s=30)
+    control = RequestControl()
+    result: list[BaseException] = []
+
+    def wait_for_room() -> None:
+        with use_control(control):
+            result.append(_raises(lambda: budget.hold(32 * 2**20).__enter__()))
+
+    with budget.hold(60 * 2**20):
+        t = threading.Thread(target=wait_for_room)
+        t.start()
+        time.sleep(0.2)
+        control.cancel()
+        t.join(5)
+    assert isinstance(result[0], RequestCancelledError)
+
+
+def _raises(fn: Any) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None

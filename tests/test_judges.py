@@ -432,12 +432,12 @@ def _raising(request):
 
 FAILURES = {
     "exception": (_raising, "Boom: model exploded"),
-    "bad-type": (lambda r: ["unsafe"], "TypeError: judge '<lambda>' returned a list"),
-    "none": (lambda r: None, "TypeError"),
-    "bool": (lambda r: True, "TypeError"),
-    "unparseable-label": (lambda r: "probably fine", "ValueError"),
-    "score-out-of-range": (lambda r: 1.5, "ValueError"),
-    "nan-score": (lambda r: float("nan"), "ValueError"),
+    "bad-type": (lambda r: ["unsafe"], "InvalidVerdictError: judge '<lambda>' returned a list"),
+    "none": (lambda r: None, "InvalidVerdictError"),
+    "bool": (lambda r: True, "InvalidVerdictError"),
+    "unparseable-label": (lambda r: "probably fine", "InvalidVerdictError"),
+    "score-out-of-range": (lambda r: 1.5, "InvalidVerdictError"),
+    "nan-score": (lambda r: float("nan"), "InvalidVerdictError"),
 }
 
 
@@ -667,7 +667,7 @@ def test_chat_model_judge_gibberish_falls_back(policy):
     v = run_judge(ChatModelJudge(model), _request("hi"), SafeCoDeConfig(on_judge_error=policy))
     assert (v.label, v.source) == (policy, "fallback")
     assert (
-        v.error.startswith("ValueError: could not find 'safe' or 'unsafe'") and "blorp" in v.error
+        v.error.startswith("InvalidVerdictError: could not find 'safe' or 'unsafe'") and "blorp" in v.error
     )
     with pytest.raises(JudgeError):
         run_judge(ChatModelJudge(model), _request("hi"), SafeCoDeConfig(on_judge_error="raise"))

@@ -45,7 +45,8 @@ def image_message(text: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     proc = ServerProcess.start(
-        ["--model", str(tiny_model_dir("llava")), "--api-key", KEY, "--max-new-tokens", "12", "--max-body-mb", "2"],
+        ["--model", str(tiny_model_dir("llava")), "--api-key", KEY, "--max-new-tokens", "12", "--max-body-mb", "2",
+         "--header-timeout", "2", "--decode-budget-mb", "256"],
         keyword=True,
     )
     yield proc
@@ -214,8 +215,65 @@ def test_openai_client_raises_its_own_typed_errors(client, server):
 # -- load ---------------------------------------------------------------------------------------
 
 
+def big_webp_url(side: int = 2400) -> str:
+    """A lossless WEBP of a few kB that takes about 100 MB to decode (19 bytes a pixel): within every per-image cap."""
+    import numpy as np
+
+    ramp = (np.add.outer(np.arange(side), np.arange(side)) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([ramp, ramp[::-1], np.full_like(ramp, 90)])).save(buf, "WEBP", lossless=True)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class SlowClients:
+    """Unauthenticated sockets that connect and say nothing, or trickle a header byte now and then."""
+
+    def __init__(self, url: str, idle: int = 20, trickling: int = 10) -> None:
+        import socket
+
+        port = int(url.rsplit(":", 1)[1])
+        self.idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
+        self.trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(trickling)]
+        self.stop = threading.Event()
+        for s in self.trickling:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        threading.Thread(target=self._trickle, daemon=True).start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(0.3):
+            for s in self.trickling:
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    pass
+
+    def dropped(self) -> int:
+        """How many the server has closed (a 408 and end of stream, or a reset)."""
+        closed = 0
+        for s in self.idle + self.trickling:
+            s.settimeout(0.01)
+            try:
+                data = s.recv(65536)
+                closed += data == b"" or data.startswith(b"HTTP/1.1 408")
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        return closed
+
+    def close(self) -> None:
+        self.stop.set()
+        for s in self.idle + self.trickling:
+            s.close()
+
+
 async def test_32_concurrent_clients_mixed_requests_no_5xx_right_verdicts_flat_memory(server):
+    """The load test: 32 clients with mixed requests (safe, unsafe, invalid, streamed), among them big
+    images (a 2400x2400 WEBP, about 100 MB each to decode) and, alongside, 30 unauthenticated slow
+    clients. Every answer is right, the slow clients are dropped, and memory stays bounded by the
+    decode budget (--decode-budget-mb 256) and flat across waves."""
     aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    big = big_webp_url()
 
     async def one(i: int) -> tuple[str, Any]:
         kind = ("safe", "unsafe", "invalid")[i % 3]
@@ -224,6 +282,8 @@ async def test_32_concurrent_clients_mixed_requests_no_5xx_right_verdicts_flat_m
         else:
             text = f"Question {i}: " + (f"where is the {UNSAFE_WORD}?" if kind == "unsafe" else "what is shown?")
             messages = [image_message(text)] if i % 2 else [{"role": "user", "content": text}]
+            if i % 8 == 1:  # a big image
+                messages = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": big}}]}]
         try:
             if i % 4 == 0:
                 stream = await aclient.chat.completions.create(model="x", messages=messages, max_tokens=8, stream=True)
@@ -234,22 +294,42 @@ async def test_32_concurrent_clients_mixed_requests_no_5xx_right_verdicts_flat_m
         except openai.APIStatusError as exc:
             return kind, exc.status_code
 
+    peak = [server.rss_mb()]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            peak.append(server.rss_mb())
+
     async def wave() -> list[tuple[str, Any]]:
         return await asyncio.gather(*(one(i) for i in range(32)))
 
     await wave()  # warm-up
     rss = [server.rss_mb()]
+    slow = SlowClients(server.url)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.perf_counter()
     results = []
     for _ in range(3):
         results += await wave()
         rss.append(server.rss_mb())
     elapsed = time.perf_counter() - started
+    sampling.set()
+    sampler.join()
     await aclient.close()
-    print(f"\n96 requests from 32 concurrent clients in {elapsed:.1f} s; server RSS (MB) after each wave: {[round(r, 1) for r in rss]}")
+    deadline = time.monotonic() + 10
+    while slow.dropped() < 30 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    dropped = slow.dropped()
+    slow.close()
+    print(f"\n96 requests from 32 concurrent clients (12 with big images) and 30 slow clients in {elapsed:.1f} s; "
+          f"server RSS (MB) after each wave: {[round(r, 1) for r in rss]}, peak {max(peak):.0f}")
     for kind, got in results:
         assert got == (400 if kind == "invalid" else kind), (kind, got)
+    assert dropped == 30  # every slow client was dropped (--header-timeout 2)
     assert rss[-1] - rss[0] < 40  # flat: no growth with the number of requests
+    assert max(peak) - rss[0] < 256 + 200  # the decode budget, plus requests' own working memory
 
 
 # -- SIGTERM with a request in flight ----------------------------------------------------------

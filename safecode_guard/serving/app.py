@@ -4,17 +4,27 @@ Routes: `POST /v1/chat/completions` (JSON or server-sent events),
 `GET /v1/models`, `GET /health` (alive), `GET /ready` (model loaded),
 `GET /metrics` (Prometheus text).
 
-Request flow: body size cap (413) -> API key (401) -> JSON and schema
-(400 / 422) -> OpenAI messages to LangChain (`convert`) -> the served
-`ChatSafeCoDe`, whose engine's scheduler batches this request with every
-other one on the model -> OpenAI's response shape plus a top-level `safety`
-object (and the `X-SafeCoDe-Verdict` header). A stream's first event waits
-for the verdict and the first text, so errors found before any token
-(bad input, a full queue) are ordinary HTTP errors; a client that goes away
-mid-stream cancels its decoding.
+Request flow: body size cap (413) -> API key (401) -> the body, within
+`body_timeout_s` (408) -> in a preparation thread: JSON within a structure
+budget (400), the schema (422), the message and part counts
+(`InputPolicy.max_messages`, `max_content_parts`; 400) and OpenAI messages to
+LangChain -> the served `ChatSafeCoDe`, whose engine's scheduler batches this
+request with every other one on the model -> OpenAI's response shape plus a
+top-level `safety` object (and the `X-SafeCoDe-Verdict` header). A stream's
+first event waits for the verdict and the first text, so errors found before
+any token (bad input, a full queue) are ordinary HTTP errors.
+
+Every request runs under one `RequestControl`: its deadline
+(`--request-timeout`, 504) covers parsing, image decoding, the judge,
+queueing and decoding, and from the moment its body is read the connection
+is watched, so a client that goes away (streaming or not) cancels its
+request wherever it is: preparation, the judge, its queue place, its prefill
+or its decoding.
 
 Every failure becomes OpenAI's error body in one place (`error_response`),
-with no stack trace and no local path. The engine never sees HTTP.
+with no stack trace and no local path; a failed judge's reason is a fixed
+code (`judge_error`, `judge_timeout`, `judge_busy`, `judge_unparseable`, `judge_truncated`),
+its details go to the server log. The engine never sees HTTP.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import re
 import reprlib
 import threading
 import time
@@ -35,11 +47,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..control import RequestControl, use_control
+from ..decode_budget import set_decode_memory_budget
 from ..engine import arun_briefly
-from ..errors import JudgeError, OverloadedError, RequestTimeoutError, SafeCoDeInputError
+from ..errors import JudgeError, OverloadedError, RequestCancelledError, RequestTimeoutError, SafeCoDeInputError
+from ..judges import judge_error_code
 from ..openai_messages import to_langchain, tool_calls_out
+from ..prompting import check_counts
+from .body import JSONBudgetError, parse_json_body
 from .metrics import Metrics
 from .protocol import (
     ChatCompletion,
@@ -159,15 +177,28 @@ class ModelHost:
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """Every failure as OpenAI's error body with its status: the one place errors are mapped."""
+    """Every failure as OpenAI's error body with its status: the one place errors are mapped.
+
+    Messages go through `public_text` (no local path, no home folder); a judge's
+    failure is a fixed code, its details logged here, never sent.
+    """
     if isinstance(exc, APIError):
         status, message, type_, param, code, headers = exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers
     elif isinstance(exc, OverloadedError):
         status, message, type_, param, code, headers = 429, str(exc), "rate_limit_error", None, "overloaded", {"Retry-After": "1"}
     elif isinstance(exc, RequestTimeoutError):
         status, message, type_, param, code, headers = 504, str(exc), "timeout_error", None, "request_timeout", {}
+    elif isinstance(exc, (RequestCancelledError, ClientDisconnect)):
+        # nobody reads this (nginx's "client closed request"); it is what the log and the metrics say
+        status, message, type_, param, code, headers = 499, "The client closed the request.", "invalid_request_error", None, "client_closed_request", {}
     elif isinstance(exc, JudgeError):
-        status, message, type_, param, code, headers = 502, str(exc), "judge_error", None, "judge_failed", {}
+        cause = exc.__cause__
+        code = judge_error_code(f"{type(cause).__name__}: " if cause is not None else "JudgeError: ")
+        logger.warning("the judge failed and on_judge_error='raise' fails the request: %s", exc)
+        status, type_, param, headers = 502, "judge_error", None, {}
+        message = f"The safety judge failed ({code}), and this server fails the request when it does. Retry later."
+    elif isinstance(exc, JSONBudgetError):
+        status, message, type_, param, code, headers = 400, str(exc), "invalid_request_error", None, exc.code, {}
     elif isinstance(exc, SafeCoDeInputError):  # every bad-input error of the library
         code = _snake(type(exc).__name__.removesuffix("Error"))
         status, message, type_, param, headers = 400, str(exc), "invalid_request_error", None, {}
@@ -179,8 +210,33 @@ def error_response(exc: BaseException) -> JSONResponse:
     else:
         logger.exception("internal error", exc_info=exc)
         status, message, type_, param, code, headers = 500, "The server failed to answer this request.", "server_error", None, "internal_error", {}
-    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
+    body = ErrorResponse(error=ErrorBody(message=public_text(message), type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# Absolute local paths (POSIX and Windows) in a message: what a client must never learn.
+_LOCAL_PATH = re.compile(r"(?<![\w:/.])(?:/(?:[\w.@+-]+/)+[\w.@+-]*|[A-Za-z]:\\(?:[^\\\s]+\\)+[^\\\s]*)")
+
+
+def public_text(message: str) -> str:
+    """`message` fit for a client: local paths and the home folder replaced by `<path>`.
+
+    Library messages name the problem and the fix; some quote a third-party
+    error (a chat template's, a decoder's) that may name a file on this machine.
+    """
+    message = _LOCAL_PATH.sub("<path>", message)
+    home = os.path.expanduser("~")
+    return message.replace(home, "<path>") if len(home) > 1 else message
+
+
+def public_safety(safety: dict[str, Any]) -> dict[str, Any]:
+    """The `safety` object for a client: a failed judge's `error` becomes its fixed code (the text is logged)."""
+    error = safety.get("error")
+    if error is None:
+        return safety
+    logger.warning("judge %s failed (%s verdict, source %s): %s", safety.get("judge"), safety.get("verdict"),
+                   safety.get("source"), error)
+    return {**safety, "error": judge_error_code(str(error))}
 
 
 # What `--log-prompts` writes of a request: bounded in length and depth (a deep body must not
@@ -234,7 +290,9 @@ class BodySizeLimit:
             413, f"The request body is larger than this server's limit of {self.limit} bytes. Send smaller images "
             "or fewer of them.", "invalid_request_error", code="request_too_large",
         )
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        # bytes.isdigit() is ASCII-only; a length of more than 18 digits is over any limit (and int() of
+        # thousands of digits raises)
+        if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > self.limit):
             await error_response(too_big)(scope, receive, send)
             return
         seen = 0
@@ -308,7 +366,25 @@ class ChatCompletions:
             options["verdict"] = req.safecode.verdict
         return options
 
-    async def create(self, req: ChatCompletionRequest, started: float) -> Response:
+    def read(self, body: bytes) -> tuple[Any, ChatCompletionRequest, list[Any]]:
+        """The body as (payload, request, LangChain messages), every limit checked before the next step.
+
+        Runs in a preparation thread (never on the event loop): the JSON
+        structure budget before parsing, the schema, then the message and part
+        counts before any message is converted.
+        """
+        s = self.host.settings
+        payload = parse_json_body(body, max_items=s.max_json_values, max_depth=s.max_json_depth)
+        if not isinstance(payload, dict):
+            raise APIError(400, "The request body must be a JSON object.", "invalid_request_error", code="invalid_json")
+        req = ChatCompletionRequest.model_validate(payload)
+        check_counts(req.messages, s.policy)
+        return payload, req, to_langchain(req.messages)
+
+    async def create(
+        self, req: ChatCompletionRequest, messages: list[Any], started: float, watcher: asyncio.Task[None] | None = None
+    ) -> Response:
+        """The answer; a streamed one takes over `watcher` (the client's connection) until it ends."""
         if req.n != 1:
             raise APIError(
                 400, f"n={req.n} is not supported: this server returns one choice per request. Send n=1 "
@@ -321,7 +397,6 @@ class ChatCompletions:
                 "invalid_request_error", param="safecode", code="request_settings_disabled",
             )
         chat = self.host.chat_for(req.safecode)
-        messages = to_langchain(req.messages)
         options = self._options(req)
         stop = options.pop("stop", None)
         chunks = chat.astream(messages, stop=stop, **options).__aiter__()
@@ -336,7 +411,7 @@ class ChatCompletions:
         cid = completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(cid, first, chunks, safety, include_usage, started, ttft)
+            events = self._events(cid, first, chunks, safety, include_usage, started, ttft, watcher)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         message = first
         try:
@@ -358,7 +433,7 @@ class ChatCompletions:
             model=self.host.settings.name,
             choices=[Choice(message=ChatMessage(content=message.text or (None if calls else ""), tool_calls=calls or None), finish_reason=finish)],
             usage=Usage(prompt_tokens=usage["input_tokens"], completion_tokens=usage["output_tokens"], total_tokens=usage["total_tokens"]),
-            safety=safety,
+            safety=public_safety(safety),
         )
 
     def _finished(self, safety: dict[str, Any], usage: Any, started: float, ttft: float) -> None:
@@ -368,10 +443,11 @@ class ChatCompletions:
 
     async def _events(
         self, cid: str, first: Any, chunks: AsyncIterator[Any], safety: dict[str, Any], include_usage: bool,
-        started: float, ttft: float,
+        started: float, ttft: float, watcher: asyncio.Task[None] | None = None,
     ) -> AsyncIterator[str]:
         name = self.host.settings.name
         index_of: dict[int, int] = {}
+        shown = public_safety(safety)
 
         def delta_for(chunk: Any, first_event: bool) -> ChatCompletionChunk:
             calls = []
@@ -381,7 +457,7 @@ class ChatCompletions:
                                            function=DeltaFunction(name=c.get("name"), arguments=c.get("args") or "")))
             delta = Delta(role="assistant" if first_event else None, content=chunk.text if (chunk.text or first_event) else None,
                           tool_calls=calls or None)
-            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)], safety=safety if first_event else None)
+            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)], safety=shown if first_event else None)
 
         total = first
         finished = False
@@ -412,6 +488,8 @@ class ChatCompletions:
             yield "data: " + json.dumps(body) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
+            if watcher is not None:
+                watcher.cancel()
             # a client that went away (or an error) stops decoding: its row leaves the batch
             await chunks.aclose()  # type: ignore[attr-defined]
             if not finished:
@@ -454,9 +532,12 @@ def create_app(
         if loader is not None and not loader.done():
             loader.cancel()
 
-    app = FastAPI(title="safecode-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The schema pages are off unless asked for, and then behind the key like the API (below).
+    app = FastAPI(title="safecode-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.host = host
     app.state.metrics = metrics
+    set_decode_memory_budget(settings.decode_budget_mb, settings.decode_wait_s)  # process-wide
     if host.ready:
         _watch(host, metrics)
 
@@ -494,31 +575,37 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
-        status, verdict = 500, None
+        status, verdict, payload = 500, None, None
+        # One control for the whole request: its deadline covers everything from here on, and the
+        # engine calls below pick it up from the context (their own controls are its children).
+        limit = settings.batching.request_timeout_s
+        control = RequestControl(limit, source=f"--request-timeout={limit:g}" if limit is not None else "timeout_s")
+        watcher: asyncio.Task[None] | None = None
+        streamed = False
         try:
-            check_key(request)
-            check_ready()
-            try:
-                payload = json.loads(await request.body())
-            except RecursionError as exc:
-                raise _too_deep() from exc
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"The request body is not valid JSON ({exc}).", "invalid_request_error", code="invalid_json") from exc
-            if not isinstance(payload, dict):
-                raise APIError(400, "The request body must be a JSON object.", "invalid_request_error", code="invalid_json")
-            req = ChatCompletionRequest.model_validate(payload)
-            response = await service.create(req, started)
+            with use_control(control):
+                check_key(request)
+                check_ready()
+                body = await _read_body(request, settings.body_timeout_s)
+                watcher = asyncio.create_task(_watch_disconnect(request, control))
+                payload, req, messages = await arun_briefly(lambda: service.read(body))
+                response = await service.create(req, messages, started, watcher)
+            streamed = isinstance(response, StreamingResponse)
             status, verdict = response.status_code, response.headers.get(VERDICT_HEADER)
             return response
         except Exception as exc:
+            if control.cancelled and not isinstance(exc, (RequestCancelledError, ClientDisconnect)):
+                exc = RequestCancelledError("The client went away.")  # whatever the cancellation interrupted
             response = error_response(exc)
             status = response.status_code
             return response
         finally:
+            if watcher is not None and not streamed:
+                watcher.cancel()
             metrics.requests.labels(status=str(status)).inc()
             logger.info(
                 "POST /v1/chat/completions %s %.3fs verdict=%s%s", status, time.perf_counter() - started, verdict,
-                f" messages={_PROMPT_REPR.repr(payload)}" if settings.log_prompts and "payload" in locals() else "",
+                f" messages={_PROMPT_REPR.repr(payload)}" if settings.log_prompts and payload is not None else "",
             )
 
     @app.get("/v1/models")
@@ -545,6 +632,24 @@ def create_app(
             check_key(request)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if settings.docs:
+        from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_schema(request: Request) -> Response:
+            check_key(request)
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_page(request: Request) -> Response:
+            check_key(request)
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="safecode-guard")
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc_page(request: Request) -> Response:
+            check_key(request)
+            return get_redoc_html(openapi_url="/openapi.json", title="safecode-guard")
+
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -554,6 +659,33 @@ def create_app(
     if instance_id is not None:
         app.add_middleware(InstanceHeader, value=instance_id)
     return app
+
+
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    """The request body, within `timeout_s` (a client trickling its body gets 408)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.body()
+    except TimeoutError as exc:
+        raise APIError(
+            408, f"The request body did not arrive within {timeout_s:g} s. Send it at once (or raise --body-timeout).",
+            "invalid_request_error", code="body_timeout",
+        ) from exc
+
+
+async def _watch_disconnect(request: Request, control: RequestControl) -> None:
+    """Cancel `control` when the client goes away (its body has been read, so the next message
+    the server gets for this request is the disconnect)."""
+    try:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                if not control.cancelled:
+                    control.cancel()
+                    logger.info("the client went away; its request is cancelled")
+                return
+    except Exception:  # the connection is already gone: nothing left to watch
+        control.cancel()
 
 
 def _load_and_log(host: ModelHost, metrics: Metrics, on_ready: Callable[[], None] | None) -> None:

@@ -12,10 +12,29 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from ..decode_budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_DECODE_WAIT_S
+from .body import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_ITEMS
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerSettings"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ConnectionLimits", "ServerSettings"]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+
+
+class ConnectionLimits(BaseModel):
+    """What one connection may hold of `safecode-guard serve` (uvicorn; a Ray Serve proxy has its own)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_connections: int | None = Field(1000, ge=1)
+    """Open connections plus requests in flight before new requests get HTTP 503 (uvicorn's
+    `limit_concurrency`); None: no cap. Keep it under the process's open-file limit."""
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Seconds a connection may take to send a request's line and headers (from connecting, or from
+    the request's first byte on a kept-alive connection); then 408 and the connection closes."""
+    keep_alive_s: int = Field(5, ge=1, le=600)
+    """Seconds an idle kept-alive connection stays open (uvicorn's `timeout_keep_alive`)."""
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 2**20)
+    """Largest request line plus headers; over it, 400 and the connection closes."""
 
 
 class ServerSettings(BaseModel):
@@ -47,6 +66,22 @@ class ServerSettings(BaseModel):
     """Browser origins allowed to call the API; empty: no CORS headers at all."""
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     """Largest request body; bigger bodies get HTTP 413 before they are read."""
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Seconds a client may take to send the request body once its headers are in; then 408."""
+    max_json_values: int = Field(DEFAULT_MAX_JSON_ITEMS, ge=100)
+    """Most JSON values one body may hold (counted before it is parsed; HTTP 400 over it)."""
+    max_json_depth: int = Field(DEFAULT_MAX_JSON_DEPTH, ge=4, le=900)
+    """Deepest nesting of JSON objects and arrays in one body (HTTP 400 `nesting_too_deep` over it)."""
+    decode_budget_mb: int | None = Field(DEFAULT_DECODE_BUDGET_MB, ge=16)
+    """Image-decoding memory all requests may hold at once (`safecode_guard.decode_budget`; process-wide);
+    None: no budget."""
+    decode_wait_s: float = Field(DEFAULT_DECODE_WAIT_S, ge=0, le=3600)
+    """Longest an image decode waits for room in the budget before the request gets HTTP 429."""
+    connections: ConnectionLimits = Field(default_factory=ConnectionLimits)
+    """Connection limits of `safecode-guard serve` (uvicorn)."""
+    docs: bool = False
+    """Serve the OpenAPI schema and its pages (`/openapi.json`, `/docs`, `/redoc`), behind the API key
+    when one is set. Off: those routes do not exist."""
     log_prompts: bool = False
     """Log each request's messages (off: one line per request without its text)."""
 
