@@ -1056,3 +1056,32 @@ def test_a_wrapped_model_pickles_as_its_path(tiny_llava: tuple[Any, Any], llava_
     restored = pickle.loads(pickle.dumps(llm))
     assert restored._engines.slots == {} and restored._engines.hf_objects is None
     assert restored.model == llava_path and restored.invoke("Hello").content == answer
+
+
+# =========================================================================== issue 18: LangChain fixes, third round
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])  # byte-level BPE: the refusal's best opening is " I"
+def test_a_refusal_never_starts_with_a_space(family: str, tiny_model_dir: Callable[[str], Path]) -> None:
+    llm = ChatSafeCoDe(model=str(tiny_model_dir(family)), judge="fixed:unsafe", max_new_tokens=6)
+    answer = llm.invoke("hi")
+    assert answer.response_metadata["safety"]["refused"] and answer.content.startswith("I"), answer.content
+    first = next(iter(llm.stream("hi")))
+    assert first.content == "" or first.content[0] == "I"
+    assert merge(list(llm.stream("hi"))).content == answer.content
+    assert llm.engine.generate([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_new_tokens=6).text[0] == "I"
+
+
+def test_the_text_tracker_strips_only_the_answers_leading_space() -> None:
+    from safecode_guard.decoding import TextTracker
+
+    class Words:
+        words = [" ", " I", " can't", "\n", " help"]
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(self.words[i] for i in ids)
+
+    stripped, kept = TextTracker(Words(), []), TextTracker(Words(), [], strip_leading=False)
+    pieces = [stripped.add(i) for i in range(5)]
+    assert pieces == ["", "I", " can't", "\n", " help"] and stripped.text == "I can't\n help"
+    assert "".join(kept.add(i) for i in range(5)) == "  I can't\n help"  # after a forced opening: as decoded
