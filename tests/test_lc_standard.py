@@ -24,9 +24,10 @@ Parsing and streaming of such calls are tested with scripted answers in
 tests/test_tools.py. Structured output and JSON mode stay off in the
 integration suites for the same reason (scripted tests again cover them).
 
-The unit suite's standard constructor params drop `timeout`, `max_retries` and
-`api_key` (see `standard_chat_model_params`): ChatSafeCoDe refuses them by
-design, naming what to use instead.
+Both suites run with their own default standard params (the unit suite
+passes `temperature=0, max_tokens=100, timeout=60, stop=[], max_retries=2,
+api_key="test"`): `timeout` is the request's deadline, `max_retries` retries
+a full queue or a busy judge, `api_key` is accepted and unused.
 
 Skipped by the suites themselves (none are applicable here):
 - PDF, audio, video and Anthropic-format inputs: text and images only;
@@ -94,16 +95,6 @@ class TestChatSafeCoDeUnit(ChatModelUnitTests):
     @property
     def chat_model_class(self) -> type[ChatSafeCoDe]:
         return ChatSafeCoDe
-
-    @property
-    def standard_chat_model_params(self) -> dict[str, Any]:
-        # LangChain's standard set minus `timeout`, `max_retries` and `api_key`: they mean
-        # nothing for a model running in this process, and ChatSafeCoDe refuses unknown or
-        # meaningless keys rather than dropping them (tests/test_chat_model.py checks that).
-        params = super().standard_chat_model_params
-        dropped = {"timeout", "max_retries", "api_key"}
-        assert dropped <= set(params), "langchain-tests changed its standard params; revisit this list"
-        return {k: v for k, v in params.items() if k not in dropped}
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
