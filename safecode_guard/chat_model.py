@@ -112,7 +112,14 @@ from .verdict import Verdict
 if TYPE_CHECKING:
     from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream
 
-__all__ = ["ChatSafeCoDe", "images_inline", "judge_fingerprint", "refusal_decision", "safety_metadata"]
+__all__ = [
+    "ChatSafeCoDe",
+    "images_inline",
+    "init_chat_model",
+    "judge_fingerprint",
+    "refusal_decision",
+    "safety_metadata",
+]
 
 PROVIDER = "safecode"
 
@@ -1542,6 +1549,35 @@ class ChatSafeCoDe(BaseChatModel):
                 yield chunk
         finally:
             call.pieces.close()  # a consumer that stops early (or is cancelled) stops decoding
+
+
+def init_chat_model(model: str | None = None, *, model_provider: str | None = None, **kwargs: Any) -> Any:
+    """LangChain's `init_chat_model`, plus the `safecode` provider.
+
+    LangChain 1.x keeps its providers in a fixed table inside
+    `langchain.chat_models.base` (no entry points, no registration function),
+    so a package outside it cannot add one: LangChain's own
+    `init_chat_model(path, model_provider="safecode")` raises `ValueError`.
+    Import this function in its place (one line) and `model_provider="safecode"`,
+    or a `"safecode:"` prefix on `model`, builds `ChatSafeCoDe(model=..., **kwargs)`
+    (LangChain's standard `temperature`, `max_tokens`, `timeout`, `max_retries`,
+    `api_key` included); any other provider goes to LangChain's function unchanged
+    (that needs the `langchain` package: `pip install 'safecode-guard[agents]'`).
+    """
+    if model is not None and model_provider is None and model.startswith(f"{PROVIDER}:"):
+        model, model_provider = model.split(":", 1)[1], PROVIDER
+    if model_provider is not None and model_provider.replace("-", "_").lower() == PROVIDER:
+        if not model:
+            raise SafeCoDeInputError("init_chat_model(model_provider='safecode') needs `model`: a local folder, a hub id or 'demo'.")
+        if {"configurable_fields", "config_prefix"} & set(kwargs):
+            raise SafeCoDeInputError(
+                "`configurable_fields` / `config_prefix` are not supported for the safecode provider: build the "
+                "model with its settings, and use llm.bind(...) or llm.model_copy(update=...) for variants."
+            )
+        return ChatSafeCoDe(model=model, **kwargs)
+    from langchain.chat_models import init_chat_model as langchain_init_chat_model  # optional: the agents extra
+
+    return langchain_init_chat_model(model, model_provider=model_provider, **kwargs)
 
 
 class _ChunkBuilder:

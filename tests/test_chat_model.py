@@ -1503,3 +1503,34 @@ def test_an_unbuildable_demo_model_fails_on_first_use_naming_the_fix(monkeypatch
     llm = ChatSafeCoDe(model="demo", max_new_tokens=3)  # constructing is fine
     with pytest.raises(dm.DemoModelUnavailableError, match="pip install"):
         llm.invoke("hi")
+
+
+# -- item 5: init_chat_model -------------------------------------------------------------------------
+
+
+def test_langchains_init_chat_model_has_no_way_to_add_a_provider(llava_path: str) -> None:
+    """LangChain's boundary, pinned: its provider table is fixed (if this starts to pass, register there)."""
+    from langchain.chat_models import init_chat_model as langchain_init_chat_model
+
+    with pytest.raises(ValueError, match="Unsupported provider='safecode'"):
+        langchain_init_chat_model(llava_path, model_provider="safecode")
+
+
+def test_init_chat_model_with_the_safecode_provider(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import langchain.chat_models
+
+    from safecode_guard.chat_model import init_chat_model
+
+    shared = {"temperature": 0, "max_tokens": 5, "timeout": 30, "max_retries": 2}  # a config shared across providers
+    for llm in (
+        init_chat_model(llava_path, model_provider="safecode", judge="fixed:safe", **shared),
+        init_chat_model(f"safecode:{llava_path}", judge="fixed:safe", **shared),
+    ):
+        assert isinstance(llm, ChatSafeCoDe) and (llm.model, llm.timeout, llm.max_retries) == (llava_path, 30, 2)
+        assert llm.invoke("hi").usage_metadata["output_tokens"] <= 5
+    delegated: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(langchain.chat_models, "init_chat_model", lambda m, **kw: delegated.append((m, kw)) or "theirs")
+    assert init_chat_model("gpt-4o-mini", model_provider="openai", **shared) == "theirs"  # LangChain's, unchanged
+    assert delegated == [("gpt-4o-mini", {"model_provider": "openai", **shared})]
+    with pytest.raises(SafeCoDeInputError, match="configurable_fields"):
+        init_chat_model(llava_path, model_provider="safecode", configurable_fields="any")
