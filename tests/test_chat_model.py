@@ -1047,7 +1047,7 @@ def test_model_copy_max_tokens_pickling_and_penalty_fields(llava_path: str, monk
 def test_a_model_loaded_from_a_tool_path_reports_tool_calling_once_known(tmp_path: Path) -> None:
     import pickle
 
-    from tool_support import build_tool_vlm
+    from safecode_guard.testing import build_tool_vlm
 
     llm = ChatSafeCoDe(model=str(build_tool_vlm("qwen2_5_vl", tmp_path / "q")), judge="fixed:safe", max_new_tokens=2)
     assert llm.profile["tool_calling"] is True  # read from the folder's template, before any loading
@@ -1427,7 +1427,7 @@ def test_a_display_name_does_not_share_cached_answers_with_another(llava_path: s
 def test_tool_calling_in_the_profile_is_known_before_loading(
     llava_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tool_support import build_tool_vlm
+    from safecode_guard.testing import build_tool_vlm
 
     def no_loading(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the profile must not load weights or processors")
@@ -1534,3 +1534,25 @@ def test_init_chat_model_with_the_safecode_provider(llava_path: str, monkeypatch
     assert delegated == [("gpt-4o-mini", {"model_provider": "openai", **shared})]
     with pytest.raises(SafeCoDeInputError, match="configurable_fields"):
         init_chat_model(llava_path, model_provider="safecode", configurable_fields="any")
+
+
+# -- item 6: tool-capable tiny models for applications' own tests ------------------------------------
+
+
+def test_applications_can_build_tool_capable_tiny_models(tmp_path: Path) -> None:
+    from langchain_core.tools import tool
+
+    from safecode_guard import testing
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    for family in testing.TOOL_FAMILIES:
+        llm = ChatSafeCoDe(model=str(testing.build_tool_vlm(family, tmp_path / family)), judge="fixed:safe", max_new_tokens=4)
+        assert llm.profile["tool_calling"] is True
+        assert isinstance(llm.bind_tools([get_weather]).invoke("Weather in Oslo?"), AIMessage)
+        assert "get_weather" in testing.call_text(family, "get_weather", {"city": "Oslo"})
+    with pytest.raises(SafeCoDeInputError, match="qwen2_5_vl, llava"):
+        testing.build_tool_vlm("gemma3", tmp_path / "g")

@@ -13,7 +13,7 @@ Tools: the unit suite checks `bind_tools` and `with_structured_output` with
 every schema kind (tool calling and tool choice are on). The tiny Llava's
 template has no tools, so its integration class turns tool calling off; a
 second integration class runs the whole suite on a tiny Qwen2.5-VL saved
-with a Qwen2.5 tool template (`tests/tool_support.py`), with tool calling
+with a Qwen2.5 tool template (`safecode_guard.testing.build_tool_vlm`), with tool calling
 and tool choice on. There the tests that only need the model to take tool
 histories pass for real (`test_tool_message_histories_*`,
 `test_tool_message_error_status`, `test_structured_few_shot_examples`);
@@ -49,10 +49,9 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
-from tool_support import build_tool_vlm
 
 from safecode_guard import ChatSafeCoDe
-from safecode_guard.testing import gradient_image
+from safecode_guard.testing import build_tool_vlm, gradient_image
 
 # Filled by the autouse fixture below before any test (and its `model` fixture) runs:
 # the suites read these through properties, which cannot take fixtures.
