@@ -972,6 +972,11 @@ class ChatSafeCoDe(BaseChatModel):
             raise ValueError(f"`dtype` (={value!r}) must be one of {list(_DTYPES)} or None.")
         return value
 
+    def __getstate__(self) -> dict[Any, Any]:
+        # Pickles carry no `api_key`: it is unused, and a pickle is not the place for a secret.
+        state = super().__getstate__()
+        return {**state, "__dict__": {**state["__dict__"], "api_key": None}}
+
     @property
     def max_tokens(self) -> int:
         """LangChain's name for `max_new_tokens`."""
