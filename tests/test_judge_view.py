@@ -23,10 +23,11 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from pydantic import Field
 from server_support import ThreadServer
-from tool_support import ScriptedDecoding, build_tool_vlm
+from tool_support import ScriptedDecoding
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig
 from safecode_guard.config import InputPolicy
+from safecode_guard.testing import build_tool_vlm
 from safecode_guard.errors import (
     InputLimitError,
     JudgeError,

@@ -113,8 +113,10 @@ def test_generation_settings_are_applied(client):
     plain = client.chat.completions.create(model="x", messages=messages, max_tokens=12)
     first = plain.choices[0].message.content
     tok = _tokenizer()
-    first_id = tok.encode(first, add_special_tokens=False)[0]
-    biased = client.chat.completions.create(model="x", messages=messages, max_tokens=12, logit_bias={str(first_id): -100})
+    # the answer's first token, with or without the leading space answers never show
+    first_ids = {tok.encode(text, add_special_tokens=False)[0] for text in (first, " " + first)}
+    bias = {str(i): -100 for i in first_ids}
+    biased = client.chat.completions.create(model="x", messages=messages, max_tokens=12, logit_bias=bias)
     assert biased.choices[0].message.content != first
     cut = client.chat.completions.create(model="x", messages=messages, max_tokens=12, stop=[first[3:6]])
     assert cut.choices[0].finish_reason == "stop" and first[3:6] not in cut.choices[0].message.content
@@ -360,7 +362,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def tool_model(tiny_model_dir, tmp_path_factory):
-    from tool_support import build_tool_vlm
+    from safecode_guard.testing import build_tool_vlm
 
     return str(build_tool_vlm("qwen2_5_vl", tmp_path_factory.mktemp("tools") / "qwen"))
 
@@ -378,7 +380,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 def test_tool_calls_through_the_openai_client(tool_model, script):
-    from tool_support import call_text
+    from safecode_guard.testing import call_text
 
     script.add(call_text("qwen2_5_vl", "get_weather", {"city": "Paris"}), call_text("qwen2_5_vl", "get_weather", {"city": "Rome"}))
     with ThreadServer(_thread_app(tool_model, judge="fixed:safe", max_new_tokens=96)) as srv:
@@ -398,7 +400,7 @@ def test_tool_calls_through_the_openai_client(tool_model, script):
 
 
 def test_unsafe_tool_calls_are_blocked_on_the_wire(tool_model, script):
-    from tool_support import call_text
+    from safecode_guard.testing import call_text
 
     script.add(call_text("qwen2_5_vl", "get_weather", {"city": "Paris"}))
     with ThreadServer(_thread_app(tool_model, judge="fixed:unsafe", max_new_tokens=96)) as srv:
