@@ -596,6 +596,7 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
                 )
             response = await super().generate_async(prompt, stop=stop, **kwargs)
         response.model = self._served_name
+        response.provider_metadata = _with_message_fields(response, self._served_name)
         return response
 
     async def stream_async(
@@ -616,6 +617,33 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
                 if chunk.model:
                     chunk.model = self._served_name
                 yield chunk
+
+
+def _with_message_fields(response: LLMResponse, served: str) -> dict[str, Any] | None:
+    """The response's provider metadata plus `response_metadata` and `usage_metadata` for a LangChain message.
+
+    NeMo hands the metadata of the last model call to `RunnableRails`, which
+    builds its `AIMessage` from the keys that are `AIMessage` fields and drops
+    the rest: these two keys carry the answer's `safety` dict and token usage
+    through, as `ChatSafeCoDe` itself returns them.
+    """
+    metadata = dict(response.provider_metadata or {})
+    if "safety" not in metadata:
+        return response.provider_metadata
+    metadata["response_metadata"] = {
+        "safety": metadata["safety"],
+        "model_name": served,
+        "model_provider": metadata.get("model_provider", ENGINE_NAME),
+        "finish_reason": response.finish_reason,
+    }
+    if response.usage is not None:
+        usage = response.usage
+        metadata["usage_metadata"] = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+    return metadata
 
 
 @contextlib.contextmanager
@@ -1018,16 +1046,20 @@ def _current_request() -> Any:
     return raw if isinstance(raw, list) else None
 
 
-def _check_request_shape(config: Any) -> None:
-    """Refuse a request the config's Colang version would answer wrongly (`RequestShapeError`, HTTP 400).
+def _check_colang2_request(config: Any) -> None:
+    """Refuse, before anything runs, a request a Colang 2.x config would answer wrongly or fail on.
 
-    Colang 2.x in NeMo 0.24 turns every user message of a request into a turn
-    of its own, answered one after the other without the others, and refuses
-    assistant messages: a request with two user messages cannot be answered
-    as one conversation (the first would be judged and answered twice, the
-    last never). Raised as NeMo's `LLMCallException`, the only error NeMo
-    passes on out of an action, so the caller sees the reason.
+    NeMo 0.24 makes every user message of a Colang 2.x request a turn of its
+    own, answered one after the other without the others, and refuses
+    assistant messages: two user messages cannot be answered as one
+    conversation (the first would be judged and answered twice, the last
+    never): `RequestShapeError`. It also rejects the `output_vars`, `log` and
+    `llm_output` options for 2.x, but only after the model has answered (a
+    500 from its server): `RequestOptionError`. Both are HTTP 400, raised as
+    NeMo's `LLMCallException`, the only error NeMo passes on out of an
+    action, so the caller sees the reason.
     """
+    from nemoguardrails.context import generation_options_var
     from nemoguardrails.exceptions import LLMCallException
 
     if getattr(config, "colang_version", None) != "2.x":
@@ -1035,12 +1067,31 @@ def _check_request_shape(config: Any) -> None:
     raw = _current_request() or []
     users = sum(1 for m in raw if isinstance(m, Mapping) and m.get("role") == "user")
     if users > 1:
-        error = RequestShapeError(
+        error: SafeCoDeInputError = RequestShapeError(
             f"This request has {users} user messages; Colang 2.x configs answer one. NeMo 0.24 makes "
             "each user message of a Colang 2.x request a turn of its own (answered separately, without "
             "the others) and refuses assistant messages, so earlier turns cannot be sent. Send the "
             "current user message alone (system messages may come first), or use a Colang 1.0 config "
             "(e.g. integrations/nemoguardrails/safecode) for conversations."
+        )
+        raise LLMCallException(error, status=400)
+    options = generation_options_var.get()
+    log_options = getattr(options, "log", None)
+    asked = [
+        name
+        for name, on in (
+            ("output_vars", bool(getattr(options, "output_vars", None))),
+            ("log", any(getattr(log_options, f, False) for f in ("activated_rails", "llm_calls", "internal_events", "colang_history"))),
+            ("llm_output", bool(getattr(options, "llm_output", False))),
+        )
+        if on
+    ]
+    if asked:
+        error = RequestOptionError(
+            f"The request asks for the option(s) {asked}, which NeMo 0.24 does not support for Colang "
+            "2.x configs (it would reject them only after the model answered). Leave them out, or use a "
+            "Colang 1.0 config (e.g. integrations/nemoguardrails/safecode), which returns the rail's "
+            "verdict in `output_data`."
         )
         raise LLMCallException(error, status=400)
 
@@ -1056,7 +1107,7 @@ async def _acheck(
     model: str | None = None,
     config: Any = None,
 ) -> Verdict:
-    _check_request_shape(config)
+    _check_colang2_request(config)
     message = next(
         (m for m in (user_message, text, (context or {}).get("user_message")) if m is not None), ""
     )
@@ -1082,7 +1133,32 @@ async def _acheck(
         # Set here, in the action's own task: the model call that follows in this request
         # sees it and, judging the same request with the same judge, reuses the verdict.
         hand_off_verdict(request, verdict)
+    if verdict.unsafe:
+        _report_refusal(verdict, chat.safecode if chat is not None else SafeCoDeConfig())
     return verdict
+
+
+RAIL_NAME = "safecode check input"
+
+
+def _report_refusal(verdict: Verdict, config: SafeCoDeConfig) -> None:
+    """Offer the rail's verdict as the request's LLM metadata, for a refusal no model call will follow.
+
+    NeMo returns the last model call's metadata as `GenerationResponse.llm_metadata`,
+    and `RunnableRails` passes its `response_metadata` key to the `AIMessage`
+    it builds; a refused request has no model call, so this is where its
+    verdict can go. A model call that does follow (a flow that lets the
+    request through anyway) replaces it. Colang 1.0 only: 2.x runs actions in
+    tasks of their own, whose context variables NeMo never reads.
+    """
+    from nemoguardrails.context import llm_response_metadata_var
+
+    from .chat_model import PROVIDER, safety_metadata
+
+    safety = {**safety_metadata(verdict, config, refused=True), "blocked_by": RAIL_NAME}
+    llm_response_metadata_var.set(
+        {"safety": safety, "response_metadata": {"safety": safety, "model_provider": PROVIDER}}
+    )
 
 
 # --------------------------------------------------------------------------- actions
@@ -1207,7 +1283,7 @@ async def safecode_generate(
             "safecode_generate got no LLM: add a `type: main` model to config.yml "
             "(e.g. `engine: safecode`) or pass one with LLMRails(config, llm=...)."
         )
-    _check_request_shape(config)
+    _check_colang2_request(config)
     message = user_message if user_message is not None else (context or {}).get("user_message", "")
     messages = request_messages(message, _current_request())
     options = generation_options_var.get()
