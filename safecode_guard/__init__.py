@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_REFUSAL_PHRASES, BatchingConfig, InputPolicy, SafeCoDeConfig
+from .control import RequestControl
 from .errors import (
     ImageInputError,
     InputLimitError,
@@ -20,6 +21,7 @@ from .errors import (
     JudgeBusyError,
     JudgeError,
     OverloadedError,
+    RequestCancelledError,
     RequestTimeoutError,
     SafeCoDeError,
     SafeCoDeInputError,
@@ -76,6 +78,8 @@ __all__ = [
     "JudgeError",
     "JudgeRequest",
     "OverloadedError",
+    "RequestCancelledError",
+    "RequestControl",
     "RequestTimeoutError",
     "SafeCoDe",
     "SafeCoDeConfig",

@@ -62,8 +62,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import random
 import threading
+import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
@@ -88,13 +91,21 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from typing_extensions import Self
 
 from . import ops
 from . import tools as tools_mod
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
+from .errors import (
+    JudgeBusyError,
+    JudgeError,
+    OverloadedError,
+    RequestTimeoutError,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+)
 from .lc_messages import to_hf_messages
 from .prompting import render_prompt
 from .verdict import Verdict
@@ -342,10 +353,6 @@ class _VerdictAwareCache(BaseCache):
 #: LangChain's standard constructor keys that have no meaning for a model running in this
 #: process, each with what to do instead. They are refused, not silently dropped.
 _NOT_FOR_LOCAL_MODELS = {
-    "timeout": "a local model has no request timeout. Bound the answer with `max_tokens`, the judge with "
-    "safecode=SafeCoDeConfig(judge_timeout_s=...) and image downloads with policy=InputPolicy(url_timeout_s=...)",
-    "max_retries": "a local model has no network errors to retry. Wrap it with llm.with_retry(...) if you want retries",
-    "api_key": "a local model needs no API key",
     "base_url": "ChatSafeCoDe runs the model in this process. For a server, run `safecode-guard serve` "
     "and use an OpenAI-compatible client",
     "streaming_callback": "use callbacks=[...] or llm.stream(...)",
@@ -353,7 +360,6 @@ _NOT_FOR_LOCAL_MODELS = {
 
 #: Names other integrations use for a setting we have under another name.
 _OTHER_NAMES = {
-    "model_name": "model",
     "model_id": "model",
     "model_path": "model",
     "max_output_tokens": "max_tokens",
@@ -468,6 +474,38 @@ def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
     return probed
 
 
+def tool_calling_from_files(model: str) -> bool | None:
+    """Whether `model`'s chat template takes tools, read from its files without loading anything.
+
+    The template found on disk (`loading.chat_template_source`) goes through the
+    same probe as a loaded one (`tools.probe_tool_template`), rendered by
+    transformers' own template engine. None when no template is found here.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from .loading import chat_template_source
+
+    try:
+        template = chat_template_source(model)
+    except Exception:  # an unreadable folder or cache entry: unknown here; loading reports it
+        return None
+    if isinstance(template, list):  # a tokenizer's named templates: transformers takes "tool_use" for tools
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        template = named.get("tool_use") or named.get("default")
+    if not isinstance(template, str):
+        return None
+
+    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
+        rendered, _ = render_jinja_template([messages], tools=tools, chat_template=template, add_generation_prompt=gen)
+        return rendered[0]
+
+    try:
+        tools_mod.probe_tool_template(render, repr(model))
+    except UnsupportedModelError:
+        return False
+    return True
+
+
 def _uses_tools(hf_messages: Sequence[Mapping[str, Any]]) -> bool:
     return any(m["role"] == "tool" or m.get("tool_calls") for m in hf_messages)
 
@@ -556,36 +594,65 @@ class AnswerReader:
 
 
 class _Engines:
-    """What one `ChatSafeCoDe` has loaded, and the lock that makes each load happen once.
+    """What one `ChatSafeCoDe` (and its copies on the same model) has built, and the lock that
+    makes each build happen once.
 
-    Two engine slots: the configured model, and the most recent per-call
-    `model=` override (one, so that overrides cannot pile up weights). A slot
-    is rebuilt when the settings that built it change. Also held here: the
-    objects `from_model` wrapped, a processor loaded alone for token counting,
-    and whether each model's template takes tools. Copies of the chat model
-    (`model_copy`, `deepcopy`) share this object, so weights are never
-    duplicated. A pickle carries none of it: after unpickling, the model is
-    loaded again from `model` (a path or hub id) on first use.
+    Weights come from `loading.shared_model`, shared by every chat model of the
+    process that names the same weights, or from the objects `from_model`
+    wrapped. An engine is a light view of those weights with one set of
+    per-request settings (judge, `safecode`, `policy`): copies made with
+    `model_copy` that change them get their own engine on the same weights,
+    kept here (up to `MAX_VARIANTS`, least recently used first out), so
+    switching between an instance and its copies never reloads anything. One
+    more slot holds the engine of the most recent per-call `model=` override
+    (one, so that overrides cannot pile up weights). Also held here: a
+    processor loaded alone for token counting, and whether each model's
+    template takes tools. A pickle carries none of it: after unpickling, the
+    model is loaded again from `model` (a path or hub id) on first use, or
+    found in memory if another chat model holds it.
     """
+
+    MAX_VARIANTS = 8
 
     def __init__(self, hf_objects: tuple[Any, Any] | None = None) -> None:
         self.lock = threading.Lock()
-        self.slots: dict[str, tuple[tuple[Any, ...], SafeCoDe]] = {}
+        # (model, weights identity, settings identity) -> (what keeps the weights and judge alive, engine)
+        self.variants: OrderedDict[tuple[Any, ...], tuple[Any, SafeCoDe]] = OrderedDict()
+        self.override: tuple[tuple[Any, ...], Any, SafeCoDe] | None = None
         self.hf_objects = hf_objects
         self.processor: tuple[str, Any] | None = None  # (model, processor) loaded for counting only
         self.tool_calling: dict[str, bool] = {}  # model -> whether its chat template takes tools
 
-    def get(self, slot: str, key: tuple[Any, ...], build: Callable[[], SafeCoDe]) -> SafeCoDe:
+    @property
+    def slots(self) -> dict[tuple[Any, ...], SafeCoDe]:
+        """Every engine held, by its key (for tests and introspection)."""
+        held = {key: engine for key, (_, engine) in self.variants.items()}
+        if self.override is not None:
+            held[self.override[0]] = self.override[2]
+        return held
+
+    def get(self, override: bool, key: tuple[Any, ...], build: Callable[[], tuple[Any, SafeCoDe]]) -> SafeCoDe:
         with self.lock:
-            held = self.slots.get(slot)
-            if held is None or held[0] != key:
-                self.slots[slot] = (key, build())
-            return self.slots[slot][1]
+            if override:
+                if self.override is None or self.override[0] != key:
+                    self.override = None  # the previous override's weights may go before the next load
+                    self.override = (key, *build())
+                return self.override[2]
+            held = self.variants.get(key)
+            if held is not None:
+                self.variants.move_to_end(key)
+                return held[1]
+            if any(k[:2] != key[:2] for k in self.variants):
+                self.variants.clear()  # `model` was reassigned: the old weights are not kept alive here
+            self.variants[key] = build()
+            while len(self.variants) > self.MAX_VARIANTS:
+                self.variants.popitem(last=False)
+            return self.variants[key][1]
 
     def loaded(self, model: str) -> SafeCoDe | None:
-        """The engine of `model` if it is loaded (never loads)."""
-        held = self.slots.get("main")
-        return held[1] if held is not None and held[0][0] == model else None
+        """An engine on `model`'s weights if one is built (never loads)."""
+        with self.lock:
+            return next((engine for key, (_, engine) in self.variants.items() if key[0] == model), None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Engines:
         return self
@@ -607,6 +674,8 @@ class _Call:
     pieces: SafeCoDeStream
     plan: CallPlan | None
     verdict: Verdict
+    model_name: str
+    """What `response_metadata["model_name"]` reports (`ChatSafeCoDe.model_name` or the override's name)."""
 
 
 def special_strings(processor: Any) -> tuple[str, ...]:
@@ -658,6 +727,77 @@ def _refused_already(messages: Sequence[BaseMessage]) -> AIMessage | None:
     return None
 
 
+# --------------------------------------------------------------------------- retries and the deadline
+
+
+def retry_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number `attempt` (0 for the first): 0.25 s doubling up to
+    4 s, with +-25% jitter so that callers refused together do not come back together."""
+    return min(4.0, 0.25 * 2**attempt) * (rng or random).uniform(0.75, 1.25)
+
+
+def busy_judge(verdict: Verdict | None) -> bool:
+    """Whether `verdict` is a fallback decided because every judge thread was busy (`JudgeBusyError`)."""
+    return verdict is not None and verdict.source == "fallback" and (verdict.error or "").startswith("JudgeBusyError")
+
+
+class _Retry:
+    """One call's retries of what a local model fails for a moment, within the call's deadline.
+
+    Retried: a judge that found every judge thread busy (`JudgeBusyError`,
+    raised under `on_judge_error="raise"` or decided as a fallback verdict) and
+    a full queue (`OverloadedError`). Each retry waits `retry_delay(attempt)`;
+    a wait that would end past the deadline raises `RequestTimeoutError`
+    instead. The last attempt's result (a fallback verdict included) stands.
+    """
+
+    def __init__(self, max_retries: int, timeout: float | None) -> None:
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.attempt = 0
+
+    def left(self) -> dict[str, Any]:
+        """Keyword arguments giving the engine what is left of the deadline (none without one)."""
+        return {}
+
+    def _pause(self, cause: BaseException | str) -> None:
+        wait = retry_delay(self.attempt)
+        self.attempt += 1
+        if self.deadline is not None and time.monotonic() + wait > self.deadline:
+            raise RequestTimeoutError(
+                f"The request's deadline (timeout={self.timeout:g}s) would pass before it could be retried "
+                f"({cause}). Raise `timeout`, or lower the load on the model."
+            ) from (cause if isinstance(cause, BaseException) else None)
+        time.sleep(wait)
+
+    def judged(self, open_stream: Callable[[], SafeCoDeStream]) -> SafeCoDeStream:
+        """`open_stream()` (which judges), again while a busy judge decided its verdict."""
+        while True:
+            try:
+                pieces = open_stream()
+            except JudgeError as exc:
+                if self.attempt >= self.max_retries or not isinstance(exc.__cause__, JudgeBusyError):
+                    raise
+                self._pause(exc.__cause__)
+                continue
+            if self.attempt >= self.max_retries or not busy_judge(pieces.verdict):
+                return pieces
+            pieces.close()  # never queued
+            self._pause(str(pieces.verdict.error))
+
+    def queued(self, pieces: SafeCoDeStream, reopen: Callable[[], SafeCoDeStream]) -> SafeCoDeStream:
+        """`pieces` queued for decoding; reopened with `reopen()` and queued again while the queue is full."""
+        while True:
+            try:
+                return pieces.start()
+            except OverloadedError as exc:
+                if self.attempt >= self.max_retries:
+                    raise
+                self._pause(exc)
+                pieces = reopen()
+
+
 # --------------------------------------------------------------------------- the chat model
 
 
@@ -674,8 +814,9 @@ class ChatSafeCoDe(BaseChatModel):
     or wrap objects already loaded: `ChatSafeCoDe.from_model(model, processor)`.
     Unknown constructor keys are refused (`SafeCoDeInputError` naming the key
     and the closest setting, e.g. `threshold` -> `safecode=SafeCoDeConfig(threshold=...)`);
-    so are LangChain's `timeout`, `max_retries`, `api_key` and `base_url`,
-    which mean nothing for a model running in this process.
+    so is `base_url`, which means nothing for a model running in this process.
+    LangChain's standard `timeout` (the request's deadline), `max_retries`
+    (a full queue, a busy judge) and `api_key` (unused) are accepted.
 
     Per call you may pass `model` (another path: loaded once and kept until
     the next different override), `max_new_tokens` (or `max_tokens`,
@@ -705,8 +846,14 @@ class ChatSafeCoDe(BaseChatModel):
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, arbitrary_types_allowed=True)
 
     model: str
-    """Local folder (saved with `save_pretrained`) or hub id of an image-text-to-text model.
-    Loaded with `AutoModelForImageTextToText` + `AutoProcessor` on first use, never in `__init__`."""
+    """Local folder (saved with `save_pretrained`), hub id of an image-text-to-text model, or
+    "demo" (the embedded demo model, built on first use). Loaded with `AutoModelForImageTextToText`
+    + `AutoProcessor` on first use, never in `__init__`; every chat model of the process that
+    names the same weights with the same `device` / `dtype` / `model_kwargs` shares one load."""
+    model_name: str | None = None
+    """The name answers report (`response_metadata["model_name"]`, LangSmith's `ls_model_name`,
+    the key of LangChain's usage callback). None: the folder's own name for a local folder
+    (never its path), the hub id, or "demo"."""
     judge: Any = "self"
     """Who decides safe / unsafe: a spec string ("self", "self:caption", "fixed:safe",
     "fixed:unsafe", "chat:<provider>:<model>"), a judge object, a LangChain chat model, or a
@@ -746,6 +893,19 @@ class ChatSafeCoDe(BaseChatModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More keyword arguments for `AutoModelForImageTextToText.from_pretrained`
     (e.g. `{"attn_implementation": "sdpa"}` or `{"device_map": "auto"}`)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """The request's deadline in seconds, for everything a call waits on: the judge, the
+    queue, the prefill and decoding (retries and their pauses included); past it the call
+    raises `RequestTimeoutError` (a `TimeoutError`). None: no deadline beyond the judge's
+    own `safecode.judge_timeout_s` and the scheduler's `request_timeout_s`."""
+    max_retries: int = Field(default=0, ge=0, le=10)
+    """How often a call is tried again, with exponential backoff, when it fails for a moment:
+    the model's queue is full (`OverloadedError`) or every judge thread is busy
+    (`JudgeBusyError`, whether raised or turned into a fallback verdict). Nothing else is
+    retried (bad input, a failed or slow judge, the deadline). 0 (the default): fail at once."""
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """Accepted for LangChain's standard constructor (shared configs pass one) and unused: a
+    model running in this process needs no key. Never logged, traced, cached or pickled."""
 
     _engines: _Engines = PrivateAttr(default_factory=_Engines)
 
@@ -755,6 +915,11 @@ class ChatSafeCoDe(BaseChatModel):
         # Before pydantic: its errors would wrap ours, and it would drop unknown keys silently.
         check_settings(type(self), list(data))
         check_nested_settings(data)
+        if "model" not in data and "model_name" in data:
+            raise SafeCoDeInputError(
+                f"`model_name` (={data['model_name']!r}) is only the name answers report; give the model to load "
+                "as `model` (a local folder, a hub id or 'demo'), e.g. ChatSafeCoDe(model='./llava', model_name='llava')."
+            )
         super().__init__(**data)
 
     @classmethod
@@ -805,7 +970,9 @@ class ChatSafeCoDe(BaseChatModel):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy with `update` applied: keys as the constructor takes them (aliases such as
         `max_tokens` included), unknown keys refused, values validated. The copy shares the
-        loaded engines (no weights are duplicated)."""
+        loaded model and the engines built on it: a copy that changes the judge, `safecode`
+        or `policy` gets an engine of its own on the same weights (nothing is reloaded, and
+        switching between the two never reloads). A copy on another `model` starts afresh."""
         copy = super().model_copy(deep=deep)
         if not update:
             return copy
@@ -815,17 +982,23 @@ class ChatSafeCoDe(BaseChatModel):
             raise SafeCoDeInputError("`max_tokens` and `max_new_tokens` are the same setting; give one of them.")
         for key, value in update.items():
             copy.__pydantic_validator__.validate_assignment(copy, "max_new_tokens" if key == "max_tokens" else key, value)
-        if "policy" in update and copy.profile is not None:
-            copy.profile = {**copy.profile, "image_url_inputs": copy.policy.allow_image_urls}
+        if copy.model != self.model:
+            copy._engines = _Engines()  # another model: none of this one's engines (or wrapped objects) apply
+        if copy.profile is not None and ({"policy", "model"} & set(update)):
+            copy.profile = {**copy.profile, **copy._resolve_model_profile()}
+            copy._note_tool_support()
         return copy
 
     # -- construction from loaded objects ---------------------------------------------------
 
     @classmethod
     def from_model(cls, model: Any, processor: Any, *, model_name: str | None = None, **kwargs: Any) -> ChatSafeCoDe:
-        """Wrap a loaded `model` and `processor` (no loading, no copy). `kwargs` are the other fields."""
+        """Wrap a loaded `model` and `processor` (no loading, no copy). `kwargs` are the other fields.
+
+        `model_name` names the model in answers (default: the folder it was loaded
+        from, by its own name); it is also the `model` an unpickled copy loads."""
         name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-        chat = cls(model=str(name), **kwargs)
+        chat = cls(model=str(name), model_name=model_name, **kwargs)
         chat._engines.hf_objects = (model, processor)
         chat._engine(None)  # cheap without loading; checks the processor and judge, reads the template now
         return chat
@@ -841,6 +1014,7 @@ class ChatSafeCoDe(BaseChatModel):
         """Every setting that changes an answer: LangChain's cache keys on these."""
         return {
             "model": self.model,
+            "model_name": self.display_name(),  # cached answers report it
             "judge": _judge_description(self.judge),
             "safecode": self.safecode.model_dump(mode="json"),
             "policy": self.policy.model_dump(mode="json"),
@@ -870,7 +1044,7 @@ class ChatSafeCoDe(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider=PROVIDER,
-            ls_model_name=str(kwargs.get("model") or self.model),
+            ls_model_name=self.display_name(kwargs.get("model")),
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
             ls_max_tokens=kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
@@ -889,12 +1063,23 @@ class ChatSafeCoDe(BaseChatModel):
             audio_inputs=False,
             video_inputs=False,
             text_outputs=True,
-            # Tools depend on the chat template, unknown until the model (or, with `from_model`,
-            # the engine) is loaded; then `_note_tool_support` sets it. No native structured
-            # output: `with_structured_output` uses a tool or JSON mode.
-            tool_calling=False,
+            # Tools depend on the chat template: read from the model's files (no weights, no
+            # network), then confirmed on the loaded processor (`_note_tool_support`). False
+            # while no template can be found here (a hub id not in the local cache, the demo
+            # model before its first build). No native structured output:
+            # `with_structured_output` uses a tool or JSON mode.
+            tool_calling=bool(tool_calling_from_files(self.model)),
             structured_output=False,
         )
+
+    def display_name(self, model: str | None = None) -> str:
+        """The name answers report for `model` (a per-call override) or this chat model's own:
+        `model_name` when set, else the folder's own name, the hub id or "demo" (never a local path)."""
+        from .loading import public_name
+
+        if model is not None and str(model) != self.model:
+            return public_name(str(model))
+        return self.model_name or public_name(self.model)
 
     # -- tools and structured output -------------------------------------------------------
 
@@ -993,40 +1178,49 @@ class ChatSafeCoDe(BaseChatModel):
         """
         return self._engine(None)
 
-    def _engine_key(self, model: str) -> tuple[Any, ...]:
-        judge = self.judge if isinstance(self.judge, str) else id(self.judge)
-        kwargs = sorted(self.model_kwargs.items(), key=lambda kv: kv[0])
-        return (model, judge, self.safecode, self.policy, self.device, self.dtype, repr(kwargs))
+    def _settings_key(self) -> tuple[Any, ...]:
+        """What an engine holds besides the weights: the judge (a spec by value, an object by
+        identity; it is kept alive with the engine, so its id stays its own) and the settings."""
+        judge = self.judge if isinstance(self.judge, str) else ("object", id(self.judge))
+        return (judge, self.safecode.model_dump_json(), self.policy.model_dump_json())
 
     def _engine(self, model: str | None) -> SafeCoDe:
-        """The engine for `model` (None: the configured one), loading it on first use."""
+        """The engine for `model` (None: the configured one), loading its weights on first use.
+
+        Weights come from the process-wide registry (`loading.shared_model`), so
+        every chat model naming the same weights shares one load; the engine
+        adds this chat model's judge and settings, and costs no reload.
+        """
         from .engine import SafeCoDe
+        from .loading import shared_model, weights_key
 
-        model = model or self.model
-        settings = {"config": self.safecode, "judge": self.judge, "policy": self.policy}
-        hf_objects = self._engines.hf_objects
-        if model == self.model and hf_objects is not None:
-            hf_model, processor = hf_objects
-
-            def build() -> SafeCoDe:
-                return SafeCoDe(hf_model, processor, model_name=self.model, **settings)
-
+        override = model is not None and model != self.model
+        name = str(model) if override else self.model
+        hf_objects = None if override else self._engines.hf_objects
+        if hf_objects is not None:
+            weights: Any = ("objects", id(hf_objects[0]))
         else:
+            weights = weights_key(name, device=self.device, dtype=self.dtype, **self.model_kwargs)
+        judge, config, policy, shown = self.judge, self.safecode, self.policy, self.display_name(name)
 
-            def build() -> SafeCoDe:
-                return SafeCoDe.from_pretrained(
-                    model, device=self.device, dtype=self.dtype, **settings, **self.model_kwargs
-                )
+        def build() -> tuple[Any, SafeCoDe]:
+            if hf_objects is not None:
+                held: Any = hf_objects
+                hf_model, processor = hf_objects
+            else:
+                held = shared_model(name, device=self.device, dtype=self.dtype, **self.model_kwargs)
+                hf_model, processor = held.model, held.processor
+            engine = SafeCoDe(hf_model, processor, config=config, judge=judge, policy=policy, model_name=shown)
+            return (held, judge), engine  # the engine keeps neither the registry's holder nor a judge's id
 
-        slot = "main" if model == self.model else "override"
-        engine = self._engines.get(slot, self._engine_key(model), build)
-        if slot == "main":
-            if model not in self._engines.tool_calling:
+        engine = self._engines.get(override, (name, weights, self._settings_key()), build)
+        if not override:
+            if name not in self._engines.tool_calling:
                 try:
                     tool_template(engine)
-                    self._engines.tool_calling[model] = True
+                    self._engines.tool_calling[name] = True
                 except UnsupportedModelError:
-                    self._engines.tool_calling[model] = False
+                    self._engines.tool_calling[name] = False
             self._note_tool_support()
         return engine
 
@@ -1040,24 +1234,21 @@ class ChatSafeCoDe(BaseChatModel):
 
     def _counting_processor(self) -> tuple[Any, tuple[str, ...]]:
         """(processor, special strings) of the configured model, without loading its weights."""
+        from .loading import load_processor, loaded_model, weights_key
+
         engine = self._engines.loaded(self.model)
         if engine is not None:
             return engine.processor, engine._specials
         if self._engines.hf_objects is not None:
             processor = self._engines.hf_objects[1]
             return processor, special_strings(processor)
+        shared = loaded_model(weights_key(self.model, device=self.device, dtype=self.dtype, **self.model_kwargs))
+        if shared is not None:  # another chat model of this process has these weights loaded
+            return shared.processor, special_strings(shared.processor)
         with self._engines.lock:
             held = self._engines.processor
             if held is None or held[0] != self.model:
-                from transformers import AutoProcessor
-
-                try:
-                    held = self._engines.processor = (self.model, AutoProcessor.from_pretrained(self.model))
-                except (OSError, ValueError) as exc:
-                    raise UnsupportedModelError(
-                        f"Could not load the processor of {self.model!r} to count tokens: {exc}. Give a local "
-                        "folder saved with save_pretrained (or a hub id reachable from here)."
-                    ) from exc
+                held = self._engines.processor = (self.model, load_processor(self.model))
         return held[1], special_strings(held[1])
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -1241,7 +1432,8 @@ class ChatSafeCoDe(BaseChatModel):
             prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
         if plan is not None and plan.prefix:
             engine_kwargs["answer_prefix"] = plan.prefix
-        pieces = engine.stream(prompt_messages, start=False, **engine_kwargs)
+        retry = _Retry(self.max_retries, self.timeout)  # the deadline runs from here: loading is not counted
+        pieces = retry.judged(lambda: engine.stream(prompt_messages, start=False, **engine_kwargs, **retry.left()))
         verdict = pieces.verdict
         assert verdict is not None  # SafeCoDe.stream decides the verdict before returning
         if verdict.label == "unsafe" and (json_mode or (plan is not None and plan.prefix)):
@@ -1254,8 +1446,12 @@ class ChatSafeCoDe(BaseChatModel):
             else:
                 plan = None
             engine_kwargs.pop("answer_prefix", None)
-            pieces = engine.stream(hf_messages, start=False, **{**engine_kwargs, "verdict": verdict})
-        return _Call(engine, pieces.start(), plan, verdict)
+            prompt_messages = hf_messages
+            pieces = engine.stream(hf_messages, start=False, **{**engine_kwargs, "verdict": verdict}, **retry.left())
+        # A full queue refuses before anything is decoded: queue the same request again under
+        # the verdict already decided (the judge does not run twice).
+        reopen = lambda: engine.stream(prompt_messages, start=False, **{**engine_kwargs, "verdict": verdict}, **retry.left())  # noqa: E731
+        return _Call(engine, retry.queued(pieces, reopen), plan, verdict, self.display_name(model))
 
     def _generate(
         self,
@@ -1384,7 +1580,7 @@ class _ChunkBuilder:
             out.append(_first_chunk(self.pending, call.verdict, call.engine.config, result.refused, call.plan))
             self.pending = []
         out += [_chunk(text, calls) for text, calls in self.pending]
-        last_meta: dict[str, Any] = {"model_name": call.engine.model_name, "finish_reason": result.finish_reason}
+        last_meta: dict[str, Any] = {"model_name": call.model_name, "finish_reason": result.finish_reason}
         if reader.blocked:
             # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
             last_meta["safety"] = {"blocked_tool_calls": reader.blocked}

@@ -124,10 +124,17 @@ class TextTracker:
     without decoding the whole answer every step. Stop strings are searched
     only where a new match can start, and the held-back tail is the longest
     end of the text that begins some stop string.
+
+    `strip_leading` drops whitespace before the answer's first character:
+    byte-level BPE vocabularies (Qwen, Gemma) often open an answer with a
+    space-prefixed token (" I'm sorry"), which no chat answer should show.
+    Off when the answer continues a forced opening (a tool call's start),
+    where the text is read together with what comes before it.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str], *, strip_leading: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.strip_leading = strip_leading
         self.stop = [s for s in stop if s]
         self._longest = max((len(s) for s in self.stop), default=0)
         # per stop string: its proper prefixes' lengths k (longest first), by their last character
@@ -158,7 +165,8 @@ class TextTracker:
             # MAX_PENDING_TOKENS tokens, so a step never decodes more than that many.
             return ""
         before = len(self.text)
-        self.text += full[len(prefix) :]
+        new = full[len(prefix) :]
+        self.text += new.lstrip() if self.strip_leading and not self.text else new
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         safe_end = len(self.text)
         if self.stop:

@@ -21,6 +21,7 @@ rows leave the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import secrets
 import threading
@@ -36,8 +37,11 @@ from . import ops
 from .adapters import detect_quirks, encode_views
 from .config import BatchingConfig, InputPolicy, SafeCoDeConfig
 from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
+from .control import RequestControl, checked_timeout, checkpoint, current_control, use_control
 from .errors import (
     InputLimitError,
+    RequestCancelledError,
+    RequestTimeoutError,
     SafeCoDeInputError,
     UnsupportedContentError,
 )
@@ -64,46 +68,101 @@ MAX_PREPARING = 32
 _ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
-def run_briefly(fn: Callable[[], T]) -> T:
-    """`fn()` in a thread that ends with it (the caller's context goes along); its result or error."""
+def _run_with(control: RequestControl | None, fn: Callable[[], T]) -> T:
+    if control is None:
+        return fn()
+    with use_control(control):
+        control.check()
+        return fn()
+
+
+def run_briefly(fn: Callable[[], T], *, control: RequestControl | None = None) -> T:
+    """`fn()` in a thread that ends with it (the caller's context goes along); its result or error.
+
+    With `control`, `fn` runs with it as the current request control, and the
+    caller stops waiting when the control is cancelled or its deadline passes
+    (raising `RequestCancelledError` / `RequestTimeoutError`); the control is
+    then cancelled, so `fn` stops at its next checkpoint and anything it queued is dropped.
+    """
     context = contextvars.copy_context()
     box: list[Any] = []
+    finished = threading.Event()
 
     def work() -> None:
         try:
-            box.append((True, context.run(fn)))
+            box.append((True, context.run(_run_with, control, fn)))
         except BaseException as exc:  # handed to the caller
             box.append((False, exc))
+        finally:
+            finished.set()
 
     thread = threading.Thread(target=work, name="safecode-prepare", daemon=True)
     thread.start()
-    thread.join()
+    if control is None:
+        thread.join()
+    else:
+        try:
+            control.wait(finished)
+        except BaseException:
+            control.cancel()
+            raise
+        thread.join()
     ok, value = box[0]
     if not ok:
         raise value
     return value
 
 
-async def arun_briefly(fn: Callable[[], T]) -> T:
-    """`run_briefly` for asyncio: the event loop stays free while `fn` runs."""
+async def arun_briefly(fn: Callable[[], T], *, control: RequestControl | None = None) -> T:
+    """`run_briefly` for asyncio: the event loop stays free while `fn` runs.
+
+    `fn` runs under a control of its own (a child of `control`, or of the
+    current one): it is cancelled when the awaiting task is cancelled, and the
+    wait ends at the deadline (`RequestTimeoutError`) or when the control is
+    cancelled from another thread (`RequestCancelledError`).
+    """
     loop = asyncio.get_running_loop()
     slots = _ASYNC_SLOTS.get(loop)
     if slots is None:
         slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_PREPARING)
+    own = RequestControl(parent=control if control is not None else current_control())
     context = contextvars.copy_context()
-    async with slots:
-        future: asyncio.Future[T] = loop.create_future()
+    try:
+        async with asyncio.timeout(own.remaining()):
+            async with slots:
+                own.check()
+                future: asyncio.Future[T] = loop.create_future()
 
-        def work() -> None:
-            try:
-                result = context.run(fn)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                def work() -> None:
+                    try:
+                        result = context.run(_run_with, own, fn)
+                    except BaseException as exc:
+                        loop.call_soon_threadsafe(_settle, future, None, exc)
+                    else:
+                        loop.call_soon_threadsafe(_settle, future, result, None)
 
-        threading.Thread(target=work, name="safecode-prepare", daemon=True).start()
-        return await future
+                def cancelled() -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed
+                        loop.call_soon_threadsafe(_settle, future, None, _cancelled_error())
+
+                forget = own.on_cancel(cancelled)
+                try:
+                    threading.Thread(target=work, name="safecode-prepare", daemon=True).start()
+                    return await future
+                finally:
+                    forget()
+    except TimeoutError as exc:
+        own.cancel()
+        if isinstance(exc, RequestTimeoutError) or not own.expired:
+            raise
+        raise own.timeout_error() from None
+    except BaseException:
+        own.cancel()  # the awaiting task was cancelled (or the work failed): stop what is left
+        raise
+
+
+def _cancelled_error() -> RequestCancelledError:
+    return RequestCancelledError("The request was cancelled; nothing more is done for it.")
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -159,6 +218,10 @@ class SafeCoDeStream:
         self._judge_s = judge_s
         self._ended = False
         self._started = False
+        if job.control is not None:
+            # a reader blocked in another thread wakes at once (the callback holds the job, not the
+            # stream, so that dropping the stream still cancels it)
+            job.control.on_cancel(lambda: _wake_cancelled(job))
 
     def start(self) -> SafeCoDeStream:
         """Queue the request for decoding (`stream(..., start=False)` leaves that to you; idempotent).
@@ -179,7 +242,12 @@ class SafeCoDeStream:
         if self._ended:
             raise StopIteration
         self.start()
-        return self._handle(*self._job.channel.get())
+        control = self._job.control
+        try:
+            item = self._job.channel.get(None if control is None else control.remaining())
+        except TimeoutError:
+            raise self._timed_out() from None
+        return self._handle(*item)
 
     def consume(self) -> SafeCoDeResult:
         """Run to the end and return the result (the reader is woken once, at the end)."""
@@ -198,8 +266,13 @@ class SafeCoDeStream:
         if self._ended:
             raise StopAsyncIteration
         self.start()
+        control = self._job.control
         try:
-            return self._handle(*await self._job.channel.aget())
+            try:
+                item = await self._job.channel.aget(None if control is None else control.remaining())
+            except TimeoutError:
+                raise self._timed_out() from None
+            return self._handle(*item)
         except StopIteration:
             raise StopAsyncIteration from None
         except asyncio.CancelledError:
@@ -221,20 +294,37 @@ class SafeCoDeStream:
         self._ended = True
         if kind == "error":
             raise value
+        if self._job.status == "cancelled":
+            raise _cancelled_error()
         self.result = self._engine._result(self._job, self.verdict, self._judge_s)
         raise StopIteration
+
+    def _timed_out(self) -> RequestTimeoutError:
+        """The deadline passed while this reader waited: the request ends here (its rows leave the batch)."""
+        self._ended = True
+        self._job.cancel()
+        assert self._job.control is not None
+        return self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
 
     def close(self) -> None:
         """Stop decoding this answer (no effect once it has ended; a stream never started is never queued)."""
         if not self._ended:
             self._ended = True
             self._job.cancel()
+            if self._job.control is not None:
+                self._job.control.cancel()
             self._started = True
 
     def __del__(self) -> None:
         job = getattr(self, "_job", None)
         if job is not None and not job.done:
             job.cancel()
+
+
+def _wake_cancelled(job: DecodeJob) -> None:
+    job.cancel()
+    if not job.done:
+        job.channel.put("error", _cancelled_error())
 
 
 class SafeCoDe:
@@ -354,9 +444,23 @@ class SafeCoDe:
 
     # -- public API ---------------------------------------------------------------------
 
-    def judge(self, messages: Sequence[Mapping[str, Any]]) -> Verdict:
-        """The judge's verdict for `messages`, without generating an answer."""
-        return run_briefly(lambda: self._judge(parse_messages(messages, self.policy, max_side=self.image_side)))
+    def judge(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+        control: RequestControl | None = None,
+    ) -> Verdict:
+        """The judge's verdict for `messages`, without generating an answer.
+
+        `timeout_s` / `control` as in `stream`: past the deadline (or once
+        cancelled) the call raises `RequestTimeoutError` (`RequestCancelledError`),
+        never a fallback verdict.
+        """
+        control = self._call_control(timeout_s, control)
+        return run_briefly(
+            lambda: self._judge(parse_messages(messages, self.policy, max_side=self.image_side)), control=control
+        )
 
     def generate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
         """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""
@@ -384,6 +488,8 @@ class SafeCoDe:
         frequency_penalty: float | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
         start: bool = True,
+        timeout_s: float | None = None,
+        control: RequestControl | None = None,
     ) -> SafeCoDeStream:
         """Stream the SafeCoDe answer as text pieces; the verdict is decided before the first.
 
@@ -405,6 +511,18 @@ class SafeCoDe:
         its verdict but unqueued, to be started with `.start()` or dropped
         (`close()`) without any decoding. Raises `OverloadedError` when the
         model's queue is full.
+
+        `timeout_s` is one deadline for the whole request: preparation, the
+        judge (a chat judge's thread, the self judge's prefill in the model's
+        queue), queueing, prefill and decoding; `BatchingConfig.request_timeout_s`
+        applies too, whichever ends first. Past it the call (or the stream's
+        reader) raises `RequestTimeoutError`, also when the time runs out inside
+        the judge: a deadline is not a judge failure to fall back from.
+        `control` (a `RequestControl`) lets another thread cancel the request:
+        its judge is no longer waited for, its queue place and rows are released,
+        and reading raises `RequestCancelledError`. Without one, the current
+        request's control (`control.current_control()`) is the parent, so a call
+        made inside a request shares its deadline and cancellation.
         """
         options = {
             "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
@@ -412,21 +530,43 @@ class SafeCoDe:
             "seed": seed, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
             "logit_bias": logit_bias,
         }
-        return run_briefly(lambda: self._open(messages, start, options))
+        call = self._call_control(timeout_s, control)
+        return run_briefly(lambda: self._open(messages, start, options, call), control=call)
 
     async def astream(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeStream:
         """`stream` for asyncio (same arguments): preparation (images, judge) runs off the event loop,
-        and the stream is read with `async for`."""
+        and the stream is read with `async for`. Cancelling the task that awaits this call (or
+        reads the stream) cancels the request."""
         start = kwargs.pop("start", True)
-        return await arun_briefly(lambda: self._open(messages, start, kwargs))
+        call = self._call_control(kwargs.pop("timeout_s", None), kwargs.pop("control", None))
+        return await arun_briefly(lambda: self._open(messages, start, kwargs, call), control=call)
 
-    def _open(self, messages: Sequence[Mapping[str, Any]], start: bool, options: dict[str, Any]) -> SafeCoDeStream:
+    def _call_control(self, timeout_s: float | None, control: RequestControl | None) -> RequestControl:
+        """This call's own control: under `control` (or the current request's), ending at the earlier
+        of `timeout_s` and `BatchingConfig.request_timeout_s` (both counted from now)."""
+        if control is not None and not isinstance(control, RequestControl):
+            raise SafeCoDeInputError(
+                f"`control` must be a safecode_guard.RequestControl; got a {type(control).__name__}."
+            )
+        timeout_s = checked_timeout(timeout_s)
+        parent = control if control is not None else current_control()
+        limit = self.scheduler.settings.request_timeout_s
+        if timeout_s is not None and (limit is None or timeout_s <= limit):
+            return RequestControl(timeout_s, parent=parent, source=f"timeout_s={timeout_s:g}")
+        if limit is not None:
+            return RequestControl(limit, parent=parent, source=f"BatchingConfig.request_timeout_s={limit:g}")
+        return RequestControl(parent=parent)
+
+    def _open(
+        self, messages: Sequence[Mapping[str, Any]], start: bool, options: dict[str, Any], control: RequestControl
+    ) -> SafeCoDeStream:
         defaults = {"max_new_tokens": 256, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
                     "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
                     "logit_bias": None}
         with self.scheduler.preparing():  # a burst's first prefill may wait for this one
-            job, final, judge_s = self._prepare(messages, steered=True, **{**defaults, **options})
+            job, final, judge_s = self._prepare(messages, steered=True, control=control, **{**defaults, **options})
             stream = SafeCoDeStream(final, job, self, judge_s)
+            control.check()  # cancelled or expired while preparing: never queued
             return stream.start() if start else stream
 
     def baseline(
@@ -443,13 +583,17 @@ class SafeCoDe:
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
+        timeout_s: float | None = None,
+        control: RequestControl | None = None,
     ) -> SafeCoDeResult:
         """Plain decoding of the same prompt: no judge, no contrast, no modulation."""
+        call = self._call_control(timeout_s, control)
         job, _, _ = run_briefly(lambda: self._prepare(
             messages, steered=False, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-        ))
+            control=call,
+        ), control=call)
         return SafeCoDeStream(None, job, self, 0.0).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------
@@ -490,8 +634,11 @@ class SafeCoDe:
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
+        control: RequestControl | None = None,
     ) -> tuple[DecodeJob, Verdict | None, float]:
-        """Everything before decoding, in the caller's thread: checks, images, prompt, judge."""
+        """Everything before decoding, in a preparation thread: checks, images, prompt, judge.
+
+        Stops (raises) between steps once `control` is cancelled or past its deadline."""
         sampling = self._check_generation_args(
             max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
         )
@@ -501,6 +648,7 @@ class SafeCoDe:
         override = self._override(verdict) if verdict is not None else None
         conv = parse_messages(messages, self.policy, max_side=self.image_side)
         self._check_images(conv)
+        checkpoint()
         cfg = self.config
         window = cfg.steered_steps if steered else 0
         contrastive = window > 0 and bool(conv.images)
@@ -512,10 +660,12 @@ class SafeCoDe:
         batch = encode_views(self.processor, prompt, views)
         prompt_len = int(batch["input_ids"].shape[1])
         self._check_length(prompt_len, max_new_tokens)
+        checkpoint()
         # Only now, with every limit checked, may the judge (maybe a forward pass) run.
         t0 = time.perf_counter()
         final = override if override is not None else (self._judge(conv) if steered else None)
         judge_s = time.perf_counter() - t0
+        checkpoint()
         generator = None
         if sampling.do_sample:
             device = self.model.device
@@ -527,13 +677,14 @@ class SafeCoDe:
         job = DecodeJob(
             batch=batch,
             steering=steering,
-            tracker=TextTracker(self.tokenizer, stops),
+            tracker=TextTracker(self.tokenizer, stops, strip_leading=not answer_prefix),
             eos_ids=self._eos_ids,
             max_new_tokens=max_new_tokens,
             prompt_len=prompt_len,
             n_images=len(conv.images),
             steered=steered,
-            timeout_s=self.scheduler.settings.request_timeout_s,
+            # the deadline counts from the call (judging included): `control` carries it
+            control=control if control is not None else self._call_control(None, None),
         )
         return job, final, judge_s
 

@@ -14,9 +14,11 @@ __all__ = [
     "JudgeBusyError",
     "JudgeError",
     "OverloadedError",
+    "RequestCancelledError",
     "RequestTimeoutError",
     "SafeCoDeError",
     "SafeCoDeInputError",
+    "StreamReaderError",
     "UnsupportedContentError",
     "UnsupportedModelError",
 ]
@@ -55,7 +57,16 @@ class OverloadedError(SafeCoDeError):
 
 
 class RequestTimeoutError(SafeCoDeError, TimeoutError):
-    """A request ran past its deadline (`BatchingConfig.request_timeout_s`, queue time included)."""
+    """A request ran past its deadline (`timeout_s` or `BatchingConfig.request_timeout_s`; judging,
+    queueing, prefill and decoding included)."""
+
+
+class RequestCancelledError(SafeCoDeError):
+    """A request was cancelled (`RequestControl.cancel()`, or its caller went away) before it ended."""
+
+
+class StreamReaderError(SafeCoDeError, RuntimeError):
+    """A second reader tried to read a stream that another thread or task is already reading."""
 
 
 class InvalidVerdictError(SafeCoDeInputError):

@@ -70,10 +70,13 @@ import torch
 from PIL import Image
 
 from .config import SafeCoDeConfig
+from .control import RequestControl, current_control
 from .errors import (
     InvalidVerdictError,
     JudgeBusyError,
     JudgeError,
+    RequestCancelledError,
+    RequestTimeoutError,
     SafeCoDeInputError,
     UnsupportedContentError,
     UnsupportedModelError,
@@ -467,11 +470,19 @@ class _JudgeThreads:
         # Running calls keep and release the semaphore they took; new calls use the new one.
         self.limit, self._slots = limit, threading.BoundedSemaphore(limit)
 
-    def call(self, fn: Callable[[], Any], timeout_s: float, name: str) -> Any:
-        """`fn()` in a worker thread; give up after `timeout_s` seconds in all (slot wait included)."""
-        deadline = time.monotonic() + timeout_s
+    def call(
+        self, fn: Callable[[], Any], timeout_s: float | None, name: str, control: RequestControl | None = None
+    ) -> Any:
+        """`fn()` in a worker thread; give up after `timeout_s` seconds in all (slot wait included).
+
+        With `control` the wait also ends when the request is cancelled or runs
+        past its deadline (`RequestCancelledError` / `RequestTimeoutError`); the
+        thread cannot be killed and finishes on its own, its result discarded.
+        `timeout_s=None` waits for the judge as long as the control allows.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         slots, limit = self._slots, self.limit
-        if not slots.acquire(timeout=timeout_s):
+        if not self._acquire(slots, deadline, control):
             raise JudgeBusyError(
                 f"all {limit} judge threads are busy (judges still running past their timeout?), so judge "
                 f"{name!r} could not start within judge_timeout_s={timeout_s:g}s. Fix or speed up the "
@@ -497,7 +508,9 @@ class _JudgeThreads:
         except BaseException:
             slots.release()
             raise
-        if not done.wait(max(0.0, deadline - time.monotonic())):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        finished = control.wait(done, left) if control is not None else done.wait(left)
+        if not finished:
             raise TimeoutError(
                 f"judge {name!r} gave no verdict within judge_timeout_s={timeout_s:g}s "
                 "(raise `judge_timeout_s` if the judge is just slow)"
@@ -505,6 +518,25 @@ class _JudgeThreads:
         if "error" in box:
             raise box["error"]
         return box["result"]
+
+    @staticmethod
+    def _acquire(slots: threading.BoundedSemaphore, deadline: float | None, control: RequestControl | None) -> bool:
+        """Take a slot by `deadline`; with a control, in short waits so a cancelled request stops waiting."""
+        if control is None:
+            return slots.acquire(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        while True:
+            control.check()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return slots.acquire(blocking=False)
+            remaining = control.remaining()
+            wait = min(x for x in (left, remaining, _SLOT_POLL_S) if x is not None)
+            if slots.acquire(timeout=wait):
+                return True
+
+
+_SLOT_POLL_S = 0.05
+"""How often a request waiting for a judge thread checks whether it was cancelled."""
 
 
 _THREADS = _JudgeThreads(DEFAULT_MAX_JUDGE_THREADS)
@@ -521,7 +553,9 @@ def set_max_judge_threads(limit: int) -> None:
     _THREADS.resize(limit)
 
 
-def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None = None) -> Verdict:
+def run_judge(
+    judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None = None, *, control: RequestControl | None = None
+) -> Verdict:
     """Run `judge` on `request` and return a validated `Verdict` (never hangs past the timeout).
 
     The judge runs in a daemon worker thread and the caller stops waiting after
@@ -544,6 +578,14 @@ def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None
     return) follows `config.on_judge_error`: "unsafe"/"safe" give a
     `source="fallback"` Verdict whose `error` holds the exception type and
     message; "raise" raises `JudgeError` chained from the cause.
+
+    The request's own deadline and cancellation (`control`, default
+    `control.current_control()`) are not judge failures: when the request is
+    cancelled or runs past its deadline while the judge runs, the caller stops
+    waiting and `RequestCancelledError` / `RequestTimeoutError` is raised. With
+    a control, every judge but the self judge (whose waits follow the control
+    themselves) and `FixedJudge` runs in a worker thread, even with
+    `judge_timeout_s=None`, so that the wait can end.
     """
     config = config if config is not None else SafeCoDeConfig()
     if not callable(judge):
@@ -552,14 +594,23 @@ def run_judge(judge: Judge, request: JudgeRequest, config: SafeCoDeConfig | None
             "callable, or build one with `make_judge(...)` (e.g. make_judge('self'))."
         )
     name = _judge_name(judge)
+    control = control if control is not None else current_control()
     start = time.perf_counter()
     try:
-        if config.judge_timeout_s is None:
+        if control is not None:
+            control.check()
+        inline = config.judge_timeout_s is None and (control is None or isinstance(judge, (SelfJudge, FixedJudge)))
+        if inline:
             raw = judge(request)
         else:
-            raw = _THREADS.call(lambda: judge(request), config.judge_timeout_s, name)
+            raw = _THREADS.call(lambda: judge(request), config.judge_timeout_s, name, control)
         verdict = _normalise(raw, request.threshold, name)
     except Exception as exc:
+        if control is not None and control.done:
+            # the request's deadline or cancellation, not the judge's failure: no fallback
+            if isinstance(exc, (RequestCancelledError, RequestTimeoutError)):
+                raise
+            control.check()
         latency = time.perf_counter() - start
         error = f"{type(exc).__name__}: {exc}"
         if config.on_judge_error == "raise":

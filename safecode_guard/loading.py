@@ -11,6 +11,10 @@ list of every config class it knows.
 `check_model_source` decides first, from the string and the disk alone,
 whether it names a local folder or a hub id, and checks that:
 
+- `demo` (`DEMO_MODEL`) is the embedded demo model (`demo_model`), built into
+  its cache folder on first use, wherever a model is named (a local folder
+  called `demo` is `./demo`);
+
 - a local folder exists, holds a `config.json`, and that config describes an
   image-text-to-text model (a text-only checkpoint gets one sentence);
 - a hub id is in the local cache when `HF_HUB_OFFLINE` (or
@@ -25,11 +29,14 @@ transformers' errors into one clear sentence.
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
 import json
 import logging
 import os
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,17 +44,29 @@ from typing import Any, Literal
 from .errors import UnsupportedModelError
 
 __all__ = [
+    "DEMO_MODEL",
     "HUB_PROBE_TIMEOUT_S",
     "HubUnreachableError",
+    "LoadedModel",
     "ModelNotFoundError",
     "ModelSource",
+    "WeightsKey",
+    "chat_template_source",
     "check_model_source",
     "hub_offline",
     "load_pretrained",
+    "load_processor",
+    "loaded_model",
     "looks_local",
+    "public_name",
+    "shared_model",
+    "weights_key",
 ]
 
 log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+"""The name of the embedded demo model, accepted wherever a model is named."""
 
 HUB_PROBE_TIMEOUT_S = 10.0
 """Seconds the one request that checks a hub id may take (connecting and reading)."""
@@ -75,8 +94,10 @@ class ModelSource:
 # --------------------------------------------------------------------------- local or hub?
 
 def public_name(path_or_id: str) -> str:
-    """A model's name fit to show others: the hub id, or a local folder's own name (never its path)."""
+    """A model's name fit to show others: the hub id, a local folder's own name (never its path), `demo`."""
     text = path_or_id.strip()
+    if text == DEMO_MODEL:
+        return text
     if looks_local(text):
         return Path(text.rstrip("/\\")).name or text
     return text
@@ -293,9 +314,11 @@ def _check_hub_id(repo_id: str) -> ModelSource:
 def check_model_source(path_or_id: str | os.PathLike[str]) -> ModelSource:
     """Check that `path_or_id` names a loadable image-text-to-text model, without loading it.
 
-    Local folders are checked on disk (exists, holds config.json of a
-    vision-language model, has processor files); hub ids against the cache
-    (offline) or with one request to the hub. Errors: `ModelNotFoundError`
+    `demo` is the embedded demo model's folder (built on first use: the one
+    case that writes to disk). Local folders are checked on disk (exists,
+    holds config.json of a vision-language model, has processor files); hub
+    ids against the cache (offline) or with one request to the hub. Errors:
+    `DemoModelUnavailableError` (the demo cannot be built here), `ModelNotFoundError`
     (no such folder or model; `HubUnreachableError` when the hub is down and
     nothing is cached) and `UnsupportedModelError` (not a vision-language
     model), each naming the fix.
@@ -307,6 +330,10 @@ def check_model_source(path_or_id: str | os.PathLike[str]) -> ModelSource:
     text = os.fspath(path_or_id).strip()
     if not text:
         raise ModelNotFoundError("The model is empty. Give a local model folder or a hub id.")
+    if text == DEMO_MODEL:
+        from .demo_model import ensure_demo_model
+
+        return ModelSource("folder", str(ensure_demo_model()))
     if looks_local(text):
         path = Path(text).expanduser()
         _check_folder(text, path)
@@ -338,4 +365,182 @@ def load_pretrained(path_or_id: str | os.PathLike[str], **model_kwargs: Any) -> 
             "Check that the folder (or hub snapshot) holds complete weights and processor files saved "
             "with save_pretrained by a transformers version that supports this model."
         ) from exc
+    return model, processor
+
+
+def load_processor(path_or_id: str | os.PathLike[str]) -> Any:
+    """The processor of `path_or_id` alone (no weights), checked and located as `load_pretrained` does."""
+    from transformers import AutoProcessor
+
+    source = check_model_source(path_or_id)
+    cache_only = {"local_files_only": True} if source.cached_only else {}
+    try:
+        return AutoProcessor.from_pretrained(source.location, **cache_only)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(
+            f"Could not load the processor of {os.fspath(path_or_id)!r}: {_first_line(exc)}. Give a local "
+            "folder saved with save_pretrained (or a hub id reachable from here)."
+        ) from exc
+
+
+# --------------------------------------------------------------------------- the chat template, unloaded
+
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+
+
+def _template_in(name: str, text: str) -> str | list[Any] | None:
+    if name.endswith(".jinja"):
+        return text
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    return template if isinstance(template, (str, list)) else None
+
+
+def chat_template_source(path_or_id: str) -> str | list[Any] | None:
+    """The chat template `path_or_id` would load with, read from its files; None when not found here.
+
+    Reads only what is already on disk: a local folder, the demo model's folder
+    once built, or a hub model's files in the local cache (never the network).
+    A list is a tokenizer's named templates (`[{"name": ..., "template": ...}]`).
+    """
+    text = path_or_id.strip()
+
+    def read(name: str) -> str | None:
+        if text == DEMO_MODEL:
+            from .demo_model import demo_model_dir, is_demo_model_ready
+
+            file = demo_model_dir() / name if is_demo_model_ready() else None
+        elif looks_local(text):
+            file = Path(text).expanduser() / name
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(text, name)
+            file = Path(found) if isinstance(found, str) else None
+        try:
+            return file.read_text(encoding="utf-8") if file is not None and file.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    for name in _TEMPLATE_FILES:
+        content = read(name)
+        template = _template_in(name, content) if content is not None else None
+        if template:
+            return template
+    return None
+
+
+# --------------------------------------------------------------------------- loaded once per process
+#
+# Every `ChatSafeCoDe` of a process that names the same weights (the same folder or hub id,
+# loaded with the same options) shares one loaded model: copies that change the judge or
+# the SafeCoDe settings, two NeMo model entries on one folder, an application's several
+# chat models. The registry holds them weakly: the weights are freed once nothing uses
+# them (the last engine on them is gone), and the next use loads them again.
+
+
+@dataclass(frozen=True)
+class WeightsKey:
+    """What makes two loads the same weights: where they come from and how they are loaded."""
+
+    location: str
+    """A local folder as its resolved absolute path, a hub id as given, the demo model's folder."""
+    device: str | None = None
+    dtype: str | None = None
+    options: str = ""
+    """The other `from_pretrained` keyword arguments, as a stable string."""
+
+
+class LoadedModel:
+    """A model and its processor, loaded once per process for one `WeightsKey`.
+
+    The registry keeps it only while someone holds it: keep a reference for as
+    long as you use `model` and `processor`.
+    """
+
+    __slots__ = ("__weakref__", "key", "model", "processor")
+
+    def __init__(self, key: WeightsKey, model: Any, processor: Any) -> None:
+        self.key, self.model, self.processor = key, model, processor
+
+
+_LOADED: weakref.WeakValueDictionary[WeightsKey, LoadedModel] = weakref.WeakValueDictionary()
+_LOADING: dict[WeightsKey, concurrent.futures.Future[LoadedModel]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def weights_key(
+    path_or_id: str | os.PathLike[str], *, device: str | None = None, dtype: Any = None, **model_kwargs: Any
+) -> WeightsKey:
+    """The identity of the weights `shared_model` would load (nothing is checked or loaded)."""
+    text = os.fspath(path_or_id).strip()
+    if text == DEMO_MODEL:
+        from .demo_model import demo_model_dir
+
+        location = str(demo_model_dir().resolve())
+    elif looks_local(text):
+        location = str(Path(text).expanduser().resolve())
+    else:
+        location = text
+    dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
+    options = repr(sorted((str(k), repr(v)) for k, v in model_kwargs.items()))
+    return WeightsKey(location, None if device is None else str(device), dtype_name, options)
+
+
+def loaded_model(key: WeightsKey) -> LoadedModel | None:
+    """The weights for `key` if some user in this process holds them loaded (never loads)."""
+    with _REGISTRY_LOCK:
+        return _LOADED.get(key)
+
+
+def shared_model(
+    path_or_id: str | os.PathLike[str], *, device: str | None = None, dtype: Any = None, **model_kwargs: Any
+) -> LoadedModel:
+    """The model and processor of `path_or_id`, loaded once per process for these options.
+
+    Same arguments as `SafeCoDe.from_pretrained`'s loading part (`device`
+    moves the model after loading; `dtype` is a name like "bfloat16" or a
+    torch dtype). Calls that name the same weights (`weights_key`) get the
+    same `LoadedModel` while anyone holds it; concurrent first calls load
+    once (the others wait for that load and get its result or its error).
+    """
+    key = weights_key(path_or_id, device=device, dtype=dtype, **model_kwargs)
+    with _REGISTRY_LOCK:
+        held = _LOADED.get(key)
+        if held is not None:
+            return held
+        pending = _LOADING.get(key)
+        loading_here = pending is None
+        if pending is None:
+            pending = _LOADING[key] = concurrent.futures.Future()
+    if not loading_here:
+        return pending.result()  # another thread is loading these weights: its result, or its error
+    try:
+        loaded = LoadedModel(key, *_load(path_or_id, device, dtype, model_kwargs))
+    except BaseException as exc:
+        with _REGISTRY_LOCK:
+            del _LOADING[key]
+        pending.set_exception(exc)
+        raise
+    with _REGISTRY_LOCK:
+        _LOADED[key] = loaded
+        del _LOADING[key]
+    pending.set_result(loaded)
+    return loaded
+
+
+def _load(path_or_id: str | os.PathLike[str], device: Any, dtype: Any, model_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    import torch
+
+    from .engine import run_briefly
+
+    if dtype is not None:
+        model_kwargs = {**model_kwargs, "dtype": getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype}
+    # torch work in a thread of its own, so the caller's thread never joins OpenMP (see run_briefly)
+    model, processor = run_briefly(lambda: load_pretrained(path_or_id, **model_kwargs))
+    if device is not None:
+        model = run_briefly(lambda: model.to(device))
     return model, processor

@@ -16,7 +16,9 @@ Flow, per model call of the agent loop:
    verdict kept in the agent state (`safecode_verdict`). On an unsafe
    verdict it either ends the run with a refusal message
    (`on_unsafe="end"`, before the agent's model runs at all) or only
-   records it (`on_unsafe="record"`). This works whatever the agent's model
+   records it (`on_unsafe="record"`). A turn the middleware ends also
+   clears the agent's `structured_response` (with a checkpointer it would
+   otherwise still hold the previous turn's). This works whatever the agent's model
    is: the judge is the middleware's, not the model's.
 2. `wrap_model_call`: when the agent's model is a `ChatSafeCoDe`, the
    middleware's verdict is handed to it (`verdict=`), so the model decodes
@@ -178,21 +180,25 @@ def _recorded_verdict(record: Any, config: SafeCoDeConfig, judge_name: str) -> V
         )
 
 
-def _safety(verdict: Verdict | dict[str, Any], threshold: float) -> dict[str, Any]:
-    """`response_metadata["safety"]` for a message the middleware writes itself."""
-    v = verdict if isinstance(verdict, dict) else verdict.to_dict()
-    return {
-        "verdict": v["label"],
-        "unsafe_score": v["unsafe_score"],
-        "threshold": threshold,
-        "judge": v["judge"],
-        "source": v["source"],
-        "caption": v["caption"],
-        "error": v["error"],
-        "refused": True,
-        "transcript_truncated": v.get("transcript_truncated", False),
-        "blocked_by": "SafeCoDeMiddleware",
-    }
+def _safety(verdict: Verdict, config: SafeCoDeConfig) -> dict[str, Any]:
+    """`response_metadata["safety"]` for a message the middleware writes itself: every key of
+    SPEC section 5, as `ChatSafeCoDe` writes them, plus who blocked the turn."""
+    from .chat_model import safety_metadata
+
+    return {**safety_metadata(verdict, config, refused=True), "blocked_by": "SafeCoDeMiddleware"}
+
+
+def _ended_turn(state: Mapping[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` for a turn the middleware ends, with the agent's per-turn output cleared.
+
+    LangChain clears `structured_response` only when its model node runs; a turn
+    ended before (or instead of) that would otherwise hand the previous turn's
+    structured output back to the application (with a checkpointer), which may act
+    on it again.
+    """
+    if state.get("structured_response") is not None:
+        update["structured_response"] = None
+    return update
 
 
 def _refusal_response(error: StructuredOutputError) -> ModelResponse:
@@ -338,11 +344,8 @@ class SafeCoDeMiddleware(AgentMiddleware):
         assert verdict is not None  # there is a user turn
         record = {**verdict.to_dict(), "message_id": human.id, "messages_judged": len(state["messages"])}
         if verdict.unsafe and self.on_unsafe == "end":
-            refusal = AIMessage(
-                content=self.refusal_message,
-                response_metadata={"safety": _safety(verdict, self.config.threshold)},
-            )
-            return {"safecode_verdict": record, "messages": [refusal], "jump_to": "end"}
+            refusal = AIMessage(content=self.refusal_message, response_metadata={"safety": _safety(verdict, self.config)})
+            return _ended_turn(state, {"safecode_verdict": record, "messages": [refusal], "jump_to": "end"})
         return {"safecode_verdict": record}
 
     @hook_config(can_jump_to=["end"])
@@ -403,7 +406,7 @@ class SafeCoDeMiddleware(AgentMiddleware):
         if calls and self.block_tool_calls:
             blocked = [*safety.get("blocked_tool_calls", []), *(dict(c) for c in calls)]
             if not safety:
-                safety = _safety(record, self.config.threshold) if record is not None else {}
+                safety = _safety(record, self.config) if record is not None else {}
             safety.update(blocked_tool_calls=blocked, blocked_by="SafeCoDeMiddleware")
             replacement = AIMessage(
                 content=last.text or self.refusal_message,
@@ -411,11 +414,11 @@ class SafeCoDeMiddleware(AgentMiddleware):
                 response_metadata={**last.response_metadata, "safety": safety},
                 usage_metadata=last.usage_metadata,
             )
-            return {"messages": [replacement], "jump_to": "end"}
+            return _ended_turn(state, {"messages": [replacement], "jump_to": "end"})
         if answer_unsafe or self.block_tool_calls:
             # Nothing more to do in an unsafe turn; an agent with `response_format` would
             # otherwise loop back and ask the model to go on after its refusal.
-            return {"jump_to": "end"}
+            return _ended_turn(state, {"jump_to": "end"})
         return None  # block_tool_calls=False: the application lets this turn act
 
     @hook_config(can_jump_to=["end"])

@@ -51,12 +51,15 @@ import torch
 
 from .adapters import Decoder, Quirks, RowBatch, merge, unbatchable_reason
 from .config import BatchingConfig
+from .control import RequestControl, current_control
 from .decoding import Steering, TextTracker
 from .errors import (
     InputLimitError,
     OverloadedError,
+    RequestCancelledError,
     RequestTimeoutError,
     SafeCoDeError,
+    StreamReaderError,
     UnsupportedContentError,
 )
 
@@ -81,6 +84,10 @@ class Channel:
     reader that only wants the whole answer (`pieces_wanted = False`) is woken
     once, at the end; pieces put with `wake=False` are delivered by the next
     `wake()` (the scheduler wakes every reader of a step once, after the step).
+
+    One reader at a time: a second thread or task that calls `get` / `aget`
+    while another is waiting gets `StreamReaderError` at once (it would
+    otherwise wait for pieces the first reader takes).
     """
 
     def __init__(self) -> None:
@@ -88,6 +95,7 @@ class Channel:
         self._cond = threading.Condition(threading.Lock())
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._ended = False
+        self._reading = False
         self.pieces_wanted = True
 
     def put(self, kind: str, value: Any = None, *, wake: bool = True) -> None:
@@ -104,7 +112,7 @@ class Channel:
         with self._cond:
             if not (self._ended or (self.pieces_wanted and self._items)):
                 return
-            self._cond.notify()
+            self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody waits any more
@@ -113,21 +121,51 @@ class Channel:
     def _ready(self) -> bool:
         return self._ended or (self.pieces_wanted and bool(self._items))
 
+    def _enter(self) -> None:
+        """Become the reader (under the lock); a second concurrent reader is refused."""
+        if self._reading:
+            raise StreamReaderError(
+                "Another thread or task is already reading this stream. A stream has one reader: read it "
+                "from one place (e.g. collect the pieces there and hand them on), or start one request per reader."
+            )
+        self._reading = True
+
     def get(self, timeout: float | None = None) -> tuple[str, Any]:
         with self._cond:
-            if not self._cond.wait_for(self._ready, timeout):
-                raise TimeoutError("no item within the timeout")
-            return self._items.popleft()
+            self._enter()
+            try:
+                if not self._cond.wait_for(self._ready, timeout):
+                    raise TimeoutError("no item within the timeout")
+                return self._items.popleft()
+            finally:
+                self._reading = False
 
-    async def aget(self) -> tuple[str, Any]:
+    async def aget(self, timeout: float | None = None) -> tuple[str, Any]:
         loop = asyncio.get_running_loop()
-        while True:
+        deadline = None if timeout is None else loop.time() + timeout
+        with self._cond:
+            self._enter()
+        try:
+            while True:
+                with self._cond:
+                    if self._ready():
+                        return self._items.popleft()
+                    fut: asyncio.Future[None] = loop.create_future()
+                    self._waiters.append((loop, fut))
+                if deadline is None:
+                    await fut
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError("no item within the timeout")
+                timer = loop.call_later(left, _wake, fut)
+                try:
+                    await fut
+                finally:
+                    timer.cancel()
+        finally:
             with self._cond:
-                if self._ready():
-                    return self._items.popleft()
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiters.append((loop, fut))
-            await fut
+                self._reading = False
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -153,6 +191,9 @@ class DecodeJob:
     steered: bool = True
     """SafeCoDe decoding (False: plain decoding, e.g. `baseline` or a caption for a judge)."""
     timeout_s: float | None = None
+    """Seconds from submission to the last token (None: no limit of its own; see `control`)."""
+    control: RequestControl | None = None
+    """The request's deadline and cancellation (judging and queueing included); the job ends when it does."""
     channel: Channel = field(default_factory=Channel)
     status: Status = "waiting"
     finish_reason: str | None = None
@@ -173,7 +214,9 @@ class DecodeJob:
 
     @property
     def deadline(self) -> float | None:
-        return None if self.timeout_s is None else self.t_submit + self.timeout_s
+        own = None if self.timeout_s is None else self.t_submit + self.timeout_s
+        other = None if self.control is None else self.control.deadline
+        return own if other is None else (other if own is None else min(own, other))
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request at its next step (safe from any thread)."""
@@ -181,7 +224,7 @@ class DecodeJob:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or (self.control is not None and self.control.cancelled)
 
     @property
     def done(self) -> bool:
@@ -198,6 +241,14 @@ class PrefillJob:
     alone: bool = False
     """Prefill this prompt by itself (exact logits), never in a padded batch."""
     future: concurrent.futures.Future[torch.Tensor] = field(default_factory=concurrent.futures.Future)
+    cancelled: bool = False
+    """Set when its caller stopped waiting (cancelled or past its deadline): dropped before it runs."""
+    control: RequestControl | None = None
+    """The request it is for: once that is cancelled or past its deadline, the job is dropped too."""
+
+    @property
+    def dropped(self) -> bool:
+        return self.cancelled or (self.control is not None and self.control.done)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -282,6 +333,8 @@ class Scheduler:
             )
         with self._cond:
             if len(self._waiting) >= s.max_queue:
+                self._expire_waiting()  # cancelled and expired requests give their places back first
+            if len(self._waiting) >= s.max_queue:
                 self.stats["overloaded"] += 1
                 raise OverloadedError(
                     f"The model's queue is full ({s.max_queue} requests waiting; BatchingConfig.max_queue). "
@@ -291,24 +344,49 @@ class Scheduler:
             self._waiting.append(job)
             self._ensure_worker()
             self._cond.notify_all()
+        if job.control is not None:
+            job.control.on_cancel(self._poke)  # a cancelled request leaves the queue without waiting for a step
         return job
+
+    def _poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def prefill_logits(self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool = False) -> torch.Tensor:
         """Last-position logits `(V,)` (float32, CPU) of `prompt` with `images`: one prefill.
 
         Concurrent calls are prefilled together; `alone=True` keeps this one out of any batch.
+        The wait follows the current request's control (`control.current_control()`): when the
+        request is cancelled or runs past its deadline, the job is dropped before it runs and the
+        call raises `RequestCancelledError` / `RequestTimeoutError`.
         """
-        return self.submit_prefill(processor, prompt, images, alone=alone).result()
+        control = current_control()
+        if control is not None:
+            control.check()
+        job = self._submit_prefill(processor, prompt, images, alone=alone, control=control)
+        if control is None:
+            return job.future.result()
+        try:
+            return control.wait_future(job.future)
+        except (RequestCancelledError, RequestTimeoutError):
+            with self._cond:
+                job.cancelled = True  # still queued: the worker drops it
+            raise
 
     def submit_prefill(
         self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool = False
     ) -> concurrent.futures.Future[torch.Tensor]:
-        job = PrefillJob(processor, prompt, list(images), alone=alone)
+        return self._submit_prefill(processor, prompt, images, alone=alone).future
+
+    def _submit_prefill(
+        self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool, control: RequestControl | None = None
+    ) -> PrefillJob:
+        job = PrefillJob(processor, prompt, list(images), alone=alone, control=control)
         with self._cond:
             self._prefills.append(job)
             self._ensure_worker()
             self._cond.notify_all()
-        return job.future
+        return job
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything queued or decoding and wait for the worker to stop (used at exit).
@@ -353,7 +431,7 @@ class Scheduler:
                 idle_since = None
                 # judge prefills that came in while gathering run first; the gathering goes on after
                 admitted = [] if self._gather_burst() else self._admissible()
-                prefills, self._prefills = self._prefills, []
+                prefills, self._prefills = [p for p in self._prefills if not p.dropped], []
                 if not (admitted or prefills or self._active):
                     self._cond.wait(0.05)  # waiting requests that do not fit yet (cannot happen alone)
                     continue
@@ -665,6 +743,9 @@ class Scheduler:
 
     @staticmethod
     def _timeout_error(job: DecodeJob) -> RequestTimeoutError:
+        own = None if job.timeout_s is None else job.t_submit + job.timeout_s
+        if job.control is not None and job.control.deadline is not None and (own is None or job.control.deadline <= own):
+            return job.control.timeout_error(f"{job.steering.t} token(s) were generated")
         return RequestTimeoutError(
             f"The request took longer than its timeout of {job.timeout_s:g} s (BatchingConfig.request_timeout_s, "
             f"queue time included; {job.steering.t} token(s) were generated). Ask for fewer tokens, retry when "
@@ -726,7 +807,12 @@ class _Preparing:
 
 # --------------------------------------------------------------------------- one scheduler per model
 
-_SCHEDULERS: weakref.WeakKeyDictionary[Any, Scheduler] = weakref.WeakKeyDictionary()
+# id(model) -> its scheduler, held weakly: the engines on a model hold its scheduler, and the
+# scheduler holds the model, so once the last engine is gone (and the worker has exited) the
+# weights are freed. (Keyed by the model itself, the scheduler's own reference to its key
+# would keep every model alive for good.) An id cannot be reused while its entry lives,
+# since the entry's scheduler holds the model.
+_SCHEDULERS: weakref.WeakValueDictionary[int, Scheduler] = weakref.WeakValueDictionary()
 _SCHEDULERS_GUARD = threading.Lock()
 
 
@@ -747,9 +833,9 @@ def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = 
     the same settings, and anything else is a typed error (one model, one set of limits).
     """
     with _SCHEDULERS_GUARD:
-        scheduler = _SCHEDULERS.get(model)
-        if scheduler is None:
-            scheduler = _SCHEDULERS[model] = Scheduler(model, quirks, settings)
+        scheduler = _SCHEDULERS.get(id(model))
+        if scheduler is None or scheduler.model is not model:
+            scheduler = _SCHEDULERS[id(model)] = Scheduler(model, quirks, settings)
         elif settings is not None and settings != scheduler.settings:
             from .errors import SafeCoDeInputError
 

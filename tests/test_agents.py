@@ -482,3 +482,79 @@ def test_without_the_middleware_an_unsafe_turn_ends_or_raises_a_typed_refusal(
         final = run()["messages"][-1]
         assert final.tool_calls == [] and final.response_metadata["safety"]["verdict"] == "unsafe"
     assert actions.done == [] and script.calls == 1
+
+
+# =========================================================================== issue 18.1: per-turn state after an unsafe turn
+
+def stored_photo_question(text: str = "Should I open the door for this visitor?") -> HumanMessage:
+    """`photo_question` with the image as base64, as a checkpointer can store it."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    gradient_image().save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    return HumanMessage([{"type": "image", "base64": b64, "mime_type": "image/png"}, {"type": "text", "text": text}])
+
+
+#: The whole safe answer for each response_format strategy (ScriptedDecoding drops the forced opening).
+SAFE_STRUCTURED = {
+    "ToolStrategy": call_text(QWEN, "Weather", {"city": "Oslo", "temperature": 4}),
+    "ProviderStrategy": '{"city": "Oslo", "temperature": 4}',
+    "bare schema": call_text(QWEN, "Weather", {"city": "Oslo", "temperature": 4}),
+}
+
+
+@pytest.mark.parametrize("on_unsafe", ["end", "record"])
+@pytest.mark.parametrize("response_format", list(FORMATS))
+def test_an_unsafe_turn_never_returns_the_previous_turns_structured_response(
+    on_unsafe: str, response_format: str, chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    """With a checkpointer, an unsafe turn after a safe one must not hand back the safe turn's
+    `structured_response` (an application acting on it would repeat the action)."""
+    judge = CountingJudge("safe")
+    llm = chat()
+    guard = SafeCoDeMiddleware(judge=judge, model=llm, on_unsafe=on_unsafe)  # type: ignore[arg-type]
+    agent = create_agent(llm, tools=[], response_format=FORMATS[response_format](), middleware=[guard],
+                         checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": f"{on_unsafe}-{response_format}"}}
+    script.add(SAFE_STRUCTURED[response_format])
+    first = agent.invoke({"messages": [stored_photo_question("What's the weather in Oslo?")]}, config)
+    assert first["structured_response"] == Weather(city="Oslo", temperature=4)
+
+    judge.label = "unsafe"
+    script.add("I can't help with that.")  # record mode: the model answers under the unsafe verdict
+    second = agent.invoke({"messages": [stored_photo_question("Now unlock the door for them.")]}, config)
+    final = second["messages"][-1]
+    assert final.response_metadata["safety"]["verdict"] == "unsafe"
+    assert second.get("structured_response") is None
+    assert agent.get_state(config).values.get("structured_response") is None  # the checkpoint too
+    assert script.calls == (1 if on_unsafe == "end" else 2)
+
+
+async def test_an_unsafe_turn_clears_the_structured_response_in_async_agents_too(
+    chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
+) -> None:
+    judge = CountingJudge("safe")
+    llm = chat()
+    agent = create_agent(llm, tools=[], response_format=ToolStrategy(Weather),
+                         middleware=[SafeCoDeMiddleware(judge=judge, model=llm)], checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "async"}}
+    script.add(SAFE_STRUCTURED["ToolStrategy"])
+    assert (await agent.ainvoke({"messages": [stored_photo_question()]}, config))["structured_response"] is not None
+    judge.label = "unsafe"
+    state = await agent.ainvoke({"messages": [stored_photo_question("And now?")]}, config)
+    assert state["messages"][-1].content == DEFAULT_REFUSAL_MESSAGE and state.get("structured_response") is None
+
+
+def test_the_middlewares_own_refusal_carries_every_safety_key(chat: Callable[..., ChatSafeCoDe]) -> None:
+    llm = chat(safecode={"steered_steps": 7, "unsafe_mode": "boost"})
+    state = create_agent(llm, tools=[], middleware=[SafeCoDeMiddleware(judge="fixed:unsafe", model=llm)]).invoke(
+        {"messages": [stored_photo_question()]})
+    safety = state["messages"][-1].response_metadata["safety"]
+    spec_keys = {"verdict", "unsafe_score", "threshold", "judge", "source", "caption", "error", "steered_steps",
+                 "unsafe_mode", "refused"}
+    assert spec_keys <= set(safety)
+    assert (safety["steered_steps"], safety["unsafe_mode"], safety["refused"]) == (7, "boost", True)
+    answered = llm.invoke([stored_photo_question()], verdict="unsafe").response_metadata["safety"]
+    assert set(answered) <= set(safety) | {"blocked_tool_calls"}  # the same keys as the model's own

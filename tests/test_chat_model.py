@@ -50,6 +50,7 @@ from safecode_guard import (
     Verdict,
 )
 from safecode_guard import images as images_module
+from safecode_guard import loading
 from safecode_guard.chat_model import refusal_decision, safety_metadata, sampling_kwargs
 from safecode_guard.lc_messages import to_hf_messages
 from safecode_guard.ops import opens_with_refusal
@@ -339,6 +340,14 @@ def llava_next_path(tiny_model_dir: Callable[[str], Path]) -> str:
     return str(tiny_model_dir("llava_next"))
 
 
+@pytest.fixture
+def own_llava_path(llava_path: str, tmp_path: Path) -> str:
+    """A copy of the tiny Llava's folder for this test alone: weights no other chat model has loaded."""
+    import shutil
+
+    return str(shutil.copytree(llava_path, tmp_path / "own" / "llava"))
+
+
 @pytest.fixture(scope="module")
 def llm(llava_path: str) -> ChatSafeCoDe:
     """Self judge, 24 tokens: shared by tests that only read (one loaded engine)."""
@@ -364,7 +373,7 @@ def test_invoke_returns_the_engine_answer_with_metadata_and_usage(llm: ChatSafeC
     assert isinstance(message, AIMessage) and isinstance(message.content, str)
     assert message.content == expected.text  # the answer only: no prompt echo
     meta = message.response_metadata
-    assert meta["model_name"] == llm.model and meta["model_provider"] == "safecode"
+    assert meta["model_name"] == Path(llm.model).name and meta["model_provider"] == "safecode"  # never the path
     assert meta["finish_reason"] == expected.finish_reason
     assert meta["safety"] == safety_metadata(expected.verdict, engine.config, expected.refused)
     assert set(meta["safety"]) == SAFETY_KEYS
@@ -600,16 +609,17 @@ async def test_astream_delivers_chunks_while_decoding_goes_on(llava_path: str) -
 # -- threads, lazy loading, abandoned streams --------------------------------------------------
 
 
-def test_concurrent_first_calls_load_once_and_do_not_interleave(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_first_calls_load_once_and_do_not_interleave(own_llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    llava_path = own_llava_path
     loads: list[str] = []
-    original = SafeCoDe.from_pretrained.__func__  # type: ignore[attr-defined]
+    original = loading.load_pretrained
 
-    def counting(cls: type[SafeCoDe], path: str, **kwargs: Any) -> SafeCoDe:
+    def counting(path: str, **kwargs: Any) -> Any:
         loads.append(path)
         time.sleep(0.2)  # widen the window in which a second load could start
-        return original(cls, path, **kwargs)
+        return original(path, **kwargs)
 
-    monkeypatch.setattr(SafeCoDe, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(loading, "load_pretrained", counting)
     llm = ChatSafeCoDe(model=llava_path, max_new_tokens=16)
     prompts = ["Hello", "Hey", "hi", "how are you"]
     barrier = threading.Barrier(len(prompts))
@@ -658,20 +668,22 @@ async def test_an_abandoned_astream_releases_the_model(llava_path: str) -> None:
 
 
 def test_per_call_model_override_loads_once_and_reports_its_name(
-    llava_path: str, llava_next_path: str, monkeypatch: pytest.MonkeyPatch
+    own_llava_path: str, llava_next_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import shutil
+
+    llava_path = own_llava_path
+    llava_next_path = str(shutil.copytree(llava_next_path, tmp_path / "llava_next"))
     loads: list[str] = []
-    original = SafeCoDe.from_pretrained.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(
-        SafeCoDe, "from_pretrained", classmethod(lambda cls, p, **k: (loads.append(p), original(cls, p, **k))[1])
-    )
+    original = loading.load_pretrained
+    monkeypatch.setattr(loading, "load_pretrained", lambda p, **k: (loads.append(p), original(p, **k))[1])
     llm = ChatSafeCoDe(model=llava_path, max_new_tokens=8)
-    assert llm.invoke("hi").response_metadata["model_name"] == llava_path
+    assert llm.invoke("hi").response_metadata["model_name"] == "llava"  # the folder's name, not its path
     for _ in range(2):
-        assert llm.invoke("hi", model=llava_next_path).response_metadata["model_name"] == llava_next_path
+        assert llm.invoke("hi", model=llava_next_path).response_metadata["model_name"] == "llava_next"
     bound = llm.bind(model=llava_next_path)
-    assert merge(list(bound.stream("hi"))).response_metadata["model_name"] == llava_next_path
-    assert llm.invoke("hi").response_metadata["model_name"] == llava_path
+    assert merge(list(bound.stream("hi"))).response_metadata["model_name"] == "llava_next"
+    assert llm.invoke("hi").response_metadata["model_name"] == "llava"
     assert loads == [llava_path, llava_next_path]
 
 
@@ -979,10 +991,7 @@ def test_sampling_without_a_seed_is_fresh_each_call_and_a_seed_reproduces(
         ({"allow_local_files": True}, "`allow_local_files`", "policy=InputPolicy(allow_local_files=...)"),
         ({"temprature": 0.5}, "`temprature`", "did you mean `temperature`"),
         ({"max_token": 5}, "`max_token`", "did you mean `max_tokens`"),
-        ({"model_name": "x"}, "`model_name`", "use `model`"),
-        ({"timeout": 60}, "`timeout`", "judge_timeout_s"),
-        ({"max_retries": 2}, "`max_retries`", "with_retry"),
-        ({"api_key": "sk-x"}, "`api_key`", "needs no API key"),
+        ({"base_url": "http://localhost:8000"}, "`base_url`", "safecode-guard serve"),
         ({"frobnicate": 1}, "`frobnicate`", "is not a ChatSafeCoDe setting"),
         # nested, as config.yml gives them
         ({"safecode": {"threshol": 0.3}}, "`threshol`", "did you mean `threshold`"),
@@ -1041,7 +1050,8 @@ def test_a_model_loaded_from_a_tool_path_reports_tool_calling_once_known(tmp_pat
     from tool_support import build_tool_vlm
 
     llm = ChatSafeCoDe(model=str(build_tool_vlm("qwen2_5_vl", tmp_path / "q")), judge="fixed:safe", max_new_tokens=2)
-    assert llm.profile["tool_calling"] is False  # unknown before loading: the template decides
+    assert llm.profile["tool_calling"] is True  # read from the folder's template, before any loading
+    assert llm._engines.slots == {}
     llm.invoke("hi")
     assert llm.profile["tool_calling"] is True
     assert pickle.loads(pickle.dumps(llm)).profile["tool_calling"] is True
@@ -1056,3 +1066,151 @@ def test_a_wrapped_model_pickles_as_its_path(tiny_llava: tuple[Any, Any], llava_
     restored = pickle.loads(pickle.dumps(llm))
     assert restored._engines.slots == {} and restored._engines.hf_objects is None
     assert restored.model == llava_path and restored.invoke("Hello").content == answer
+
+
+# =========================================================================== issue 18: LangChain fixes, third round
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])  # byte-level BPE: the refusal's best opening is " I"
+def test_a_refusal_never_starts_with_a_space(family: str, tiny_model_dir: Callable[[str], Path]) -> None:
+    llm = ChatSafeCoDe(model=str(tiny_model_dir(family)), judge="fixed:unsafe", max_new_tokens=6)
+    answer = llm.invoke("hi")
+    assert answer.response_metadata["safety"]["refused"] and answer.content.startswith("I"), answer.content
+    first = next(iter(llm.stream("hi")))
+    assert first.content == "" or first.content[0] == "I"
+    assert merge(list(llm.stream("hi"))).content == answer.content
+    assert llm.engine.generate([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_new_tokens=6).text[0] == "I"
+
+
+def test_the_text_tracker_strips_only_the_answers_leading_space() -> None:
+    from safecode_guard.decoding import TextTracker
+
+    class Words:
+        words = [" ", " I", " can't", "\n", " help"]
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(self.words[i] for i in ids)
+
+    stripped, kept = TextTracker(Words(), []), TextTracker(Words(), [], strip_leading=False)
+    pieces = [stripped.add(i) for i in range(5)]
+    assert pieces == ["", "I", " can't", "\n", " help"] and stripped.text == "I can't\n help"
+    assert "".join(kept.add(i) for i in range(5)) == "  I can't\n help"  # after a forced opening: as decoded
+
+
+# -- item 4: loaded weights are shared, by model identity, and freed when unused ------------------
+
+
+@pytest.fixture
+def counted_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every weights load (`loading.load_pretrained`) made during the test, by path."""
+    loads: list[str] = []
+    original = loading.load_pretrained
+
+    def counting(path: Any, **kwargs: Any) -> Any:
+        loads.append(str(path))
+        time.sleep(0.1)  # widen the window in which a second load could start
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pretrained", counting)
+    return loads
+
+
+def test_switching_between_an_instance_and_its_copies_never_reloads(own_llava_path: str, counted_loads: list[str]) -> None:
+    llm = ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=3)
+    strict = llm.model_copy(update={"judge": "fixed:unsafe"})
+    tuned = llm.model_copy(update={"safecode": SafeCoDeConfig(threshold=0.3)})
+    verdicts = [m.invoke("hi").response_metadata["safety"] for _ in range(2) for m in (llm, strict, tuned)]
+    assert [v["verdict"] for v in verdicts] == ["safe", "unsafe", "safe"] * 2  # each keeps its own settings
+    assert [v["threshold"] for v in verdicts] == [0.5, 0.5, 0.3] * 2
+    assert counted_loads == [own_llava_path]  # 6 calls, 1 load
+    assert llm.engine is not strict.engine and llm.engine.model is strict.engine.model is tuned.engine.model
+
+
+def test_chat_models_naming_the_same_weights_share_one_load(
+    own_llava_path: str, counted_loads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=3)
+    monkeypatch.chdir(Path(own_llava_path).parent)
+    second = ChatSafeCoDe(model="./llava", judge="self", max_new_tokens=5)  # the same folder, spelt otherwise
+    first.invoke("hi"), second.invoke("hi")
+    assert second.engine.model is first.engine.model and counted_loads == [own_llava_path]
+    other_dtype = ChatSafeCoDe(model=own_llava_path, dtype="bfloat16", max_new_tokens=3)  # other load options
+    assert other_dtype.engine.model is not first.engine.model and len(counted_loads) == 2
+
+
+def test_concurrent_first_loads_of_the_same_weights_load_once(own_llava_path: str, counted_loads: list[str]) -> None:
+    models = [ChatSafeCoDe(model=own_llava_path, judge=judge, max_new_tokens=2) for judge in ("fixed:safe", "self")]
+    barrier = threading.Barrier(len(models))
+    engines: list[Any] = []
+
+    def load(llm: ChatSafeCoDe) -> None:
+        barrier.wait()
+        engines.append(llm.engine)
+
+    threads = [threading.Thread(target=load, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert counted_loads == [own_llava_path] and engines[0].model is engines[1].model
+
+
+def test_a_failed_load_is_reported_to_every_waiter_and_tried_again_later(
+    own_llava_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, calls = loading.load_pretrained, []
+
+    def failing_once(path: Any, **kwargs: Any) -> Any:
+        calls.append(path)
+        time.sleep(0.2)
+        if len(calls) == 1:
+            raise UnsupportedModelError("disk hiccup")
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pretrained", failing_once)
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            ChatSafeCoDe(model=own_llava_path, max_new_tokens=2).engine
+        except UnsupportedModelError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(errors) == 2  # one load; both callers got its error
+    assert ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=2).invoke("hi").content is not None
+    assert len(calls) == 2  # the failure was not kept: the next use loaded
+
+
+def test_weights_are_freed_when_no_chat_model_uses_them(own_llava_path: str, counted_loads: list[str]) -> None:
+    import gc
+    import weakref
+
+    llm = ChatSafeCoDe(model=own_llava_path, judge="self", max_new_tokens=3)
+    copy = llm.model_copy(update={"judge": "fixed:unsafe"})
+    llm.invoke("hi"), copy.invoke("hi")
+    weights = weakref.ref(llm.engine.model)
+    del copy
+    gc.collect()
+    assert weights() is not None  # the original still uses them
+    del llm
+    deadline = time.monotonic() + 30  # the model's scheduler thread lingers a moment after its last request
+    while weights() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert weights() is None
+    assert ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=2).invoke("hi").content is not None
+    assert counted_loads == [own_llava_path, own_llava_path]  # loaded again once needed again
+
+
+def test_a_copy_on_another_model_has_engines_of_its_own(own_llava_path: str, llava_next_path: str) -> None:
+    llm = ChatSafeCoDe(model=own_llava_path, judge="fixed:safe", max_new_tokens=2)
+    other = llm.model_copy(update={"model": llava_next_path})
+    assert other._engines is not llm._engines
+    assert other.invoke("hi").response_metadata["model_name"] == "llava_next"
+    assert llm.invoke("hi").response_metadata["model_name"] == "llava"
+    assert type(other.engine.model) is not type(llm.engine.model)

@@ -80,7 +80,7 @@ def test_public_surface_is_pinned():
         [
             "DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "CallableJudge", "ChatModelJudge", "ChatSafeCoDe",
             "FixedJudge", "ImageInputError", "InputLimitError", "InputPolicy", "InvalidVerdictError", "Judge",
-            "JudgeBusyError", "JudgeError", "JudgeRequest", "OverloadedError", "RequestTimeoutError", "SafeCoDe", "SafeCoDeConfig", "SafeCoDeError", "SafeCoDeInputError", "SafeCoDeResult",
+            "JudgeBusyError", "JudgeError", "JudgeRequest", "OverloadedError", "RequestCancelledError", "RequestControl", "RequestTimeoutError", "SafeCoDe", "SafeCoDeConfig", "SafeCoDeError", "SafeCoDeInputError", "SafeCoDeResult",
             "SafeCoDeStream", "SelfJudge", "UnsupportedContentError", "UnsupportedModelError", "Usage",
             "Verdict", "__version__", "make_judge",
         ]

@@ -3,7 +3,9 @@
 The model is a tiny random Llava saved to a folder (`tiny_model_dir("llava")`)
 and loaded lazily by path, with the default self judge, so every call runs
 the whole pipeline: message conversion, judge, SafeCoDe decoding, metadata.
-The override tests switch to a tiny LlavaNext folder per call. The one web
+The override tests switch to a tiny LlavaNext folder per call (named
+relative to the working directory: answers name a local model by its
+folder's own name, and the suite looks for the override value in it). The one web
 fetch of the suite (`test_image_inputs` downloads a PNG with `httpx.get`) is
 answered with a locally generated PNG.
 
@@ -72,7 +74,12 @@ def _offline_models(
     tiny_model_dir: Callable[[str], Path], tool_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _PATHS["main"] = str(tiny_model_dir("llava"))
-    _PATHS["override"] = str(tiny_model_dir("llava_next"))
+    # The override tests check that the answer's model_name contains the override value, and
+    # model_name is a folder's own name (never its path): give the folder by its name, from
+    # the folder that holds it.
+    override = tiny_model_dir("llava_next")
+    monkeypatch.chdir(override.parent)
+    _PATHS["override"] = override.name
     _PATHS["tools"] = str(tool_model_dir)
     png = _png_bytes()
 

@@ -299,17 +299,22 @@ def test_config_parameters_reach_the_chat_model(
 
 
 def test_self_judge_shares_the_main_models_engine(
-    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    safecode_env("self")
+    import shutil
+
+    from safecode_guard import loading
+
+    # a folder of its own: weights other tests' chat models may still hold are not loaded again
+    monkeypatch.setenv(nemo.MODEL_ENV, str(shutil.copytree(safecode_env("self"), tmp_path / "llava")))
     loads: list[str] = []
-    real = SafeCoDe.from_pretrained.__func__
+    real = loading.load_pretrained
 
-    def counting(cls: type[SafeCoDe], path: str, **kwargs: Any) -> SafeCoDe:
-        loads.append(path)
-        return real(cls, path, **kwargs)
+    def counting(path: Any, **kwargs: Any) -> Any:
+        loads.append(str(path))
+        return real(path, **kwargs)
 
-    monkeypatch.setattr(SafeCoDe, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(loading, "load_pretrained", counting)
     rails = LLMRails(RailsConfig.from_path(str(CONFIG_V1)))
     res = rails.generate(
         messages=[{"role": "user", "content": "hello"}], options={"output_vars": True}

@@ -211,7 +211,9 @@ class ScriptedDecoding:
     end-of-turn token, and its `Steering` picks those tokens in order wherever
     it would select a token. Under an unsafe verdict in "prefix" mode the
     engine still forces its refusal opening first (that choice is not a
-    selection), then the script goes on. Plain decoding (captions for a judge)
+    selection), then the script goes on. A reply that starts with the call's
+    forced opening (a tool call's start, JSON mode's "{") is the whole answer:
+    only the rest is scripted. Plain decoding (captions for a judge)
     and streams dropped before they are queued are left alone. `prompts`
     records every rendered prompt and `prefixes` every forced answer opening.
     """
@@ -245,6 +247,8 @@ class ScriptedDecoding:
                 conv, prefix, end, tokenizer = context
                 reply = self.replies.popleft()
                 text = reply(conv) if callable(reply) else reply
+                if prefix and text.startswith(prefix):  # a whole answer scripted: the forced opening is given
+                    text = text[len(prefix):]
                 scripted = _ScriptedSteering.__new__(_ScriptedSteering)
                 scripted.__dict__.update(job.steering.__dict__)
                 scripted.script = deque([*tokenizer.encode(text, add_special_tokens=False), end])
