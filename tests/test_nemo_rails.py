@@ -178,6 +178,28 @@ async def test_colang1_stream_carries_no_blocked_chunk(safecode_env: Callable[[s
 # --------------------------------------------------------------------------- item 8: the rail's own model
 
 
+def private_model(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tiny model as SAFECODE_MODEL: weights other tests still hold are not shared with it."""
+    copy = shutil.copytree(model_dir, tmp_path / "llava")
+    monkeypatch.setenv(nemo.MODEL_ENV, str(copy))
+    return copy
+
+
+def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders whose weights are read from disk from now on (`loading.load_pretrained`)."""
+    from safecode_guard import loading
+
+    loads: list[str] = []
+    real = loading.load_pretrained
+
+    def counting(path: Any, **kwargs: Any) -> Any:
+        loads.append(str(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pretrained", counting)
+    return loads
+
+
 def fake_main(answer: str = "the main model's answer") -> tuple[LangChainLLMAdapter, FakeListChatModel]:
     """A main model on another engine: a LangChain fake behind NeMo's adapter (it records its calls)."""
     model = FakeListChatModel(responses=[answer] * 10)
@@ -196,18 +218,11 @@ def test_rail_only_config_refuses_without_calling_the_main_model(
 
 
 def test_rail_only_config_judges_with_its_own_model_never_the_demo(
-    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    model_dir = safecode_env("self")
+    model_dir = private_model(safecode_env("self"), tmp_path, monkeypatch)
     monkeypatch.setattr("safecode_guard.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
-    loads: list[str] = []
-    real = SafeCoDe.from_pretrained.__func__
-
-    def counting(cls: type[SafeCoDe], path: str, **kwargs: Any) -> SafeCoDe:
-        loads.append(str(path))
-        return real(cls, path, **kwargs)
-
-    monkeypatch.setattr(SafeCoDe, "from_pretrained", classmethod(counting))
+    loads = count_loads(monkeypatch)
     config = RailsConfig.from_path(str(CONFIG_RAIL_ONLY))
     rail_entry = next(m for m in config.models if m.type == nemo.RAIL_MODEL_TYPE)
     rail_entry.parameters["safecode"] = {"threshold": 0.999}  # the tiny model's score stays under it
@@ -419,17 +434,8 @@ def test_text_of_keeps_text_and_marks_images() -> None:
 def test_two_model_entries_on_the_same_weights_load_them_once(
     safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from transformers import AutoModelForImageTextToText
-
-    model_dir = safecode_env("self")
-    loads: list[str] = []
-    real = AutoModelForImageTextToText.from_pretrained.__func__
-
-    def counting(cls: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
-        loads.append(str(path))
-        return real(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(counting))
+    model_dir = private_model(safecode_env("self"), tmp_path, monkeypatch)
+    loads = count_loads(monkeypatch)
     real_baseline = SafeCoDe.baseline
     monkeypatch.setattr(  # the self check lets the request through, so the rail and the model run too
         SafeCoDe, "baseline", lambda self, m, **k: real_baseline(self, m, **k).model_copy(update={"text": "No"})
