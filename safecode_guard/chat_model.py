@@ -101,7 +101,6 @@ from .errors import (
     JudgeBusyError,
     JudgeError,
     OverloadedError,
-    RequestTimeoutError,
     SafeCoDeInputError,
     UnsupportedContentError,
     UnsupportedModelError,
@@ -113,7 +112,14 @@ from .verdict import Verdict
 if TYPE_CHECKING:
     from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream
 
-__all__ = ["ChatSafeCoDe", "images_inline", "judge_fingerprint", "refusal_decision", "safety_metadata"]
+__all__ = [
+    "ChatSafeCoDe",
+    "images_inline",
+    "init_chat_model",
+    "judge_fingerprint",
+    "refusal_decision",
+    "safety_metadata",
+]
 
 PROVIDER = "safecode"
 
@@ -742,34 +748,40 @@ def busy_judge(verdict: Verdict | None) -> bool:
 
 
 class _Retry:
-    """One call's retries of what a local model fails for a moment, within the call's deadline.
+    """One call's deadline, and its retries of what a local model fails for a moment.
 
-    Retried: a judge that found every judge thread busy (`JudgeBusyError`,
-    raised under `on_judge_error="raise"` or decided as a fallback verdict) and
-    a full queue (`OverloadedError`). Each retry waits `retry_delay(attempt)`;
-    a wait that would end past the deadline raises `RequestTimeoutError`
+    The deadline is a `RequestControl` handed to every engine call, so it
+    bounds the judge, the queue, the prefill and decoding alike, and
+    retries with their pauses too (a call made inside another request, e.g.
+    by a judge, also ends with that request). Retried: a judge that found
+    every judge thread busy (`JudgeBusyError`, raised under
+    `on_judge_error="raise"` or decided as a fallback verdict) and a full
+    queue (`OverloadedError`). Each retry waits `retry_delay(attempt)`; a
+    wait that would end past the deadline raises `RequestTimeoutError`
     instead. The last attempt's result (a fallback verdict included) stands.
     """
 
     def __init__(self, max_retries: int, timeout: float | None) -> None:
+        from .control import RequestControl, current_control
+
         self.max_retries = max_retries
-        self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        source = f"ChatSafeCoDe(timeout={timeout:g})" if timeout is not None else "timeout_s"
+        self.control = RequestControl(timeout, parent=current_control(), source=source)
         self.attempt = 0
 
     def left(self) -> dict[str, Any]:
-        """Keyword arguments giving the engine what is left of the deadline (none without one)."""
-        return {}
+        """The engine's keyword arguments that put a call under this deadline."""
+        return {"control": self.control}
 
     def _pause(self, cause: BaseException | str) -> None:
         wait = retry_delay(self.attempt)
         self.attempt += 1
-        if self.deadline is not None and time.monotonic() + wait > self.deadline:
-            raise RequestTimeoutError(
-                f"The request's deadline (timeout={self.timeout:g}s) would pass before it could be retried "
-                f"({cause}). Raise `timeout`, or lower the load on the model."
-            ) from (cause if isinstance(cause, BaseException) else None)
-        time.sleep(wait)
+        remaining = self.control.remaining()
+        if remaining is not None and wait >= remaining:
+            raise self.control.timeout_error(f"no time was left to retry after: {cause}") from (
+                cause if isinstance(cause, BaseException) else None
+            )
+        self.control.wait(threading.Event(), wait)  # wakes (and raises) if the request is cancelled
 
     def judged(self, open_stream: Callable[[], SafeCoDeStream]) -> SafeCoDeStream:
         """`open_stream()` (which judges), again while a busy judge decided its verdict."""
@@ -893,10 +905,12 @@ class ChatSafeCoDe(BaseChatModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More keyword arguments for `AutoModelForImageTextToText.from_pretrained`
     (e.g. `{"attn_implementation": "sdpa"}` or `{"device_map": "auto"}`)."""
-    timeout: float | None = Field(default=None, gt=0)
-    """The request's deadline in seconds, for everything a call waits on: the judge, the
-    queue, the prefill and decoding (retries and their pauses included); past it the call
-    raises `RequestTimeoutError` (a `TimeoutError`). None: no deadline beyond the judge's
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """The request's deadline in seconds, for everything a call waits on once the model is
+    loaded: preparing images and the prompt, the judge, the queue, the prefill and decoding
+    (retries and their pauses included). Past it the call, or the stream being read, raises
+    `RequestTimeoutError` (a `TimeoutError`) and the request leaves the model at once.
+    Loading the weights on first use is not counted. None: no deadline beyond the judge's
     own `safecode.judge_timeout_s` and the scheduler's `request_timeout_s`."""
     max_retries: int = Field(default=0, ge=0, le=10)
     """How often a call is tried again, with exponential backoff, when it fails for a moment:
@@ -1535,6 +1549,35 @@ class ChatSafeCoDe(BaseChatModel):
                 yield chunk
         finally:
             call.pieces.close()  # a consumer that stops early (or is cancelled) stops decoding
+
+
+def init_chat_model(model: str | None = None, *, model_provider: str | None = None, **kwargs: Any) -> Any:
+    """LangChain's `init_chat_model`, plus the `safecode` provider.
+
+    LangChain 1.x keeps its providers in a fixed table inside
+    `langchain.chat_models.base` (no entry points, no registration function),
+    so a package outside it cannot add one: LangChain's own
+    `init_chat_model(path, model_provider="safecode")` raises `ValueError`.
+    Import this function in its place (one line) and `model_provider="safecode"`,
+    or a `"safecode:"` prefix on `model`, builds `ChatSafeCoDe(model=..., **kwargs)`
+    (LangChain's standard `temperature`, `max_tokens`, `timeout`, `max_retries`,
+    `api_key` included); any other provider goes to LangChain's function unchanged
+    (that needs the `langchain` package: `pip install 'safecode-guard[agents]'`).
+    """
+    if model is not None and model_provider is None and model.startswith(f"{PROVIDER}:"):
+        model, model_provider = model.split(":", 1)[1], PROVIDER
+    if model_provider is not None and model_provider.replace("-", "_").lower() == PROVIDER:
+        if not model:
+            raise SafeCoDeInputError("init_chat_model(model_provider='safecode') needs `model`: a local folder, a hub id or 'demo'.")
+        if {"configurable_fields", "config_prefix"} & set(kwargs):
+            raise SafeCoDeInputError(
+                "`configurable_fields` / `config_prefix` are not supported for the safecode provider: build the "
+                "model with its settings, and use llm.bind(...) or llm.model_copy(update=...) for variants."
+            )
+        return ChatSafeCoDe(model=model, **kwargs)
+    from langchain.chat_models import init_chat_model as langchain_init_chat_model  # optional: the agents extra
+
+    return langchain_init_chat_model(model, model_provider=model_provider, **kwargs)
 
 
 class _ChunkBuilder:

@@ -32,13 +32,13 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel, Field
-from tool_support import ScriptedDecoding, build_tool_vlm, call_text
+from tool_support import ScriptedDecoding
 
 from safecode_guard import ChatSafeCoDe, SafeCoDeConfig, SafeCoDeInputError, Verdict
 from safecode_guard.judges import JudgeRequest
 from safecode_guard.middleware import DEFAULT_REFUSAL_MESSAGE, SafeCoDeMiddleware
 from safecode_guard.ops import opens_with_refusal
-from safecode_guard.testing import gradient_image, stripes_image
+from safecode_guard.testing import build_tool_vlm, call_text, gradient_image, stripes_image
 
 QWEN = "qwen2_5_vl"
 

