@@ -3,12 +3,14 @@
 1. `guarded_chain`: `prompt | (RunnableRails(config) | chat)`. The SafeCoDe input
    rail of the shipped config judges each request, image included, before the
    model runs; an unsafe one gets the rail's refusal and the model is never
-   called. `RunnableRails.invoke` returns a plain `AIMessage`: the model's
-   `response_metadata["safety"]` does not survive it (NeMo 0.24 keeps only
-   AIMessage fields). Its `stream` / `astream` (called on the rails, not on
-   the chain: NeMo 0.24's `RunnableRails` cannot stream inside
-   `prompt | rails`) yield chunks whose `provider_metadata["safety"]` holds
-   it. Call `LLMRails.generate` when the app needs the verdict.
+   called. With `| chat`, `RunnableRails.invoke` returns a plain `AIMessage`
+   for an answer: the model's `response_metadata["safety"]` does not survive
+   NeMo's plain adapter (a refusal by the rail carries the rail's verdict).
+   Its `stream` / `astream` (called on the rails, not on the chain: NeMo
+   0.24's `RunnableRails` cannot stream inside `prompt | rails`) yield chunks
+   whose `provider_metadata["safety"]` holds it. `RunnableRails(config)`
+   alone, whose config builds the model (`engine: safecode`), returns
+   answers with `response_metadata["safety"]`; so does `LLMRails.generate`.
 
 2. `streaming_rails` + `stream_answer`: the same input rail plus an output rail
    that NeMo checks on each chunk of the streamed answer. `stream_first: false`
@@ -189,7 +191,7 @@ def main(argv: Sequence[str]) -> None:
 
     answer = guarded_chain(chat).invoke({"question": question, "image_url": image_url})
     print("chain answer:", answer.content)
-    print("  response_metadata after RunnableRails:", answer.response_metadata or "{} (dropped)")
+    print("  response_metadata after RunnableRails | chat:", answer.response_metadata or "{} (dropped)")
 
     text, safety = stream_guarded(chat, question, image_url)
     print("streamed through RunnableRails:", text)

@@ -21,9 +21,13 @@ A NeMo config folder uses this module from its `config.py`::
   Colang 2.x flows, parallel rails and anything else that wants NeMo's own
   verdict type);
 - `safecode_generate`, which answers with the main model for Colang 2.x
-  flows, images included, steered by the rail's verdict, streaming when the
-  request streams; `safecode_stream_text` streams a fixed text (a refusal)
-  in Colang 2.x, whose `bot say` does not stream.
+  flows, images included, steered by the rail's verdict; `safecode_stream_said`
+  sends what the bot says to a streaming request after the output rails
+  passed it (Colang 2.x's `bot say` does not stream by itself), and
+  `safecode_stream_text` streams a fixed text;
+- the prompt filter `safecode_text` (text parts of a message, images as
+  `[image]`) for NeMo's own check prompts, whose `{{ user_input }}` would
+  otherwise paste the base64 of each image into the prompt.
 
 What a request may change (NeMo copies request data into model calls:
 `options.llm_params`, and in its server the OpenAI fields and `model`):
@@ -50,12 +54,16 @@ consequence (a refusal and `stop`). A request whose content cannot be read
 (`label="unsafe"`, `source="fallback"`, the error text kept): the model could
 not answer it either.
 
-Which judge: the action's `judge` argument, else `$SAFECODE_JUDGE`, else the
-main model's own judge when it is a `ChatSafeCoDe`, else `self`. A `self`
-judge needs the model: it shares the main model's engine when the main model
-is a `ChatSafeCoDe` (no second copy in memory); otherwise it loads
-`$SAFECODE_MODEL` (default: the demo model) once. Engines, chat models and
-judges are cached per model path and judge spec.
+Which model the rail judges with: the `models:` entry of the type the rail
+names (`safecode check input $model=<type>` in Colang 1.0, `model="<type>"`
+as an action argument), else the entry of type `safecode_rail`, else the main
+model when it is a `ChatSafeCoDe` (its engine is shared: no second copy in
+memory). These entries are `engine: safecode` models; their settings
+(threshold, `on_judge_error`, image policy) and their own judge apply. A rail
+with none of them and a judge that needs a model (`self`) fails when
+`LLMRails` is built: it never falls back to another model. Which judge: the
+action's `judge` argument, else `$SAFECODE_JUDGE`, else the rail model's own
+judge, else `self`. Judges are cached per model and judge spec.
 
 Nothing is loaded at import time: models load on the first request.
 """
@@ -89,7 +97,7 @@ except ImportError as exc:  # the optional extra is missing
     ) from exc
 
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import SafeCoDeError, SafeCoDeInputError
+from .errors import SafeCoDeError, SafeCoDeInputError, UnsupportedModelError
 from .verdict import Verdict, validated_verdict
 
 if TYPE_CHECKING:
@@ -107,9 +115,12 @@ __all__ = [
     "JUDGE_ENV",
     "MODEL_ENV",
     "REQUEST_OPTIONS",
+    "RAIL_MODEL_TYPE",
     "ClientModelError",
+    "ConfiguredModelError",
     "NemoConfigError",
     "RequestOptionError",
+    "RequestShapeError",
     "SafeCoDeLLMAdapter",
     "chat_model_from_config",
     "check_config",
@@ -124,12 +135,15 @@ __all__ = [
     "register_provider",
     "request_messages",
     "resolve_judge",
+    "rail_model",
     "resolve_model",
     "safecode_check_input",
     "safecode_check_input_outcome",
     "safecode_generate",
+    "safecode_stream_said",
     "safecode_stream_text",
     "served_model_name",
+    "text_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,6 +157,8 @@ JUDGE_ENV = "SAFECODE_JUDGE"
 DEFAULT_JUDGE = "self"
 DEMO_MODEL = "demo"
 """The model name that means the embedded demo model (`safecode_guard.demo_model`)."""
+RAIL_MODEL_TYPE = "safecode_rail"
+"""The `models:` type of the SafeCoDe rail's own model, used when the rail names no other type."""
 
 REQUEST_OPTIONS = frozenset(
     {
@@ -182,6 +198,22 @@ class RequestOptionError(SafeCoDeInputError):
 
     status_code = 400
     """NeMo's server answers a failed model call with the `status_code` of its cause."""
+
+
+class RequestShapeError(SafeCoDeInputError):
+    """A NeMo request holds messages the config cannot answer as sent (e.g. two user turns in Colang 2.x)."""
+
+    status_code = 400
+
+
+class ConfiguredModelError(SafeCoDeError, ModelInitializationError):
+    """A config.yml `models:` entry of the `safecode` engine cannot be used (missing folder, parameter typo, ...).
+
+    A `ModelInitializationError` and not a `ValueError`, so that NeMo's server
+    answers HTTP 400 with this message instead of "Could not load the
+    requested guardrails configuration". The message names no local path;
+    the error it was raised from (`__cause__`, in the log) has the details.
+    """
 
 
 class ClientModelError(SafeCoDeError, ModelInitializationError):
@@ -300,8 +332,6 @@ _LOCK = threading.RLock()
 # (model path, parameters as JSON) -> the ChatSafeCoDe the provider built; shared by
 # every LLMRails built from the same config, so a model is loaded once per process.
 _CHAT_MODELS: dict[tuple[str, str], ChatSafeCoDe] = {}
-# model path -> engine loaded for a rail whose main model is not a ChatSafeCoDe.
-_ENGINES: dict[str, SafeCoDe] = {}
 # engine -> {judge spec -> judge bound to it}; weak, so a dropped model frees its judges.
 _BOUND_JUDGES: weakref.WeakKeyDictionary[Any, dict[str, Judge]] = weakref.WeakKeyDictionary()
 # judge spec -> judge that needs no model ("fixed:...", "chat:...").
@@ -312,7 +342,6 @@ def clear_caches() -> None:
     """Forget every cached chat model, engine and judge (their memory is freed once unused)."""
     with _LOCK:
         _CHAT_MODELS.clear()
-        _ENGINES.clear()
         _BOUND_JUDGES.clear()
         _FREE_JUDGES.clear()
 
@@ -334,6 +363,12 @@ def chat_model_from_config(model: str, **parameters: Any) -> ChatSafeCoDe:
     from .loading import check_model_source
 
     check_parameters(parameters)
+    if not expand_env(model or "").strip():
+        raise NemoConfigError(
+            f"config.yml: a `{ENGINE_NAME}` model entry has an empty `model:` ({model!r}; an unset "
+            "environment variable expands to nothing). Set the variable, or write a folder or hub id; "
+            f"`{DEMO_MODEL}` (e.g. `${{{MODEL_ENV}:-{DEMO_MODEL}}}`) for the embedded demo model."
+        )
     path = resolve_model(model)
     params = {k: expand_env(v) if isinstance(v, str) else v for k, v in parameters.items()}
     key = (path, json.dumps(params, sort_keys=True, default=repr))
@@ -388,7 +423,38 @@ def provider(model: str, **parameters: Any) -> SafeCoDeLLMAdapter:
     accepted only as the configured model's served name, and never loaded.
     """
     configured = _accepted_model(model)
-    return SafeCoDeLLMAdapter(chat_model_from_config(configured, **parameters), served_name=served_model_name(configured))
+    served = served_model_name(configured)
+    try:
+        chat = chat_model_from_config(configured, **parameters)
+    except SafeCoDeError as exc:
+        raise ConfiguredModelError(_public_reason(exc, configured, served)) from exc
+    return SafeCoDeLLMAdapter(chat, served_name=served)
+
+
+def _public_reason(exc: SafeCoDeError, model: str, served: str) -> str:
+    """What a config.yml model entry's error says to a client of NeMo's server: no local path in it.
+
+    Parameter errors name no path and keep their text. Errors about a local
+    folder embed its path (and nearby paths as suggestions), so they are
+    summed up by kind; the full text stays in the error's `__cause__` (and the log).
+    """
+    from .loading import HubUnreachableError, ModelNotFoundError, looks_local
+
+    expanded = expand_env(model).strip()
+    if isinstance(exc, NemoConfigError) or not looks_local(expanded):
+        return str(exc)
+    if isinstance(exc, HubUnreachableError):
+        what = "is not in the cache and the model hub cannot be reached"
+    elif isinstance(exc, ModelNotFoundError):
+        what = "was not found (no such model folder, or the folder holds no saved model)"
+    elif isinstance(exc, UnsupportedModelError):
+        what = "is not a vision-language model SafeCoDe can load"
+    else:
+        what = f"cannot be used ({type(exc).__name__})"
+    return (
+        f"config.yml: the `{ENGINE_NAME}` model {served!r} {what}. The server log has the details "
+        f"(this error's cause: {type(exc).__name__})."
+    )
 
 
 def register_provider(name: str = ENGINE_NAME) -> None:
@@ -530,6 +596,7 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
                 )
             response = await super().generate_async(prompt, stop=stop, **kwargs)
         response.model = self._served_name
+        response.provider_metadata = _with_message_fields(response, self._served_name)
         return response
 
     async def stream_async(
@@ -550,6 +617,33 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
                 if chunk.model:
                     chunk.model = self._served_name
                 yield chunk
+
+
+def _with_message_fields(response: LLMResponse, served: str) -> dict[str, Any] | None:
+    """The response's provider metadata plus `response_metadata` and `usage_metadata` for a LangChain message.
+
+    NeMo hands the metadata of the last model call to `RunnableRails`, which
+    builds its `AIMessage` from the keys that are `AIMessage` fields and drops
+    the rest: these two keys carry the answer's `safety` dict and token usage
+    through, as `ChatSafeCoDe` itself returns them.
+    """
+    metadata = dict(response.provider_metadata or {})
+    if "safety" not in metadata:
+        return response.provider_metadata
+    metadata["response_metadata"] = {
+        "safety": metadata["safety"],
+        "model_name": served,
+        "model_provider": metadata.get("model_provider", ENGINE_NAME),
+        "finish_reason": response.finish_reason,
+    }
+    if response.usage is not None:
+        usage = response.usage
+        metadata["usage_metadata"] = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+    return metadata
 
 
 @contextlib.contextmanager
@@ -587,6 +681,63 @@ def _configured_main_model(config: Any) -> Any:
     return None
 
 
+# Calls of the SafeCoDe rail actions in Colang source (1.0 and 2.x names), with their arguments.
+_RAIL_CALL = re.compile(r"\b(?:safecode_check_input(?:_outcome)?|SafecodeCheckInput(?:Outcome)?Action)\b(?:\(([^)]*)\))?")
+_ARGUMENT = re.compile(r"\b(model|judge)\s*=\s*[\"']([^\"']+)[\"']")
+# `$model=<type>` in a rail's flow id (`safecode check input $model=safecode_rail`), NeMo's idiom.
+_MODEL_PARAM = re.compile(r"\$model\s*=\s*[\"']?([A-Za-z0-9_.-]+)")
+
+
+def _flow_name(flow: Any) -> str:
+    return str(flow.get("id") if isinstance(flow, Mapping) else getattr(flow, "name", ""))
+
+
+def _flow_source(flow: Any) -> str:
+    return str((flow.get("source_code") if isinstance(flow, Mapping) else getattr(flow, "source_code", "")) or "")
+
+
+def _rail_uses(config: Any) -> list[tuple[str | None, str | None]]:
+    """`(model type, judge spec)` of each use of the SafeCoDe rail in `config`; None where the use names none.
+
+    A use is a call of a rail action in a flow. Its model type is the call's
+    `model="..."` argument, else (Colang 1.0) the `$model=` of each
+    `rails.input.flows` / `rails.output.flows` entry that runs that flow.
+    """
+    entries = [str(e) for e in (*config.rails.input.flows, *config.rails.output.flows)]
+    uses: list[tuple[str | None, str | None]] = []
+    for flow in config.flows:
+        name = _flow_name(flow)
+        for call in _RAIL_CALL.finditer(_flow_source(flow)):
+            args = dict(_ARGUMENT.findall(call.group(1) or ""))
+            judge = args.get("judge")
+            if "model" in args:
+                uses.append((args["model"], judge))
+                continue
+            named = [m.group(1) if (m := _MODEL_PARAM.search(e)) else None for e in entries if e.split(" $")[0].strip() == name]
+            uses.extend((model_type, judge) for model_type in (named or [None]))
+    return uses
+
+
+def _needs_model(spec: Any) -> bool:
+    """Whether the judge `spec` (None: the default) judges with a model of ours (`self`, `self:caption`)."""
+    return spec is None or (isinstance(spec, str) and spec.strip().partition(":")[0].lower() == "self")
+
+
+def _no_rail_model_message() -> str:
+    return (
+        "The SafeCoDe input rail has no model to judge with. Its judge needs one (`self`), and it found "
+        f"none: the rail names no model type (`safecode check input $model=<type>`), config.yml has no "
+        f"`type: {RAIL_MODEL_TYPE}` model, and the main model is not `engine: {ENGINE_NAME}`. It never "
+        "falls back to another model. Add the rail's model to config.yml:\n"
+        "  models:\n"
+        f"    - type: {RAIL_MODEL_TYPE}\n"
+        f"      engine: {ENGINE_NAME}\n"
+        "      model: <local model folder or hub id>\n"
+        "(integrations/nemoguardrails/safecode_rail_only is a complete example), or give the rail a judge "
+        "that needs no model (SAFECODE_JUDGE=fixed:..., chat:<provider>:<model>)."
+    )
+
+
 def check_config(app: Any) -> None:
     """Check a config that uses SafeCoDe while NeMo builds its `LLMRails` (`init` calls this).
 
@@ -595,14 +746,16 @@ def check_config(app: Any) -> None:
     - Colang 1.0 with a SafeCoDe main model needs `passthrough: true`, or
       the images never reach the model and the request is judged twice:
       unset is an error, an explicit `passthrough: false` a warning.
+    - Colang 1.0 output rails that stream must check each chunk before it is
+      sent: NeMo's default `stream_first: true` sends a blocked answer first.
+      Unset is an error, an explicit `stream_first: true` a warning.
+    - Each use of the SafeCoDe rail has a model to judge with (`rail_model`)
+      unless its judge needs none; a model type it names is an `engine:
+      safecode` entry.
     - A main `model:` that differs from config.yml's (NeMo's server copies a
       request's `model` there) is handed to the provider to accept or refuse.
-    - `$SAFECODE_MODEL`, when set and not the main model, is checked now:
-      the rail's self judge loads it on the first request otherwise.
     """
     from nemoguardrails.llm.providers import get_provider_names
-
-    from .loading import check_model_source
 
     config = app.config
     known = set(get_provider_names()) | {ENGINE_NAME}
@@ -631,13 +784,65 @@ def check_config(app: Any) -> None:
                 UserWarning,
                 stacklevel=2,
             )
+    _check_output_rail_streaming(config)
+    _check_rail_models(config, ours)
     _MODEL_REQUEST.set(None)
     if main is not None and main.engine == ENGINE_NAME and getattr(app, "llm", None) is None:
         on_disk = _configured_main_model(config)
         if on_disk is not None and on_disk.engine == ENGINE_NAME and on_disk.model != main.model:
             _MODEL_REQUEST.set(_ModelRequest(requested=str(main.model), configured=str(on_disk.model)))
-    if not ours and (env_model := os.environ.get(MODEL_ENV, "").strip()) not in ("", DEMO_MODEL):
-        check_model_source(env_model)  # the rail's self judge would load it on the first request
+
+
+def _check_output_rail_streaming(config: Any) -> None:
+    """Colang 1.0 streamed output rails: NeMo's default sends each chunk before the rails check it."""
+    streaming = config.rails.output.streaming
+    if config.colang_version != "1.0" or not config.rails.output.flows or streaming is None:
+        return
+    if not streaming.enabled or not streaming.stream_first:
+        return
+    if "stream_first" not in streaming.model_fields_set:
+        raise NemoConfigError(
+            "config.yml: output rails stream (`rails.output.streaming.enabled: true`) but `stream_first:` "
+            "is not set, and NeMo's default (true) sends each chunk to the user before the output rails "
+            "check it: a blocked answer is streamed anyway. Add `stream_first: false` under "
+            "`rails.output.streaming` (each chunk is checked, then sent), or set `stream_first: true` to "
+            "choose that knowingly."
+        )
+    warnings.warn(
+        "rails.output.streaming.stream_first: true: each chunk is streamed before the output rails "
+        "check it, so text they block reaches the user (set stream_first: false to prevent that).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _check_rail_models(config: Any, main_is_ours: bool) -> None:
+    """Each use of the SafeCoDe rail judges with a model it can have (`NemoConfigError` otherwise)."""
+    entries = {m.type: m for m in config.models}
+    for model_type, judge in _rail_uses(config):
+        spec = resolve_judge(judge)
+        if model_type is not None:
+            entry = entries.get(model_type)
+            if entry is None:
+                raise NemoConfigError(
+                    f"config.yml: the SafeCoDe rail names the model type {model_type!r}, but `models:` has "
+                    f"no entry of that type (types: {sorted(entries)}). Add one with `engine: {ENGINE_NAME}`."
+                )
+            if entry.engine != ENGINE_NAME:
+                raise NemoConfigError(
+                    f"config.yml: the SafeCoDe rail judges with the `{model_type}` model, which has "
+                    f"`engine: {entry.engine}`; the rail needs `engine: {ENGINE_NAME}` (a vision-language "
+                    "model SafeCoDe loads)."
+                )
+            continue
+        rail_entry = entries.get(RAIL_MODEL_TYPE)
+        if rail_entry is not None and rail_entry.engine != ENGINE_NAME:
+            raise NemoConfigError(
+                f"config.yml: the `{RAIL_MODEL_TYPE}` model has `engine: {rail_entry.engine}`; the SafeCoDe "
+                f"rail needs `engine: {ENGINE_NAME}`."
+            )
+        if rail_entry is None and not main_is_ours and _needs_model(spec):
+            raise NemoConfigError(_no_rail_model_message())
 
 
 # --------------------------------------------------------------------------- judging
@@ -655,19 +860,32 @@ def _as_chat_safecode(llm: Any) -> ChatSafeCoDe | None:
     return model if isinstance(model, ChatSafeCoDe) else None
 
 
-def _engine_for_path(path: str) -> SafeCoDe:
-    """An engine for the model at `path`: a provider-built chat model's if there is one, else loaded once."""
-    with _LOCK:
-        for (chat_path, _), chat in _CHAT_MODELS.items():
-            if chat_path == path:
-                return chat.engine
-        engine = _ENGINES.get(path)
-        if engine is None:
-            from .engine import SafeCoDe
+def rail_model(llm: Any, llms: Mapping[str, Any] | None = None, model_type: str | None = None) -> ChatSafeCoDe | None:
+    """The `ChatSafeCoDe` the SafeCoDe rail judges with, or None when there is none.
 
-            engine = SafeCoDe.from_pretrained(path)
-            _ENGINES[path] = engine
-        return engine
+    `llms` are NeMo's models by `models:` type (the `llms` action parameter).
+    The model of `model_type` when the rail names one (an error if there is
+    none, or it is not a `ChatSafeCoDe`), else the `safecode_rail` model,
+    else `llm` (NeMo's main model) when it is a `ChatSafeCoDe`.
+    """
+    models = llms or {}
+    if model_type is None and RAIL_MODEL_TYPE in models:
+        model_type = RAIL_MODEL_TYPE
+    if model_type is None:
+        return _as_chat_safecode(llm)
+    if model_type not in models:
+        raise NemoConfigError(
+            f"The SafeCoDe rail names the model type {model_type!r}, but NeMo built no model of that "
+            f"type (types: {sorted(models)}). Add a `models:` entry `type: {model_type}` with "
+            f"`engine: {ENGINE_NAME}` to config.yml."
+        )
+    chat = _as_chat_safecode(models[model_type])
+    if chat is None:
+        raise NemoConfigError(
+            f"The SafeCoDe rail's model (type {model_type!r}) is a {type(_unwrap(models[model_type])).__name__}, "
+            f"not a SafeCoDe model: give it `engine: {ENGINE_NAME}` in config.yml."
+        )
+    return chat
 
 
 def _judge_for(spec: Any, engine: Callable[[], SafeCoDe]) -> Judge:
@@ -697,21 +915,23 @@ def _judge_for(spec: Any, engine: Callable[[], SafeCoDe]) -> Judge:
         return judges[spec]
 
 
+def _no_rail_model() -> SafeCoDe:
+    raise NemoConfigError(_no_rail_model_message())
+
+
 def _judge_setup(llm: Any, spec: Any) -> tuple[Judge, SafeCoDeConfig, InputPolicy]:
     """The judge, the settings its verdict follows, and the image policy, for one rail call.
 
-    With a `ChatSafeCoDe` main model, its settings apply to the rail too (threshold,
-    `on_judge_error`, `InputPolicy`), its own judge is the default, and a self judge
-    shares its engine. Otherwise the defaults, and a self judge runs on `$SAFECODE_MODEL`.
+    `llm` is the rail's model (`rail_model`). A `ChatSafeCoDe` lends its
+    settings (threshold, `on_judge_error`, `InputPolicy`) and its own judge is
+    the default; a self judge shares its engine. Otherwise the defaults, and a
+    judge that needs a model is a `NemoConfigError` (never another model).
     """
     chat = _as_chat_safecode(llm)
     if chat is not None:
         judge = _judge_for(chat.judge if spec is None else spec, lambda: chat.engine)
         return judge, chat.safecode, chat.policy
-    judge = _judge_for(
-        DEFAULT_JUDGE if spec is None else spec,
-        lambda: _engine_for_path(resolve_model(os.environ.get(MODEL_ENV))),
-    )
+    judge = _judge_for(DEFAULT_JUDGE if spec is None else spec, _no_rail_model)
     return judge, SafeCoDeConfig(), InputPolicy()
 
 
@@ -770,10 +990,12 @@ def check_input(
     Args:
         user_message: the current user turn, a string or a list of OpenAI-style
             or LangChain content blocks.
-        llm: NeMo's main model (an `LLMModel`, e.g. `LangChainLLMAdapter`) or a
-            LangChain model; a `ChatSafeCoDe` lends its engine and settings.
+        llm: the model to judge with (an `LLMModel`, e.g. `LangChainLLMAdapter`,
+            or a LangChain model; see `rail_model`); a `ChatSafeCoDe` lends its
+            engine and settings. Without one, only judges that need no model
+            work (`NemoConfigError` for `self`).
         judge: a judge spec or judge object (see `make_judge`); None:
-            `$SAFECODE_JUDGE`, else the main model's own judge when it is a
+            `$SAFECODE_JUDGE`, else the model's own judge when it is a
             `ChatSafeCoDe`, else "self".
         conversation: the whole request as OpenAI-style messages (NeMo's raw
             request); its earlier turns are judged too.
@@ -835,22 +1057,119 @@ def _current_request() -> Any:
     return raw if isinstance(raw, list) else None
 
 
+def _check_colang2_request(config: Any) -> None:
+    """Refuse, before anything runs, a request a Colang 2.x config would answer wrongly or fail on.
+
+    NeMo 0.24 makes every user message of a Colang 2.x request a turn of its
+    own, answered one after the other without the others, and refuses
+    assistant messages: two user messages cannot be answered as one
+    conversation (the first would be judged and answered twice, the last
+    never): `RequestShapeError`. It also rejects the `output_vars`, `log` and
+    `llm_output` options for 2.x, but only after the model has answered (a
+    500 from its server): `RequestOptionError`. Both are HTTP 400, raised as
+    NeMo's `LLMCallException`, the only error NeMo passes on out of an
+    action, so the caller sees the reason.
+    """
+    from nemoguardrails.context import generation_options_var
+    from nemoguardrails.exceptions import LLMCallException
+
+    if getattr(config, "colang_version", None) != "2.x":
+        return
+    raw = _current_request() or []
+    users = sum(1 for m in raw if isinstance(m, Mapping) and m.get("role") == "user")
+    if users > 1:
+        error: SafeCoDeInputError = RequestShapeError(
+            f"This request has {users} user messages; Colang 2.x configs answer one. NeMo 0.24 makes "
+            "each user message of a Colang 2.x request a turn of its own (answered separately, without "
+            "the others) and refuses assistant messages, so earlier turns cannot be sent. Send the "
+            "current user message alone (system messages may come first), or use a Colang 1.0 config "
+            "(e.g. integrations/nemoguardrails/safecode) for conversations."
+        )
+        raise LLMCallException(error, status=400)
+    options = generation_options_var.get()
+    log_options = getattr(options, "log", None)
+    asked = [
+        name
+        for name, on in (
+            ("output_vars", bool(getattr(options, "output_vars", None))),
+            ("log", any(getattr(log_options, f, False) for f in ("activated_rails", "llm_calls", "internal_events", "colang_history"))),
+            ("llm_output", bool(getattr(options, "llm_output", False))),
+        )
+        if on
+    ]
+    if asked:
+        error = RequestOptionError(
+            f"The request asks for the option(s) {asked}, which NeMo 0.24 does not support for Colang "
+            "2.x configs (it would reject them only after the model answered). Leave them out, or use a "
+            "Colang 1.0 config (e.g. integrations/nemoguardrails/safecode), which returns the rail's "
+            "verdict in `output_data`."
+        )
+        raise LLMCallException(error, status=400)
+
+
 async def _acheck(
-    context: Mapping[str, Any] | None, llm: Any, judge: str | None, user_message: Any, text: Any
+    context: Mapping[str, Any] | None,
+    llm: Any,
+    judge: str | None,
+    user_message: Any,
+    text: Any,
+    *,
+    llms: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    config: Any = None,
 ) -> Verdict:
+    _check_colang2_request(config)
     message = next(
         (m for m in (user_message, text, (context or {}).get("user_message")) if m is not None), ""
     )
     from .judges import hand_off_verdict
 
-    verdict, request = await asyncio.to_thread(
-        _check, message, llm=llm, judge=judge, conversation=_current_request()
-    )
+    if model is None:
+        # NeMo's idiom: the rail's flow id names the model type (`safecode check input $model=...`).
+        triggered = (context or {}).get("triggered_input_rail")
+        found = _MODEL_PARAM.search(triggered) if isinstance(triggered, str) else None
+        model = found.group(1) if found else None
+    from nemoguardrails.exceptions import LLMCallException
+
+    try:
+        chat = rail_model(llm, llms, model)
+        verdict, request = await asyncio.to_thread(
+            _check, message, llm=chat, judge=judge, conversation=_current_request()
+        )
+    except NemoConfigError as exc:
+        # A config the load-time check could not see (a flow built in code, a judge object):
+        # passed on as NeMo's LLMCallException, so the caller gets this message.
+        raise LLMCallException(exc) from exc
     if request is not None:
         # Set here, in the action's own task: the model call that follows in this request
         # sees it and, judging the same request with the same judge, reuses the verdict.
         hand_off_verdict(request, verdict)
+    if verdict.unsafe:
+        _report_refusal(verdict, chat.safecode if chat is not None else SafeCoDeConfig())
     return verdict
+
+
+RAIL_NAME = "safecode check input"
+
+
+def _report_refusal(verdict: Verdict, config: SafeCoDeConfig) -> None:
+    """Offer the rail's verdict as the request's LLM metadata, for a refusal no model call will follow.
+
+    NeMo returns the last model call's metadata as `GenerationResponse.llm_metadata`,
+    and `RunnableRails` passes its `response_metadata` key to the `AIMessage`
+    it builds; a refused request has no model call, so this is where its
+    verdict can go. A model call that does follow (a flow that lets the
+    request through anyway) replaces it. Colang 1.0 only: 2.x runs actions in
+    tasks of their own, whose context variables NeMo never reads.
+    """
+    from nemoguardrails.context import llm_response_metadata_var
+
+    from .chat_model import PROVIDER, safety_metadata
+
+    safety = {**safety_metadata(verdict, config, refused=True), "blocked_by": RAIL_NAME}
+    llm_response_metadata_var.set(
+        {"safety": safety, "response_metadata": {"safety": safety, "model_provider": PROVIDER}}
+    )
 
 
 # --------------------------------------------------------------------------- actions
@@ -860,7 +1179,10 @@ async def _acheck(
 async def safecode_check_input(
     context: dict | None = None,
     llm: Any = None,
+    llms: dict | None = None,
+    config: Any = None,
     judge: str | None = None,
+    model: str | None = None,
     user_message: Any = None,
     text: Any = None,
     **kwargs: Any,
@@ -869,10 +1191,11 @@ async def safecode_check_input(
 
     Colang 1.0: `$safecode_result = execute safecode_check_input`, then branch
     on `$safecode_result.label`. The turn is `user_message` or `text` when the
-    flow passes one, else `$user_message`. `judge` overrides the judge spec.
+    flow passes one, else `$user_message`. `judge` overrides the judge spec;
+    `model` names the `models:` type to judge with (see `rail_model`).
     `**kwargs` takes the extra parameters NeMo's streaming path passes.
     """
-    verdict = await _acheck(context, llm, judge, user_message, text)
+    verdict = await _acheck(context, llm, judge, user_message, text, llms=llms, model=model, config=config)
     return verdict.to_dict()
 
 
@@ -880,7 +1203,10 @@ async def safecode_check_input(
 async def safecode_check_input_outcome(
     context: dict | None = None,
     llm: Any = None,
+    llms: dict | None = None,
+    config: Any = None,
     judge: str | None = None,
+    model: str | None = None,
     user_message: Any = None,
     text: Any = None,
     **kwargs: Any,
@@ -890,7 +1216,7 @@ async def safecode_check_input_outcome(
     Colang 2.x: `$outcome = await SafecodeCheckInputOutcomeAction(text=$input_text)`,
     then `if $outcome.is_blocked`. Also what NeMo's parallel rails require.
     """
-    verdict = await _acheck(context, llm, judge, user_message, text)
+    verdict = await _acheck(context, llm, judge, user_message, text, llms=llms, model=model, config=config)
     if verdict.unsafe:
         return RailOutcome.block(
             reason=f"SafeCoDe judge {verdict.judge!r} found the request unsafe.",
@@ -914,10 +1240,23 @@ def _verdict_option(llm: Any, verdict: Any) -> dict[str, Any]:
     )
 
 
+# Per streaming request (NeMo's StreamingHandler): the texts already sent to its stream by
+# `safecode_generate` (token by token) or `safecode_stream_text`, which `safecode_stream_said`
+# must not send again when the bot says them.
+_STREAMED: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _output_rails_defined(state: Any) -> bool:
+    """Whether a Colang 2.x config defines `output rails` (what `import guardrails` runs on each `bot say`)."""
+    return "output rails" in (getattr(state, "flow_configs", None) or {})
+
+
 @action(name="safecode_generate", is_system_action=True)
 async def safecode_generate(
     llm: Any = None,
     context: dict | None = None,
+    config: Any = None,
+    state: Any = None,
     user_message: Any = None,
     verdict: Any = None,
     **kwargs: Any,
@@ -928,7 +1267,13 @@ async def safecode_generate(
     intent and then sends it only `$user_message` (no earlier turns). Colang
     1.0 configs use `passthrough: true` instead. Goes through NeMo's
     `llm_call` as NeMo's own passthrough does: the request's `llm_params`
-    apply, and a streaming request streams the answer.
+    apply.
+
+    Streaming: the answer streams token by token only when the config has no
+    `output rails` flow. Otherwise it is held back, because the output rails
+    run when the flow says it (`bot say`), after this action: the flow's
+    `safecode stream what the bot says` sends what the bot then says, the
+    answer or an output rail's replacement, never text an output rail blocked.
 
     `verdict` (the rail's verdict dict or label) is handed to a `ChatSafeCoDe`
     main model so it steers with that verdict instead of judging the request
@@ -949,6 +1294,7 @@ async def safecode_generate(
             "safecode_generate got no LLM: add a `type: main` model to config.yml "
             "(e.g. `engine: safecode`) or pass one with LLMRails(config, llm=...)."
         )
+    _check_colang2_request(config)
     message = user_message if user_message is not None else (context or {}).get("user_message", "")
     messages = request_messages(message, _current_request())
     options = generation_options_var.get()
@@ -956,41 +1302,97 @@ async def safecode_generate(
     handed = _verdict_option(llm, verdict).get("verdict")
     if handed is not None and not isinstance(llm, SafeCoDeLLMAdapter):
         llm_params["verdict"] = handed  # a plain LangChainLLMAdapter passes every option on
+    handler = streaming_handler_var.get()
+    if _output_rails_defined(state):
+        handler = None  # held back until the output rails pass it (see above)
     llm_call_info_var.set(LLMCallInfo(task=Task.GENERAL.value))  # the answer, not one of NeMo's checks
     token = _RAIL_VERDICT.set(handed if isinstance(llm, SafeCoDeLLMAdapter) else None)
     try:
-        response = await llm_call(
-            llm,
-            messages,
-            llm_params=llm_params or None,
-            streaming_handler=streaming_handler_var.get(),
-        )
+        response = await llm_call(llm, messages, llm_params=llm_params or None, streaming_handler=handler)
     finally:
         _RAIL_VERDICT.reset(token)
+    if handler is not None and response.content:
+        _STREAMED.setdefault(handler, []).append(response.content)
     return response.content
+
+
+@action(name="safecode_stream_said", is_system_action=True)
+async def safecode_stream_said(text: str = "", **kwargs: Any) -> str:
+    """NeMo action: send what the bot said to a streaming request's stream (none: nothing), and return it.
+
+    Colang 2.x's `bot say` does not stream; the shipped `main.co` calls this
+    for each bot utterance (`match UtteranceBotAction.Finished()`), which
+    comes after the output rails passed the text or replaced it. A text that
+    `safecode_generate` or `safecode_stream_text` already streamed is not sent again.
+    """
+    from nemoguardrails.context import streaming_handler_var
+
+    handler = streaming_handler_var.get()
+    if handler is None or not text:
+        return text
+    sent = _STREAMED.get(handler, [])
+    if text in sent:
+        sent.remove(text)
+        return text
+    await handler.push_chunk(text)
+    return text
 
 
 @action(name="safecode_stream_text", is_system_action=True)
 async def safecode_stream_text(text: str = "", **kwargs: Any) -> str:
     """NeMo action: send `text` to a streaming request's stream (none: nothing), and return it.
 
-    Colang 2.x's `bot say` does not stream, so a refusal would never reach a
-    `stream_async` caller: `await SafecodeStreamTextAction(text=$refusal)`
-    before `bot say $refusal`.
+    For Colang 2.x flows that do not stream what the bot says
+    (`safecode_stream_said`): `await SafecodeStreamTextAction(text=$refusal)`
+    before `bot say $refusal`. Never send an answer an output rail has not
+    checked yet this way.
     """
     from nemoguardrails.context import streaming_handler_var
 
     handler = streaming_handler_var.get()
     if handler is not None and text:
         await handler.push_chunk(text)
+        _STREAMED.setdefault(handler, []).append(text)
     return text
 
 
+def text_of(content: Any) -> str:
+    """A message's text for a text prompt: text parts as they are, each image as `[image]`.
+
+    The Jinja filter `safecode_text` (registered by `init`) for NeMo's own
+    check prompts: `{{ user_input | safecode_text }}`. NeMo pastes a
+    multimodal `$user_message` (a list of content blocks) into its prompt as
+    it is, base64 data included, and a 256x256 photo alone exceeds NeMo's
+    16,000-character prompt limit.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        content = [content]
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        kind = str(block.get("type", "")) if isinstance(block, Mapping) else ""
+        if kind == "text":
+            parts.append(str(block.get("text", "")))
+        elif "image" in kind:
+            parts.append("[image]")
+        else:
+            parts.append(f"[{kind or type(block).__name__}]")
+    return " ".join(p for p in parts if p)
+
+
 def init(app: Any) -> None:
-    """Check the config (`check_config`) and register the `safecode` engine and the actions (call from config.py)."""
+    """Check the config (`check_config`), register the `safecode` engine, the actions and the prompt filter (call from config.py)."""
     register_provider()
     check_config(app)
     app.register_action(safecode_check_input, name="safecode_check_input")
     app.register_action(safecode_check_input_outcome, name="safecode_check_input_outcome")
     app.register_action(safecode_generate, name="safecode_generate")
+    app.register_action(safecode_stream_said, name="safecode_stream_said")
     app.register_action(safecode_stream_text, name="safecode_stream_text")
+    app.register_filter(text_of, name="safecode_text")

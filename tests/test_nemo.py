@@ -34,81 +34,22 @@ from safecode_guard.errors import InvalidVerdictError, SafeCoDeError, SafeCoDeIn
 from safecode_guard.judges import JudgeRequest
 from safecode_guard.loading import ModelNotFoundError
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_V1 = ROOT / "integrations" / "nemoguardrails" / "safecode"
-CONFIG_V2 = ROOT / "integrations" / "nemoguardrails" / "safecode_colang2"
-REFUSAL = "I'm sorry, I can't help with that request."
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def network_attempts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Record every DNS lookup or connection attempt; the test fails if there was one.
-
-    pytest-socket already blocks sockets, but NeMo's telemetry thread swallows
-    the error, so a blocked attempt would pass unnoticed without this.
-    """
-    attempts: list[str] = []
-
-    def refuse(kind: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            attempts.append(f"{kind}{args[:2]!r}")
-            raise OSError(f"test_nemo: no network ({kind})")
-
-        return call
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
-    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
-    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
-    yield attempts
-    assert attempts == [], f"network access was attempted: {attempts}"
-
-
-@pytest.fixture
-def safecode_env(
-    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Callable[[str], Path]
-) -> Callable[[str], Path]:
-    """`use(judge_spec) -> model dir`: SAFECODE_MODEL = the tiny Llava, SAFECODE_JUDGE = the spec."""
-    model_dir = tiny_model_dir("llava")
-    monkeypatch.setenv("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
-    monkeypatch.setenv(nemo.MODEL_ENV, str(model_dir))
-    nemo.clear_caches()
-
-    def use(judge: str) -> Path:
-        monkeypatch.setenv(nemo.JUDGE_ENV, judge)
-        return model_dir
-
-    yield use
-    nemo.clear_caches()
-
-
-def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def image_turn(text: str, image: Image.Image) -> dict[str, Any]:
-    """An OpenAI-style multimodal user message, as apps send it to NeMo."""
-    return {
-        "role": "user",
-        "content": [
-            {"type": "text", "text": text},
-            {"type": "image_url", "image_url": {"url": data_url(image)}},
-        ],
-    }
-
-
-def answer_of(res: Any) -> str:
-    return res.response[0]["content"]
-
-
-def model_answer(rails: LLMRails, message: dict[str, Any]) -> str:
-    """What the rails' own main model answers to `message` outside NeMo (same instance, same settings)."""
-    chat = rails.llm.raw_llm
-    return chat.invoke([HumanMessage(content=message["content"])]).content
+from nemo_support import (  # noqa: F401 (fixtures are found by name)
+    CONFIG_V1,
+    CONFIG_V2,
+    MAIN_MODEL_YAML,
+    REFUSAL,
+    ROOT,
+    answer_of,
+    data_url,
+    hello,
+    image_turn,
+    load_error,
+    model_answer,
+    network_attempts,
+    safecode_env,
+    write_config,
+)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -281,8 +222,11 @@ def test_unsafe_verdict_refuses_and_never_calls_the_model(
     assert answer_of(res) == REFUSAL
     assert res.output_data["safecode_verdict"] == "unsafe"
     assert res.output_data["safecode_result"]["judge"] == "fixed:unsafe"
-    assert res.llm_metadata is None
     assert rails.explain().llm_calls == []
+    # No model call: the rail's verdict stands where the model's metadata would (RunnableRails reads it).
+    safety = res.llm_metadata["safety"]
+    assert (safety["verdict"], safety["refused"], safety["blocked_by"]) == ("unsafe", True, "safecode check input")
+    assert res.llm_metadata["response_metadata"]["safety"] == safety
 
 
 def test_safe_verdict_lets_the_model_answer_with_its_metadata(
@@ -571,44 +515,14 @@ def test_colang1_judges_each_request_once_the_model_reuses_the_rails_verdict(
 
 # --------------------------------------------------------------------------- config checks at load
 
-MAIN_MODEL_YAML = (
-    "models:\n"
-    "  - type: main\n"
-    "    engine: safecode\n"
-    '    model: "${SAFECODE_MODEL}"\n'
-    "    parameters:\n"
-    '      judge: "${SAFECODE_JUDGE}"\n'
-    "      max_new_tokens: 16\n"
-)
-
-
-def write_config(folder: Path, yaml: str, colang: str | None = None) -> Path:
-    """A config folder: config.yml, the one-line config.py, and optionally rails.co."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yml").write_text(yaml)
-    (folder / "config.py").write_text("from safecode_guard.nemo import init\n")
-    if colang is not None:
-        (folder / "rails.co").write_text(colang)
-    return folder
-
-
-def load_error(folder: Path) -> BaseException:
-    """The error `LLMRails` raises for the config in `folder`, unwrapped from NeMo's config.py wrapper."""
-    with pytest.raises(Exception) as info:
-        LLMRails(RailsConfig.from_path(str(folder)))
-    error = info.value
-    if isinstance(error, RuntimeError) and "configuration module" in str(error):
-        error = error.__cause__  # NeMo wraps what config.py's init(app) raises
-    return error
-
-
 def test_a_parameter_typo_fails_when_the_rails_are_built(
     safecode_env: Callable[[str], Path], tmp_path: Path
 ) -> None:
     safecode_env("fixed:safe")
     folder = write_config(tmp_path, MAIN_MODEL_YAML + "      judgee: fixed:unsafe\npassthrough: true\n")
     error = load_error(folder)
-    assert isinstance(error, SafeCoDeInputError)
+    # A ModelInitializationError (so NeMo's server shows its text), caused by the typed input error.
+    assert isinstance(error, nemo.ConfiguredModelError) and isinstance(error.__cause__, SafeCoDeInputError)
     assert re.search(r"judgee.*[Dd]id you mean .judge.", str(error)), error
 
 
@@ -618,16 +532,9 @@ def test_a_wrong_model_fails_when_the_rails_are_built(
     safecode_env("self")
     monkeypatch.setenv(nemo.MODEL_ENV, str(tmp_path / "lava"))
     error = load_error(CONFIG_V1)
-    assert isinstance(error, ModelNotFoundError) and "folder not found" in str(error)
-
-    # The rail on a main model of another kind: its self judge's $SAFECODE_MODEL is checked now,
-    # not on the first request (where the failure became NeMo's "an internal error has occurred").
-    config = RailsConfig.from_content(
-        yaml_content="rails:\n  input:\n    flows: [safecode check input]\n",
-        colang_content=(CONFIG_V1 / "rails.co").read_text(),
-    )
-    with pytest.raises(ModelNotFoundError, match="folder not found"):
-        nemo.init(LLMRails(config))
+    assert isinstance(error, nemo.ConfiguredModelError) and "'lava' was not found" in str(error)
+    assert str(tmp_path) not in str(error)  # NeMo's server shows this text to clients
+    assert isinstance(error.__cause__, ModelNotFoundError) and "folder not found" in str(error.__cause__)
 
 
 def test_colang1_with_safecode_needs_passthrough(safecode_env: Callable[[str], Path], tmp_path: Path) -> None:
@@ -649,10 +556,6 @@ def test_an_engine_typo_is_named(safecode_env: Callable[[str], Path], tmp_path: 
 
 
 # --------------------------------------------------------------------------- what requests may set
-
-
-def hello() -> list[dict[str, Any]]:
-    return [{"role": "user", "content": "hello"}]
 
 
 @pytest.mark.parametrize("config_dir", [CONFIG_V1, CONFIG_V2], ids=["colang1", "colang2"])
@@ -780,13 +683,6 @@ async def test_colang2_streams_the_answer_and_the_refusal(
 
 
 # --------------------------------------------------------------------------- NeMo 0.24 limits (pinned: a change here means README's list is out of date)
-
-
-def test_nemo_limit_colang2_has_no_output_vars(safecode_env: Callable[[str], Path]) -> None:
-    safecode_env("fixed:safe")
-    rails = LLMRails(RailsConfig.from_path(str(CONFIG_V2)))
-    with pytest.raises(ValueError, match="output_vars"):
-        rails.generate(messages=hello(), options={"output_vars": True})
 
 
 async def test_nemo_limit_rails_exceptions_do_not_stream(safecode_env: Callable[[str], Path]) -> None:

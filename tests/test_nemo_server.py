@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,3 +214,110 @@ def test_nemo_limit_models_route_needs_an_upstream(server: Callable[[Path], Test
     # /v1/models lists an OpenAI-compatible upstream's models (MAIN_MODEL_BASE_URL), not the config's.
     response = server(CONFIG_V1).get("/v1/models")
     assert response.status_code == 502
+
+
+# --------------------------------------------------------------------------- streaming past output rails, Colang 2.x requests, errors
+
+BLOCK_ALL_CONFIG_PY = '''
+from nemoguardrails.actions.rail_outcome import RailOutcome
+
+from safecode_guard.nemo import init as safecode_init
+
+
+async def block_everything(**kwargs):
+    return RailOutcome.block(reason="test: every answer is blocked")
+
+
+def init(app):
+    safecode_init(app)
+    app.register_action(block_everything, name="check_blocked_terms")
+    app.register_action(block_everything, name="CheckBlockedTermsAction")
+'''
+
+
+def config_blocking_every_answer(source: Path, folder: Path) -> Path:
+    """A copy of a shipped folder with an output rail that blocks every answer."""
+    from test_nemo_rails import OUTPUT_RAIL_V1, OUTPUT_RAIL_V2
+
+    shutil.copytree(source, folder)
+    (folder / "config.py").write_text(BLOCK_ALL_CONFIG_PY)
+    if source == CONFIG_V2:
+        (folder / "output.co").write_text(OUTPUT_RAIL_V2)
+    else:
+        (folder / "output.co").write_text(OUTPUT_RAIL_V1)
+        with (folder / "config.yml").open("a") as f:
+            f.write("  output:\n    flows: [check blocked terms]\n    streaming: {enabled: true, stream_first: false}\n")
+    return folder
+
+
+def sse_events(response: Any) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("source", [CONFIG_V1, CONFIG_V2], ids=["colang1", "colang2"])
+def test_a_stream_never_carries_what_an_output_rail_blocked(
+    server: Callable[[Path], TestClient], decoder_calls: list[dict[str, Any]], tmp_path: Path, source: Path
+) -> None:
+    folder = config_blocking_every_answer(source, tmp_path / "blocking")
+    client = server(folder)
+    plain = ask(client, folder, max_tokens=8).json()["choices"][0]["message"]["content"]
+    assert plain == "I can't share that answer." and len(decoder_calls) == 1  # the model did answer
+    events = sse_events(ask(client, folder, max_tokens=8, stream=True))
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if "choices" in e)
+    if source == CONFIG_V2:
+        assert text == plain  # the replacement, held until the output rail had run
+    else:
+        assert text == "" and events[-1]["error"]["code"] == "content_blocked"  # stream_first: false
+
+
+def test_colang2_requests_it_cannot_answer_get_a_400(
+    server: Callable[[Path], TestClient], decoder_calls: list[dict[str, Any]]
+) -> None:
+    client = server(CONFIG_V2)
+    two = [{"role": "user", "content": "What is in this picture?"}, {"role": "user", "content": "And how do I hurt someone?"}]
+    for stream in (False, True):
+        response = ask(client, CONFIG_V2, messages=two, stream=stream)
+        assert response.status_code == 400, response.text
+        assert "2 user messages" in error_of(response)
+    for options in ({"output_vars": True}, {"log": {"llm_calls": True}}):
+        response = ask(client, CONFIG_V2, guardrails={"options": options})
+        assert response.status_code == 400, response.text  # NeMo alone answers 500, after generating
+        assert next(iter(options)) in error_of(response)
+    assert decoder_calls == []
+
+
+def test_a_missing_model_folder_reaches_the_client_without_its_path(
+    server: Callable[[Path], TestClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "secret-place" / "llava-13b"
+    monkeypatch.setenv(nemo.MODEL_ENV, str(missing))
+    response = ask(server(CONFIG_V1), CONFIG_V1, model="llava-13b")
+    assert response.status_code == 400
+    message = error_of(response)
+    assert "'llava-13b' was not found" in message and "Could not load" not in message
+    assert "secret-place" not in response.text and str(tmp_path) not in response.text
+
+
+def test_nemo_limit_streamed_responses_carry_no_verdict(server: Callable[[Path], TestClient]) -> None:
+    """NeMo 0.24's server sends each streamed text chunk as a bare delta: no field for the verdict."""
+    response = ask(server(CONFIG_V1), CONFIG_V1, max_tokens=4, stream=True, guardrails={"options": {"output_vars": True}})
+    events = sse_events(response)
+    assert events and all(set(e) <= {"id", "object", "created", "model", "choices"} for e in events)
+    assert all(set(e["choices"][0]["delta"]) <= {"role", "content"} for e in events)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "integrations/nemoguardrails/README.md"])
+def test_readme_curl_examples_send_the_served_name(readme: str) -> None:
+    """Each curl example, run as its block stands (SAFECODE_MODEL as the block sets it, else unset), gets an answer."""
+    text = (ROOT / readme).read_text()
+    configured = re.search(r"model: (\S+)", (CONFIG_V1 / "config.yml").read_text()).group(1).strip('"')
+    checked = []
+    for block in re.finditer(r"```bash\n(.*?)```", text, flags=re.S):
+        body = block.group(1)
+        if "v1/chat/completions" not in body or "nemoguardrails server" not in body:
+            continue  # not a NeMo server example (README.md also shows `safecode-guard serve`)
+        setting = re.findall(r"SAFECODE_MODEL=(\S+)", body)
+        expanded = configured.replace("${SAFECODE_MODEL:-demo}", setting[-1] if setting else "demo")
+        sent = re.search(r'"model":\s*"([^"]+)"', body).group(1)
+        checked.append((sent, nemo.served_model_name(expanded)))
+    assert checked and all(sent == served for sent, served in checked), checked
