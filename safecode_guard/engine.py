@@ -343,12 +343,6 @@ def _token_id(key: Any) -> int | None:
     return None
 
 
-def _is_guard(judge: Any) -> bool:
-    from .guard_judges import GuardJudge
-
-    return isinstance(judge, GuardJudge)
-
-
 def _wake_cancelled(job: DecodeJob) -> None:
     job.cancel()
     if not job.done:
@@ -394,8 +388,10 @@ class SafeCoDe:
         judge_impl = make_judge(judge)
         if isinstance(judge_impl, SelfJudge) and judge_impl.engine is None:
             judge_impl = judge_impl.bind(self)
-        elif _is_guard(judge_impl):
-            judge_impl.load()  # now, so that loading a guard never counts against judge_timeout_s
+        else:
+            from .guard_judges import load_if_guard
+
+            load_if_guard(judge_impl)  # a guard model loads now, never against judge_timeout_s
         self.judge_impl = judge_impl
         self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
         self.quirks = detect_quirks(model)

@@ -104,6 +104,7 @@ __all__ = [
     "guard_family",
     "judge_from_spec",
     "load_guard",
+    "load_if_guard",
     "supports_answer_check",
 ]
 
@@ -613,6 +614,17 @@ class GuardJudge:
 
 
 # --------------------------------------------------------------------------- the answer check
+
+
+def load_if_guard(judge: Any) -> Any:
+    """Load `judge` now when it is a `GuardJudge` (a no-op for every other judge), and return it.
+
+    Callers run this before `run_judge`, so loading the guard's weights never
+    counts against `judge_timeout_s`.
+    """
+    if isinstance(judge, GuardJudge):
+        judge.load()
+    return judge
 
 
 def supports_answer_check(judge: Any) -> bool:

@@ -340,9 +340,12 @@ class SafeCoDeMiddleware(AgentMiddleware):
     # -- judging ----------------------------------------------------------------------------
 
     def _judge_impl(self) -> Any:
-        """The judge, with a "self" judge bound to the model's engine (loaded on first use)."""
+        """The judge, with a "self" judge bound to the model's engine (loaded on first use), a guard
+        model loaded (before `run_judge`, so loading never counts as judging time)."""
         if not (isinstance(self.judge, SelfJudge) and self.judge.engine is None):
-            return self.judge
+            from .guard_judges import load_if_guard
+
+            return load_if_guard(self.judge)
         from .chat_model import ChatSafeCoDe
 
         engine = self.model.engine if isinstance(self.model, ChatSafeCoDe) else self.model
