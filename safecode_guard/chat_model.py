@@ -18,7 +18,8 @@ everything (text, tool calls, invalid calls, metadata) by construction.
 
 - invoke / batch / ainvoke / abatch: one `AIMessage` holding the answer only
   (no prompt echo, stop string excluded). `response_metadata` holds `safety`
-  (SPEC section 5, built by `safety_metadata`), `model_name`,
+  (SPEC section 5, built by `safety_metadata`, with a guard judge's hazard
+  `categories`), `model_name`,
   `finish_reason` and `model_provider="safecode"`; `usage_metadata` the real
   token counts of the prompt and the answer.
 - stream / astream / astream_events / stream_events: text chunks as the
@@ -27,6 +28,10 @@ everything (text, tool calls, invalid calls, metadata) by construction.
   `model_name`, `finish_reason` and `usage_metadata`. Each rides on exactly
   one chunk, so merged chunks hold the same metadata as `invoke`
   (LangChain's merge concatenates repeated strings and sums numbers).
+  With `SafeCoDeConfig.check_answer` the judge also classifies the finished
+  answer: `invoke` replaces an unsafe one by `answer_refusal`
+  (`replace_unsafe_answer`); a stream's text is out already, so its last
+  chunk only flags it (`safety["answer_check"]`).
   `safety["refused"]` describes how the answer opens, so the first chunk
   goes out as soon as the opening settles it (`refusal_decision`): usually
   within the first few tokens, always before any text is shown.
@@ -918,7 +923,8 @@ class ChatSafeCoDe(BaseChatModel):
     (never its path), the hub id, or "demo"."""
     judge: Any = "self"
     """Who decides safe / unsafe: a spec string ("self", "self:caption", "fixed:safe",
-    "fixed:unsafe", "chat:<provider>:<model>"), a judge object, a LangChain chat model, or a
+    "fixed:unsafe", "chat:<provider>:<model>", "guard:<folder or hub id>" for Llama Guard 3
+    Vision / 4 or ShieldGemma 2), a judge object, a LangChain chat model, or a
     callable taking a `JudgeRequest`. Answers decided by a callable or a custom judge object
     are not cached by LangChain's LLM cache unless the object has a string `cache_key`."""
     safecode: SafeCoDeConfig = Field(default_factory=SafeCoDeConfig)

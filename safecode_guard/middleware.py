@@ -268,8 +268,10 @@ class SafeCoDeMiddleware(AgentMiddleware):
     """Judge what the agent's model reads with SafeCoDe's judge before it runs; act on unsafe.
 
     - `judge`: a judge spec ("self", "self:caption", "fixed:unsafe",
-      "chat:<provider>:<model>"), a judge object, a LangChain chat model or a
-      callable. "self" judges with the local model given as `model`.
+      "chat:<provider>:<model>", "guard:<folder or hub id>"), a judge object, a
+      LangChain chat model or a callable. "self" judges with the local model
+      given as `model`. A guard judge's hazard categories are in the record
+      (`state["safecode_verdict"]["categories"]`).
     - `model`: a `ChatSafeCoDe` or a `SafeCoDe` engine; needed for the "self"
       judges, and the source of `config` / `policy` defaults.
     - `on_unsafe`: "end" (default) ends the run with `refusal_message`;

@@ -10,7 +10,10 @@ budget (400), the schema (422), the message and part counts
 (`InputPolicy.max_messages`, `max_content_parts`; 400) and OpenAI messages to
 LangChain -> the served `ChatSafeCoDe`, whose engine's scheduler batches this
 request with every other one on the model -> OpenAI's response shape plus a
-top-level `safety` object (and the `X-SafeCoDe-Verdict` header). A stream's
+top-level `safety` object (and the `X-SafeCoDe-Verdict` header; a guard
+judge's hazard `categories` in it). With `check_answer`, a non-streamed answer
+the judge finds unsafe is replaced by the refusal, and a stream's last event
+flags it (`safety.answer_check`: its text was sent already). A stream's
 first event waits for the verdict and the first text, so errors found before
 any token (bad input, a full queue) are ordinary HTTP errors.
 
