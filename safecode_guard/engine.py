@@ -392,6 +392,15 @@ class SafeCoDe:
             from .guard_judges import load_if_guard
 
             load_if_guard(judge_impl)  # a guard model loads now, never against judge_timeout_s
+        if self.config.check_answer:
+            from .guard_judges import supports_answer_check
+
+            if not supports_answer_check(judge_impl):
+                raise SafeCoDeInputError(
+                    f"`check_answer` needs a judge that classifies answers, a guard judge "
+                    f"('guard:<folder or hub id>'); this engine's judge is {getattr(judge_impl, 'name', judge_impl)!r}. "
+                    "Use a guard judge, or set check_answer=False."
+                )
         self.judge_impl = judge_impl
         self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
         self.quirks = detect_quirks(model)

@@ -52,7 +52,6 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,14 @@ from .judges import (
     run_judge,
     unsafe_probability,
 )
-from .loading import LoadedModel, ModelNotFoundError, check_model_source, public_name, shared_model, weights_key
+from .loading import (
+    LoadedModel,
+    ModelNotFoundError,
+    check_model_source,
+    public_name,
+    shared_model,
+    weights_key,
+)
 from .scheduler import Scheduler, scheduler_for
 from .verdict import Verdict, label_from_score
 
@@ -501,12 +507,26 @@ class GuardJudge:
         self.dtype = dtype
         self.categories = llama_guard_categories(categories, custom_categories)
         self._policy_options = (None if policies is None else list(policies), dict(custom_policies or {}))
-        shieldgemma_policies(*self._policy_options)  # custom policies checked now; names against the checkpoint's at load
+        # custom policies are checked now; selected names at load, against the checkpoint's own policies too
+        shieldgemma_policies(None, self._policy_options[1])
         self.max_transcript_chars = check_transcript_budget(max_transcript_chars)
         self.name = name or f"{GUARD_SPEC_PREFIX}:{public_name(self.path)}"  # verdicts travel: never a local path
         self._guard: GuardModel | None = None
         self._policies: list[ShieldGemmaPolicy] | None = None
         self._lock = threading.Lock()
+
+    @property
+    def cache_key(self) -> str:
+        """What decides this judge's verdicts (the weights, dtype and prompt options), as a digest:
+        LangChain's cache may keep answers a guard judge decided (`chat_model.judge_fingerprint`)."""
+        import hashlib
+
+        described = json.dumps(
+            [weights_key(self.path, dtype=self.dtype).location, str(self.dtype), self.categories,
+             self._policy_options, self.max_transcript_chars],
+            sort_keys=True, default=str,
+        )
+        return f"{self.name}:{hashlib.sha256(described.encode()).hexdigest()[:16]}"
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -556,7 +576,7 @@ class GuardJudge:
         self, guard: GuardModel, request: JudgeRequest, answer: str | None
     ) -> tuple[float, list[str], bool]:
         turns, truncated = llama_guard_turns(request, self.max_transcript_chars, guard.specials, answer=answer)
-        images = list(request.images) if answer is None else []
+        images = list(request.images)  # an answer is judged with the images it answers about
         # Llama Guard 3 Vision reads one image per prompt: one prompt per image, the highest score decides
         per_prompt = [[img] for img in images] if guard.family == "mllama" and len(images) > 1 else [images]
         jobs = [(guard.llama_guard_prompt(turns, self.categories, len(imgs)), imgs) for imgs in per_prompt]

@@ -267,7 +267,7 @@ def llama_guard_turns(
     if merged[0].role == "Agent":
         merged.insert(0, GuardTurn("User", "[the conversation opens with the assistant]"))
     if answer is not None:
-        merged = _merge([(t.role, t.text) for t in merged] + [("Agent", answer)])
+        merged = _merge([(t.role, t.text) for t in merged] + [("Agent", answer.strip())])
     elif merged[-1].role == "Agent":
         merged.append(GuardTurn("User", "[no new message: the assistant goes on]"))
     fitted, truncated = _fit(merged, max_chars)

@@ -113,7 +113,6 @@ __all__ = [
     "ChatModelJudge",
     "ChatSafeCoDeJudge",
     "FixedJudge",
-    "GuardJudge",
     "InvalidVerdictError",
     "Judge",
     "JudgeBusyError",
@@ -1720,15 +1719,6 @@ _ACCEPTED = (
 )
 
 
-def __getattr__(name: str) -> Any:
-    # `from safecode_guard.judges import GuardJudge` without importing the guard code for everyone
-    if name == "GuardJudge":
-        from .guard_judges import GuardJudge
-
-        return GuardJudge
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def make_judge(spec_or_object: Any) -> Judge:
     """A judge from a spec string or an object.
 
@@ -1778,7 +1768,8 @@ def _judge_from_spec(spec: str) -> Judge:
     if kind == "fixed" and rest.lower() in ("safe", "unsafe"):
         return FixedJudge(rest.lower())  # type: ignore[arg-type]
     if kind == "guard":
-        from .guard_judges import judge_from_spec  # torch-heavy loading code: only when a guard is named
+        # imported here: the guard's loading code is needed only when a guard is named
+        from .guard_judges import judge_from_spec
 
         return judge_from_spec(rest, text)
     if kind == "chat":

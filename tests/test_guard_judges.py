@@ -15,16 +15,16 @@ import base64
 import io
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from langchain_core.messages import AIMessageChunk, HumanMessage
-from PIL import Image
+from langchain_core.messages import HumanMessage
 from nemo_support import safecode_env  # noqa: F401 - a fixture
+from PIL import Image
 from server_support import ThreadServer
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig, Verdict
@@ -49,7 +49,12 @@ from safecode_guard.guard_prompts import (
 )
 from safecode_guard.judges import FixedJudge, JudgeRequest, make_judge, run_judge
 from safecode_guard.loading import ModelNotFoundError
-from safecode_guard.testing import build_tiny_guard, gradient_image, llama_guard_template, stripes_image
+from safecode_guard.testing import (
+    build_tiny_guard,
+    gradient_image,
+    llama_guard_template,
+    stripes_image,
+)
 
 FAMILIES = ("mllama", "llama4", "shieldgemma2")
 STRICT = SafeCoDeConfig(on_judge_error="raise", judge_timeout_s=None)
@@ -163,7 +168,7 @@ def test_the_family_is_read_from_the_checkpoint_config(family: str, guard_dir) -
 
 
 def test_any_other_model_is_a_typed_error_naming_the_supported_families(tiny_model_dir, tmp_path) -> None:
-    with pytest.raises(UnsupportedGuardError, match="'llava'.*mllama.*llama4.*shieldgemma2"):
+    with pytest.raises(UnsupportedGuardError, match=r"'llava'.*mllama.*llama4.*shieldgemma2"):
         SafeCoDe.from_pretrained(str(tiny_model_dir("llava")), judge=f"guard:{tiny_model_dir('llava')}")
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         GuardJudge(str(tmp_path / "no-such-guard")).load()
@@ -294,6 +299,8 @@ def test_shieldgemma_categories_are_the_policies_over_the_threshold(guard_dir, s
     assert len(scripted.prompts) == 4 and sum("No Weapons: The content" in p for p in scripted.prompts) == 2
     with pytest.raises(SafeCoDeInputError, match="Unknown ShieldGemma policy 'gore'"):
         shieldgemma_policies(["gore"])
+    with pytest.raises(SafeCoDeInputError, match="Unknown ShieldGemma policy 'gore'"):
+        GuardJudge(str(guard_dir("shieldgemma2")), policies=["gore"]).load()
 
 
 def test_categories_are_validated_and_empty_when_safe() -> None:
@@ -469,17 +476,28 @@ def test_the_answer_check_replaces_an_unsafe_answer_when_not_streamed(
     assert "answer_check" not in plain.response_metadata["safety"]
 
 
-def test_the_answer_check_needs_a_judge_that_can_check_answers() -> None:
+def test_the_answer_check_needs_a_judge_that_can_check_answers(tiny_llava) -> None:
     with pytest.raises(SafeCoDeInputError, match="guard judge"):
         check_answer(FixedJudge("safe"), request("Hi"), "Hello")
+    with pytest.raises(SafeCoDeInputError, match=r"`check_answer` needs .* 'fixed:safe'"):
+        SafeCoDe(*tiny_llava, judge="fixed:safe", config=SafeCoDeConfig(check_answer=True))
+
+
+def test_a_guard_judge_object_describes_itself_for_the_cache(guard_dir) -> None:
+    from safecode_guard.chat_model import judge_fingerprint
+
+    path = str(guard_dir("mllama"))
+    one, same, other = GuardJudge(path), GuardJudge(path), GuardJudge(path, categories=["S1"])
+    assert judge_fingerprint(one) == judge_fingerprint(same) != judge_fingerprint(other)
+    assert path not in one.cache_key and one.cache_key.startswith("guard:mllama:")
 
 
 # --------------------------------------------------------------------------- 7. every surface shows the categories
 
 
-def test_the_nemo_rail_carries_the_categories(guard_dir, safecode_env, scripted: ScriptedGuard) -> None:
-    from nemoguardrails import LLMRails, RailsConfig
+def test_the_nemo_rail_carries_the_categories(guard_dir, safecode_env, scripted: ScriptedGuard) -> None:  # noqa: F811
     from nemo_support import CONFIG_V1, REFUSAL, answer_of
+    from nemoguardrails import LLMRails, RailsConfig
 
     from safecode_guard import nemo
 
