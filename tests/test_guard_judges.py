@@ -511,6 +511,30 @@ def test_the_nemo_rail_carries_the_categories(guard_dir, safecode_env, scripted:
     assert res.llm_metadata["safety"]["categories"] == ["S1"]
 
 
+def test_a_nemo_main_model_with_the_answer_check_replaces_an_unsafe_answer(
+    guard_dir, safecode_env, scripted: ScriptedGuard, tmp_path: Path  # noqa: F811
+) -> None:
+    from nemo_support import write_config
+    from nemoguardrails import LLMRails, RailsConfig
+
+    scripted.add("safe", 0.1)
+    scripted.add("unsafe\nS2", 0.9, when=lambda p: "ONLY THE LAST Agent message" in p)
+    safecode_env(f"guard:{guard_dir('mllama')}")
+    folder = write_config(tmp_path / "cfg", (
+        "models:\n"
+        "  - type: main\n"
+        "    engine: safecode\n"
+        '    model: "${SAFECODE_MODEL}"\n'
+        "    parameters:\n"
+        '      judge: "${SAFECODE_JUDGE}"\n'
+        "      max_new_tokens: 4\n"
+        "      safecode: {check_answer: true, answer_refusal: 'No.'}\n"
+        "passthrough: true\n"
+    ))
+    res = LLMRails(RailsConfig.from_path(str(folder))).generate(messages=[{"role": "user", "content": "Hi"}])
+    assert res["content"] == "No."
+
+
 def test_the_agent_middlewares_record_carries_the_categories(guard_dir, scripted: ScriptedGuard) -> None:
     from langchain.agents import create_agent
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
