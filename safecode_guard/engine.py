@@ -377,6 +377,7 @@ class SafeCoDe:
         (an empty tuple decodes to `max_new_tokens` or a stop string). `batching`
         sets the limits of the model's scheduler when this engine is the first on
         the model (later engines pass the same or None)."""
+        from .guard_judges import guard_image_side, load_if_guard, supports_answer_check
         from .judges import SelfJudge, make_judge
 
         self.model = model.eval()
@@ -389,18 +390,13 @@ class SafeCoDe:
         if isinstance(judge_impl, SelfJudge) and judge_impl.engine is None:
             judge_impl = judge_impl.bind(self)
         else:
-            from .guard_judges import load_if_guard
-
             load_if_guard(judge_impl)  # a guard model loads now, never against judge_timeout_s
-        if self.config.check_answer:
-            from .guard_judges import supports_answer_check
-
-            if not supports_answer_check(judge_impl):
-                raise SafeCoDeInputError(
-                    f"`check_answer` needs a judge that classifies answers, a guard judge "
-                    f"('guard:<folder or hub id>'); this engine's judge is {getattr(judge_impl, 'name', judge_impl)!r}. "
-                    "Use a guard judge, or set check_answer=False."
-                )
+        if self.config.check_answer and not supports_answer_check(judge_impl):
+            raise SafeCoDeInputError(
+                f"`check_answer` needs a judge that classifies answers, a guard judge "
+                f"('guard:<folder or hub id>'); this engine's judge is {getattr(judge_impl, 'name', judge_impl)!r}. "
+                "Use a guard judge, or set check_answer=False."
+            )
         self.judge_impl = judge_impl
         self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
         self.quirks = detect_quirks(model)
@@ -411,8 +407,9 @@ class SafeCoDe:
         self.context_length = self._find_context_length()
         self._token_chars = self._find_token_chars()
         self._vocab_size = self._find_vocab_size()
-        self.image_side = image_working_side(processor, self.policy)
-        """Longest image side worth keeping for this processor: images shrink to it on decoding."""
+        self.image_side = max(image_working_side(processor, self.policy), guard_image_side(self.judge_impl, self.policy))
+        """Longest image side worth keeping for this processor (and a guard judge's, which reads the
+        same images): images shrink to it on decoding."""
 
     # -- construction helpers ---------------------------------------------------------
 

@@ -108,6 +108,7 @@ __all__ = [
     "check_answer",
     "decode_greedy",
     "guard_family",
+    "guard_image_side",
     "judge_from_spec",
     "load_guard",
     "load_if_guard",
@@ -645,6 +646,17 @@ def load_if_guard(judge: Any) -> Any:
     if isinstance(judge, GuardJudge):
         judge.load()
     return judge
+
+
+def guard_image_side(judge: Any, policy: Any = None) -> int:
+    """The longest image side worth keeping for `judge`'s guard processor (0 for any other judge):
+    an engine keeps images at least this large, so its guard judge does not see them shrunk to the
+    answering model's needs."""
+    if not isinstance(judge, GuardJudge):
+        return 0
+    from .images import image_working_side
+
+    return image_working_side(judge.load().processor, policy)
 
 
 def supports_answer_check(judge: Any) -> bool:

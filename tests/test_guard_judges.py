@@ -213,6 +213,15 @@ def test_the_engine_and_the_chat_model_judge_with_the_guard(family: str, guard_d
     assert 0.0 <= safety["unsafe_score"] <= 1.0 and "categories" in safety
 
 
+def test_the_engine_keeps_images_as_large_as_its_guard_reads_them(guard_dir, tiny_llava) -> None:
+    from safecode_guard.images import image_working_side
+
+    guard = GuardJudge(str(guard_dir("mllama")))
+    plain = SafeCoDe(*tiny_llava, judge="fixed:safe")
+    guarded = SafeCoDe(*tiny_llava, judge=guard)
+    assert guarded.image_side == max(plain.image_side, image_working_side(guard.load().processor))
+
+
 def test_a_guard_is_loaded_once_per_process_and_shared(guard_dir, tiny_model_dir) -> None:
     spec = f"guard:{guard_dir('mllama')}"
     one = SafeCoDe.from_pretrained(str(tiny_model_dir("llava")), judge=spec)
