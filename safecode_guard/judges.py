@@ -44,9 +44,12 @@ Judges here:
 - `ChatSafeCoDeJudge`: a `ChatSafeCoDe` given as a judge judges with its own
   model's self judge (unsteered), loaded on first use.
 - `FixedJudge`, `CallableJudge`: pinned policies and your own functions.
+- `guard_judges.GuardJudge`: a dedicated guard model (Llama Guard 3 Vision,
+  Llama Guard 4, ShieldGemma 2) in its published prompt format, with hazard
+  categories (`Verdict.categories`).
 
 `make_judge` turns a spec string (`"self"`, `"self:caption"`, `"fixed:safe"`,
-`"chat:<provider>:<model>"`) or an object into a judge.
+`"chat:<provider>:<model>"`, `"guard:<folder or hub id>"`) or an object into a judge.
 
 User text, captions, tools and transcript turns placed in a judge prompt are
 neutralised (`delimit`), so they cannot open or close the prompt's own tags.
