@@ -33,6 +33,7 @@ from .verdict import Verdict
 if TYPE_CHECKING:
     from .chat_model import ChatSafeCoDe
     from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream, Usage
+    from .guard_judges import GuardJudge
     from .judges import (
         CallableJudge,
         ChatModelJudge,
@@ -58,6 +59,7 @@ _LAZY = {
     "CallableJudge": "judges",
     "SelfJudge": "judges",
     "ChatModelJudge": "judges",
+    "GuardJudge": "guard_judges",
     "make_judge": "judges",
     "ChatSafeCoDe": "chat_model",
 }
@@ -69,6 +71,7 @@ __all__ = [
     "ChatModelJudge",
     "ChatSafeCoDe",
     "FixedJudge",
+    "GuardJudge",
     "ImageInputError",
     "InputLimitError",
     "InputPolicy",

@@ -382,7 +382,8 @@ class Decoder:
         kwargs.pop("logits_to_keep", None)
         kwargs["cache"] = _find_cache(out)
         _give_room(kwargs["cache"])
-        kwargs = model._update_model_kwargs_for_generation(out, kwargs)
+        # passed by name: Mllama's override makes `is_encoder_decoder` a required argument
+        kwargs = model._update_model_kwargs_for_generation(out, kwargs, is_encoder_decoder=False)
         kept = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
         if self.quirks.step_through_language_model:
             # The language model alone sees no images: mm type ids mean nothing to it, and its
@@ -397,7 +398,7 @@ class Decoder:
         ids = tokens.to(rows.kwargs["attention_mask"].device).view(-1, 1)
         inputs = self.stepper.prepare_inputs_for_generation(ids, next_sequence_length=1, **rows.kwargs)
         out = self.stepper(**inputs, return_dict=True)
-        rows.kwargs = self.stepper._update_model_kwargs_for_generation(out, rows.kwargs)
+        rows.kwargs = self.stepper._update_model_kwargs_for_generation(out, rows.kwargs, is_encoder_decoder=False)
         return out.logits[:, -1, :]
 
 

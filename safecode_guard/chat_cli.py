@@ -22,7 +22,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or hub id (default: the embedded demo model)")
     parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
     parser.add_argument("--system", default=None, help="an optional system prompt")
-    parser.add_argument("--judge", default="self", help='judge spec: "self", "self:caption", "fixed:safe", "chat:<provider>:<model>" (default: self)')
+    parser.add_argument("--judge", default="self", help='judge spec: "self", "self:caption", "fixed:safe", "chat:<provider>:<model>", '
+                        '"guard:<folder or hub id>" (Llama Guard 3 Vision / 4, ShieldGemma 2; options after "?", '
+                        'e.g. "guard:meta-llama/Llama-Guard-4-12B?device=cuda:1") (default: self)')
     parser.add_argument("--baseline", action="store_true", help="also print the plain answer without SafeCoDe")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=256)
@@ -75,7 +77,8 @@ def run_command(args: argparse.Namespace) -> int:
         stream = engine.stream(messages, **settings)
         v = stream.verdict
         score = "n/a" if v.unsafe_score is None else f"{v.unsafe_score:.2f}"
-        print(f"verdict: {v.label} (unsafe_score={score}, judge={v.judge}, source={v.source})", file=sys.stderr)
+        categories = f", categories={','.join(v.categories)}" if v.categories else ""
+        print(f"verdict: {v.label} (unsafe_score={score}, judge={v.judge}, source={v.source}{categories})", file=sys.stderr)
         if v.error:
             print(f"judge error: {v.error}", file=sys.stderr)
         print("SafeCoDe: ", end="", flush=True)

@@ -18,7 +18,8 @@ everything (text, tool calls, invalid calls, metadata) by construction.
 
 - invoke / batch / ainvoke / abatch: one `AIMessage` holding the answer only
   (no prompt echo, stop string excluded). `response_metadata` holds `safety`
-  (SPEC section 5, built by `safety_metadata`), `model_name`,
+  (SPEC section 5, built by `safety_metadata`, with a guard judge's hazard
+  `categories`), `model_name`,
   `finish_reason` and `model_provider="safecode"`; `usage_metadata` the real
   token counts of the prompt and the answer.
 - stream / astream / astream_events / stream_events: text chunks as the
@@ -27,6 +28,10 @@ everything (text, tool calls, invalid calls, metadata) by construction.
   `model_name`, `finish_reason` and `usage_metadata`. Each rides on exactly
   one chunk, so merged chunks hold the same metadata as `invoke`
   (LangChain's merge concatenates repeated strings and sums numbers).
+  With `SafeCoDeConfig.check_answer` the judge also classifies the finished
+  answer: `invoke` replaces an unsafe one by `answer_refusal`
+  (`replace_unsafe_answer`); a stream's text is out already, so its last
+  chunk only flags it (`safety["answer_check"]`).
   `safety["refused"]` describes how the answer opens, so the first chunk
   goes out as soon as the opening settles it (`refusal_decision`): usually
   within the first few tokens, always before any text is shown.
@@ -117,7 +122,9 @@ __all__ = [
     "images_inline",
     "init_chat_model",
     "judge_fingerprint",
+    "answer_check_metadata",
     "refusal_decision",
+    "replace_unsafe_answer",
     "safety_metadata",
 ]
 
@@ -165,7 +172,46 @@ def safety_metadata(verdict: Verdict, config: SafeCoDeConfig, refused: bool) -> 
         "refused": refused,
         # the judge saw only the most recent part of a long conversation (its budget)
         "transcript_truncated": verdict.transcript_truncated,
+        # the hazard categories a guard judge found violated ("S1", "dangerous"); empty when safe
+        "categories": list(verdict.categories),
     }
+
+
+def answer_check_metadata(verdict: Verdict, replaced: bool) -> dict[str, Any]:
+    """`safety["answer_check"]`: the judge's verdict on the finished answer (`SafeCoDeConfig.check_answer`),
+    and whether the answer was replaced by the refusal (never, once streamed: its text was sent)."""
+    return {
+        "verdict": verdict.label,
+        "unsafe_score": verdict.unsafe_score,
+        "categories": list(verdict.categories),
+        "judge": verdict.judge,
+        "source": verdict.source,
+        "error": verdict.error,
+        "replaced": replaced,
+    }
+
+
+def replace_unsafe_answer(message: AIMessage, refusal: str) -> AIMessage:
+    """`message` with its content replaced by `refusal` when its answer check found it unsafe.
+
+    For answers not yet shown (`invoke`, a non-streamed HTTP answer): tool calls
+    go too (listed in `safety["blocked_tool_calls"]`), and `answer_check["replaced"]`
+    says so. Any other message is returned as it is.
+    """
+    safety = message.response_metadata.get("safety") or {}
+    check = safety.get("answer_check")
+    if not isinstance(check, dict) or check.get("verdict") != "unsafe":
+        return message
+    blocked = [*(safety.get("blocked_tool_calls") or []), *map(dict, message.tool_calls), *map(dict, message.invalid_tool_calls)]
+    new_safety = {**safety, "answer_check": {**check, "replaced": True}}
+    if blocked or "blocked_tool_calls" in safety:
+        new_safety["blocked_tool_calls"] = blocked
+    return AIMessage(
+        content=refusal,
+        id=message.id,
+        response_metadata={**message.response_metadata, "safety": new_safety},
+        usage_metadata=message.usage_metadata,
+    )
 
 
 def refusal_decision(text: str, phrases: Sequence[str]) -> bool | None:
@@ -682,6 +728,14 @@ class _Call:
     verdict: Verdict
     model_name: str
     """What `response_metadata["model_name"]` reports (`ChatSafeCoDe.model_name` or the override's name)."""
+    check: Callable[[str], Verdict] | None = None
+    """The answer check (`SafeCoDeConfig.check_answer`): the judge's verdict on the finished answer."""
+
+    def answer(self) -> str:
+        """The finished answer's text as the model wrote it (a forced opening included)."""
+        result = self.pieces.result
+        assert result is not None
+        return (self.plan.prefix if self.plan is not None else "") + result.text
 
 
 def special_strings(processor: Any) -> tuple[str, ...]:
@@ -869,7 +923,8 @@ class ChatSafeCoDe(BaseChatModel):
     (never its path), the hub id, or "demo"."""
     judge: Any = "self"
     """Who decides safe / unsafe: a spec string ("self", "self:caption", "fixed:safe",
-    "fixed:unsafe", "chat:<provider>:<model>"), a judge object, a LangChain chat model, or a
+    "fixed:unsafe", "chat:<provider>:<model>", "guard:<folder or hub id>" for Llama Guard 3
+    Vision / 4 or ShieldGemma 2), a judge object, a LangChain chat model, or a
     callable taking a `JudgeRequest`. Answers decided by a callable or a custom judge object
     are not cached by LangChain's LLM cache unless the object has a string `cache_key`."""
     safecode: SafeCoDeConfig = Field(default_factory=SafeCoDeConfig)
@@ -1471,7 +1526,11 @@ class ChatSafeCoDe(BaseChatModel):
         # A full queue refuses before anything is decoded: queue the same request again under
         # the verdict already decided (the judge does not run twice).
         reopen = lambda: engine.stream(prompt_messages, start=False, **{**engine_kwargs, "verdict": verdict}, **retry.left())  # noqa: E731
-        return _Call(engine, retry.queued(pieces, reopen), plan, verdict, self.display_name(model))
+        check = None
+        if engine.config.check_answer:
+            tools_given = engine_kwargs.get("tools")
+            check = lambda answer: engine.check_answer(prompt_messages, answer, tools=tools_given)  # noqa: E731
+        return _Call(engine, retry.queued(pieces, reopen), plan, verdict, self.display_name(model), check)
 
     def _generate(
         self,
@@ -1492,7 +1551,7 @@ class ChatSafeCoDe(BaseChatModel):
         finally:
             call.pieces.close()
         merged = chunks[0] + chunks[1:] if len(chunks) > 1 else chunks[0]
-        message = message_chunk_to_message(merged)
+        message = replace_unsafe_answer(message_chunk_to_message(merged), call.engine.config.answer_refusal)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -1538,7 +1597,8 @@ class ChatSafeCoDe(BaseChatModel):
         finally:
             call.pieces.close()
         merged = chunks[0] + chunks[1:] if len(chunks) > 1 else chunks[0]
-        return ChatResult(generations=[ChatGeneration(message=message_chunk_to_message(merged))])
+        message = replace_unsafe_answer(message_chunk_to_message(merged), call.engine.config.answer_refusal)
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
     async def _astream(
         self,
@@ -1619,7 +1679,7 @@ class _ChunkBuilder:
         self.pending = []
         return out
 
-    def finish(self) -> list[ChatGenerationChunk]:
+    def finish(self, answer_check: Verdict | None = None) -> list[ChatGenerationChunk]:
         call, reader = self.call, self.reader
         self.pending.extend(reader.finish())
         result = call.pieces.result
@@ -1633,6 +1693,9 @@ class _ChunkBuilder:
         if reader.blocked:
             # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
             last_meta["safety"] = {"blocked_tool_calls": reader.blocked}
+        if answer_check is not None:
+            # the text is out already: flagged here; `invoke` replaces it (`replace_unsafe_answer`)
+            last_meta.setdefault("safety", {})["answer_check"] = answer_check_metadata(answer_check, replaced=False)
         if reader.errors:
             last_meta[tools_mod.INVALID_CALL_ERRORS] = dict(reader.errors)
         out.append(
@@ -1652,7 +1715,12 @@ def _chunks(call: _Call) -> Iterator[ChatGenerationChunk]:
     builder = _ChunkBuilder(call)
     for piece in call.pieces:
         yield from builder.feed(piece)
-    yield from builder.finish()
+    check = None
+    if call.check is not None:
+        from .engine import run_briefly
+
+        check = run_briefly(lambda: call.check(call.answer()))  # type: ignore[misc]
+    yield from builder.finish(check)
 
 
 async def _achunks(call: _Call) -> AsyncIterator[ChatGenerationChunk]:
@@ -1660,7 +1728,12 @@ async def _achunks(call: _Call) -> AsyncIterator[ChatGenerationChunk]:
     async for piece in call.pieces:
         for chunk in builder.feed(piece):
             yield chunk
-    for chunk in builder.finish():
+    check = None
+    if call.check is not None:
+        from .engine import arun_briefly
+
+        check = await arun_briefly(lambda: call.check(call.answer()))  # type: ignore[misc]
+    for chunk in builder.finish(check):
         yield chunk
 
 

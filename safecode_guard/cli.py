@@ -35,6 +35,9 @@ def add_safecode_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=float, help="unsafe when score >= threshold (0.5)")
     group.add_argument("--on-judge-error", choices=("unsafe", "safe", "raise"), help="judge failure policy (unsafe)")
     group.add_argument("--seed", type=int, help="noise and sampling seed (0)")
+    group.add_argument("--check-answer", action="store_true", default=None,
+                       help="the judge also classifies each finished answer (guard judges); an unsafe one is "
+                            "replaced by a refusal when not streamed, flagged when streamed (off)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -42,7 +45,7 @@ def config_from_args(args: argparse.Namespace):
     from .config import SafeCoDeConfig
 
     fields = ("alpha", "noise_std", "steered_steps", "unsafe_mode", "lambda_boost", "lambda_supp",
-              "plausibility_beta", "threshold", "on_judge_error", "seed")
+              "plausibility_beta", "threshold", "on_judge_error", "seed", "check_answer")
     return SafeCoDeConfig(**{f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
 
 

@@ -74,6 +74,14 @@ class SafeCoDeConfig(BaseModel):
     """What a "safe" verdict on a truncated view becomes (the conversation did not fit the
     judge's budget, `max_transcript_chars`): "unsafe" (default, fail closed: a fallback
     verdict), "safe" (accept a verdict on the most recent part), or "raise" (`JudgeTruncatedError`)."""
+    check_answer: bool = False
+    """Also let the judge classify each finished answer (guard judges, `judge="guard:..."`: Llama
+    Guard's response classification, ShieldGemma's response prompt). An answer it finds unsafe is
+    replaced by `answer_refusal` in `generate`, `invoke` and non-streamed HTTP answers; a stream has
+    already sent its text, so its last chunk only flags it (`safety["answer_check"]`). A failed check
+    follows `on_judge_error` (an unsafe answer by default)."""
+    answer_refusal: str = "I'm sorry, but I can't help with that."
+    """What replaces an answer the answer check finds unsafe."""
 
     @field_validator("alpha")
     @classmethod
@@ -120,6 +128,16 @@ class SafeCoDeConfig(BaseModel):
     def _timeout(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 < v <= 86400.0:
             raise ValueError(f"`judge_timeout_s` (={v!r}) must be positive seconds or None to wait forever.")
+        return v
+
+    @field_validator("answer_refusal")
+    @classmethod
+    def _answer_refusal(cls, v: str) -> str:
+        if not v.strip() or len(v) > 4000:
+            raise ValueError(
+                f"`answer_refusal` (={v!r:.60}) must be a non-empty text of at most 4000 characters, "
+                "e.g. \"I'm sorry, but I can't help with that.\""
+            )
         return v
 
     @field_validator("refusal_phrases", mode="before")

@@ -198,6 +198,11 @@ class SafeCoDeResult(BaseModel):
     """The new tokens, including a final EOS token if one ended the answer."""
     verdict: Verdict | None
     """The verdict that steered decoding; None for `baseline()` answers."""
+    answer_check: Verdict | None = None
+    """The judge's verdict on the finished answer (`SafeCoDeConfig.check_answer`); None when not checked."""
+    answer_replaced: bool = False
+    """Whether the answer check found the answer unsafe and `text` is `answer_refusal` instead
+    (`token_ids` are still the tokens the model decoded)."""
     finish_reason: FinishReason
     """"stop" for EOS or a stop string, "length" for `max_new_tokens`."""
     usage: Usage
@@ -372,6 +377,7 @@ class SafeCoDe:
         (an empty tuple decodes to `max_new_tokens` or a stop string). `batching`
         sets the limits of the model's scheduler when this engine is the first on
         the model (later engines pass the same or None)."""
+        from .guard_judges import guard_image_side, load_if_guard, supports_answer_check
         from .judges import SelfJudge, make_judge
 
         self.model = model.eval()
@@ -383,6 +389,14 @@ class SafeCoDe:
         judge_impl = make_judge(judge)
         if isinstance(judge_impl, SelfJudge) and judge_impl.engine is None:
             judge_impl = judge_impl.bind(self)
+        else:
+            load_if_guard(judge_impl)  # a guard model loads now, never against judge_timeout_s
+        if self.config.check_answer and not supports_answer_check(judge_impl):
+            raise SafeCoDeInputError(
+                f"`check_answer` needs a judge that classifies answers, a guard judge "
+                f"('guard:<folder or hub id>'); this engine's judge is {getattr(judge_impl, 'name', judge_impl)!r}. "
+                "Use a guard judge, or set check_answer=False."
+            )
         self.judge_impl = judge_impl
         self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
         self.quirks = detect_quirks(model)
@@ -393,8 +407,9 @@ class SafeCoDe:
         self.context_length = self._find_context_length()
         self._token_chars = self._find_token_chars()
         self._vocab_size = self._find_vocab_size()
-        self.image_side = image_working_side(processor, self.policy)
-        """Longest image side worth keeping for this processor: images shrink to it on decoding."""
+        self.image_side = max(image_working_side(processor, self.policy), guard_image_side(self.judge_impl, self.policy))
+        """Longest image side worth keeping for this processor (and a guard judge's, which reads the
+        same images): images shrink to it on decoding."""
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -492,12 +507,52 @@ class SafeCoDe:
         )
 
     def generate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
-        """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`."""
-        return self.stream(messages, **kwargs).consume()
+        """Answer `messages` with SafeCoDe. Keyword arguments as in `stream`.
+
+        With `SafeCoDeConfig.check_answer`, the judge then classifies the answer
+        (`check_answer`); an unsafe one is replaced by `answer_refusal`
+        (`result.answer_check` holds the verdict, `result.answer_replaced` says so).
+        """
+        result = self.stream(messages, **kwargs).consume()
+        if not self.config.check_answer:
+            return result
+        return run_briefly(lambda: self._checked(messages, result, kwargs))
 
     async def agenerate(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> SafeCoDeResult:
         """`generate` for asyncio: the event loop never blocks. Keyword arguments as in `stream`."""
-        return await (await self.astream(messages, **kwargs)).aconsume()
+        result = await (await self.astream(messages, **kwargs)).aconsume()
+        if not self.config.check_answer:
+            return result
+        return await arun_briefly(lambda: self._checked(messages, result, kwargs))
+
+    def check_answer(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        answer: str,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        control: RequestControl | None = None,
+    ) -> Verdict:
+        """The judge's verdict on `answer` to `messages` (offered `tools`): the answer check.
+
+        Needs a judge that classifies answers (a guard judge, `judge="guard:..."`);
+        runs through `run_judge`, so `judge_timeout_s` and `on_judge_error` apply
+        (a failed check gives an unsafe fallback verdict by default).
+        """
+        from .guard_judges import check_answer
+
+        conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(tools=tools)
+        return check_answer(self.judge_impl, self.judge_request(conv), answer, self.config, control=control)
+
+    def _checked(self, messages: Sequence[Mapping[str, Any]], result: SafeCoDeResult, options: Mapping[str, Any]) -> SafeCoDeResult:
+        """`result` after the answer check: replaced by `answer_refusal` when the answer is unsafe."""
+        answer = options.get("answer_prefix", "") + result.text  # a forced opening is the answer's own words
+        verdict = self.check_answer(messages, answer, tools=options.get("tools"), control=options.get("control"))
+        if not verdict.unsafe:
+            return result.model_copy(update={"answer_check": verdict})
+        return result.model_copy(
+            update={"answer_check": verdict, "answer_replaced": True, "text": self.config.answer_refusal}
+        )
 
     def stream(
         self,

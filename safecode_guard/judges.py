@@ -44,9 +44,12 @@ Judges here:
 - `ChatSafeCoDeJudge`: a `ChatSafeCoDe` given as a judge judges with its own
   model's self judge (unsteered), loaded on first use.
 - `FixedJudge`, `CallableJudge`: pinned policies and your own functions.
+- `guard_judges.GuardJudge`: a dedicated guard model (Llama Guard 3 Vision,
+  Llama Guard 4, ShieldGemma 2) in its published prompt format, with hazard
+  categories (`Verdict.categories`).
 
 `make_judge` turns a spec string (`"self"`, `"self:caption"`, `"fixed:safe"`,
-`"chat:<provider>:<model>"`) or an object into a judge.
+`"chat:<provider>:<model>"`, `"guard:<folder or hub id>"`) or an object into a judge.
 
 User text, captions, tools and transcript turns placed in a judge prompt are
 neutralised (`delimit`), so they cannot open or close the prompt's own tags.
@@ -121,6 +124,7 @@ __all__ = [
     "JudgeView",
     "SelfJudge",
     "Turn",
+    "check_transcript_budget",
     "delimit",
     "hand_off_verdict",
     "handed_off_verdict",
@@ -128,6 +132,7 @@ __all__ = [
     "judge_view",
     "label_token_ids",
     "make_judge",
+    "neutralise_tags",
     "parse_verdict_text",
     "request_fingerprint",
     "run_judge",
@@ -675,7 +680,9 @@ def _normalise(raw: Any, threshold: float, name: str) -> Verdict:
         if checked.unsafe_score is not None:
             label = label_from_score(checked.unsafe_score, threshold)
         judge_name = checked.judge if checked.judge != "unknown" else name
-        return checked.model_copy(update={"label": label, "judge": judge_name})
+        # a score under the threshold makes the verdict safe, and a safe verdict names no categories
+        categories = checked.categories if label == "unsafe" else []
+        return checked.model_copy(update={"label": label, "judge": judge_name, "categories": categories})
     if isinstance(raw, str):
         label = raw.strip().lower()
         if label not in ("safe", "unsafe"):
@@ -789,6 +796,18 @@ def _neutralise_tags(text: str, tags: Sequence[str] = PROMPT_TAGS) -> str:
         _LOOKALIKE_LT if ch in _LT_LIKE and _opens_tag(text, i + 1, tags) else ch
         for i, ch in enumerate(text)
     )
+
+
+def neutralise_tags(text: str, tags: Sequence[str]) -> str:
+    """`text` with every `<`-like character that opens one of `tags` (lower-case words) replaced by `‹`.
+
+    A tag counts as `delimit` counts it: other case, spaces or `/` after the `<`,
+    full-width or lookalike letters, invisible characters inside. For prompts
+    with markers of their own (a guard model's `<BEGIN CONVERSATION>`).
+    """
+    if not tags or any(not isinstance(t, str) or not t or t != t.lower() for t in tags):
+        raise ValueError(f"`tags` (={tags!r}) must be non-empty lower-case words such as ('begin', 'end').")
+    return _neutralise_tags(text, tuple(tags))
 
 
 def delimit(tag: str, text: str) -> str:
@@ -918,6 +937,11 @@ size of the answer prompt's own prefill. Raise it for long-context models."""
 _MIN_TRANSCRIPT_CHARS = 256
 # A turn that does not fit whole is still shown clipped when at least this much budget is left.
 _MIN_CLIPPED_TURN = 200
+
+
+def check_transcript_budget(value: Any) -> int:
+    """`value` if it is a valid `max_transcript_chars` budget, else `SafeCoDeInputError` naming the rule."""
+    return _check_transcript_budget(value)
 
 
 def _check_transcript_budget(value: Any) -> int:
@@ -1688,7 +1712,9 @@ class ChatModelJudge:
 
 _SPEC_FORMS = (
     "'self' (= 'self:direct'), 'self:direct', 'self:caption', 'fixed:safe', 'fixed:unsafe', "
-    "'chat:<provider>:<model>' (e.g. 'chat:openai:gpt-4o')"
+    "'chat:<provider>:<model>' (e.g. 'chat:openai:gpt-4o'), "
+    "'guard:<local folder or hub id>' (Llama Guard 3 Vision, Llama Guard 4 or ShieldGemma 2, "
+    "e.g. 'guard:meta-llama/Llama-Guard-4-12B')"
 )
 _ACCEPTED = (
     f"a spec string ({_SPEC_FORMS}), a judge object (with `name` and `__call__`), a LangChain "
@@ -1701,7 +1727,11 @@ def make_judge(spec_or_object: Any) -> Judge:
 
     Strings: "self" / "self:direct", "self:caption", "fixed:safe",
     "fixed:unsafe", "chat:<provider>:<model>" (LangChain's `init_chat_model`,
-    needs `pip install safecode-guard[agents]` plus the provider's package).
+    needs `pip install safecode-guard[agents]` plus the provider's package),
+    "guard:<local folder or hub id>" (a `GuardJudge`: Llama Guard 3 Vision,
+    Llama Guard 4 or ShieldGemma 2; options after "?", e.g.
+    "guard:meta-llama/Llama-Guard-4-12B?device=cuda:1&categories=S1,S9";
+    loaded on first use).
     Objects: a judge is returned as is, a `ChatSafeCoDe` becomes a
     `ChatSafeCoDeJudge` (its model's own self judge, unsteered, loaded on first
     use), any other LangChain `BaseChatModel` a `ChatModelJudge`, any other
@@ -1740,6 +1770,11 @@ def _judge_from_spec(spec: str) -> Judge:
         return SelfJudge(rest.lower() or "direct")  # type: ignore[arg-type]
     if kind == "fixed" and rest.lower() in ("safe", "unsafe"):
         return FixedJudge(rest.lower())  # type: ignore[arg-type]
+    if kind == "guard":
+        # imported here: the guard's loading code is needed only when a guard is named
+        from .guard_judges import judge_from_spec
+
+        return judge_from_spec(rest, text)
     if kind == "chat":
         provider, _, model = rest.partition(":")  # the model name may hold colons (ollama tags)
         if provider.strip() and model.strip():

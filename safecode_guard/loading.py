@@ -44,6 +44,8 @@ from typing import Any, Literal
 from .errors import UnsupportedModelError
 
 __all__ = [
+    "AUTO_CLASSES",
+    "DEFAULT_AUTO_CLASS",
     "DEMO_MODEL",
     "HUB_PROBE_TIMEOUT_S",
     "HubUnreachableError",
@@ -346,19 +348,33 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
 
 
-def load_pretrained(path_or_id: str | os.PathLike[str], **model_kwargs: Any) -> tuple[Any, Any]:
+DEFAULT_AUTO_CLASS = "AutoModelForImageTextToText"
+"""The transformers Auto class a model is loaded with unless told otherwise."""
+
+#: Auto classes `load_pretrained` may be asked for: a ShieldGemma 2 guard is an image classifier
+#: whose generation model sits inside it (`AutoModelForImageTextToText` would leave its weights out).
+AUTO_CLASSES = (DEFAULT_AUTO_CLASS, "AutoModelForImageClassification")
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike[str], *, auto_class: str = DEFAULT_AUTO_CLASS, **model_kwargs: Any
+) -> tuple[Any, Any]:
     """`(model, processor)` for `path_or_id`, loaded with `AutoModelForImageTextToText` + `AutoProcessor`.
 
     Checked first with `check_model_source`; `model_kwargs` go to the model's
     `from_pretrained` (e.g. `dtype`, `device_map`, `attn_implementation`).
+    `auto_class` names another Auto class of `AUTO_CLASSES` to load the model with.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import transformers
+    from transformers import AutoProcessor
 
+    if auto_class not in AUTO_CLASSES:
+        raise ValueError(f"`auto_class` (={auto_class!r}) must be one of {AUTO_CLASSES}.")
     source = check_model_source(path_or_id)
     cache_only = {"local_files_only": True} if source.cached_only else {}
     try:
         processor = AutoProcessor.from_pretrained(source.location, **cache_only)
-        model = AutoModelForImageTextToText.from_pretrained(source.location, **cache_only, **model_kwargs)
+        model = getattr(transformers, auto_class).from_pretrained(source.location, **cache_only, **model_kwargs)
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(
             f"Could not load {os.fspath(path_or_id)!r} as an image-text-to-text model: {_first_line(exc)}. "
@@ -452,6 +468,8 @@ class WeightsKey:
     dtype: str | None = None
     options: str = ""
     """The other `from_pretrained` keyword arguments, as a stable string."""
+    auto_class: str = DEFAULT_AUTO_CLASS
+    """The transformers Auto class the model is loaded with."""
 
 
 class LoadedModel:
@@ -473,7 +491,12 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def weights_key(
-    path_or_id: str | os.PathLike[str], *, device: str | None = None, dtype: Any = None, **model_kwargs: Any
+    path_or_id: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: Any = None,
+    auto_class: str = DEFAULT_AUTO_CLASS,
+    **model_kwargs: Any,
 ) -> WeightsKey:
     """The identity of the weights `shared_model` would load (nothing is checked or loaded)."""
     text = os.fspath(path_or_id).strip()
@@ -487,7 +510,7 @@ def weights_key(
         location = text
     dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
     options = repr(sorted((str(k), repr(v)) for k, v in model_kwargs.items()))
-    return WeightsKey(location, None if device is None else str(device), dtype_name, options)
+    return WeightsKey(location, None if device is None else str(device), dtype_name, options, auto_class)
 
 
 def loaded_model(key: WeightsKey) -> LoadedModel | None:
@@ -497,7 +520,12 @@ def loaded_model(key: WeightsKey) -> LoadedModel | None:
 
 
 def shared_model(
-    path_or_id: str | os.PathLike[str], *, device: str | None = None, dtype: Any = None, **model_kwargs: Any
+    path_or_id: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: Any = None,
+    auto_class: str = DEFAULT_AUTO_CLASS,
+    **model_kwargs: Any,
 ) -> LoadedModel:
     """The model and processor of `path_or_id`, loaded once per process for these options.
 
@@ -506,8 +534,9 @@ def shared_model(
     torch dtype). Calls that name the same weights (`weights_key`) get the
     same `LoadedModel` while anyone holds it; concurrent first calls load
     once (the others wait for that load and get its result or its error).
+    `auto_class`: see `load_pretrained`.
     """
-    key = weights_key(path_or_id, device=device, dtype=dtype, **model_kwargs)
+    key = weights_key(path_or_id, device=device, dtype=dtype, auto_class=auto_class, **model_kwargs)
     with _REGISTRY_LOCK:
         held = _LOADED.get(key)
         if held is not None:
@@ -519,7 +548,7 @@ def shared_model(
     if not loading_here:
         return pending.result()  # another thread is loading these weights: its result, or its error
     try:
-        loaded = LoadedModel(key, *_load(path_or_id, device, dtype, model_kwargs))
+        loaded = LoadedModel(key, *_load(path_or_id, device, dtype, {**model_kwargs, "auto_class": auto_class}))
     except BaseException as exc:
         with _REGISTRY_LOCK:
             del _LOADING[key]

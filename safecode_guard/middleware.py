@@ -268,8 +268,10 @@ class SafeCoDeMiddleware(AgentMiddleware):
     """Judge what the agent's model reads with SafeCoDe's judge before it runs; act on unsafe.
 
     - `judge`: a judge spec ("self", "self:caption", "fixed:unsafe",
-      "chat:<provider>:<model>"), a judge object, a LangChain chat model or a
-      callable. "self" judges with the local model given as `model`.
+      "chat:<provider>:<model>", "guard:<folder or hub id>"), a judge object, a
+      LangChain chat model or a callable. "self" judges with the local model
+      given as `model`. A guard judge's hazard categories are in the record
+      (`state["safecode_verdict"]["categories"]`).
     - `model`: a `ChatSafeCoDe` or a `SafeCoDe` engine; needed for the "self"
       judges, and the source of `config` / `policy` defaults.
     - `on_unsafe`: "end" (default) ends the run with `refusal_message`;
@@ -340,9 +342,12 @@ class SafeCoDeMiddleware(AgentMiddleware):
     # -- judging ----------------------------------------------------------------------------
 
     def _judge_impl(self) -> Any:
-        """The judge, with a "self" judge bound to the model's engine (loaded on first use)."""
+        """The judge, with a "self" judge bound to the model's engine (loaded on first use), a guard
+        model loaded (before `run_judge`, so loading never counts as judging time)."""
         if not (isinstance(self.judge, SelfJudge) and self.judge.engine is None):
-            return self.judge
+            from .guard_judges import load_if_guard
+
+            return load_if_guard(self.judge)
         from .chat_model import ChatSafeCoDe
 
         engine = self.model.engine if isinstance(self.model, ChatSafeCoDe) else self.model

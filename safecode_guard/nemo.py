@@ -893,21 +893,23 @@ def _judge_for(spec: Any, engine: Callable[[], SafeCoDe]) -> Judge:
 
     `engine` is only called for a self judge, so fixed and chat judges never load a model.
     """
+    from .guard_judges import load_if_guard
     from .judges import SelfJudge, make_judge
 
     if not isinstance(spec, str):
         judge = make_judge(spec)
         if isinstance(judge, SelfJudge) and judge.engine is None:
             return judge.bind(engine())
-        return judge
+        return load_if_guard(judge)
     with _LOCK:
         judge = _FREE_JUDGES.get(spec)
         if judge is None:
             judge = make_judge(spec)
             if not isinstance(judge, SelfJudge):
                 _FREE_JUDGES[spec] = judge
-        if not isinstance(judge, SelfJudge):
-            return judge
+    if not isinstance(judge, SelfJudge):
+        return load_if_guard(judge)  # a guard model loads once (outside the lock), before any judging
+    with _LOCK:
         bound_engine = engine()
         judges = _BOUND_JUDGES.setdefault(bound_engine, {})
         if spec not in judges:

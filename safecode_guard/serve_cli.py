@@ -26,7 +26,9 @@ API_KEY_ENV = "SAFECODE_API_KEY"
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="local model folder or hub id (default: the embedded demo model)")
     parser.add_argument("--served-model-name", default=None, help="the model name clients see (default: the folder's name)")
-    parser.add_argument("--judge", default="self", help='judge spec: "self", "self:caption", "fixed:safe", "chat:<provider>:<model>" (default: self)')
+    parser.add_argument("--judge", default="self", help='judge spec: "self", "self:caption", "fixed:safe", "chat:<provider>:<model>", '
+                        '"guard:<folder or hub id>" (Llama Guard 3 Vision / 4, ShieldGemma 2; options after "?", '
+                        'e.g. "guard:meta-llama/Llama-Guard-4-12B?device=cuda:1") (default: self)')
     net = parser.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     net.add_argument("--port", type=int, default=8000)

@@ -7,13 +7,34 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidVerdictError
 
-__all__ = ["InvalidVerdictError", "Label", "Verdict", "label_from_score", "validated_verdict"]
+__all__ = [
+    "MAX_CATEGORIES",
+    "MAX_CATEGORY_CHARS",
+    "InvalidVerdictError",
+    "Label",
+    "Verdict",
+    "label_from_score",
+    "validated_verdict",
+]
 
 Label = Literal["safe", "unsafe"]
+
+MAX_CATEGORIES = 64
+"""Most categories one verdict may name."""
+MAX_CATEGORY_CHARS = 64
+"""Longest category name."""
 
 
 def label_from_score(unsafe_score: float, threshold: float) -> Label:
@@ -51,6 +72,37 @@ class Verdict(BaseModel):
     (`max_transcript_chars`), so the judge saw only its most recent part (the
     prompt told it so). A verdict on a truncated view may miss harm that sits in
     the omitted, older turns."""
+    categories: list[str] = Field(default_factory=list, max_length=MAX_CATEGORIES)
+    """The hazard categories the judge found violated: Llama Guard's codes ("S1", "S9"),
+    ShieldGemma 2's policy names ("dangerous"). Empty when the verdict is safe, and when
+    the judge names none (self, chat and fixed judges, fallbacks)."""
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _categories_list(cls, value: Any) -> Any:
+        # a tuple reads as the list it is; a lone string would read as its characters: refused
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    @field_validator("categories")
+    @classmethod
+    def _category_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or len(name) > MAX_CATEGORY_CHARS or name != name.strip() or not name.isprintable():
+                raise ValueError(
+                    f"category {name!r:.80} must be a short name such as 'S1' or 'dangerous' "
+                    f"(1-{MAX_CATEGORY_CHARS} printable characters, no surrounding spaces)"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"categories {value!r:.120} name a category twice")
+        return value
+
+    @model_validator(mode="after")
+    def _no_categories_when_safe(self) -> Verdict:
+        if self.label == "safe" and self.categories:
+            raise ValueError(f"a safe verdict names no violated categories (got {self.categories!r:.120})")
+        return self
 
     @field_validator("unsafe_score", "latency_s", mode="before")
     @classmethod
@@ -108,6 +160,7 @@ def validated_verdict(value: Any) -> Verdict:
         )
         raise InvalidVerdictError(
             f"Invalid verdict ({problems}). A verdict needs label 'safe' or 'unsafe' (lower case), "
-            "an unsafe_score in [0, 1] or None, latency_s >= 0, and only Verdict's own fields; build "
+            "an unsafe_score in [0, 1] or None, latency_s >= 0, categories (short names) only when unsafe, "
+            "and only Verdict's own fields; build "
             "it with Verdict(...) rather than model_construct / model_copy(update=...)."
         ) from exc

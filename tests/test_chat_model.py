@@ -58,7 +58,7 @@ from safecode_guard.testing import gradient_image, stripes_image
 
 SAFETY_KEYS = {
     "verdict", "unsafe_score", "threshold", "judge", "source", "caption", "error",
-    "steered_steps", "unsafe_mode", "refused", "transcript_truncated",
+    "steered_steps", "unsafe_mode", "refused", "transcript_truncated", "categories",
 }
 
 
@@ -226,6 +226,7 @@ def test_safety_metadata_has_exactly_the_spec_keys() -> None:
     assert meta == {
         "verdict": "unsafe", "unsafe_score": 0.8, "threshold": 0.4, "judge": "self:caption", "source": "judge",
         "caption": "a cliff", "error": None, "steered_steps": 7, "unsafe_mode": "boost", "refused": True, "transcript_truncated": False,
+        "categories": [],
     }
 
 

@@ -79,7 +79,7 @@ def test_public_surface_is_pinned():
     assert sorted(safecode_guard.__all__) == sorted(
         [
             "DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "CallableJudge", "ChatModelJudge", "ChatSafeCoDe",
-            "FixedJudge", "ImageInputError", "InputLimitError", "InputPolicy", "InvalidVerdictError", "Judge",
+            "FixedJudge", "GuardJudge", "ImageInputError", "InputLimitError", "InputPolicy", "InvalidVerdictError", "Judge",
             "JudgeBusyError", "JudgeError", "JudgeRequest", "OverloadedError", "RequestCancelledError", "RequestControl", "RequestTimeoutError", "SafeCoDe", "SafeCoDeConfig", "SafeCoDeError", "SafeCoDeInputError", "SafeCoDeResult",
             "SafeCoDeStream", "SelfJudge", "UnsupportedContentError", "UnsupportedModelError", "Usage",
             "Verdict", "__version__", "make_judge",

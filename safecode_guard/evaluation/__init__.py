@@ -125,7 +125,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("chat", "embodied", "all"), default=None, help="MSSBench split (default: all)")
     parser.add_argument("--out", required=True, help="results folder; rerun with the same folder to resume")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    parser.add_argument("--judge", default="self", help="judge spec: self, self:caption, fixed:safe, fixed:unsafe, chat:<provider>:<model> (default: self)")
+    parser.add_argument("--judge", default="self", help="judge spec: self, self:caption, fixed:safe, fixed:unsafe, chat:<provider>:<model>, guard:<folder or hub id> (default: self)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default: 256)")
     add_safecode_arguments(parser)
     parser.add_argument(

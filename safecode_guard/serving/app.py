@@ -10,7 +10,10 @@ budget (400), the schema (422), the message and part counts
 (`InputPolicy.max_messages`, `max_content_parts`; 400) and OpenAI messages to
 LangChain -> the served `ChatSafeCoDe`, whose engine's scheduler batches this
 request with every other one on the model -> OpenAI's response shape plus a
-top-level `safety` object (and the `X-SafeCoDe-Verdict` header). A stream's
+top-level `safety` object (and the `X-SafeCoDe-Verdict` header; a guard
+judge's hazard `categories` in it). With `check_answer`, a non-streamed answer
+the judge finds unsafe is replaced by the refusal, and a stream's last event
+flags it (`safety.answer_check`: its text was sent already). A stream's
 first event waits for the verdict and the first text, so errors found before
 any token (bad input, a full queue) are ordinary HTTP errors.
 
@@ -230,7 +233,12 @@ def public_text(message: str) -> str:
 
 
 def public_safety(safety: dict[str, Any]) -> dict[str, Any]:
-    """The `safety` object for a client: a failed judge's `error` becomes its fixed code (the text is logged)."""
+    """The `safety` object for a client: a failed judge's `error` becomes its fixed code (the text is logged),
+    that of a failed answer check (`answer_check.error`) too."""
+    check = safety.get("answer_check")
+    if isinstance(check, dict) and check.get("error") is not None:
+        logger.warning("answer check by %s failed: %s", check.get("judge"), check.get("error"))
+        safety = {**safety, "answer_check": {**check, "error": judge_error_code(str(check["error"]))}}
     error = safety.get("error")
     if error is None:
         return safety
@@ -419,6 +427,12 @@ class ChatCompletions:
                 message = message + chunk
         finally:
             await chunks.aclose()
+        # not shown yet: an answer the answer check found unsafe is replaced by the refusal
+        from langchain_core.messages import message_chunk_to_message
+
+        from ..chat_model import replace_unsafe_answer
+
+        message = replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
         return JSONResponse(self._completion(cid, message, safety, started, ttft).model_dump(exclude_none=False), headers=headers)
 
     def _completion(self, cid: str, message: Any, safety: dict[str, Any], started: float, ttft: float) -> ChatCompletion:
@@ -468,11 +482,15 @@ class ChatCompletions:
                 if chunk.text or chunk.tool_call_chunks:
                     yield delta_for(chunk, False).sse()
             meta = total.response_metadata
-            blocked = (meta.get("safety") or {}).get("blocked_tool_calls")
+            late = meta.get("safety") or {}
+            blocked = late.get("blocked_tool_calls")
             finish = "tool_calls" if (total.tool_calls or total.invalid_tool_calls) else meta.get("finish_reason", "stop")
             last = ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=Delta(), finish_reason=finish)])
             if blocked:
                 last.safety = {"blocked_tool_calls": blocked}
+            if late.get("answer_check") is not None:
+                # the answer was streamed already: the last event flags what the answer check found
+                last.safety = public_safety({**(last.safety or {}), "answer_check": late["answer_check"]})
             yield last.sse()
             usage = total.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
             if include_usage:
