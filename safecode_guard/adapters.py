@@ -19,6 +19,15 @@ batched kernels. `merge` pads two batches to one length and stacks them;
 `RowBatch.select` keeps some rows; `RowBatch.trim` drops left columns that
 have become padding in every row.
 
+Prompts are prefilled as a `Prefill`: the rows of one or more requests
+(one `PromptRow` per view), left-padded to one length as `generate` pads a
+batch of prompts, and run a chunk of columns at a time so that a long prompt
+never holds the model for long. The vision tower runs before, once per row
+(`Decoder.encode_images`), and its features are fed to the chunk that holds
+their placeholder tokens, as `generate` feeds pre-encoded features
+(`mm_encoder_outputs`); so features can be reused across prompts that show
+the same images (a self judge's prompt and the answer's real view).
+
 What the generation hooks do not cover lives in `Quirks`, detected once per model:
 
 - composite models whose top-level forward insists on `pixel_values` on every
@@ -26,21 +35,38 @@ What the generation hooks do not cover lives in `Quirks`, detected once per mode
   positions we keep ourselves (the language model would otherwise count them
   from the cache length, which is wrong for a left-padded row);
 - KV-cache layer kinds that cannot be realigned (anything but full-attention
-  and sliding-window layers): such models decode one request at a time.
+  and sliding-window layers): such models decode one request at a time;
+- attention that is not causal within the prompt: Gemma3's image tokens attend
+  to each other both ways, so a chunk boundary never splits an image;
+  PaliGemma's whole prompt (image and prefix text) is one bidirectional block,
+  so its prompts are prefilled in one piece.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from .errors import UnsupportedContentError
 
-__all__ = ["Decoder", "Quirks", "RowBatch", "detect_quirks", "encode_views", "merge"]
+__all__ = [
+    "Decoder",
+    "ImageFeatures",
+    "Prefill",
+    "PromptRow",
+    "Quirks",
+    "RowBatch",
+    "detect_quirks",
+    "encode_rows",
+    "encode_views",
+    "merge",
+]
 
 # Keys that grow with the sequence (or describe it) and survive the prefill;
 # everything else the processor returned (pixels, grids, sizes) is prefill-only.
@@ -53,6 +79,13 @@ class Quirks:
     """The top-level forward has no text-only path (`pixel_values` is required)."""
     step_through_language_model: bool
     """Decode steps must call `model.language_model` (top-level forward needs pixels)."""
+    prompt_blocks: Literal["none", "images", "prompt"] = "none"
+    """Spans of the prompt that attend both ways, so a prefill chunk must not split them:
+    "images" (each image's tokens, Gemma3), "prompt" (the whole prompt, PaliGemma)."""
+
+
+# Families whose prompt attention is not causal throughout (see the module docstring).
+_PROMPT_BLOCKS: dict[str, Literal["images", "prompt"]] = {"gemma3": "images", "paligemma": "prompt"}
 
 
 def detect_quirks(model: Any) -> Quirks:
@@ -61,6 +94,7 @@ def detect_quirks(model: Any) -> Quirks:
     return Quirks(
         requires_image=needs_pixels,
         step_through_language_model=needs_pixels and hasattr(model, "language_model"),
+        prompt_blocks=_PROMPT_BLOCKS.get(getattr(model.config, "model_type", ""), "none"),
     )
 
 
@@ -121,9 +155,9 @@ class _GrowingMixin:
     _vlen = 0
 
     @staticmethod
-    def _room_for(t: torch.Tensor) -> torch.Tensor:
+    def _room_for(t: torch.Tensor, need: int = 0) -> torch.Tensor:
         length = t.shape[-2]
-        room = max(GrowingLayer.ROOM, length // 4)
+        room = max(GrowingLayer.ROOM, length // 4, need)
         buf = t.new_empty((*t.shape[:-2], length + room, t.shape[-1]))
         buf[..., :length, :] = t
         return buf
@@ -146,8 +180,9 @@ class _GrowingMixin:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         n = key_states.shape[-2]
-        if self._klen + n > self._kbuf.shape[-2]:
-            self.keys, self.values = self.keys, self.values  # new buffers with room
+        if self._klen + n > self._kbuf.shape[-2]:  # new buffers with room (a prefill chunk may need much)
+            self._kbuf = self._room_for(self.keys, n)
+            self._vbuf = self._room_for(self.values, n)
         self._kbuf[..., self._klen : self._klen + n, :] = key_states
         self._vbuf[..., self._vlen : self._vlen + n, :] = value_states
         self._klen += n
@@ -345,16 +380,246 @@ def merge(a: RowBatch, b: RowBatch) -> RowBatch:
     return a
 
 
+# --------------------------------------------------------------------------- prompts to prefill
+
+
+@dataclass(frozen=True, eq=False)
+class PromptRow:
+    """One row to prefill: the processor's output for one prompt with one view of its images."""
+
+    inputs: Mapping[str, Any]
+    """The processor's output for this row alone (batch dimension 1), on the CPU."""
+    image_key: str | None
+    """A digest of everything the vision tower reads for this row (pixels, sizes, grids, and the
+    Q-Former's prompt for InstructBLIP); None without images. Equal keys, equal image features."""
+
+    @property
+    def length(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+def _image_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What the vision tower reads: everything but the token ids and the per-token tensors."""
+    return {k: v for k, v in inputs.items() if k not in (*_PER_TOKEN_KEYS, "input_ids", "labels")}
+
+
+def image_key(inputs: Mapping[str, Any]) -> str | None:
+    """A digest of a row's image inputs, or None for a text-only row."""
+    images = _image_inputs(inputs)
+    if not any(k.startswith("pixel_values") for k in images):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(images):
+        value = images[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def encode_rows(processor: Any, prompt: str, views: list[list[Image.Image]]) -> list[PromptRow]:
+    """`encode_views`, one processor call per view: each row's images can then be encoded (and reused) alone.
+
+    Both views of a request have images of equal sizes, so their rows have one length.
+    """
+    batches = [encode_views(processor, prompt, [view]) for view in views] if views and views[0] else [
+        encode_views(processor, prompt, [])
+    ]
+    return [PromptRow(dict(b), image_key(b)) for b in batches]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFeatures:
+    """One row's image features as its language model reads them: one vector per placeholder token."""
+
+    pooled: torch.Tensor
+    """`(N, D)`: the features of the row's N image placeholder tokens, in order."""
+    deepstack: tuple[torch.Tensor, ...]
+    """`(N, D)` per layer that adds features again deeper in (Qwen3-VL's deepstack); else empty."""
+    output_type: type
+    """The model's own container class for pre-encoded features."""
+    as_tensor: bool
+    """Whether the model takes the features as a `(1, N, D)` tensor (else as a one-item list)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pooled, *self.deepstack))
+
+
+def _flat(features: Any) -> torch.Tensor:
+    """Per-image features (a tensor `(images, tokens, D)` or a sequence of `(tokens, D)`) as `(N, D)`."""
+    parts = [features] if isinstance(features, torch.Tensor) else list(features)
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in parts])
+
+
+def _left_pad(t: torch.Tensor, n: int, value: int = 0) -> torch.Tensor:
+    if n <= 0:
+        return t
+    return torch.cat([t.new_full((*t.shape[:-1], n), value), t], dim=-1)
+
+
+def _to_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    out = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+    # pixel values follow the model's dtype (e.g. bf16); integer tensors stay as they are
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            out[key] = value.to(model.dtype)
+    return out
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """`[start, end)` column ranges where a 1-D bool tensor is True."""
+    edges = torch.diff(torch.nn.functional.pad(flags.int(), (1, 1))).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2], strict=True))
+
+
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping `[start, end)` ranges merged into disjoint ones, in order."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start < out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+class Prefill:
+    """Prompt rows prefilled together: left-padded to one length, run a chunk of columns at a time.
+
+    Each row's positions are computed as if it were alone (M-RoPE included)
+    and padded on the left like every per-token tensor, so each row is
+    computed as it would be alone, up to the batched kernels' summation order.
+    `done` columns have been prefilled; `Decoder.run_chunk` advances it and
+    `Decoder.finish` turns the finished prefill into a `RowBatch` and the last
+    position's logits.
+    """
+
+    def __init__(self, decoder: Decoder, rows: list[PromptRow], features: list[ImageFeatures | None]) -> None:
+        model = decoder.model
+        self.rows = list(rows)
+        self.features = list(features)
+        self.length = max(r.length for r in rows)
+        token = decoder.image_token_id
+        pad = 0 if token != 0 else 1  # a padding id that is never taken for an image placeholder
+        ids, per_token, positions = [], {}, []
+        for row in rows:
+            inputs = _to_model(row.inputs, model)
+            n = self.length - row.length
+            ids.append(_left_pad(inputs["input_ids"], n, pad))
+            for key in _PER_TOKEN_KEYS:
+                if isinstance(inputs.get(key), torch.Tensor):
+                    per_token.setdefault(key, []).append((inputs[key], n))
+            if decoder.has_position_ids and not decoder.quirks.step_through_language_model:
+                inputs.pop("labels", None)
+                row_ids = inputs.pop("input_ids")
+                positions.append(_left_pad(model._prepare_position_ids_for_generation(row_ids, inputs), n))
+        self.ids = torch.cat(ids)
+        self.per_token: dict[str, torch.Tensor] = {}
+        for key, parts in per_token.items():
+            if len(parts) < len(rows):  # e.g. mm_token_type_ids of a text-only row beside rows with images
+                parts = [(row.inputs.get(key, torch.zeros_like(row.inputs["input_ids"])).to(self.ids.device),
+                          self.length - row.length) for row in rows]
+            self.per_token[key] = torch.cat([_left_pad(t, n) for t, n in parts])
+        mask = self.per_token["attention_mask"]
+        if decoder.quirks.step_through_language_model:
+            self.positions: torch.Tensor | None = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            self.positions = torch.cat(positions, dim=1 if positions[0].ndim == 3 else 0) if positions else None
+        self.placeholders = self.ids == token if token is not None else torch.zeros_like(self.ids, dtype=torch.bool)
+        self._blocks_kind = decoder.quirks.prompt_blocks
+        self._index_features()
+        self.done = 0
+        self.cache: Any = None
+        self.output: Any = None
+
+    def _index_features(self) -> None:
+        # the feature row of each placeholder, counted over (row, column) as the model consumes them
+        self.feature_index = self.placeholders.flatten().cumsum(0).view_as(self.ids) - 1
+        present = [f for f in self.features if f is not None]
+        self.pooled = torch.cat([f.pooled for f in present]) if present else None
+        self.deepstack = (
+            tuple(torch.cat(layer) for layer in zip(*(f.deepstack for f in present), strict=True))
+            if present and present[0].deepstack else ()
+        )
+        count = int(self.placeholders.sum())
+        if count != (0 if self.pooled is None else self.pooled.shape[0]):
+            raise ValueError(
+                f"The prompts hold {count} image placeholder tokens but their images give "
+                f"{0 if self.pooled is None else self.pooled.shape[0]} feature vectors."
+            )
+        self.spans = self._blocks(self._blocks_kind)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order), whatever has been prefilled so far."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.features = [self.features[i] for i in keep]
+        self.ids = self.ids.index_select(0, idx)
+        self.placeholders = self.placeholders.index_select(0, idx)
+        self.per_token = {k: v.index_select(0, idx) for k, v in self.per_token.items()}
+        if self.positions is not None:
+            self.positions = self.positions.index_select(1 if self.positions.ndim == 3 else 0, idx)
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx)
+        self._index_features()
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.length
+
+    def _blocks(self, kind: str) -> list[tuple[int, int]]:
+        """Column ranges a chunk boundary must not cut (attention both ways inside)."""
+        if kind == "prompt":
+            return [(0, self.length)]
+        if kind == "images":
+            return _union([span for row in self.placeholders for span in _runs(row)])
+        return []
+
+    def next_end(self, budget: int | None) -> int:
+        """Where the next chunk ends: about `budget` tokens over all rows (None: the rest of the prompt)."""
+        if budget is None:
+            return self.length
+        end = min(self.length, self.done + max(1, budget // self.size))
+        for start, stop in self.spans:
+            if start < end < stop:  # never cut a block: end before it, or after it if it starts the chunk
+                end = start if start > self.done else stop
+                break
+        return end
+
+    def chunk_features(self, start: int, end: int) -> ImageFeatures | None:
+        """The features of the placeholders in columns `[start, end)`, in the order the model reads them."""
+        if self.pooled is None:
+            return None
+        inside = self.placeholders[:, start:end]
+        if not bool(inside.any()):
+            return None
+        index = self.feature_index[:, start:end][inside]
+        first = next(f for f in self.features if f is not None)
+        return ImageFeatures(
+            self.pooled[index], tuple(layer[index] for layer in self.deepstack), first.output_type, first.as_tensor
+        )
+
+
 # --------------------------------------------------------------------------- the decoder
 
 
 class Decoder:
-    """Prefill requests and step a `RowBatch`, through the model's own generation hooks.
+    """Prefill prompts and step a `RowBatch`, through the model's own generation hooks.
 
-    `prefill(batch)` runs one request's prompt (one row per view) and returns
-    its `RowBatch` and the last-position logits `(B, V)`; `step(rows, tokens)`
-    feeds one token per row (`tokens` shape `(B,)`) and returns the next
-    logits `(B, V)`.
+    `encode_images(row)` runs the vision tower for one row; `run_chunk(prefill,
+    end)` prefills the next columns of a `Prefill`; `finish(prefill)` returns
+    its `RowBatch` and the last position's logits `(B, V)`; `prefill(rows)`
+    does all of it at once. `step(rows, tokens)` feeds one token per row
+    (`tokens` shape `(B,)`) and returns the next logits `(B, V)`.
     """
 
     def __init__(self, model: Any, quirks: Quirks) -> None:
@@ -362,27 +627,75 @@ class Decoder:
         self.quirks = quirks
         self.stepper = model.language_model if quirks.step_through_language_model else model
         params = inspect.signature(model.forward).parameters
-        self._has_position_ids = "position_ids" in params
+        self.has_position_ids = "position_ids" in params
         self._has_logits_to_keep = "logits_to_keep" in params
+        self._stepper_keeps_logits = "logits_to_keep" in inspect.signature(self.stepper.forward).parameters
+        config = model.config
+        token = getattr(config, "image_token_id", None)
+        self.image_token_id: int | None = token if isinstance(token, int) else getattr(config, "image_token_index", None)
 
     @torch.inference_mode()
-    def prefill(self, batch: dict[str, Any]) -> tuple[RowBatch, torch.Tensor]:
-        model = self.model
-        batch = dict(batch)
-        batch.pop("labels", None)  # PaliGemma's processor adds them; inference needs none
-        input_ids = batch.pop("input_ids")
-        kwargs: dict[str, Any] = {**batch, "use_cache": True}
-        if self._has_position_ids:
-            kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
-        if self._has_logits_to_keep:
-            # only the last position's logits are needed: skip the (B, L, V) tensor, as generate does
-            kwargs["logits_to_keep"] = 1
-        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **kwargs)
-        out = model(**inputs, return_dict=True)
-        kwargs.pop("logits_to_keep", None)
-        kwargs["cache"] = _find_cache(out)
-        _give_room(kwargs["cache"])
-        kwargs = model._update_model_kwargs_for_generation(out, kwargs)
+    def encode_images(self, row: PromptRow) -> ImageFeatures | None:
+        """Run the vision tower (and projector) on one row's images; None for a text-only row."""
+        if row.image_key is None:
+            return None
+        inputs = _to_model(_image_inputs(row.inputs), self.model)
+        # the model's own pre-encoding hook, as `generate` calls it: it knows each family's arguments
+        encoded = self.model._prepare_multimodal_encoder_kwargs_for_generation(inputs)["mm_encoder_outputs"]["image"]
+        pooled = encoded.pooler_output
+        deep = getattr(encoded, "deepstack_features", None) or ()
+        return ImageFeatures(
+            _flat(pooled), tuple(_flat(layer) for layer in deep), type(encoded), isinstance(pooled, torch.Tensor)
+        )
+
+    @torch.inference_mode()
+    def run_chunk(self, prefill: Prefill, end: int) -> None:
+        """Prefill columns `[prefill.done, end)` of every row, onto the cache of the columns before."""
+        start = prefill.done
+        mask = prefill.per_token["attention_mask"][:, :end]
+        features = prefill.chunk_features(start, end)
+        ids = prefill.ids[:, start:end]
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": True}
+        if prefill.cache is not None:
+            kwargs["cache"] = prefill.cache
+        if prefill.positions is not None:
+            kwargs["position_ids"] = prefill.positions[..., start:end]
+        if self.quirks.step_through_language_model:
+            # the language model alone: features scattered into the embeddings, as the top-level forward does
+            embeds = self.stepper.get_input_embeddings()(ids)
+            if features is not None:
+                inside = prefill.placeholders[:, start:end].unsqueeze(-1)
+                embeds = embeds.masked_scatter(inside, features.pooled.to(embeds.dtype))
+            if self._stepper_keeps_logits:
+                kwargs["logits_to_keep"] = 1
+            out = self.stepper(inputs_embeds=embeds, return_dict=True, **kwargs)
+        else:
+            for key in ("token_type_ids", "mm_token_type_ids"):
+                if key in prefill.per_token:
+                    # up to the chunk's end, as generate's chunked prefill: masks read them by position
+                    kwargs[key] = prefill.per_token[key][:, :end]
+            if features is not None:
+                kwargs["mm_encoder_outputs"] = {"image": _model_features(features)}
+            if self._has_logits_to_keep:
+                # only the last position's logits are needed: skip the (B, L, V) tensor, as generate does
+                kwargs["logits_to_keep"] = 1
+            inputs = self.model.prepare_inputs_for_generation(ids, is_first_iteration=True, **kwargs)
+            out = self.model(**inputs, return_dict=True)
+        if prefill.cache is None:
+            prefill.cache = _find_cache(out)
+            _give_room(prefill.cache)
+        prefill.done = end
+        prefill.output = out
+
+    @torch.inference_mode()
+    def finish(self, prefill: Prefill) -> tuple[RowBatch, torch.Tensor]:
+        """The prefilled rows as a `RowBatch` ready for decode steps, and their last-position logits `(B, V)`."""
+        assert prefill.finished and prefill.output is not None
+        kwargs: dict[str, Any] = {**prefill.per_token, "cache": prefill.cache, "use_cache": True}
+        if prefill.positions is not None and not self.quirks.step_through_language_model:
+            kwargs["position_ids"] = prefill.positions
+        kwargs = self.model._update_model_kwargs_for_generation(prefill.output, kwargs)
+        kwargs["cache"] = prefill.cache
         kept = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
         if self.quirks.step_through_language_model:
             # The language model alone sees no images: mm type ids mean nothing to it, and its
@@ -390,7 +703,14 @@ class Decoder:
             mask = kept["attention_mask"]
             kept = {k: v for k, v in kept.items() if k in ("attention_mask", "cache", "use_cache")}
             kept["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return RowBatch(kept), out.logits[:, -1, :]
+        return RowBatch(kept), prefill.output.logits[:, -1, :]
+
+    def prefill(self, rows: list[PromptRow], chunk_tokens: int | None = None) -> tuple[RowBatch, torch.Tensor]:
+        """Encode the rows' images and prefill them together, in chunks of about `chunk_tokens` (None: whole)."""
+        prefill = Prefill(self, rows, [self.encode_images(r) for r in rows])
+        while not prefill.finished:
+            self.run_chunk(prefill, prefill.next_end(chunk_tokens))
+        return self.finish(prefill)
 
     @torch.inference_mode()
     def step(self, rows: RowBatch, tokens: torch.Tensor) -> torch.Tensor:
@@ -399,6 +719,18 @@ class Decoder:
         out = self.stepper(**inputs, return_dict=True)
         rows.kwargs = self.stepper._update_model_kwargs_for_generation(out, rows.kwargs)
         return out.logits[:, -1, :]
+
+
+def _model_features(features: ImageFeatures) -> Any:
+    """Features in the family's own container, as `generate`'s chunked prefill slices them."""
+
+    def wrap(t: torch.Tensor) -> Any:
+        return t.unsqueeze(0) if features.as_tensor else [t]
+
+    fields: dict[str, Any] = {"pooler_output": wrap(features.pooled)}
+    if features.deepstack:
+        fields["deepstack_features"] = [wrap(t) for t in features.deepstack]
+    return features.output_type(**fields)
 
 
 def encode_views(

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import ops
-from .adapters import detect_quirks, encode_views
+from .adapters import detect_quirks, encode_rows
 from .config import BatchingConfig, InputPolicy, SafeCoDeConfig
 from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
 from .errors import (
@@ -509,8 +509,8 @@ class SafeCoDe:
             noise = torch.Generator().manual_seed(cfg.seed)
             views.append([ops.noised_image(img, cfg.noise_std, noise) for img in conv.images])
         prompt = render_prompt(self.processor, conv.messages, self._specials, tools=tools) + answer_prefix
-        batch = encode_views(self.processor, prompt, views)
-        prompt_len = int(batch["input_ids"].shape[1])
+        rows = encode_rows(self.processor, prompt, views)
+        prompt_len = rows[0].length
         self._check_length(prompt_len, max_new_tokens)
         # Only now, with every limit checked, may the judge (maybe a forward pass) run.
         t0 = time.perf_counter()
@@ -525,7 +525,7 @@ class SafeCoDe:
             sampling, generator,
         )
         job = DecodeJob(
-            batch=batch,
+            prompt_rows=rows,
             steering=steering,
             tracker=TextTracker(self.tokenizer, stops),
             eos_ids=self._eos_ids,
