@@ -6,7 +6,9 @@ prompt rendered and encoded for both views -> every length limit checked ->
 the judge's verdict -> a `DecodeJob` for the model's scheduler.
 
 Decoding (in the scheduler's thread, `scheduler.py`, batched with every
-other request on the model): one prefill of both views; for the first
+other request on the model): one prefill of both views (the vision tower runs
+once per view; the real view's features come from the self judge's prefill
+when it ran, since both prompts show the same images); for the first
 `steered_steps` tokens both rows advance and the next token comes from
 `contrast` + `modulate` (or a refusal prefix) in `decoding.Steering`; then the
 noised row leaves the KV cache and the real row decodes on, without a new

@@ -48,9 +48,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import itertools
 import concurrent.futures
 import contextlib
+import itertools
 import threading
 import time
 import weakref
