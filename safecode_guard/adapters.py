@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -471,6 +472,37 @@ def _to_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:
     return out
 
 
+def attention_span(text_config: Any) -> float:
+    """Context length at which a prompt token's attention costs as much as its weights do.
+
+    Per token and layer, the weights cost about `2 * (4 * H**2 + 3 * H * I)` flops
+    (attention projections and a gated MLP, hidden size H, MLP size I) and the
+    attention `4 * H` flops per earlier token: equal at `2 * H + 1.5 * I` tokens
+    (about 2k for the CPU bench preset, 25k for the LLaVA-1.5-7B shape).
+    """
+    hidden = int(text_config.hidden_size)
+    inner = int(getattr(text_config, "intermediate_size", None) or 4 * hidden)
+    return 2.0 * hidden + 1.5 * inner
+
+
+def chunk_columns(budget: float, rows: int, done: int, span: float) -> int:
+    """Columns of the next chunk: `rows * cols * (1 + (done + cols / 2) / span) <= budget`, at least one.
+
+    `budget` counts prompt tokens at the start of a prompt; later chunks attend to more
+    context and cost more per token, so they are narrower (the roots of that quadratic).
+    """
+    a = rows / (2 * span)
+    b = rows * (1 + done / span)
+    root = 2 * budget / (b + math.sqrt(b * b + 4 * a * budget))  # the stable form of (-b + sqrt(...)) / 2a
+    return max(1, int(root + 1e-6))
+
+
+def chunk_cost(rows: int, start: int, end: int, span: float) -> float:
+    """`chunk_columns`'s cost of prefilling columns `[start, end)` of `rows` rows, in prompt tokens."""
+    cols = end - start
+    return rows * cols * (1 + (start + cols / 2) / span)
+
+
 def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     """`[start, end)` column ranges where a 1-D bool tensor is True."""
     edges = torch.diff(torch.nn.functional.pad(flags.int(), (1, 1))).nonzero().flatten().tolist()
@@ -532,6 +564,7 @@ class Prefill:
             self.positions = torch.cat(positions, dim=1 if positions[0].ndim == 3 else 0) if positions else None
         self.placeholders = self.ids == token if token is not None else torch.zeros_like(self.ids, dtype=torch.bool)
         self._blocks_kind = decoder.quirks.prompt_blocks
+        self.span = decoder.attention_span
         self._index_features()
         self.done = 0
         self.cache: Any = None
@@ -585,10 +618,11 @@ class Prefill:
         return []
 
     def next_end(self, budget: int | None) -> int:
-        """Where the next chunk ends: about `budget` tokens over all rows (None: the rest of the prompt)."""
+        """Where the next chunk ends: about `budget` prompt tokens' worth of work over all rows
+        (`chunk_columns`; None: the rest of the prompt). It depends on these rows alone."""
         if budget is None:
             return self.length
-        end = min(self.length, self.done + max(1, budget // self.size))
+        end = min(self.length, self.done + chunk_columns(budget, self.size, self.done, self.span))
         for start, stop in self.spans:
             if start < end < stop:  # never cut a block: end before it, or after it if it starts the chunk
                 end = start if start > self.done else stop
@@ -631,6 +665,7 @@ class Decoder:
         self._has_logits_to_keep = "logits_to_keep" in params
         self._stepper_keeps_logits = "logits_to_keep" in inspect.signature(self.stepper.forward).parameters
         config = model.config
+        self.attention_span = attention_span(config.get_text_config())
         token = getattr(config, "image_token_id", None)
         self.image_token_id: int | None = token if isinstance(token, int) else getattr(config, "image_token_index", None)
 

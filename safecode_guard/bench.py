@@ -337,6 +337,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="with --concurrency: mixed traffic (prompt and answer lengths, some requests without images, self judge)",
     )
     parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="BatchingConfig.prefill_chunk_tokens for --concurrency and --stall's chunked setting (default: 512)",
+    )
+    parser.add_argument(
         "--stall",
         type=int,
         default=None,
@@ -362,6 +369,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     if args.mix and args.concurrency is None:
         print("error: --mix goes with --concurrency, e.g. --concurrency 1,4,8 --mix", file=sys.stderr)
+        return 2
+    if args.prefill_chunk_tokens < 16:
+        print("error: --prefill-chunk-tokens must be at least 16", file=sys.stderr)
         return 2
     if args.stall is not None:
         return _run_stall(args)
@@ -403,6 +413,7 @@ def _run_concurrency(args: argparse.Namespace) -> int:
         device=args.device,
         progress=_progress,
         mix=args.mix,
+        chunk_tokens=args.prefill_chunk_tokens,
     )
     workload = (
         f"mixed traffic: prompts {report.prompt_tokens}-{report.prompt_tokens_max} tokens, some without an image, "
@@ -432,7 +443,8 @@ def _run_stall(args: argparse.Namespace) -> int:
         print("error: --stall takes a prompt length in tokens, e.g. --stall 4096", file=sys.stderr)
         return 2
     report = run_stall_bench(
-        args.preset, prompt_tokens=args.stall, rounds=args.rounds, device=args.device, progress=_progress
+        args.preset, prompt_tokens=args.stall, rounds=args.rounds, chunk_tokens=args.prefill_chunk_tokens,
+        device=args.device, progress=_progress,
     )
     return print_report(
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; a stream decodes "

@@ -201,6 +201,7 @@ def run_concurrency_bench(
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
     mix: bool = False,
+    chunk_tokens: int | None = 512,
 ) -> ConcurrencyReport:
     """Build the preset model and time the three methods at every level, interleaved.
 
@@ -208,11 +209,13 @@ def run_concurrency_bench(
     checked against the same request's serialised answer (its solo run).
     """
     from .bench import PROMPT, _PeakMemory, _scene_image, bench_model, run_off_main
+    from .config import BatchingConfig
     from .engine import SafeCoDe
 
     say = progress or (lambda _msg: None)
     dev, model, processor = bench_model(preset, device, say)  # off the main thread, as every method runs
-    engine = SafeCoDe(model, processor, judge="self" if mix else "fixed:safe", eos_token_ids=())
+    batching = BatchingConfig(prefill_chunk_tokens=chunk_tokens)
+    engine = SafeCoDe(model, processor, judge="self" if mix else "fixed:safe", eos_token_ids=(), batching=batching)
     size = processor.image_processor.crop_size["height"]
 
     def scene(i: int) -> Any:

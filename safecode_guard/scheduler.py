@@ -11,8 +11,9 @@ deadline, or its consumer going away), and its noised row leaves when its
 SafeCoDe window ends. Nothing is held across a consumer's `yield`: consumers
 read their own `Channel`, so a slow or vanished reader never stalls others.
 
-Prefill is chunked: each turn of the loop prefills at most about
-`BatchingConfig.prefill_chunk_tokens` prompt tokens (over all rows), oldest
+Prefill is chunked: each turn of the loop prefills about
+`BatchingConfig.prefill_chunk_tokens` prompt tokens' worth of work (over all
+rows; deeper into a long prompt a token costs more, so chunks narrow), oldest
 group first, and then runs one decode step, so a running stream waits about
 one chunk and one step for its next token however long a newcomer's prompt
 is. Images are encoded before, once per view (`Decoder.encode_images`), and
@@ -67,6 +68,7 @@ from .adapters import (
     PromptRow,
     Quirks,
     RowBatch,
+    chunk_cost,
     encode_rows,
     merge,
     unbatchable_reason,
@@ -576,14 +578,15 @@ class Scheduler:
         waiting), so a prompt alone is always prefilled the same way.
         """
         budget = self.settings.prefill_chunk_tokens
-        spent = 0
+        spent = 0.0
         for group in list(self._groups):
             if not self._drop_gone_from(group):
                 continue
             prefill = group.prefill
             while not prefill.finished:
                 start, end = prefill.done, prefill.next_end(budget)
-                if budget is not None and spent and spent + (end - start) * prefill.size > budget:
+                cost = chunk_cost(prefill.size, start, end, prefill.span)
+                if budget is not None and spent and spent + cost > budget:
                     return  # the next chunk waits for the next turn, after a decode step
                 try:
                     self.decoder.run_chunk(prefill, end)
@@ -591,7 +594,7 @@ class Scheduler:
                     self._group_failed(group, exc)
                     break
                 self.stats["prefill_chunks"] += 1
-                spent += (end - start) * prefill.size
+                spent += cost
             if prefill.finished and group in self._groups:
                 self._finish(group)
 

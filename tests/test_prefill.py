@@ -106,6 +106,22 @@ def test_a_chunk_never_cuts_an_image_that_attends_both_ways(fresh):
     assert detect_quirks(fresh("llava")[0]).prompt_blocks == "none"  # causal: cut anywhere (features pre-encoded)
 
 
+def test_chunks_narrow_as_their_tokens_attend_to_more_context():
+    from safecode_guard.adapters import attention_span, chunk_columns, chunk_cost
+    from safecode_guard.testing import build_bench_llava_model
+
+    span = 2048.0
+    first = chunk_columns(512, 2, 0, span)
+    assert chunk_cost(2, 0, first, span) <= 512 < chunk_cost(2, 0, first + 1, span)
+    late = chunk_columns(512, 2, 4096, span)
+    assert chunk_cost(2, 4096, 4096 + late, span) <= 512 < chunk_cost(2, 4096, 4097 + late, span)
+    assert late < first / 2 and chunk_columns(512, 2, 0, 1e12) == 256  # no attention cost: plain token count
+    assert chunk_columns(1, 64, 10_000, span) == 1  # always some progress
+    # about 2k tokens of context for the CPU bench preset, 25k for the LLaVA-1.5-7B shape
+    shapes = {p: attention_span(build_bench_llava_model(p, device="meta")[0].config.get_text_config()) for p in ("cpu", "gpu")}
+    assert shapes == {"cpu": 2048.0, "gpu": 24704.0}
+
+
 # -- the scheduler: answers, interleaving, cancellation ---------------------------------------
 
 
