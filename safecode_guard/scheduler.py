@@ -4,7 +4,7 @@ Requests from any thread or asyncio task enter one queue per model. One worker
 thread owns the model: between decode steps it admits waiting requests,
 prefills newcomers together (their prompts left-padded to one length, as
 `generate` batches prompts; each row still computed as it would be alone),
-lines the newcomers' rows up with the running batch (`adapters.merge`), and
+lines the newcomers' rows up with the running batch (`kv_rows.merge`), and
 then advances every active row with one forward pass per step. A request
 leaves the batch the step it ends (EOS, a stop string, `max_new_tokens`, its
 deadline, or its consumer going away), and its noised row leaves when its
@@ -61,18 +61,7 @@ from typing import Any, Literal
 
 import torch
 
-from .adapters import (
-    Decoder,
-    ImageFeatures,
-    Prefill,
-    PromptRow,
-    Quirks,
-    RowBatch,
-    chunk_cost,
-    encode_rows,
-    merge,
-    unbatchable_reason,
-)
+from .adapters import Decoder, ImageFeatures, Prefill, PromptRow, Quirks, chunk_cost, encode_rows
 from .config import BatchingConfig
 from .decoding import Steering, TextTracker
 from .errors import (
@@ -82,6 +71,7 @@ from .errors import (
     SafeCoDeError,
     UnsupportedContentError,
 )
+from .kv_rows import RowBatch, merge, unbatchable_reason
 
 __all__ = ["Channel", "DecodeJob", "PrefillJob", "Scheduler", "kv_bytes_per_token", "scheduler_for"]
 
