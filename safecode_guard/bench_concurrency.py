@@ -340,6 +340,7 @@ def run_concurrency_bench(
         for r in range(rounds):
             say(f"concurrency {level}: round {r + 1}/{rounds}")
             for method, fn in runs_by_method.items():
+                engine.scheduler.clear_image_cache()  # features are reused within a request, never across runs
                 sync()
                 with _PeakMemory(dev) as mem:
                     t0 = time.perf_counter()

@@ -136,6 +136,7 @@ def run_stall_bench(
                 enough.set()
 
         engine.scheduler.on_step = on_step
+        engine.scheduler.clear_image_cache()  # each round encodes its images
         running = run_off_main(lambda: engine.stream(short_msgs, max_new_tokens=context - 300))
         try:
             enough.wait(120)

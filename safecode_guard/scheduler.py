@@ -368,6 +368,11 @@ class Scheduler:
             self._cond.notify_all()
         return job.future
 
+    def clear_image_cache(self) -> None:
+        """Forget the image features kept for reuse (benchmarks call it so each run encodes its images)."""
+        with self._cond:
+            self._features = _FeatureCache(self.settings.image_cache_mb)
+
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything queued or decoding and wait for the worker to stop (used at exit).
 

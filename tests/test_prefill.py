@@ -226,6 +226,9 @@ def test_the_self_judge_and_the_answer_share_the_real_images_features(fresh, fam
     # the judge encodes the real view; the answer reuses it and encodes only the noised view
     assert stats["image_encodings"] - before.get("image_encodings", 0) == 2
     assert stats["image_cache_hits"] - before.get("image_cache_hits", 0) >= 1  # (a judge rescored alone hits too)
+    reused.scheduler.clear_image_cache()
+    assert reused.generate(msgs, max_new_tokens=8).token_ids == answer.token_ids
+    assert stats["image_encodings"] - before.get("image_encodings", 0) == 4  # forgotten: encoded again
 
     separate = SafeCoDe(*fresh(family), batching=BatchingConfig(image_cache_mb=0))
     expected = separate.generate(msgs, max_new_tokens=8)
