@@ -96,14 +96,27 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(fresh, family):
 
     scheduler = engines["safe"].scheduler
     sizes: list[int] = []
-    scheduler.on_step = sizes.append
+    joined = threading.Event()
+
+    def step(rows: int) -> None:
+        sizes.append(rows)
+        if len(sizes) == 1:
+            joined.wait(30)  # the first half stays mid-answer until the second half is queued
+
+    scheduler.on_step = step
     try:
         half = len(requests) // 2
-        streams = [engines[name].stream(msgs, **kw) for name, msgs, kw in requests[:half]]
-        next(iter(streams[0]))  # the first request is decoding ...
-        streams += [engines[name].stream(msgs, **kw) for name, msgs, kw in requests[half:]]  # ... when these join
+        streams = [engines[name].stream(msgs, start=False, **kw) for name, msgs, kw in requests]
+        with scheduler._cond:
+            for stream in streams[:half]:
+                stream.start()
+        next(iter(streams[0]))  # the first half is decoding ...
+        for stream in streams[half:]:  # ... when these join (prepared already, so without delay)
+            stream.start()
+        joined.set()
         together = [s.consume().token_ids for s in streams]
     finally:
+        joined.set()
         scheduler.on_step = None
     assert together == alone
     assert max(sizes) >= half + 2, sizes  # rows of several requests really shared steps
