@@ -9,15 +9,17 @@ and `_update_model_kwargs_for_generation` (M-RoPE positions for Qwen-VL,
 `token_type_ids` for PaliGemma and Gemma3, ...), so `Decoder` drives those
 same hooks instead of re-implementing them.
 
-Rows of different requests live in one `RowBatch`, right-aligned: every row's
-last token is in the last column, and shorter rows are padded on the left
-(attention mask 0, zero keys and values), the layout `generate` uses for a
-batch of prompts of different lengths. Every per-row quantity (positions,
-M-RoPE sections, token types) is kept per row in the generation kwargs, so a
-row decodes exactly as it would alone, up to floating-point reordering in
-batched kernels. `merge` pads two batches to one length and stacks them;
-`RowBatch.select` keeps some rows; `RowBatch.trim` drops left columns that
-have become padding in every row.
+Rows of different requests live in one `RowBatch` (`kv_rows.py`, re-exported
+here): right-aligned, shorter ones left-padded, each with its own positions.
+
+Prompts are prefilled as a `Prefill`: the rows of one or more requests
+(one `PromptRow` per view), left-padded to one length as `generate` pads a
+batch of prompts, and run a chunk of columns at a time so that a long prompt
+never holds the model for long. The vision tower runs before, once per row
+(`Decoder.encode_images`), and its features are fed to the chunk that holds
+their placeholder tokens, as `generate` feeds pre-encoded features
+(`mm_encoder_outputs`); so features can be reused across prompts that show
+the same images (a self judge's prompt and the answer's real view).
 
 What the generation hooks do not cover lives in `Quirks`, detected once per model:
 
@@ -26,25 +28,40 @@ What the generation hooks do not cover lives in `Quirks`, detected once per mode
   positions we keep ourselves (the language model would otherwise count them
   from the cache length, which is wrong for a left-padded row);
 - KV-cache layer kinds that cannot be realigned (anything but full-attention
-  and sliding-window layers): such models decode one request at a time.
+  and sliding-window layers): such models decode one request at a time;
+- attention that is not causal within the prompt: Gemma3's image tokens attend
+  to each other both ways, so a chunk boundary never splits an image;
+  PaliGemma's whole prompt (image and prefix text) is one bidirectional block,
+  so its prompts are prefilled in one piece.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from .errors import UnsupportedContentError
+from .kv_rows import PER_TOKEN_KEYS, RowBatch, give_room, merge
 
-__all__ = ["Decoder", "Quirks", "RowBatch", "detect_quirks", "encode_views", "merge"]
-
-# Keys that grow with the sequence (or describe it) and survive the prefill;
-# everything else the processor returned (pixels, grids, sizes) is prefill-only.
-_PER_TOKEN_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+__all__ = [
+    "Decoder",
+    "ImageFeatures",
+    "Prefill",
+    "PromptRow",
+    "Quirks",
+    "RowBatch",
+    "detect_quirks",
+    "encode_rows",
+    "encode_views",
+    "merge",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,13 @@ class Quirks:
     """The top-level forward has no text-only path (`pixel_values` is required)."""
     step_through_language_model: bool
     """Decode steps must call `model.language_model` (top-level forward needs pixels)."""
+    prompt_blocks: Literal["none", "images", "prompt"] = "none"
+    """Spans of the prompt that attend both ways, so a prefill chunk must not split them:
+    "images" (each image's tokens, Gemma3), "prompt" (the whole prompt, PaliGemma)."""
+
+
+# Families whose prompt attention is not causal throughout (see the module docstring).
+_PROMPT_BLOCKS: dict[str, Literal["images", "prompt"]] = {"gemma3": "images", "paligemma": "prompt"}
 
 
 def detect_quirks(model: Any) -> Quirks:
@@ -61,6 +85,7 @@ def detect_quirks(model: Any) -> Quirks:
     return Quirks(
         requires_image=needs_pixels,
         step_through_language_model=needs_pixels and hasattr(model, "language_model"),
+        prompt_blocks=_PROMPT_BLOCKS.get(getattr(model.config, "model_type", ""), "none"),
     )
 
 
@@ -77,284 +102,279 @@ def _find_cache(output: Any) -> Any:
     return cache
 
 
-# --------------------------------------------------------------------------- cache layers
+# --------------------------------------------------------------------------- prompts to prefill
 
 
-def _layers(cache: Any) -> list[Any]:
-    return list(getattr(cache, "layers", ()))
+@dataclass(frozen=True, eq=False)
+class PromptRow:
+    """One row to prefill: the processor's output for one prompt with one view of its images."""
 
-
-class GrowingLayer:
-    """A full-attention cache layer with room to grow, so a decode step writes in place.
-
-    transformers' `DynamicLayer` concatenates the whole cache with the new
-    token's keys at every step (O(length) copies per layer per step, a third
-    of a small model's step time on CPU). This layer keeps `(B, H, capacity, D)`
-    buffers with spare room and writes new positions into them; `keys` and
-    `values` are views of the first `length` positions, so attention reads
-    exactly what `DynamicLayer` would hold. Assigning `keys` / `values`
-    (padding, trimming, merging) replaces the buffers.
-    """
-
-    ROOM = 64
-    """Positions of spare room allocated beyond the current length (at least a quarter more)."""
-
-    def __new__(cls, layer: Any) -> Any:
-        from transformers.cache_utils import DynamicLayer
-
-        # a subclass made once, so that isinstance checks in transformers still see a DynamicLayer
-        global _GROWING
-        if _GROWING is None:
-            _GROWING = type("GrowingDynamicLayer", (_GrowingMixin, DynamicLayer), {"__doc__": cls.__doc__})
-        grown = object.__new__(_GROWING)
-        DynamicLayer.__init__(grown)
-        grown.device = layer.keys.device
-        grown.is_initialized = True
-        grown.keys, grown.values = layer.keys, layer.values
-        return grown
-
-
-class _GrowingMixin:
-    _kbuf: torch.Tensor | None = None
-    _vbuf: torch.Tensor | None = None
-    _klen = 0
-    _vlen = 0
-
-    @staticmethod
-    def _room_for(t: torch.Tensor) -> torch.Tensor:
-        length = t.shape[-2]
-        room = max(GrowingLayer.ROOM, length // 4)
-        buf = t.new_empty((*t.shape[:-2], length + room, t.shape[-1]))
-        buf[..., :length, :] = t
-        return buf
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._kbuf is None else self._kbuf[..., : self._klen, :]
-
-    @keys.setter
-    def keys(self, t: torch.Tensor | None) -> None:
-        self._kbuf, self._klen = (None, 0) if t is None else (self._room_for(t), t.shape[-2])
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._vbuf is None else self._vbuf[..., : self._vlen, :]
-
-    @values.setter
-    def values(self, t: torch.Tensor | None) -> None:
-        self._vbuf, self._vlen = (None, 0) if t is None else (self._room_for(t), t.shape[-2])
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        n = key_states.shape[-2]
-        if self._klen + n > self._kbuf.shape[-2]:
-            self.keys, self.values = self.keys, self.values  # new buffers with room
-        self._kbuf[..., self._klen : self._klen + n, :] = key_states
-        self._vbuf[..., self._vlen : self._vlen + n, :] = value_states
-        self._klen += n
-        self._vlen += n
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._klen
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._kbuf is not None:
-            self._kbuf = self._kbuf[indices, ...]
-            self._vbuf = self._vbuf[indices, ...]
-
-
-_GROWING: type | None = None
-
-
-def _give_room(cache: Any) -> None:
-    """Swap the full-attention `DynamicLayer`s of a fresh prefill cache for `GrowingLayer`s."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        return
-    for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and _initialized(layer):
-            layers[i] = GrowingLayer(layer)
-
-
-def unbatchable_reason(cache: Any) -> str | None:
-    """Why rows of this cache cannot be realigned and merged, or None when they can.
-
-    Full-attention (`DynamicLayer`) and sliding-window (`DynamicSlidingWindowLayer`)
-    layers are plain `(B, H, L, D)` tensors we can pad and stack; recurrent,
-    static, quantized or offloaded layers are not.
-    """
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    layers = _layers(cache)
-    if not layers:
-        return f"its KV cache ({type(cache).__name__}) has no layers we can read"
-    for layer in layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, _GROWING):
-            return f"its KV cache has {type(layer).__name__} layers, which cannot be realigned row by row"
-    return None
-
-
-def _is_sliding(layer: Any) -> bool:
-    return bool(getattr(layer, "is_sliding", False))
-
-
-def _stored(layer: Any, length: int) -> int:
-    """How many positions a layer keeps for a sequence of `length` tokens."""
-    return min(length, layer.sliding_window - 1) if _is_sliding(layer) else length
-
-
-def _total(layer: Any) -> int:
-    """Tokens the layer has seen (a sliding layer keeps only the last ones)."""
-    return int(layer.cumulative_length) if _is_sliding(layer) else int(layer.keys.shape[-2])
-
-
-def _initialized(layer: Any) -> bool:
-    return bool(layer.is_initialized) and isinstance(layer.keys, torch.Tensor) and layer.keys.numel() > 0
-
-
-def _pad_layer(layer: Any, n: int) -> None:
-    """Left-pad a layer's keys and values with `n` positions of zeros."""
-    if not _initialized(layer):
-        return
-    total = _total(layer) + n
-    grow = _stored(layer, total) - layer.keys.shape[-2]
-    if grow > 0:
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            setattr(layer, name, torch.cat([t.new_zeros((*t.shape[:-2], grow, t.shape[-1])), t], dim=-2))
-    if _is_sliding(layer):
-        layer.cumulative_length = total
-
-
-def _trim_layer(layer: Any, n: int) -> None:
-    """Drop the `n` oldest positions (padding in every row) from a layer."""
-    if not _initialized(layer):
-        return
-    total = _total(layer) - n
-    keep = _stored(layer, total)
-    if layer.keys.shape[-2] > keep:
-        layer.keys = layer.keys[..., layer.keys.shape[-2] - keep :, :]
-        layer.values = layer.values[..., layer.values.shape[-2] - keep :, :]
-    if _is_sliding(layer):
-        layer.cumulative_length = total
-
-
-def _batch_dim(key: str, value: torch.Tensor) -> int:
-    # M-RoPE position ids are (3 or 4, B, L): batch is dim 1 there, as in generate
-    return 1 if key == "position_ids" and value.ndim == 3 else 0
-
-
-class RowBatch:
-    """Rows sharing one KV cache, right-aligned to `length` columns (shorter rows left-padded).
-
-    `kwargs` are the generation kwargs that follow the rows from step to step:
-    the per-token tensors of `_PER_TOKEN_KEYS`, the `cache` and `use_cache`.
-    """
-
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.kwargs = kwargs
-
-    @property
-    def cache(self) -> Any:
-        return self.kwargs["cache"]
-
-    @property
-    def size(self) -> int:
-        return int(self.kwargs["attention_mask"].shape[0])
+    inputs: Mapping[str, Any]
+    """The processor's output for this row alone (batch dimension 1), on the CPU."""
+    image_key: str | None
+    """A digest of everything the vision tower reads for this row (pixels, sizes, grids, and the
+    Q-Former's prompt for InstructBLIP); None without images. Equal keys, equal image features."""
 
     @property
     def length(self) -> int:
-        return int(self.kwargs["attention_mask"].shape[-1])
-
-    def pad_to(self, length: int) -> None:
-        """Left-pad every row to `length` columns."""
-        old = self.length
-        if length <= old:
-            return
-        n = length - old
-        for key in _PER_TOKEN_KEYS:
-            value = self.kwargs.get(key)
-            if isinstance(value, torch.Tensor):
-                # Padded columns are masked out, so only the attention mask's zeros matter;
-                # zeros elsewhere keep dtypes and mean "text token" to the type ids.
-                self.kwargs[key] = torch.cat([value.new_zeros((*value.shape[:-1], n)), value], dim=-1)
-        for layer in _layers(self.cache):
-            _pad_layer(layer, n)
-
-    def select(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order): cache, masks, positions, token types."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.kwargs["attention_mask"].device)
-        self.cache.batch_select_indices(idx)
-        for key in _PER_TOKEN_KEYS:
-            value = self.kwargs.get(key)
-            if isinstance(value, torch.Tensor):
-                self.kwargs[key] = value.index_select(_batch_dim(key, value), idx.to(value.device))
-
-    def trim(self) -> int:
-        """Drop leading columns that are padding in every row; returns how many were dropped."""
-        mask = self.kwargs["attention_mask"]
-        used = mask.bool().any(dim=0).nonzero()
-        if used.numel() == 0:
-            return 0
-        k = int(used[0])
-        if k == 0:
-            return 0
-        for key in _PER_TOKEN_KEYS:
-            value = self.kwargs.get(key)
-            if isinstance(value, torch.Tensor):
-                self.kwargs[key] = value[..., k:]
-        for layer in _layers(self.cache):
-            _trim_layer(layer, k)
-        return k
-
-    def kv_bytes(self) -> int:
-        """Bytes the cache holds now."""
-        total = 0
-        for layer in _layers(self.cache):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        return int(self.inputs["input_ids"].shape[1])
 
 
-def merge(a: RowBatch, b: RowBatch) -> RowBatch:
-    """`a`'s rows then `b`'s, padded to one length, in `a`'s cache object (`b` is consumed)."""
-    length = max(a.length, b.length)
-    a.pad_to(length)
-    b.pad_to(length)
-    for key in _PER_TOKEN_KEYS:
-        va, vb = a.kwargs.get(key), b.kwargs.get(key)
-        if va is None and vb is None:
-            continue
-        if va is None or vb is None:
-            # e.g. a text-only request without mm_token_type_ids beside one with images
-            present = va if va is not None else vb
-            if key == "position_ids":
-                raise RuntimeError("cannot merge rows with and without position ids")
-            filler = present.new_zeros(((b if va is None else a).size, present.shape[-1]))
-            va, vb = (filler, vb) if va is None else (va, filler)
-        a.kwargs[key] = torch.cat([va, vb], dim=_batch_dim(key, va))
-    for la, lb in zip(_layers(a.cache), _layers(b.cache), strict=True):
-        if not (_initialized(la) and _initialized(lb)):
-            # a layer that holds nothing (KV sharing) holds nothing in either batch
-            continue
-        la.keys = torch.cat([la.keys, lb.keys], dim=0)
-        la.values = torch.cat([la.values, lb.values], dim=0)
-    return a
+def _image_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What the vision tower reads: everything but the token ids and the per-token tensors."""
+    return {k: v for k, v in inputs.items() if k not in (*PER_TOKEN_KEYS, "input_ids", "labels")}
+
+
+def image_key(inputs: Mapping[str, Any]) -> str | None:
+    """A digest of a row's image inputs, or None for a text-only row."""
+    images = _image_inputs(inputs)
+    if not any(k.startswith("pixel_values") for k in images):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(images):
+        value = images[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def encode_rows(processor: Any, prompt: str, views: list[list[Image.Image]]) -> list[PromptRow]:
+    """`encode_views`, one processor call per view: each row's images can then be encoded (and reused) alone.
+
+    Both views of a request have images of equal sizes, so their rows have one length.
+    """
+    batches = [encode_views(processor, prompt, [view]) for view in views] if views and views[0] else [
+        encode_views(processor, prompt, [])
+    ]
+    return [PromptRow(dict(b), image_key(b)) for b in batches]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFeatures:
+    """One row's image features as its language model reads them: one vector per placeholder token."""
+
+    pooled: torch.Tensor
+    """`(N, D)`: the features of the row's N image placeholder tokens, in order."""
+    deepstack: tuple[torch.Tensor, ...]
+    """`(N, D)` per layer that adds features again deeper in (Qwen3-VL's deepstack); else empty."""
+    output_type: type
+    """The model's own container class for pre-encoded features."""
+    as_tensor: bool
+    """Whether the model takes the features as a `(1, N, D)` tensor (else as a one-item list)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pooled, *self.deepstack))
+
+
+def _flat(features: Any) -> torch.Tensor:
+    """Per-image features (a tensor `(images, tokens, D)` or a sequence of `(tokens, D)`) as `(N, D)`."""
+    parts = [features] if isinstance(features, torch.Tensor) else list(features)
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in parts])
+
+
+def _left_pad(t: torch.Tensor, n: int, value: int = 0) -> torch.Tensor:
+    if n <= 0:
+        return t
+    return torch.cat([t.new_full((*t.shape[:-1], n), value), t], dim=-1)
+
+
+def _to_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    out = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+    # pixel values follow the model's dtype (e.g. bf16); integer tensors stay as they are
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            out[key] = value.to(model.dtype)
+    return out
+
+
+def attention_span(text_config: Any) -> float:
+    """Context length at which a prompt token's attention costs as much as its weights do.
+
+    Per token and layer, the weights cost about `2 * (4 * H**2 + 3 * H * I)` flops
+    (attention projections and a gated MLP, hidden size H, MLP size I) and the
+    attention `4 * H` flops per earlier token: equal at `2 * H + 1.5 * I` tokens
+    (about 2k for the CPU bench preset, 25k for the LLaVA-1.5-7B shape).
+    """
+    hidden = int(text_config.hidden_size)
+    inner = int(getattr(text_config, "intermediate_size", None) or 4 * hidden)
+    return 2.0 * hidden + 1.5 * inner
+
+
+def chunk_columns(budget: float, rows: int, done: int, span: float) -> int:
+    """Columns of the next chunk: `rows * cols * (1 + (done + cols / 2) / span) <= budget`, at least one.
+
+    `budget` counts prompt tokens at the start of a prompt; later chunks attend to more
+    context and cost more per token, so they are narrower (the roots of that quadratic).
+    """
+    a = rows / (2 * span)
+    b = rows * (1 + done / span)
+    root = 2 * budget / (b + math.sqrt(b * b + 4 * a * budget))  # the stable form of (-b + sqrt(...)) / 2a
+    return max(1, int(root + 1e-6))
+
+
+def chunk_cost(rows: int, start: int, end: int, span: float) -> float:
+    """`chunk_columns`'s cost of prefilling columns `[start, end)` of `rows` rows, in prompt tokens."""
+    cols = end - start
+    return rows * cols * (1 + (start + cols / 2) / span)
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """`[start, end)` column ranges where a 1-D bool tensor is True."""
+    edges = torch.diff(torch.nn.functional.pad(flags.int(), (1, 1))).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2], strict=True))
+
+
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping `[start, end)` ranges merged into disjoint ones, in order."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start < out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+class Prefill:
+    """Prompt rows prefilled together: left-padded to one length, run a chunk of columns at a time.
+
+    Each row's positions are computed as if it were alone (M-RoPE included)
+    and padded on the left like every per-token tensor, so each row is
+    computed as it would be alone, up to the batched kernels' summation order.
+    `done` columns have been prefilled; `Decoder.run_chunk` advances it and
+    `Decoder.finish` turns the finished prefill into a `RowBatch` and the last
+    position's logits.
+    """
+
+    def __init__(self, decoder: Decoder, rows: list[PromptRow], features: list[ImageFeatures | None]) -> None:
+        model = decoder.model
+        self.rows = list(rows)
+        self.features = list(features)
+        self.length = max(r.length for r in rows)
+        token = decoder.image_token_id
+        pad = 0 if token != 0 else 1  # a padding id that is never taken for an image placeholder
+        ids, per_token, positions = [], {}, []
+        for row in rows:
+            inputs = _to_model(row.inputs, model)
+            n = self.length - row.length
+            ids.append(_left_pad(inputs["input_ids"], n, pad))
+            for key in PER_TOKEN_KEYS:
+                if isinstance(inputs.get(key), torch.Tensor):
+                    per_token.setdefault(key, []).append((inputs[key], n))
+            if decoder.has_position_ids and not decoder.quirks.step_through_language_model:
+                inputs.pop("labels", None)
+                row_ids = inputs.pop("input_ids")
+                positions.append(_left_pad(model._prepare_position_ids_for_generation(row_ids, inputs), n))
+        self.ids = torch.cat(ids)
+        self.per_token: dict[str, torch.Tensor] = {}
+        for key, parts in per_token.items():
+            if len(parts) < len(rows):  # e.g. mm_token_type_ids of a text-only row beside rows with images
+                parts = [(row.inputs.get(key, torch.zeros_like(row.inputs["input_ids"])).to(self.ids.device),
+                          self.length - row.length) for row in rows]
+            self.per_token[key] = torch.cat([_left_pad(t, n) for t, n in parts])
+        mask = self.per_token["attention_mask"]
+        if decoder.quirks.step_through_language_model:
+            self.positions: torch.Tensor | None = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            self.positions = torch.cat(positions, dim=1 if positions[0].ndim == 3 else 0) if positions else None
+        self.placeholders = self.ids == token if token is not None else torch.zeros_like(self.ids, dtype=torch.bool)
+        self._blocks_kind = decoder.quirks.prompt_blocks
+        self.span = decoder.attention_span
+        self._index_features()
+        self.done = 0
+        self.cache: Any = None
+        self.output: Any = None
+
+    def _index_features(self) -> None:
+        # the feature row of each placeholder, counted over (row, column) as the model consumes them
+        self.feature_index = self.placeholders.flatten().cumsum(0).view_as(self.ids) - 1
+        present = [f for f in self.features if f is not None]
+        self.pooled = torch.cat([f.pooled for f in present]) if present else None
+        self.deepstack = (
+            tuple(torch.cat(layer) for layer in zip(*(f.deepstack for f in present), strict=True))
+            if present and present[0].deepstack else ()
+        )
+        count = int(self.placeholders.sum())
+        if count != (0 if self.pooled is None else self.pooled.shape[0]):
+            raise ValueError(
+                f"The prompts hold {count} image placeholder tokens but their images give "
+                f"{0 if self.pooled is None else self.pooled.shape[0]} feature vectors."
+            )
+        self.spans = self._blocks(self._blocks_kind)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order), whatever has been prefilled so far."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.features = [self.features[i] for i in keep]
+        self.ids = self.ids.index_select(0, idx)
+        self.placeholders = self.placeholders.index_select(0, idx)
+        self.per_token = {k: v.index_select(0, idx) for k, v in self.per_token.items()}
+        if self.positions is not None:
+            self.positions = self.positions.index_select(1 if self.positions.ndim == 3 else 0, idx)
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx)
+        self._index_features()
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.length
+
+    def _blocks(self, kind: str) -> list[tuple[int, int]]:
+        """Column ranges a chunk boundary must not cut (attention both ways inside)."""
+        if kind == "prompt":
+            return [(0, self.length)]
+        if kind == "images":
+            return _union([span for row in self.placeholders for span in _runs(row)])
+        return []
+
+    def next_end(self, budget: int | None) -> int:
+        """Where the next chunk ends: about `budget` prompt tokens' worth of work over all rows
+        (`chunk_columns`; None: the rest of the prompt). It depends on these rows alone."""
+        if budget is None:
+            return self.length
+        end = min(self.length, self.done + chunk_columns(budget, self.size, self.done, self.span))
+        for start, stop in self.spans:
+            if start < end < stop:  # never cut a block: end before it, or after it if it starts the chunk
+                end = start if start > self.done else stop
+                break
+        return end
+
+    def chunk_features(self, start: int, end: int) -> ImageFeatures | None:
+        """The features of the placeholders in columns `[start, end)`, in the order the model reads them."""
+        if self.pooled is None:
+            return None
+        inside = self.placeholders[:, start:end]
+        if not bool(inside.any()):
+            return None
+        index = self.feature_index[:, start:end][inside]
+        first = next(f for f in self.features if f is not None)
+        return ImageFeatures(
+            self.pooled[index], tuple(layer[index] for layer in self.deepstack), first.output_type, first.as_tensor
+        )
 
 
 # --------------------------------------------------------------------------- the decoder
 
 
 class Decoder:
-    """Prefill requests and step a `RowBatch`, through the model's own generation hooks.
+    """Prefill prompts and step a `RowBatch`, through the model's own generation hooks.
 
-    `prefill(batch)` runs one request's prompt (one row per view) and returns
-    its `RowBatch` and the last-position logits `(B, V)`; `step(rows, tokens)`
-    feeds one token per row (`tokens` shape `(B,)`) and returns the next
-    logits `(B, V)`.
+    `encode_images(row)` runs the vision tower for one row; `run_chunk(prefill,
+    end)` prefills the next columns of a `Prefill`; `finish(prefill)` returns
+    its `RowBatch` and the last position's logits `(B, V)`; `prefill(rows)`
+    does all of it at once. `step(rows, tokens)` feeds one token per row
+    (`tokens` shape `(B,)`) and returns the next logits `(B, V)`.
     """
 
     def __init__(self, model: Any, quirks: Quirks) -> None:
@@ -362,36 +382,92 @@ class Decoder:
         self.quirks = quirks
         self.stepper = model.language_model if quirks.step_through_language_model else model
         params = inspect.signature(model.forward).parameters
-        self._has_position_ids = "position_ids" in params
+        self.has_position_ids = "position_ids" in params
         self._has_logits_to_keep = "logits_to_keep" in params
+        self._stepper_keeps_logits = "logits_to_keep" in inspect.signature(self.stepper.forward).parameters
+        config = model.config
+        self.attention_span = attention_span(config.get_text_config())
+        token = getattr(config, "image_token_id", None)
+        self.image_token_id: int | None = token if isinstance(token, int) else getattr(config, "image_token_index", None)
 
     @torch.inference_mode()
-    def prefill(self, batch: dict[str, Any]) -> tuple[RowBatch, torch.Tensor]:
-        model = self.model
-        batch = dict(batch)
-        batch.pop("labels", None)  # PaliGemma's processor adds them; inference needs none
-        input_ids = batch.pop("input_ids")
-        kwargs: dict[str, Any] = {**batch, "use_cache": True}
-        if self._has_position_ids:
-            kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
-        if self._has_logits_to_keep:
-            # only the last position's logits are needed: skip the (B, L, V) tensor, as generate does
-            kwargs["logits_to_keep"] = 1
-        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **kwargs)
-        out = model(**inputs, return_dict=True)
-        kwargs.pop("logits_to_keep", None)
-        kwargs["cache"] = _find_cache(out)
-        _give_room(kwargs["cache"])
+    def encode_images(self, row: PromptRow) -> ImageFeatures | None:
+        """Run the vision tower (and projector) on one row's images; None for a text-only row."""
+        if row.image_key is None:
+            return None
+        inputs = _to_model(_image_inputs(row.inputs), self.model)
+        # the model's own pre-encoding hook, as `generate` calls it: it knows each family's arguments
+        encoded = self.model._prepare_multimodal_encoder_kwargs_for_generation(inputs)["mm_encoder_outputs"]["image"]
+        pooled = encoded.pooler_output
+        deep = getattr(encoded, "deepstack_features", None) or ()
+        return ImageFeatures(
+            _flat(pooled), tuple(_flat(layer) for layer in deep), type(encoded), isinstance(pooled, torch.Tensor)
+        )
+
+    @torch.inference_mode()
+    def run_chunk(self, prefill: Prefill, end: int) -> None:
+        """Prefill columns `[prefill.done, end)` of every row, onto the cache of the columns before."""
+        start = prefill.done
+        mask = prefill.per_token["attention_mask"][:, :end]
+        features = prefill.chunk_features(start, end)
+        ids = prefill.ids[:, start:end]
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": True}
+        if prefill.cache is not None:
+            kwargs["cache"] = prefill.cache
+        if prefill.positions is not None:
+            kwargs["position_ids"] = prefill.positions[..., start:end]
+        if self.quirks.step_through_language_model:
+            # the language model alone: features scattered into the embeddings, as the top-level forward does
+            embeds = self.stepper.get_input_embeddings()(ids)
+            if features is not None:
+                inside = prefill.placeholders[:, start:end].unsqueeze(-1)
+                embeds = embeds.masked_scatter(inside, features.pooled.to(embeds.dtype))
+            if self._stepper_keeps_logits:
+                kwargs["logits_to_keep"] = 1
+            out = self.stepper(inputs_embeds=embeds, return_dict=True, **kwargs)
+        else:
+            for key in ("token_type_ids", "mm_token_type_ids"):
+                if key in prefill.per_token:
+                    # up to the chunk's end, as generate's chunked prefill: masks read them by position
+                    kwargs[key] = prefill.per_token[key][:, :end]
+            if features is not None:
+                kwargs["mm_encoder_outputs"] = {"image": _model_features(features)}
+            if self._has_logits_to_keep:
+                # only the last position's logits are needed: skip the (B, L, V) tensor, as generate does
+                kwargs["logits_to_keep"] = 1
+            inputs = self.model.prepare_inputs_for_generation(ids, is_first_iteration=True, **kwargs)
+            out = self.model(**inputs, return_dict=True)
+        if prefill.cache is None:
+            prefill.cache = _find_cache(out)
+            give_room(prefill.cache)
+        prefill.done = end
+        prefill.output = out
+
+    @torch.inference_mode()
+    def finish(self, prefill: Prefill) -> tuple[RowBatch, torch.Tensor]:
+        """The prefilled rows as a `RowBatch` ready for decode steps, and their last-position logits `(B, V)`."""
+        assert prefill.finished and prefill.output is not None
+        kwargs: dict[str, Any] = {**prefill.per_token, "cache": prefill.cache, "use_cache": True}
+        if prefill.positions is not None and not self.quirks.step_through_language_model:
+            kwargs["position_ids"] = prefill.positions
         # passed by name: Mllama's override makes `is_encoder_decoder` a required argument
-        kwargs = model._update_model_kwargs_for_generation(out, kwargs, is_encoder_decoder=False)
-        kept = {k: v for k, v in kwargs.items() if k in (*_PER_TOKEN_KEYS, "cache", "use_cache")}
+        kwargs = self.model._update_model_kwargs_for_generation(prefill.output, kwargs, is_encoder_decoder=False)
+        kwargs["cache"] = prefill.cache
+        kept = {k: v for k, v in kwargs.items() if k in (*PER_TOKEN_KEYS, "cache", "use_cache")}
         if self.quirks.step_through_language_model:
             # The language model alone sees no images: mm type ids mean nothing to it, and its
             # positions must be counted per row (a left-padded row starts later than column 0).
             mask = kept["attention_mask"]
             kept = {k: v for k, v in kept.items() if k in ("attention_mask", "cache", "use_cache")}
             kept["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return RowBatch(kept), out.logits[:, -1, :]
+        return RowBatch(kept), prefill.output.logits[:, -1, :]
+
+    def prefill(self, rows: list[PromptRow], chunk_tokens: int | None = None) -> tuple[RowBatch, torch.Tensor]:
+        """Encode the rows' images and prefill them together, in chunks of about `chunk_tokens` (None: whole)."""
+        prefill = Prefill(self, rows, [self.encode_images(r) for r in rows])
+        while not prefill.finished:
+            self.run_chunk(prefill, prefill.next_end(chunk_tokens))
+        return self.finish(prefill)
 
     @torch.inference_mode()
     def step(self, rows: RowBatch, tokens: torch.Tensor) -> torch.Tensor:
@@ -400,6 +476,18 @@ class Decoder:
         out = self.stepper(**inputs, return_dict=True)
         rows.kwargs = self.stepper._update_model_kwargs_for_generation(out, rows.kwargs, is_encoder_decoder=False)
         return out.logits[:, -1, :]
+
+
+def _model_features(features: ImageFeatures) -> Any:
+    """Features in the family's own container, as `generate`'s chunked prefill slices them."""
+
+    def wrap(t: torch.Tensor) -> Any:
+        return t.unsqueeze(0) if features.as_tensor else [t]
+
+    fields: dict[str, Any] = {"pooler_output": wrap(features.pooled)}
+    if features.deepstack:
+        fields["deepstack_features"] = [wrap(t) for t in features.deepstack]
+    return features.output_type(**fields)
 
 
 def encode_views(

@@ -284,6 +284,7 @@ def run_bench(
     for r in range(rounds):
         say(f"round {r + 1}/{rounds}")
         for name, fn in runs.items():
+            engines["fixed"].scheduler.clear_image_cache()  # features are reused within a request, never across runs
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             with _PeakMemory(dev) as mem:
@@ -331,6 +332,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="N,N,...",
         help="instead: many requests at once, e.g. 1,4,8,16 (batched SafeCoDe vs serialised vs plain static batch)",
     )
+    parser.add_argument(
+        "--mix",
+        action="store_true",
+        help="with --concurrency: mixed traffic (prompt and answer lengths, some requests without images, self judge)",
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="BatchingConfig.prefill_chunk_tokens for --concurrency and --stall's chunked setting (default: 512)",
+    )
+    parser.add_argument(
+        "--stall",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="instead: the longest inter-token gap of a running stream while a prompt of TOKENS tokens "
+        "arrives, with chunked prefill off and on",
+    )
 
 
 def _levels(text: str) -> list[int]:
@@ -347,6 +368,14 @@ def run_command(args: argparse.Namespace) -> int:
     if (args.preset == "gpu" or (args.device or "").startswith("cuda")) and not torch.cuda.is_available():
         print("error: the gpu preset needs a CUDA device; use --preset cpu here", file=sys.stderr)
         return 2
+    if args.mix and args.concurrency is None:
+        print("error: --mix goes with --concurrency, e.g. --concurrency 1,4,8 --mix", file=sys.stderr)
+        return 2
+    if args.prefill_chunk_tokens < 16:
+        print("error: --prefill-chunk-tokens must be at least 16", file=sys.stderr)
+        return 2
+    if args.stall is not None:
+        return _run_stall(args)
     if args.concurrency is not None:
         return _run_concurrency(args)
     report = run_bench(
@@ -384,11 +413,44 @@ def _run_concurrency(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         device=args.device,
         progress=_progress,
+        mix=args.mix,
+        chunk_tokens=args.prefill_chunk_tokens,
+    )
+    workload = (
+        f"mixed traffic: prompts {report.prompt_tokens}-{report.prompt_tokens_max} tokens, some without an image, "
+        f"{_answer_lengths(report.new_tokens)} new tokens, greedy, self judge"
+        if report.mix
+        else f"prompt {report.prompt_tokens} tokens, {report.new_tokens} new tokens each, greedy, fixed verdict"
     )
     return print_report(
-        f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; "
-        f"prompt {report.prompt_tokens} tokens, {report.new_tokens} new tokens each, greedy, fixed verdict; "
+        f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; {workload}; "
         f"tokens/s from the median of {report.rounds} interleaved rounds, latencies pooled over rounds",
+        report,
+        args.json_path,
+    )
+
+
+def _answer_lengths(new_tokens: int) -> str:
+    from .bench_concurrency import MIX_ANSWER_TOKENS
+
+    lengths = [max(1, round(t * new_tokens / 128)) for t in MIX_ANSWER_TOKENS]
+    return f"{min(lengths)}-{max(lengths)}"
+
+
+def _run_stall(args: argparse.Namespace) -> int:
+    from .bench_stall import run_stall_bench
+
+    if args.stall < 16:
+        print("error: --stall takes a prompt length in tokens, e.g. --stall 4096", file=sys.stderr)
+        return 2
+    report = run_stall_bench(
+        args.preset, prompt_tokens=args.stall, rounds=args.rounds, chunk_tokens=args.prefill_chunk_tokens,
+        device=args.device, progress=_progress,
+    )
+    return print_report(
+        f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; a stream decodes "
+        f"while a {report.prompt_tokens}-token prompt with an image arrives (two rows: real and noised view); "
+        f"medians of {report.rounds} interleaved rounds",
         report,
         args.json_path,
     )

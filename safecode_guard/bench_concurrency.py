@@ -14,7 +14,15 @@ interleaved round by round so that drift hits all alike:
 
 SafeCoDe runs with a fixed verdict (no judge cost) and every method decodes
 exactly `new_tokens` greedy tokens (end tokens are ignored), so tokens per
-second compare like with like. No method streams: time to first token is the
+second compare like with like.
+
+`--mix` makes the N requests chat traffic instead (`_workload`): prompts of
+different lengths, some without an image, answers of different lengths, and
+SafeCoDe with its self judge (one extra prefill per request, whose image
+features the answer reuses). Tokens/s counts the tokens the requests asked
+for; plain `generate` pads the N prompts into one static batch and decodes
+them all to the longest answer, as a static batch must. Each batched answer is
+also compared with the same request's serialised answer (its solo run). No method streams: time to first token is the
 moment the first token existed (the engine's own timings for SafeCoDe; the
 first logits-processor call after the prefill for `generate`). Model work runs
 off the main thread for every method, as in a server (with GNU OpenMP a main
@@ -67,6 +75,12 @@ class ConcurrencyReport:
     rounds: int
     levels: list[int]
     rows: list[LevelStats] = field(default_factory=list)
+    mix: bool = False
+    """Mixed traffic (`--mix`): prompts from `prompt_tokens` to `prompt_tokens_max` tokens, answers
+    of different lengths around `new_tokens`, the self judge on."""
+    prompt_tokens_max: int = 0
+    answers_equal: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Per level: batched rounds whose every answer equalled its serialised (solo) answer, of all rounds."""
 
     def get(self, method: str, level: int) -> LevelStats:
         return next(r for r in self.rows if r.method == method and r.concurrency == level)
@@ -108,6 +122,11 @@ class ConcurrencyReport:
                 f"at concurrency {TARGET_LEVEL}: batched / plain static batch = {vs_plain:.2f}x  target >= "
                 f"{TARGET_VS_PLAIN:g}x: " + ("OK" if vs_plain >= TARGET_VS_PLAIN else "MISSED")
             )
+        for level, (equal, total) in self.answers_equal.items():
+            lines.append(
+                f"at concurrency {level}: every batched answer equals its solo (serialised) answer in {equal} of "
+                f"{total} rounds" + ("" if equal == total else "  MISSED")
+            )
         per = self.memory_per_request_mb()
         if per is not None:
             note = "  (CPU: sampled RSS, informational)" if self.device.startswith("cpu") else ""
@@ -130,6 +149,49 @@ class _Run:
     peak_mb: float
 
 
+@dataclass
+class _Request:
+    messages: list[dict[str, Any]]
+    text: str
+    image: Any | None
+    new_tokens: int
+
+
+#: The mixed workload's answer lengths (tokens, for `--new-tokens 128`; scaled with it).
+MIX_ANSWER_TOKENS = (24, 128, 40, 96, 32, 64, 48, 112)
+
+
+def _mix_texts(prompt: str) -> list[str]:
+    """Chat traffic's spread of prompt lengths: a few words to a few paragraphs."""
+    return [
+        "What is in this picture?",
+        prompt,
+        "Describe the scene in one sentence.",
+        " ".join([prompt] * 3),
+        "How do I stay safe when hiking alone in the mountains? Give me a short checklist.",
+        "List three things you notice about the colours here, and say which one stands out most.",
+        prompt + " Answer in detail and give reasons for each point you make.",
+        " ".join([prompt] * 2) + " Keep it short.",
+    ]
+
+
+def _workload(mix: bool, n: int, prompt: str, new_tokens: int, scene: Callable[[int], Any]) -> list[_Request]:
+    """The N requests of one level: one prompt and length (uniform), or mixed traffic (`mix`).
+
+    Mixed: prompts of different lengths, an image on all but every fifth request, answers of
+    different lengths (`MIX_ANSWER_TOKENS` scaled to `new_tokens`).
+    """
+    out = []
+    texts = _mix_texts(prompt)
+    for i in range(n):
+        text = texts[i % len(texts)] if mix else prompt
+        image = None if mix and i % 5 == 4 else scene(i)
+        tokens = max(1, round(MIX_ANSWER_TOKENS[i % len(MIX_ANSWER_TOKENS)] * new_tokens / 128)) if mix else new_tokens
+        content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+        out.append(_Request([{"role": "user", "content": content}], text, image, tokens))
+    return out
+
+
 def run_concurrency_bench(
     preset: str = "cpu",
     *,
@@ -138,29 +200,33 @@ def run_concurrency_bench(
     new_tokens: int = 128,
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
+    mix: bool = False,
+    chunk_tokens: int | None = 512,
 ) -> ConcurrencyReport:
-    """Build the preset model and time the three methods at every level, interleaved."""
+    """Build the preset model and time the three methods at every level, interleaved.
+
+    `mix`: mixed traffic with the self judge on (see `_workload`); each batched answer is also
+    checked against the same request's serialised answer (its solo run).
+    """
     from .bench import PROMPT, _PeakMemory, _scene_image, bench_model, run_off_main
+    from .config import BatchingConfig
     from .engine import SafeCoDe
 
     say = progress or (lambda _msg: None)
     dev, model, processor = bench_model(preset, device, say)  # off the main thread, as every method runs
-    engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())
+    batching = BatchingConfig(prefill_chunk_tokens=chunk_tokens)
+    engine = SafeCoDe(model, processor, judge="self" if mix else "fixed:safe", eos_token_ids=(), batching=batching)
     size = processor.image_processor.crop_size["height"]
-    template = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    prompt = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
 
-    def scenes(n: int) -> list[Any]:
-        # the same drawing on N sky colours: distinct requests, prompts of one length
-        out = []
-        for i in range(n):
-            img = _scene_image(size)
-            img.paste((135, 190 - 7 * (i % 16), 235 - 5 * (i % 16)), (0, 0, size, size // 8))
-            out.append(img)
-        return out
+    def scene(i: int) -> Any:
+        # the same drawing on different sky colours: distinct requests (and images of one size)
+        img = _scene_image(size)
+        img.paste((135, 190 - 7 * (i % 16), 235 - 5 * (i % 16)), (0, 0, size, size // 8))
+        return img
 
-    def messages(img: Any) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": PROMPT}]}]
+    def template(request: _Request) -> str:
+        content = ([{"type": "image"}] if request.image is not None else []) + [{"type": "text", "text": request.text}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -171,17 +237,20 @@ def run_concurrency_bench(
         t = result.timings
         return t["judge_s"] + t["queue_s"] + t["prefill_s"]
 
-    def batched(images: list[Any]) -> tuple[list[float], list[float]]:
-        n = len(images)
-        ttft, done = [0.0] * n, [0.0] * n
+    Outcome = tuple[list[float], list[float], list[list[int]] | None]
+
+    def batched(requests: list[_Request]) -> Outcome:
+        n = len(requests)
+        ttft, done, ids = [0.0] * n, [0.0] * n, [[] for _ in range(n)]
         start = threading.Barrier(n + 1)
         t0_box: list[float] = []
 
         def caller(i: int) -> None:
             start.wait()
-            result = engine.generate(messages(images[i]), max_new_tokens=new_tokens)
+            result = engine.generate(requests[i].messages, max_new_tokens=requests[i].new_tokens)
             done[i] = time.perf_counter()
             ttft[i] = first_token_s(result)
+            ids[i] = result.token_ids
 
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(n)]
         for t in threads:
@@ -191,25 +260,27 @@ def run_concurrency_bench(
         for t in threads:
             t.join()
         t0 = t0_box[0]
-        return [d - t0 for d in done], ttft
+        return [d - t0 for d in done], ttft, ids
 
-    def serialised(images: list[Any]) -> tuple[list[float], list[float]]:
-        def run() -> tuple[list[float], list[float]]:
+    def serialised(requests: list[_Request]) -> Outcome:
+        def run() -> Outcome:
             t0 = time.perf_counter()
-            done, ttft = [], []
-            for img in images:
+            done, ttft, ids = [], [], []
+            for request in requests:
                 started = time.perf_counter() - t0  # all arrived at t0: each waits for the ones before
-                result = engine.generate(messages(img), max_new_tokens=new_tokens)
+                result = engine.generate(request.messages, max_new_tokens=request.new_tokens)
                 done.append(time.perf_counter() - t0)
                 ttft.append(started + first_token_s(result))
-            return done, ttft
+                ids.append(result.token_ids)
+            return done, ttft, ids
 
         return run_off_main(run)
 
-    def plain(images: list[Any]) -> tuple[list[float], list[float]]:
+    def plain(requests: list[_Request]) -> Outcome:
         from transformers import LogitsProcessor, LogitsProcessorList
 
         first: list[float] = []
+        longest = max(r.new_tokens for r in requests)  # a static batch decodes until its longest answer
 
         class FirstToken(LogitsProcessor):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -218,12 +289,16 @@ def run_concurrency_bench(
                 return scores
 
         def run() -> Any:
-            batch = processor(images=[[i] for i in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
-            batch = batch.to(dev)
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            images = [r.image for r in requests if r.image is not None]
+            batch = processor(
+                images=images or None, text=[template(r) for r in requests], return_tensors="pt",
+                padding=True, padding_side="left",
+            ).to(dev)
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             with torch.inference_mode():
                 out = model.generate(
-                    **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    **batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                     logits_processor=LogitsProcessorList([FirstToken()]),
                 )
             sync()
@@ -232,41 +307,52 @@ def run_concurrency_bench(
         t0 = time.perf_counter()
         out, batch = run_off_main(run)  # off the main thread, as a server runs it (and as the scheduler does)
         total = time.perf_counter() - t0
-        assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
-        return [total] * len(images), [first[0] - t0] * len(images)
+        assert out.shape[1] - batch["input_ids"].shape[1] == longest
+        return [total] * len(requests), [first[0] - t0] * len(requests), None
 
-    runs_by_method: dict[str, Callable[[list[Any]], tuple[list[float], list[float]]]] = {
+    runs_by_method: dict[str, Callable[[list[_Request]], Outcome]] = {
         "batched": batched, "serialised": serialised, "plain": plain,
     }
     say("warming up ...")
     for fn in runs_by_method.values():
-        fn(scenes(2))
-    prompt_tokens = run_off_main(
-        lambda: int(processor(images=[[scenes(1)[0]]], text=[prompt], return_tensors="pt")["input_ids"].shape[1])
-    )
+        fn(_workload(mix, 2, PROMPT, new_tokens, scene))
+    lengths = run_off_main(lambda: [
+        int(processor(images=[[r.image]] if r.image is not None else None, text=[template(r)], return_tensors="pt")
+            ["input_ids"].shape[1])
+        for r in _workload(mix, max(levels), PROMPT, new_tokens, scene)
+    ])
     report = ConcurrencyReport(
         preset=preset,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         dtype=str(model.dtype).removeprefix("torch."),
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=min(lengths),
         new_tokens=new_tokens,
         rounds=rounds,
         levels=list(levels),
+        mix=mix,
+        prompt_tokens_max=max(lengths),
     )
     for level in levels:
-        images = scenes(level)
+        requests = _workload(mix, level, PROMPT, new_tokens, scene)
         runs: dict[str, list[_Run]] = {m: [] for m in METHODS}
+        answers: dict[str, list[list[list[int]]]] = {m: [] for m in METHODS}
         for r in range(rounds):
             say(f"concurrency {level}: round {r + 1}/{rounds}")
             for method, fn in runs_by_method.items():
+                engine.scheduler.clear_image_cache()  # features are reused within a request, never across runs
                 sync()
                 with _PeakMemory(dev) as mem:
                     t0 = time.perf_counter()
-                    latencies, ttfts = fn(images)
+                    latencies, ttfts, ids = fn(requests)
                     sync()
                     total = time.perf_counter() - t0
                 runs[method].append(_Run(total, latencies, ttfts, mem.peak_mb))
+                if ids is not None:
+                    answers[method].append(ids)
+        solo = answers["serialised"][0]  # one request at a time: each answer as it is alone
+        equal = sum(ids == solo for ids in answers["batched"])
+        report.answers_equal[level] = (equal, len(answers["batched"]))
         for method in METHODS:
             median_total = statistics.median(run.total_s for run in runs[method])
             latencies = [x for run in runs[method] for x in run.latencies]
@@ -275,7 +361,7 @@ def run_concurrency_bench(
                 LevelStats(
                     method=method,
                     concurrency=level,
-                    tokens_per_s=level * new_tokens / median_total,
+                    tokens_per_s=sum(r.new_tokens for r in requests) / median_total,
                     p50_latency_s=_percentile(latencies, 50),
                     p95_latency_s=_percentile(latencies, 95),
                     p95_ttft_s=_percentile(ttfts, 95),

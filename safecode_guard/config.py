@@ -257,3 +257,11 @@ class BatchingConfig(BaseModel):
     gather_ms: float = Field(50.0, ge=0, le=5000)
     """At the start of a burst (nothing decoding), wait up to this long for requests still being
     prepared, so that they are prefilled together and decode without padding. 0 never waits."""
+    prefill_chunk_tokens: int | None = Field(512, ge=16)
+    """Prefill work done between two decode steps, in prompt tokens summed over rows (a token deep
+    into a long prompt counts more: it attends to more context; `adapters.chunk_columns`). Longer
+    prompts are prefilled a chunk at a time, so a running stream waits about one chunk and one step
+    for its next token. None prefills each prompt whole (a long one then stalls every stream)."""
+    image_cache_mb: float = Field(256.0, ge=0)
+    """Memory for image features kept after a prefill, so a prompt showing the same images (a
+    self judge's, then the answer's real view) skips the vision tower. 0 keeps none."""

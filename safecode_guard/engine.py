@@ -9,7 +9,9 @@ the model reads, text joined as its template joins it) -> a `DecodeJob` for
 the model's scheduler.
 
 Decoding (in the scheduler's thread, `scheduler.py`, batched with every
-other request on the model): one prefill of both views; for the first
+other request on the model): one prefill of both views (the vision tower runs
+once per view; the real view's features come from the self judge's prefill
+when it ran, since both prompts show the same images); for the first
 `steered_steps` tokens both rows advance and the next token comes from
 `contrast` + `modulate` (or a refusal prefix) in `decoding.Steering`; then the
 noised row leaves the KV cache and the real row decodes on, without a new
@@ -37,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import ops
-from .adapters import detect_quirks, encode_views
+from .adapters import detect_quirks, encode_rows
 from .config import BatchingConfig, InputPolicy, SafeCoDeConfig
 from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
 from .control import RequestControl, checked_timeout, checkpoint, current_control, use_control
@@ -745,8 +747,8 @@ class SafeCoDe:
             views.append([ops.noised_image(img, cfg.noise_std, noise) for img in conv.images])
         prompt = render_prompt(self.processor, conv, self._specials)
         self._check_prompt_chars(len(prompt), max_new_tokens)
-        batch = encode_views(self.processor, prompt, views)
-        prompt_len = int(batch["input_ids"].shape[1])
+        rows = encode_rows(self.processor, prompt, views)
+        prompt_len = rows[0].length
         self._check_length(prompt_len, max_new_tokens)
         checkpoint()
         # Only now, with every limit checked, may the judge (maybe a forward pass) run.
@@ -763,7 +765,7 @@ class SafeCoDe:
             sampling, generator,
         )
         job = DecodeJob(
-            batch=batch,
+            prompt_rows=rows,
             steering=steering,
             tracker=TextTracker(self.tokenizer, stops, strip_leading=not answer_prefix),
             eos_ids=self._eos_ids,

@@ -2,22 +2,33 @@
 
 Requests from any thread or asyncio task enter one queue per model. One worker
 thread owns the model: between decode steps it admits waiting requests,
-prefills each newcomer on its own (its prompt runs exactly as it would alone),
-lines the newcomer's rows up with the running batch (`adapters.merge`), and
+prefills newcomers together (their prompts left-padded to one length, as
+`generate` batches prompts; each row still computed as it would be alone),
+lines the newcomers' rows up with the running batch (`kv_rows.merge`), and
 then advances every active row with one forward pass per step. A request
 leaves the batch the step it ends (EOS, a stop string, `max_new_tokens`, its
 deadline, or its consumer going away), and its noised row leaves when its
 SafeCoDe window ends. Nothing is held across a consumer's `yield`: consumers
 read their own `Channel`, so a slow or vanished reader never stalls others.
 
+Prefill is chunked: each turn of the loop prefills about
+`BatchingConfig.prefill_chunk_tokens` prompt tokens' worth of work (over all
+rows; deeper into a long prompt a token costs more, so chunks narrow), oldest
+group first, and then runs one decode step, so a running stream waits about
+one chunk and one step for its next token however long a newcomer's prompt
+is. Images are encoded before, once per view (`Decoder.encode_images`), and
+the features are kept a while under their pixels' digest: a self judge's
+prompt and the answer's real view show the same images, so the vision tower
+runs once for both.
+
 A request is a small state machine: waiting -> running -> finished, or
 cancelled / failed. Its SafeCoDe state (verdict, window, forced refusal
 prefix, sampling and seeded generator, penalties, stop strings) lives in its
 own `decoding.Steering` and `decoding.TextTracker`.
 
-Judges batch too: a self-judge pass (`prefill_logits`) is a prefill-only job
-run between decode steps; concurrent ones are encoded and prefilled together
-as one left-padded batch, as `generate` batches prompts of different lengths.
+Judges batch too: a self-judge pass (`prefill_logits`) is a prefill-only job,
+prefilled like any newcomer (grouped and chunked) but keeping only its last
+logits; its KV rows are dropped at once.
 
 Limits and back-pressure (`BatchingConfig`, documented policy):
 
@@ -40,6 +51,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
+import itertools
 import threading
 import time
 import weakref
@@ -49,7 +61,7 @@ from typing import Any, Literal
 
 import torch
 
-from .adapters import Decoder, Quirks, RowBatch, merge, unbatchable_reason
+from .adapters import Decoder, ImageFeatures, Prefill, PromptRow, Quirks, chunk_cost, encode_rows
 from .config import BatchingConfig
 from .control import RequestControl, current_control
 from .decoding import Steering, TextTracker
@@ -62,6 +74,7 @@ from .errors import (
     StreamReaderError,
     UnsupportedContentError,
 )
+from .kv_rows import RowBatch, merge, unbatchable_reason
 
 __all__ = ["Channel", "DecodeJob", "PrefillJob", "Scheduler", "kv_bytes_per_token", "scheduler_for"]
 
@@ -69,6 +82,10 @@ Status = Literal["waiting", "running", "finished", "cancelled", "failed"]
 
 IDLE_EXIT_S = 2.0
 """Seconds an idle worker thread waits for new requests before it exits."""
+
+PAD_SLACK = 1.25
+"""Newcomers share a prefill while the padded group holds at most this many times their own tokens
+(padding costs compute in the prefill; groups form among prompts of similar length)."""
 
 
 # --------------------------------------------------------------------------- channel
@@ -180,8 +197,8 @@ def _wake(fut: asyncio.Future[None]) -> None:
 class DecodeJob:
     """One request to decode: its encoded prompt and its own SafeCoDe state."""
 
-    batch: Any
-    """The processor's output for the request: one row per view (real, then noised)."""
+    prompt_rows: list[PromptRow]
+    """The encoded prompt: one row per view (real, then noised); emptied once prefilled."""
     steering: Steering
     tracker: TextTracker
     eos_ids: frozenset[int]
@@ -235,9 +252,8 @@ class DecodeJob:
 class PrefillJob:
     """A prefill-only pass (a self judge's verdict prompt): the last position's logits, `(V,)`."""
 
-    processor: Any
-    prompt: str
-    images: Sequence[Any]
+    prompt_rows: list[PromptRow]
+    """The encoded prompt (one row)."""
     alone: bool = False
     """Prefill this prompt by itself (exact logits), never in a padded batch."""
     future: concurrent.futures.Future[torch.Tensor] = field(default_factory=concurrent.futures.Future)
@@ -263,13 +279,52 @@ def kv_bytes_per_token(model: Any) -> int:
     return int(text.num_hidden_layers * 2 * heads * head_dim * element)
 
 
-def _to_model(batch: Any, model: Any) -> dict[str, Any]:
-    out = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(batch).items()}
-    # pixel values follow the model's dtype (e.g. bf16); integer tensors stay as they are
-    for key, value in out.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            out[key] = value.to(model.dtype)
-    return out
+@dataclass(eq=False)
+class _Group:
+    """Newcomers prefilled together: one `Prefill` over their rows, in the order of `entries`."""
+
+    entries: list[DecodeJob | PrefillJob]
+    counts: list[int]
+    """Rows of each entry."""
+    features: list[ImageFeatures | None]
+    """Image features of each row (kept to restart entries alone if the group fails)."""
+    prefill: Prefill
+
+    @property
+    def rows(self) -> int:
+        return self.prefill.size
+
+
+class _FeatureCache:
+    """Image features by `PromptRow.image_key`, least recently used out first, within a byte budget.
+
+    Only the scheduler's worker thread touches it.
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.nbytes = 0
+        self._items: collections.OrderedDict[str, ImageFeatures] = collections.OrderedDict()
+
+    def get(self, key: str) -> ImageFeatures | None:
+        features = self._items.get(key)
+        if features is not None:
+            self._items.move_to_end(key)
+        return features
+
+    def put(self, key: str, features: ImageFeatures) -> None:
+        if features.nbytes > self.budget:
+            return
+        old = self._items.pop(key, None)
+        self.nbytes += features.nbytes - (old.nbytes if old is not None else 0)
+        self._items[key] = features
+        while self.nbytes > self.budget:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+
+
+_Item = tuple[DecodeJob | PrefillJob, list[ImageFeatures | None]]
+"""A newcomer and the image features of its rows."""
 
 
 # --------------------------------------------------------------------------- scheduler
@@ -294,6 +349,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[DecodeJob] = collections.deque()
         self._prefills: list[PrefillJob] = []
+        self._groups: list[_Group] = []  # newcomers being prefilled, oldest first
+        self._features = _FeatureCache(self.settings.image_cache_mb)
         self._active: list[DecodeJob] = []
         self._owners: list[DecodeJob] = []  # row i of the batch belongs to _owners[i]
         self._rows: RowBatch | None = None
@@ -381,12 +438,19 @@ class Scheduler:
     def _submit_prefill(
         self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool, control: RequestControl | None = None
     ) -> PrefillJob:
-        job = PrefillJob(processor, prompt, list(images), alone=alone, control=control)
+        # encoded here, in the caller's thread: the worker only runs the model
+        rows = encode_rows(processor, prompt, [list(images)] if images else [])
+        job = PrefillJob(rows, alone=alone, control=control)
         with self._cond:
             self._prefills.append(job)
             self._ensure_worker()
             self._cond.notify_all()
         return job
+
+    def clear_image_cache(self) -> None:
+        """Forget the image features kept for reuse (benchmarks call it so each run encodes its images)."""
+        with self._cond:
+            self._features = _FeatureCache(self.settings.image_cache_mb)
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything queued or decoding and wait for the worker to stop (used at exit).
@@ -398,8 +462,9 @@ class Scheduler:
             self._closing = True  # also catches jobs admitted but not yet running
             for job in list(self._waiting):
                 job.cancel()
-            for job in self._active:
-                job.cancel()
+            for job in itertools.chain(self._active, *(g.entries for g in self._groups)):
+                if isinstance(job, DecodeJob):
+                    job.cancel()
             self._cond.notify_all()
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
@@ -418,7 +483,7 @@ class Scheduler:
         while True:
             with self._cond:
                 self._expire_waiting()
-                if not (self._active or self._waiting or self._prefills):
+                if not (self._active or self._waiting or self._prefills or self._groups):
                     # Linger a moment before exiting: a thread keeps its allocator arena and its
                     # OpenMP team warm for the next request (and a model is not freed meanwhile).
                     now = time.perf_counter()
@@ -432,13 +497,11 @@ class Scheduler:
                 # judge prefills that came in while gathering run first; the gathering goes on after
                 admitted = [] if self._gather_burst() else self._admissible()
                 prefills, self._prefills = [p for p in self._prefills if not p.dropped], []
-                if not (admitted or prefills or self._active):
+                if not (admitted or prefills or self._active or self._groups):
                     self._cond.wait(0.05)  # waiting requests that do not fit yet (cannot happen alone)
                     continue
-            if prefills:
-                self._run_prefills(prefills)
-            for group in self._prefill_groups(admitted):
-                self._start(group)
+            self._begin([*prefills, *admitted])
+            self._prefill_some()
             if self._active:
                 self._step()
 
@@ -456,7 +519,7 @@ class Scheduler:
         waiting for its self judge's prefill: when one arrives, the wait stops
         (returning True) so that the prefill runs, and resumes afterwards.
         """
-        if self._active or not self._waiting or not self.settings.enabled:
+        if self._active or self._groups or not self._waiting or not self.settings.enabled:
             self._burst_deadline = None
             return False
         if self._burst_deadline is None:
@@ -484,13 +547,15 @@ class Scheduler:
         """Waiting jobs that fit now, first come first served (called under the lock)."""
         s = self.settings
         admitted: list[DecodeJob] = []
-        rows = len(self._owners)
-        length = self._rows.length if self._rows is not None else 0
-        remaining = max((j.remaining for j in self._active), default=0)
-        one_at_a_time = not s.enabled or self.batchable is False
+        prefilling = [e for g in self._groups for e in g.entries if isinstance(e, DecodeJob)]
+        rows = len(self._owners) + sum(g.rows for g in self._groups)
+        length = max([self._rows.length if self._rows is not None else 0, *(g.prefill.length + 1 for g in self._groups)])
+        remaining = max([j.remaining for j in self._active] + [j.max_new_tokens for j in prefilling], default=0)
+        # until a first prefill shows whether rows can be realigned, one request goes first
+        one_at_a_time = not s.enabled or self.batchable is not True
         while self._waiting:
             job = self._waiting[0]
-            busy = bool(self._active or admitted)
+            busy = bool(self._active or prefilling or admitted)
             if one_at_a_time and busy:
                 break
             if busy and rows + job.rows > s.max_batch_rows:
@@ -505,105 +570,179 @@ class Scheduler:
             rows, length, remaining = rows + job.rows, new_length, new_remaining
         return admitted
 
-    # -- prefill-only jobs (judges) ----------------------------------------------------------
+    # -- prefill: newcomers and judges -------------------------------------------------------
 
-    def _run_prefills(self, jobs: list[PrefillJob]) -> None:
-        """Prefill every judge prompt; compatible ones together in one left-padded batch."""
-        groups: dict[tuple[int, bool], list[PrefillJob]] = {}
-        for job in jobs:
-            key = (id(job), False) if job.alone else (id(job.processor), bool(job.images))
-            groups.setdefault(key, []).append(job)
-        for group in groups.values():
-            if len(group) > 1 and self.settings.enabled:
-                try:
-                    logits = self._prefill_batch(group[0].processor, group)
-                except Exception:  # one bad prompt must not fail the others: retry them one by one
-                    logits = None
-                if logits is not None:
-                    for job, row in zip(group, logits, strict=True):
-                        job.future.set_result(row)
-                    self.stats["judge_batches"] += 1
+    def _begin(self, entries: list[DecodeJob | PrefillJob]) -> None:
+        """Encode the newcomers' images (once per view; reused when seen before) and group them for prefill."""
+        ready: list[_Item] = []
+        for entry in entries:
+            if isinstance(entry, DecodeJob):
+                if self._closing:
+                    entry.cancel()
+                if entry.cancelled:
+                    self._end(entry, "cancelled")
                     continue
-            for job in group:
-                try:
-                    job.future.set_result(self._prefill_batch(job.processor, [job])[0])
-                except Exception as exc:
-                    job.future.set_exception(exc)
+            try:
+                features = [self._image_features(row) for row in entry.prompt_rows]
+            except Exception as exc:
+                self._entry_failed(entry, exc)
+                continue
+            if isinstance(entry, DecodeJob):
+                entry.status = "running"
+                entry.t_start = time.perf_counter()
+            ready.append((entry, features))
+        for items in self._grouped(ready):
+            self._open(items)
 
-    def _prefill_batch(self, processor: Any, jobs: list[PrefillJob]) -> torch.Tensor:
-        texts = [j.prompt for j in jobs]
-        if jobs[0].images:
-            batch = processor(
-                images=[list(j.images) for j in jobs], text=texts, return_tensors="pt",
-                padding=True, padding_side="left",
-            )
-        else:
-            batch = processor(text=texts, return_tensors="pt", padding=True, padding_side="left")
-        _, logits = self.decoder.prefill(_to_model(batch, self.model))
-        return logits.float().cpu()
+    def _image_features(self, row: PromptRow) -> ImageFeatures | None:
+        if row.image_key is None:
+            return None
+        features = self._features.get(row.image_key)
+        if features is not None:
+            self.stats["image_cache_hits"] += 1
+            return features
+        features = self.decoder.encode_images(row)
+        self.stats["image_encodings"] += 1
+        if features is not None:
+            self._features.put(row.image_key, features)
+        return features
 
-    # -- decode jobs -------------------------------------------------------------------------
+    def _grouped(self, ready: list[_Item]) -> list[list[_Item]]:
+        """Newcomers in prefill groups: by length, while padding stays small and the rows fit.
 
-    def _prefill_groups(self, jobs: list[DecodeJob]) -> list[list[DecodeJob]]:
-        """Newcomers in groups whose prompts stack without padding (one prefill each group).
-
-        Stacking only appends rows (every tensor keeps its shape but the first
-        dimension), so each row is computed as it would be alone, up to the
-        batched kernels' summation order, as in a decode step. Until the first
-        prefill shows the cache can be batched, and with batching off, every
-        request is prefilled alone.
+        Until the first prefill shows the cache can be batched, and with batching
+        off, every request is prefilled alone.
         """
-        groups: list[list[DecodeJob]] = []
-        for job in jobs:
-            if (
-                groups
-                and self.batchable
-                and self.settings.enabled
-                and _stackable(groups[-1][0].batch, job.batch)
-                and sum(j.rows for j in groups[-1]) + job.rows <= self.settings.max_batch_rows
-            ):
-                groups[-1].append(job)
+        if not (self.batchable and self.settings.enabled):
+            return [[item] for item in ready]
+        groups: list[list[_Item]] = []
+        for item in sorted(ready, key=lambda item: item[0].prompt_rows[0].length):
+            last = groups[-1] if groups else None
+            if last is not None and not _alone(item[0]) and not _alone(last[0][0]) and self._fits([*last, item]):
+                last.append(item)
             else:
-                groups.append([job])
+                groups.append([item])
         return groups
 
-    def _start(self, jobs: list[DecodeJob]) -> None:
-        """Prefill newcomers (stacked), choose their first tokens, and line their rows up with the batch."""
-        for job in jobs:
-            if self._closing:
-                job.cancel()
-            if job.cancelled:
-                self._end(job, "cancelled")
-        jobs = [j for j in jobs if not j.cancelled]
-        if not jobs:
-            return
-        started = time.perf_counter()
-        for job in jobs:
-            job.status = "running"
-            job.t_start = started
-        batch = jobs[0].batch if len(jobs) == 1 else _stack([j.batch for j in jobs])
+    def _fits(self, items: list[_Item]) -> bool:
+        lengths = [row.length for entry, _ in items for row in entry.prompt_rows]
+        return len(lengths) <= self.settings.max_batch_rows and max(lengths) * len(lengths) <= PAD_SLACK * sum(lengths)
+
+    def _open(self, items: list[_Item]) -> None:
+        entries = [entry for entry, _ in items]
+        features = [f for _, fs in items for f in fs]
         try:
-            rows, logits = self.decoder.prefill(_to_model(batch, self.model))
+            prefill = Prefill(self.decoder, [row for e in entries for row in e.prompt_rows], features)
         except Exception as exc:
-            if len(jobs) > 1:  # one bad request must not fail its neighbours: prefill each alone
-                for job in jobs:
-                    self._start([job])
-                return
-            self._fail(jobs[0], _prefill_error(exc, self.model, jobs[0]))
-            jobs[0].batch = None
+            if len(items) > 1:
+                for item in items:
+                    self._open([item])
+            else:
+                self._entry_failed(entries[0], exc)
             return
-        for job in jobs:
-            job.batch = None  # pixels are prefill-only: free them now
-        if len(jobs) > 1:
-            self.stats["stacked_prefills"] += 1
+        with self._cond:
+            self._groups.append(_Group(entries, [len(e.prompt_rows) for e in entries], features, prefill))
+
+    def _prefill_some(self) -> None:
+        """Prefill chunks of the waiting groups, oldest first, about one chunk's worth of tokens in all.
+
+        With rows decoding, this bounds their wait for the next token to about one
+        chunk and one decode step; with nothing decoding, the loop comes straight back.
+        A group's chunk boundaries depend on its own rows only (never on what else is
+        waiting), so a prompt alone is always prefilled the same way.
+        """
+        budget = self.settings.prefill_chunk_tokens
+        spent = 0.0
+        for group in list(self._groups):
+            if not self._drop_gone_from(group):
+                continue
+            prefill = group.prefill
+            while not prefill.finished:
+                start, end = prefill.done, prefill.next_end(budget)
+                cost = chunk_cost(prefill.size, start, end, prefill.span)
+                if budget is not None and spent and spent + cost > budget:
+                    return  # the next chunk waits for the next turn, after a decode step
+                try:
+                    self.decoder.run_chunk(prefill, end)
+                except Exception as exc:
+                    self._group_failed(group, exc)
+                    break
+                self.stats["prefill_chunks"] += 1
+                spent += cost
+            if prefill.finished and group in self._groups:
+                self._finish(group)
+
+    def _drop_gone_from(self, group: _Group) -> bool:
+        """Remove cancelled and expired requests from a prefilling group; False when none is left."""
+        now = time.perf_counter()
+        gone: set[int] = set()
+        for i, entry in enumerate(group.entries):
+            if not isinstance(entry, DecodeJob):
+                continue
+            if self._closing:
+                entry.cancel()
+            if entry.cancelled:
+                self._end(entry, "cancelled")
+            elif entry.deadline is not None and now > entry.deadline:
+                self._fail(entry, self._timeout_error(entry))
+            else:
+                continue
+            entry.prompt_rows = []
+            gone.add(i)
+        if not gone:
+            return True
+        starts = [0, *itertools.accumulate(group.counts)]
+        kept = [i for i in range(len(group.entries)) if i not in gone]
+        with self._cond:
+            if not kept:
+                self._groups.remove(group)
+                return False
+            group.prefill.select([r for i in kept for r in range(starts[i], starts[i + 1])])
+            group.features = [f for i in kept for f in group.features[starts[i] : starts[i + 1]]]
+            group.entries = [group.entries[i] for i in kept]
+            group.counts = [group.counts[i] for i in kept]
+        return True
+
+    def _group_failed(self, group: _Group, exc: Exception) -> None:
+        with self._cond:
+            self._groups.remove(group)
+        if len(group.entries) == 1:
+            self._entry_failed(group.entries[0], exc)
+            return
+        # one bad request must not fail its neighbours: each starts again, alone
+        starts = [0, *itertools.accumulate(group.counts)]
+        for i, entry in enumerate(group.entries):
+            self._open([(entry, group.features[starts[i] : starts[i + 1]])])
+
+    def _entry_failed(self, entry: DecodeJob | PrefillJob, exc: Exception) -> None:
+        if isinstance(entry, PrefillJob):
+            entry.future.set_exception(exc)
+            return
+        entry.prompt_rows = []
+        self._fail(entry, _prefill_error(exc, self.model, entry))
+
+    def _finish(self, group: _Group) -> None:
+        """A group is prefilled: judges get their logits; requests choose their first tokens and join the batch."""
+        with self._cond:
+            self._groups.remove(group)
+        rows, logits = self.decoder.finish(group.prefill)
         if self.batchable is None:
             self.unbatchable_reason = unbatchable_reason(rows.cache)
             self.batchable = self.unbatchable_reason is None
+        if len(group.entries) > 1:
+            self.stats["shared_prefills"] += 1
+        if sum(isinstance(e, PrefillJob) for e in group.entries) > 1:
+            self.stats["judge_batches"] += 1
         keep: list[int] = []
         owners: list[DecodeJob] = []
         first = 0
-        for job in jobs:
-            n = job.rows
+        for entry, n in zip(group.entries, group.counts, strict=True):
+            entry.prompt_rows = []  # pixels are prefill-only: free them now
+            if isinstance(entry, PrefillJob):
+                entry.future.set_result(logits[first].float().cpu())
+                first += n
+                continue
+            job = entry
             job.t_first = time.perf_counter()
             try:
                 token = job.steering.choose(logits[first : first + n])
@@ -620,6 +759,7 @@ class Scheduler:
             return
         if len(keep) < rows.size:
             rows.select(keep)
+            rows.trim()
         with self._cond:
             self._rows = rows if self._rows is None else merge(self._rows, rows)
             self._owners.extend(owners)
@@ -753,29 +893,8 @@ class Scheduler:
         )
 
 
-def _stackable(a: Any, b: Any) -> bool:
-    """Whether two encoded requests stack into one batch without padding: the same keys, and
-    every tensor of the same shape except its first dimension (rows, or images)."""
-    if a is None or b is None or set(a.keys()) != set(b.keys()):
-        return False
-    for key in a:
-        x, y = a[key], b[key]
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if x.ndim == 0 or x.ndim != y.ndim or x.shape[1:] != y.shape[1:] or x.dtype != y.dtype:
-                return False
-        elif x != y:
-            return False
-    return True
-
-
-def _stack(batches: list[Any]) -> dict[str, Any]:
-    first = batches[0]
-    return {
-        key: torch.cat([b[key] for b in batches], dim=0) if isinstance(first[key], torch.Tensor) else first[key]
-        for key in first
-    }
+def _alone(entry: DecodeJob | PrefillJob) -> bool:
+    return isinstance(entry, PrefillJob) and entry.alone
 
 
 def _prefill_error(exc: Exception, model: Any, job: DecodeJob) -> Exception:

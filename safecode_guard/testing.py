@@ -786,10 +786,11 @@ def build_tool_vlm(family: str, out_dir: str | Path, **kwargs: Any) -> Path:
 #: Llava shapes per bench preset: text and vision config keywords, plus a fixed model vocabulary.
 _BENCH: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": dict(text=TINY_TEXT, vision=TINY_VISION, model=dict()),
-    # ~10M parameters (6.4M text, 3.4M vision); 176 px in 16 px patches -> 121 image tokens
+    # ~10M parameters (6.4M text, 3.4M vision); 176 px in 16 px patches -> 121 image tokens;
+    # an 8k context (rotary positions, no weights) so `bench --stall 4096` fits a long prompt
     "cpu": dict(
         text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                  num_attention_heads=8, num_key_value_heads=8),
+                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192),
         vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=4, image_size=176, patch_size=16),
         model=dict()),

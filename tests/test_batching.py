@@ -96,18 +96,31 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(fresh, family):
 
     scheduler = engines["safe"].scheduler
     sizes: list[int] = []
-    scheduler.on_step = sizes.append
+    joined = threading.Event()
+
+    def step(rows: int) -> None:
+        sizes.append(rows)
+        if len(sizes) == 1:
+            joined.wait(30)  # the first half stays mid-answer until the second half is queued
+
+    scheduler.on_step = step
     try:
         half = len(requests) // 2
-        streams = [engines[name].stream(msgs, **kw) for name, msgs, kw in requests[:half]]
+        streams = [engines[name].stream(msgs, start=False, **kw) for name, msgs, kw in requests]
+        with scheduler._cond:
+            for stream in streams[:half]:
+                stream.start()
         # the first request is decoding (its first token is out; its first *piece* may come later:
         # an answer never opens with whitespace, and a random model may write some first) ...
         deadline = time.monotonic() + 30
         while not streams[0]._job.steering.generated and time.monotonic() < deadline:
             time.sleep(0.001)
-        streams += [engines[name].stream(msgs, **kw) for name, msgs, kw in requests[half:]]  # ... when these join
+        for stream in streams[half:]:  # ... when these join (prepared already, so without delay)
+            stream.start()
+        joined.set()
         together = [s.consume().token_ids for s in streams]
     finally:
+        joined.set()
         scheduler.on_step = None
     assert together == alone
     assert max(sizes) >= half + 2, sizes  # rows of several requests really shared steps
@@ -115,54 +128,58 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(fresh, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_burst_of_same_length_prompts_is_prefilled_together_and_answered_as_alone(fresh, family):
+def test_a_burst_of_prompts_of_different_lengths_is_prefilled_together_and_answered_as_alone(fresh, family):
     model, processor = fresh(family)
     engines = engines_for(model, processor)
-    # one prompt and one image size: the prompts stack without padding (different pixels, verdicts, settings)
-    images = [gradient_image(48, 40), stripes_image(48, 40), gradient_image(48, 40).transpose(0), stripes_image(48, 40).rotate(180)]
+    # prompts of different lengths and images of different sizes (left-padded to one length), verdicts, settings
+    images = [gradient_image(48, 40), stripes_image(40, 48), gradient_image(64, 32).transpose(0), stripes_image(48, 40).rotate(180)]
+    texts = ["Describe the image.", "What is this?", "Describe the image, please, in a few words.", "Say what you see here."]
     burst = [
-        (name, user_turn("Describe the image.", img), kw)
-        for (name, kw), img in zip(
+        (name, user_turn(text, img), kw)
+        for (name, kw), text, img in zip(
             [("safe", {"max_new_tokens": 9}), ("unsafe", {"max_new_tokens": 7}), ("plain", {"max_new_tokens": 8}),
              ("safe", {"max_new_tokens": 6, "do_sample": True, "temperature": 1.2, "seed": 5})],
-            images, strict=True,
+            texts, images, strict=True,
         )
     ]
     alone = [engines[name].generate(msgs, **kw).token_ids for name, msgs, kw in burst]
     scheduler = engines["safe"].scheduler
-    before = scheduler.stats["stacked_prefills"]
+    before = scheduler.stats["shared_prefills"]
     streams = [engines[name].stream(msgs, start=False, **kw) for name, msgs, kw in burst]
     with scheduler._cond:  # the worker admits them in one round
         for stream in streams:
             stream.start()
     assert [s.consume().token_ids for s in streams] == alone
-    assert scheduler.stats["stacked_prefills"] == before + 1
+    assert scheduler.stats["shared_prefills"] == before + 1
+    assert len({s._job.prompt_len for s in streams}) > 1  # the prompts really differ in length
 
 
-def test_a_bad_request_in_a_stacked_prefill_fails_alone(fresh, monkeypatch):
+def test_a_bad_request_in_a_shared_prefill_fails_alone(fresh, monkeypatch):
     from safecode_guard import adapters
 
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe")
     good, bad = gradient_image(48, 40), stripes_image(48, 40)
-    msgs = [user_turn("Describe the image.", good), user_turn("Describe the image.", bad)]
+    msgs = [user_turn("Describe the image.", good), user_turn("Describe the image, please.", bad)]
     alone = engine.generate(msgs[0], max_new_tokens=5).token_ids
     bad_pixels = processor(images=[[bad]], text=["<image>"], return_tensors="pt")["pixel_values"][0]
-    real_prefill = adapters.Decoder.prefill
+    real_chunk = adapters.Decoder.run_chunk
 
-    def refuse_the_bad_image(self, batch):  # the model fails on any batch holding the bad image
-        if any(torch.equal(p, bad_pixels) for p in batch["pixel_values"]):
+    def refuse_the_bad_image(self, prefill, end):  # the model fails on any prefill holding the bad image
+        if any(torch.equal(row.inputs["pixel_values"][0], bad_pixels) for row in prefill.rows):
             raise RuntimeError("boom")
-        return real_prefill(self, batch)
+        return real_chunk(self, prefill, end)
 
-    monkeypatch.setattr(adapters.Decoder, "prefill", refuse_the_bad_image)
+    monkeypatch.setattr(adapters.Decoder, "run_chunk", refuse_the_bad_image)
+    before = engine.scheduler.stats["shared_prefills"]
     streams = [engine.stream(m, max_new_tokens=5, start=False) for m in msgs]
     with engine.scheduler._cond:
         for stream in streams:
             stream.start()
-    assert streams[0].consume().token_ids == alone  # retried alone after the stacked prefill failed
+    assert streams[0].consume().token_ids == alone  # retried alone after the shared prefill failed
     with pytest.raises(UnsupportedContentError, match="boom"):
         streams[1].consume()
+    assert engine.scheduler.stats["shared_prefills"] == before  # the shared one never finished
 
 
 def test_streams_start_as_soon_as_their_own_first_token_exists(fresh):

@@ -45,3 +45,26 @@ def test_concurrency_bench_measures_three_methods_per_level(tmp_path, capsys):
     )
     assert all(r["tokens_per_s"] > 0 and r["p95_ttft_s"] <= r["p95_latency_s"] for r in rows)
     assert main(["bench", "--preset", "tiny", "--concurrency", "0,x"]) == 2
+
+
+def test_mixed_concurrency_bench_checks_every_answer_against_its_solo_run(tmp_path, capsys):
+    out = tmp_path / "mix.json"
+    assert main(["bench", "--preset", "tiny", "--concurrency", "2", "--mix", "--rounds", "1", "--new-tokens", "4",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed traffic" in printed and "self judge" in printed and "equals its solo (serialised) answer" in printed
+    data = json.loads(out.read_text())
+    assert data["mix"] and data["prompt_tokens_max"] > data["prompt_tokens"]  # prompts of different lengths
+    assert data["answers_equal"] == {"2": [1, 1]}
+    assert main(["bench", "--preset", "tiny", "--mix"]) == 2  # --mix needs --concurrency
+
+
+def test_stall_bench_times_a_running_stream_with_chunked_prefill_off_and_on(tmp_path, capsys):
+    out = tmp_path / "stall.json"
+    assert main(["bench", "--preset", "tiny", "--stall", "150", "--rounds", "1", "--prefill-chunk-tokens", "32",
+                 "--json", str(out)]) == 0
+    assert "worst inter-token gap while a" in capsys.readouterr().out
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["whole"]["chunk_tokens"] is None and rows["chunked"]["chunk_tokens"] == 32
+    assert all(0 < r["median_gap_s"] <= r["worst_gap_s"] and r["long_ttft_s"] > 0 for r in rows.values())
+    assert main(["bench", "--preset", "tiny", "--stall", "8"]) == 2

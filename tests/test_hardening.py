@@ -46,10 +46,11 @@ def chat(tiny_model_dir):
 def no_model_work(monkeypatch):
     """Fails the test if a prefill starts: bad input must be refused before any model work."""
 
-    def refuse(self, batch):
+    def refuse(self, *args):
         raise AssertionError("the model ran on bad input")
 
-    monkeypatch.setattr(Decoder, "prefill", refuse)
+    for step in ("encode_images", "run_chunk", "step"):  # the vision tower, a prefill chunk, a decode step
+        monkeypatch.setattr(Decoder, step, refuse)
 
 
 BAD_IMAGES = {
