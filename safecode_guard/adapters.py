@@ -23,6 +23,18 @@ the same images (a self judge's prompt and the answer's real view).
 
 What the generation hooks do not cover lives in `Quirks`, detected once per model:
 
+- models whose forward cannot take pre-encoded image features: a forward
+  without `mm_encoder_outputs` (the test `generate` itself makes before it
+  pre-encodes; e.g. Mllama, whose images reach the text through cross-attention
+  layers rather than placeholder embeddings), or one whose encoded output has
+  no pooled, per-placeholder features to slice into chunks (Llama 4 keeps its
+  features before the projector, in `last_hidden_state`; found by the first
+  encoding, a probe). Their prompts with images are prefilled whole from the
+  processor's raw inputs, as `generate` does without pre-encoding: still
+  several rows together, left-padded, when their image inputs stack (the same
+  keys and shapes but the first), else alone; the vision tower then runs in
+  every prefill, with no features kept for reuse;
+
 - composite models whose top-level forward insists on `pixel_values` on every
   call (InstructBLIP): decode steps go through their `language_model`, with
   positions we keep ourselves (the language model would otherwise count them
@@ -73,6 +85,11 @@ class Quirks:
     prompt_blocks: Literal["none", "images", "prompt"] = "none"
     """Spans of the prompt that attend both ways, so a prefill chunk must not split them:
     "images" (each image's tokens, Gemma3), "prompt" (the whole prompt, PaliGemma)."""
+    image_inputs: Literal["features", "pixels"] = "features"
+    """How images reach the forward: "features", pre-encoded once per view and fed to the chunk
+    that holds their placeholders (the forward takes `mm_encoder_outputs`); "pixels", the
+    processor's raw inputs with the whole prompt (Mllama's cross-attention, Llama 4 as wrapped
+    for Llama Guard 4)."""
 
 
 # Families whose prompt attention is not causal throughout (see the module docstring).
@@ -80,12 +97,15 @@ _PROMPT_BLOCKS: dict[str, Literal["images", "prompt"]] = {"gemma3": "images", "p
 
 
 def detect_quirks(model: Any) -> Quirks:
-    pixel_param = inspect.signature(model.forward).parameters.get("pixel_values")
+    params = inspect.signature(model.forward).parameters
+    pixel_param = params.get("pixel_values")
     needs_pixels = pixel_param is not None and pixel_param.default is inspect.Parameter.empty
     return Quirks(
         requires_image=needs_pixels,
         step_through_language_model=needs_pixels and hasattr(model, "language_model"),
         prompt_blocks=_PROMPT_BLOCKS.get(getattr(model.config, "model_type", ""), "none"),
+        # what `generate` asks (`_supports_mm_encoder_outputs`) before it pre-encodes images
+        image_inputs="features" if "mm_encoder_outputs" in params else "pixels",
     )
 
 
@@ -120,9 +140,30 @@ class PromptRow:
         return int(self.inputs["input_ids"].shape[1])
 
 
+# Per-token tensors that only a prefill from raw pixel inputs reads, with the sequence in dim 1:
+# Mllama's cross-attention mask `(B, L, images, tiles)` (which tiles each token attends to).
+_PIXEL_TOKEN_KEYS = ("cross_attention_mask",)
+
+
 def _image_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     """What the vision tower reads: everything but the token ids and the per-token tensors."""
-    return {k: v for k, v in inputs.items() if k not in (*PER_TOKEN_KEYS, "input_ids", "labels")}
+    return {k: v for k, v in inputs.items() if k not in (*PER_TOKEN_KEYS, *_PIXEL_TOKEN_KEYS, "input_ids", "labels")}
+
+
+def _stack_signature(inputs: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """What must agree for rows' raw image inputs to stack into one batch: their keys and each
+    tensor's shape past the first dimension (images or tiles); None when something is not a tensor."""
+    images = _image_inputs(inputs)
+    if not all(isinstance(v, torch.Tensor) for v in images.values()):
+        return None
+    return tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in images.items()))
+
+
+def _stack_images(rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Rows' raw image inputs as one batch: each tensor concatenated along its first dimension
+    (per row for Mllama's `(1, images, tiles, ...)`, per tile for Llama 4's `(tiles, ...)`)."""
+    images = [_image_inputs(r) for r in rows]
+    return {key: torch.cat([i[key] for i in images]) for key in images[0]}
 
 
 def image_key(inputs: Mapping[str, Any]) -> str | None:
@@ -182,6 +223,11 @@ def _left_pad(t: torch.Tensor, n: int, value: int = 0) -> torch.Tensor:
     if n <= 0:
         return t
     return torch.cat([t.new_full((*t.shape[:-1], n), value), t], dim=-1)
+
+
+def _left_pad_seq(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Left-pad dim 1 (the sequence of a `(B, L, ...)` tensor) with `n` zeros."""
+    return torch.cat([t.new_zeros((t.shape[0], n, *t.shape[2:])), t], dim=1) if n > 0 else t
 
 
 def _to_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:
@@ -250,12 +296,25 @@ class Prefill:
     `done` columns have been prefilled; `Decoder.run_chunk` advances it and
     `Decoder.finish` turns the finished prefill into a `RowBatch` and the last
     position's logits.
+
+    Rows with images but no features (a model that takes raw pixel inputs
+    only, `Quirks.image_inputs`) carry the processor's image inputs instead,
+    stacked, and are prefilled whole in one chunk: every row of such a
+    prefill must have them, stackable (`Decoder.can_share`).
     """
 
     def __init__(self, decoder: Decoder, rows: list[PromptRow], features: list[ImageFeatures | None]) -> None:
         model = decoder.model
         self.rows = list(rows)
         self.features = list(features)
+        raw = [r.image_key is not None and f is None for r, f in zip(rows, features, strict=True)]
+        if any(raw) and not decoder.can_share(rows, features):
+            raise ValueError(
+                "These prompts cannot be prefilled together: their raw image inputs do not stack "
+                "(rows without images, or images of other counts or sizes). Prefill them apart."
+            )
+        self.raw = any(raw)
+        """Whether the rows carry raw pixel inputs (prefilled whole) instead of image features."""
         self.length = max(r.length for r in rows)
         token = decoder.image_token_id
         pad = 0 if token != 0 else 1  # a padding id that is never taken for an image placeholder
@@ -278,6 +337,12 @@ class Prefill:
                 parts = [(row.inputs.get(key, torch.zeros_like(row.inputs["input_ids"])).to(self.ids.device),
                           self.length - row.length) for row in rows]
             self.per_token[key] = torch.cat([_left_pad(t, n) for t, n in parts])
+        # raw inputs' per-token tensors have the sequence in dim 1; they are read by the prefill only
+        self.pixel_tokens: dict[str, torch.Tensor] = {
+            key: torch.cat([_left_pad_seq(r.inputs[key], self.length - r.length) for r in rows]).to(self.ids.device)
+            for key in _PIXEL_TOKEN_KEYS
+            if self.raw and isinstance(rows[0].inputs.get(key), torch.Tensor)
+        }
         mask = self.per_token["attention_mask"]
         if decoder.quirks.step_through_language_model:
             self.positions: torch.Tensor | None = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -292,6 +357,10 @@ class Prefill:
         self.output: Any = None
 
     def _index_features(self) -> None:
+        if self.raw:  # the forward reads the pixels and finds its placeholders itself
+            self.feature_index, self.pooled, self.deepstack = None, None, ()
+            self.spans = [(0, self.length)]
+            return
         # the feature row of each placeholder, counted over (row, column) as the model consumes them
         self.feature_index = self.placeholders.flatten().cumsum(0).view_as(self.ids) - 1
         present = [f for f in self.features if f is not None]
@@ -316,6 +385,7 @@ class Prefill:
         self.ids = self.ids.index_select(0, idx)
         self.placeholders = self.placeholders.index_select(0, idx)
         self.per_token = {k: v.index_select(0, idx) for k, v in self.per_token.items()}
+        self.pixel_tokens = {k: v.index_select(0, idx) for k, v in self.pixel_tokens.items()}
         if self.positions is not None:
             self.positions = self.positions.index_select(1 if self.positions.ndim == 3 else 0, idx)
         if self.cache is not None:
@@ -350,6 +420,10 @@ class Prefill:
                 break
         return end
 
+    def pixel_inputs(self) -> dict[str, torch.Tensor]:
+        """The raw image inputs of every row, stacked (empty unless `raw`)."""
+        return _stack_images([r.inputs for r in self.rows]) if self.raw else {}
+
     def chunk_features(self, start: int, end: int) -> ImageFeatures | None:
         """The features of the placeholders in columns `[start, end)`, in the order the model reads them."""
         if self.pooled is None:
@@ -375,6 +449,13 @@ class Decoder:
     its `RowBatch` and the last position's logits `(B, V)`; `prefill(rows)`
     does all of it at once. `step(rows, tokens)` feeds one token per row
     (`tokens` shape `(B,)`) and returns the next logits `(B, V)`.
+
+    `pre_encodes` says whether images are pre-encoded: `Quirks.image_inputs`
+    from the forward's signature, and turned off by the first encoding when
+    the model's encoder output has no pooled features to feed by placeholder
+    (Llama 4's `pooler_output` is None: its forward projects
+    `last_hidden_state` itself). Then `encode_images` returns None and the
+    rows' raw pixel inputs are prefilled instead.
     """
 
     def __init__(self, model: Any, quirks: Quirks) -> None:
@@ -389,20 +470,41 @@ class Decoder:
         self.attention_span = attention_span(config.get_text_config())
         token = getattr(config, "image_token_id", None)
         self.image_token_id: int | None = token if isinstance(token, int) else getattr(config, "image_token_index", None)
+        self.pre_encodes = quirks.image_inputs == "features"
 
     @torch.inference_mode()
     def encode_images(self, row: PromptRow) -> ImageFeatures | None:
-        """Run the vision tower (and projector) on one row's images; None for a text-only row."""
-        if row.image_key is None:
+        """Run the vision tower (and projector) on one row's images; None for a text-only row, and
+        for every row of a model that takes raw pixel inputs (`pre_encodes`)."""
+        if row.image_key is None or not self.pre_encodes:
             return None
         inputs = _to_model(_image_inputs(row.inputs), self.model)
         # the model's own pre-encoding hook, as `generate` calls it: it knows each family's arguments
         encoded = self.model._prepare_multimodal_encoder_kwargs_for_generation(inputs)["mm_encoder_outputs"]["image"]
         pooled = encoded.pooler_output
+        if pooled is None:
+            # the probe: nothing per placeholder to feed chunk by chunk (see the class docstring)
+            self.pre_encodes = False
+            return None
         deep = getattr(encoded, "deepstack_features", None) or ()
         return ImageFeatures(
             _flat(pooled), tuple(_flat(layer) for layer in deep), type(encoded), isinstance(pooled, torch.Tensor)
         )
+
+    def can_share(self, rows: list[PromptRow], features: list[ImageFeatures | None]) -> bool:
+        """Whether `rows` (with their images' `features`) can be prefilled together, left-padded.
+
+        Always when their images are pre-encoded or they have none. Rows with raw pixel inputs
+        only beside each other, when those stack (`_stack_signature`: the same keys and shapes
+        but the first dimension): the processor would have padded them to one shape, which a
+        left-padded prompt batch of these models (Mllama, Llama 4) takes exactly; a text-only row
+        beside them would need inputs its forward does not take per row.
+        """
+        raw = [r for r, f in zip(rows, features, strict=True) if r.image_key is not None and f is None]
+        if not raw:
+            return True
+        signatures = {_stack_signature(r.inputs) for r in rows}
+        return len(raw) == len(rows) and len(signatures) == 1 and None not in signatures
 
     @torch.inference_mode()
     def run_chunk(self, prefill: Prefill, end: int) -> None:
@@ -414,9 +516,14 @@ class Decoder:
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": True}
         if prefill.cache is not None:
             kwargs["cache"] = prefill.cache
-        if prefill.positions is not None:
+        if prefill.positions is not None and (self.has_position_ids or not prefill.raw):
             kwargs["position_ids"] = prefill.positions[..., start:end]
-        if self.quirks.step_through_language_model:
+        if prefill.raw:
+            # raw inputs go with the whole prompt (`Prefill.spans`) through the top-level forward,
+            # as `generate` prefills without pre-encoding
+            kwargs.update(_to_model(prefill.pixel_inputs(), self.model))
+            kwargs.update({k: v[:, :end] for k, v in prefill.pixel_tokens.items()})
+        if self.quirks.step_through_language_model and not prefill.raw:
             # the language model alone: features scattered into the embeddings, as the top-level forward does
             embeds = self.stepper.get_input_embeddings()(ids)
             if features is not None:

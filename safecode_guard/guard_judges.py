@@ -323,16 +323,31 @@ class GuardModel:
         return self.scheduler.prefill_logits(self.processor, prompt, list(images), alone=alone)
 
     def many_logits(self, jobs: Sequence[tuple[str, Sequence[Image.Image]]]) -> list[torch.Tensor]:
-        """`logits` of several prompts, all queued at once (so the scheduler prefills them together)."""
+        """`logits` of several prompts, all queued at once (so the scheduler prefills them together).
+        Follows the request's control: once it is cancelled, the prompts not yet prefilled are dropped."""
         if len(jobs) == 1:
             return [self.logits(*jobs[0])]
         control = current_control()
         if control is not None:
             control.check()
-        futures: list[Future[torch.Tensor]] = [
-            self.scheduler.submit_prefill(self.processor, prompt, list(images)) for prompt, images in jobs
-        ]
+        futures = self.scheduler.submit_prefills(self.processor, [(prompt, list(images)) for prompt, images in jobs])
         return [_wait(f, control) for f in futures]
+
+    def settled_scores(
+        self,
+        jobs: Sequence[tuple[str, Sequence[Image.Image]]],
+        scores: Sequence[float],
+        threshold: float,
+        score: Callable[[torch.Tensor], float],
+    ) -> list[float]:
+        """`scores` of `jobs`, each within `NEAR_THRESHOLD` of `threshold` recomputed from a prefill of
+        its own (`score(logits)`). A padded batch may move a score in its last digits (which prompts
+        share a prefill depends on timing and other requests); this close to the threshold that could
+        flip a label or a category, so those are scored alone, as the self judge does."""
+        return [
+            score(self.logits(prompt, images, alone=True)) if abs(s - threshold) < NEAR_THRESHOLD else s
+            for (prompt, images), s in zip(jobs, scores, strict=True)
+        ]
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -581,14 +596,14 @@ class GuardJudge:
         # Llama Guard 3 Vision reads one image per prompt: one prompt per image, the highest score decides
         per_prompt = [[img] for img in images] if guard.family == "mllama" and len(images) > 1 else [images]
         jobs = [(guard.llama_guard_prompt(turns, self.categories, len(imgs)), imgs) for imgs in per_prompt]
-        scores = [unsafe_probability(x, guard.safe_ids, guard.unsafe_ids) for x in guard.many_logits(jobs)]
+
+        def p_unsafe(logits: torch.Tensor) -> float:
+            return unsafe_probability(logits, guard.safe_ids, guard.unsafe_ids)
+
+        scores = guard.settled_scores(jobs, [p_unsafe(x) for x in guard.many_logits(jobs)], request.threshold, p_unsafe)
         best = max(range(len(scores)), key=scores.__getitem__)
         score = scores[best]
         prompt, imgs = jobs[best]
-        if abs(score - request.threshold) < NEAR_THRESHOLD:
-            # batched prefills may move a score in its last digits; this close to the threshold,
-            # score it alone so the label never depends on other requests
-            score = unsafe_probability(guard.logits(prompt, imgs, alone=True), guard.safe_ids, guard.unsafe_ids)
         categories: list[str] = []
         if score >= request.threshold:
             known = list(shown_categories(self.categories, bool(imgs)))
@@ -620,10 +635,14 @@ class GuardJudge:
             for image in request.images:
                 jobs.extend((p.name, guard.shieldgemma_prompt(p), [image]) for p in self._policies)
         jobs.extend((p.name, guard.bos + shieldgemma_text_prompt(p, conversation, reply), []) for p in self._policies)
-        logits = guard.many_logits([(prompt, images) for _, prompt, images in jobs])
+        prompts = [(prompt, images) for _, prompt, images in jobs]
+
+        def p_yes(logits: torch.Tensor) -> float:
+            return unsafe_probability(logits, guard.no_ids, guard.yes_ids)  # "Yes": the policy is violated
+
+        scores = guard.settled_scores(prompts, [p_yes(x) for x in guard.many_logits(prompts)], request.threshold, p_yes)
         by_policy: dict[str, float] = {}
-        for (name, _, _), row in zip(jobs, logits, strict=True):
-            p = unsafe_probability(row, guard.no_ids, guard.yes_ids)  # "Yes": the policy is violated
+        for (name, _, _), p in zip(jobs, scores, strict=True):
             by_policy[name] = max(p, by_policy.get(name, 0.0))
         score = max(by_policy.values())
         categories = [name for name, p in by_policy.items() if p >= request.threshold]

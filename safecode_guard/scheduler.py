@@ -433,19 +433,43 @@ class Scheduler:
     def submit_prefill(
         self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool = False
     ) -> concurrent.futures.Future[torch.Tensor]:
-        return self._submit_prefill(processor, prompt, images, alone=alone).future
+        """`prefill_logits` without waiting: queue it and return its future."""
+        return self.submit_prefills(processor, [(prompt, images)], alone=alone)[0]
+
+    def submit_prefills(
+        self, processor: Any, prompts: Sequence[tuple[str, Sequence[Any]]], *, alone: bool = False
+    ) -> list[concurrent.futures.Future[torch.Tensor]]:
+        """Queue the prefills of several `(prompt, images)` at once (so the worker sees them together
+        and prefills them as one group where they fit) and return their futures, in order.
+
+        The jobs follow the current request's control (`control.current_control()`): once that is
+        cancelled or past its deadline, those not yet prefilled are dropped, their futures cancelled.
+        """
+        control = current_control()
+        jobs = [self._encode_prefill(processor, prompt, images, alone=alone, control=control) for prompt, images in prompts]
+        self._enqueue_prefills(jobs)
+        return [job.future for job in jobs]
 
     def _submit_prefill(
         self, processor: Any, prompt: str, images: Sequence[Any], *, alone: bool, control: RequestControl | None = None
     ) -> PrefillJob:
+        job = self._encode_prefill(processor, prompt, images, alone=alone, control=control)
+        self._enqueue_prefills([job])
+        return job
+
+    @staticmethod
+    def _encode_prefill(
+        processor: Any, prompt: str, images: Sequence[Any], *, alone: bool, control: RequestControl | None
+    ) -> PrefillJob:
         # encoded here, in the caller's thread: the worker only runs the model
         rows = encode_rows(processor, prompt, [list(images)] if images else [])
-        job = PrefillJob(rows, alone=alone, control=control)
+        return PrefillJob(rows, alone=alone, control=control)
+
+    def _enqueue_prefills(self, jobs: list[PrefillJob]) -> None:
         with self._cond:
-            self._prefills.append(job)
+            self._prefills.extend(jobs)
             self._ensure_worker()
             self._cond.notify_all()
-        return job
 
     def clear_image_cache(self) -> None:
         """Forget the image features kept for reuse (benchmarks call it so each run encodes its images)."""
@@ -474,6 +498,7 @@ class Scheduler:
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._run, name="safecode-scheduler", daemon=True)
+            _WORKERS.add(self._worker)
             self._worker.start()
 
     # -- the worker ---------------------------------------------------------------------------
@@ -496,7 +521,11 @@ class Scheduler:
                 idle_since = None
                 # judge prefills that came in while gathering run first; the gathering goes on after
                 admitted = [] if self._gather_burst() else self._admissible()
-                prefills, self._prefills = [p for p in self._prefills if not p.dropped], []
+                prefills, self._prefills = self._prefills, []
+                for job in prefills:
+                    if job.dropped:
+                        job.future.cancel()  # nobody waits for it any more
+                prefills = [p for p in prefills if not p.dropped]
                 if not (admitted or prefills or self._active or self._groups):
                     self._cond.wait(0.05)  # waiting requests that do not fit yet (cannot happen alone)
                     continue
@@ -602,8 +631,8 @@ class Scheduler:
             self.stats["image_cache_hits"] += 1
             return features
         features = self.decoder.encode_images(row)
-        self.stats["image_encodings"] += 1
-        if features is not None:
+        if features is not None:  # None: a model that reads raw pixels in its prefill
+            self.stats["image_encodings"] += 1
             self._features.put(row.image_key, features)
         return features
 
@@ -625,8 +654,13 @@ class Scheduler:
         return groups
 
     def _fits(self, items: list[_Item]) -> bool:
-        lengths = [row.length for entry, _ in items for row in entry.prompt_rows]
-        return len(lengths) <= self.settings.max_batch_rows and max(lengths) * len(lengths) <= PAD_SLACK * sum(lengths)
+        rows = [row for entry, _ in items for row in entry.prompt_rows]
+        lengths = [row.length for row in rows]
+        return (
+            len(lengths) <= self.settings.max_batch_rows
+            and max(lengths) * len(lengths) <= PAD_SLACK * sum(lengths)
+            and self.decoder.can_share(rows, [f for _, features in items for f in features])
+        )
 
     def _open(self, items: list[_Item]) -> None:
         entries = [entry for entry, _ in items]
@@ -677,7 +711,11 @@ class Scheduler:
         now = time.perf_counter()
         gone: set[int] = set()
         for i, entry in enumerate(group.entries):
-            if not isinstance(entry, DecodeJob):
+            if isinstance(entry, PrefillJob):
+                if entry.dropped:  # its caller stopped waiting: no more chunks for it
+                    entry.future.cancel()
+                    entry.prompt_rows = []
+                    gone.add(i)
                 continue
             if self._closing:
                 entry.cancel()
@@ -934,15 +972,23 @@ class _Preparing:
 _SCHEDULERS: weakref.WeakValueDictionary[int, Scheduler] = weakref.WeakValueDictionary()
 _SCHEDULERS_GUARD = threading.Lock()
 
+# Every worker thread started, until it is gone (threading holds a running one).
+_WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
 
 @atexit.register
 def _close_all() -> None:
     # A daemon worker killed inside a torch kernel at interpreter exit aborts the process
-    # ("terminate called without an active exception"): stop every worker first.
+    # ("terminate called without an active exception"): stop every worker first. A worker that
+    # has just left its loop may hold the last reference to its scheduler, and so free the model
+    # as its thread ends (its scheduler already gone from _SCHEDULERS): wait for those too.
     with _SCHEDULERS_GUARD:
         schedulers = list(_SCHEDULERS.values())
     for scheduler in schedulers:
         scheduler.close()
+    for worker in list(_WORKERS):
+        if worker is not threading.current_thread():
+            worker.join(10.0)
 
 
 def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = None) -> Scheduler:

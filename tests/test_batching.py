@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from typing import Any
@@ -385,6 +388,37 @@ def test_scheduler_thread_exits_when_idle(fresh, monkeypatch):
     while engine.scheduler._worker is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.scheduler._worker is None
+
+
+def test_exit_waits_for_a_worker_that_frees_its_scheduler_as_it_ends(tiny_model_dir):
+    """A worker that has left its loop may hold the last reference to its scheduler, and free the
+    model as its thread ends, its scheduler already gone from the registry. The process must not
+    exit under it: a daemon thread killed inside torch's teardown aborts the process ("terminate
+    called without an active exception", exit status 134)."""
+    path = str(tiny_model_dir("llava"))
+    script = textwrap.dedent(f"""
+        import time
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from safecode_guard import scheduler as S
+        from safecode_guard.adapters import detect_quirks
+
+        S.IDLE_EXIT_S = 0.5
+        model = AutoModelForImageTextToText.from_pretrained({path!r}).eval()
+        processor = AutoProcessor.from_pretrained({path!r})
+        sched = S.scheduler_for(model, detect_quirks(model))
+        sched.prefill_logits(processor, "Hello there", [])
+
+        class FreedSlowly:
+            def __del__(self):
+                time.sleep(1.5)
+                print("freed", flush=True)
+
+        sched.slow = FreedSlowly()
+        del sched, model
+        time.sleep(1.0)  # the worker leaves its loop at 0.5 s, and frees the scheduler until 2 s
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "freed" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
 # -- the row layout, directly ----------------------------------------------------------------

@@ -12,6 +12,7 @@ decoding, parsing, metadata) runs for real.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import threading
@@ -28,6 +29,7 @@ from PIL import Image
 from server_support import ThreadServer
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig, Verdict
+from safecode_guard.adapters import Decoder, Prefill, detect_quirks, encode_rows
 from safecode_guard.errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
 from safecode_guard.guard_judges import (
     GuardJudge,
@@ -204,7 +206,10 @@ def test_the_engine_and_the_chat_model_judge_with_the_guard(family: str, guard_d
     assert first.source == "judge" and first.judge == f"guard:{family}" and first.unsafe_score != second.unsafe_score
     assert isinstance(first.categories, list)
     result = engine.generate(user("What is this?", gradient_image()), max_new_tokens=3)
-    assert result.verdict.unsafe_score == first.unsafe_score
+    # Equal up to the padded-batch effect: which of a judgement's prompts share a prefill depends
+    # on timing (ShieldGemma 2 queues six at once), and a padded batch moves a score in its last
+    # float digits (about 1e-8); a score that close to the threshold is scored alone.
+    assert result.verdict.unsafe_score == pytest.approx(first.unsafe_score, rel=0, abs=1e-6)
 
     chat = ChatSafeCoDe(model=main, judge=spec, max_new_tokens=3)
     message = chat.invoke([HumanMessage([b64_block(gradient_image()), {"type": "text", "text": "What is this?"}])])
@@ -252,6 +257,70 @@ def test_concurrent_guard_judgements_are_batched_and_score_as_alone(guard_dir) -
         t.join(120)
     assert scheduler.stats["judge_batches"] > batches  # some were prefilled together
     assert together == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_score_near_the_threshold_is_scored_again_alone(family: str, guard_dir, monkeypatch) -> None:
+    """A padded batch moves a score in its last float digits: this close to the threshold, each
+    prompt's score comes from a prefill of its own, so no label or category depends on neighbours."""
+    judge = GuardJudge(str(guard_dir(family)))
+    guard = judge.load()
+    unsafe, safe = (guard.yes_ids[0], guard.no_ids[0]) if family == "shieldgemma2" else (guard.unsafe_ids[0], guard.safe_ids[0])
+    vocab = guard.model.get_output_embeddings().weight.shape[0]
+    batched = {"p": 0.5 + 5e-5}
+    alone_calls: list[str] = []
+
+    def scored(p: float) -> torch.Tensor:
+        z = torch.full((vocab,), -30.0)
+        z[unsafe], z[safe] = math.log(p), math.log(1 - p)
+        return z
+
+    def logits(guard: GuardModel, prompt: str, images: Any, *, alone: bool = False) -> torch.Tensor:
+        if alone:
+            alone_calls.append(prompt)
+        return scored(0.5 - 5e-5 if alone else batched["p"])
+
+    monkeypatch.setattr(GuardModel, "logits", logits)
+    monkeypatch.setattr(GuardModel, "many_logits", lambda guard, jobs: [scored(batched["p"]) for _ in jobs])
+    near = run_judge(judge, request("What happened here?", gradient_image()), STRICT)
+    assert (near.label, near.categories) == ("safe", []) and near.unsafe_score == pytest.approx(0.5 - 5e-5)
+    assert len(alone_calls) == (6 if family == "shieldgemma2" else 1)  # every prompt of the judgement
+    alone_calls.clear()
+    batched["p"] = 0.3  # far from the threshold: the batched scores stand
+    far = run_judge(judge, request("What happened here?", gradient_image()), STRICT)
+    assert far.unsafe_score == pytest.approx(0.3) and alone_calls == []
+
+
+@pytest.mark.parametrize("family", ["mllama", "llama4"])
+def test_guards_that_read_raw_pixels_are_prefilled_whole_and_batched_as_alone(family: str, guard_dir) -> None:
+    """Mllama's images reach its text through cross-attention, and Llama 4 (as wrapped for Llama
+    Guard 4) takes no pre-encoded features: their prompts with images are prefilled whole from the
+    processor's raw inputs, several together left-padded, each row's logits as alone."""
+    guard = load_guard(str(guard_dir(family)))
+    decoder = Decoder(guard.model, detect_quirks(guard.model))
+    assert decoder.quirks.image_inputs == "pixels"
+    rows = encode_rows(guard.processor, f"{guard.image_token}What is this?", [[gradient_image(48, 40)]])
+    rows += encode_rows(guard.processor, f"{guard.image_token}{'Describe the picture in detail. ' * 6}",
+                        [[stripes_image(40, 48)]])
+    assert rows[0].length != rows[1].length
+    solo = torch.cat([decoder.prefill([row], chunk_tokens=16)[1] for row in rows])
+    features = [decoder.encode_images(row) for row in rows]
+    assert features == [None, None] and decoder.can_share(rows, features)
+    prefill = Prefill(decoder, rows, features)
+    assert prefill.next_end(16) == prefill.length  # raw inputs go with the whole prompt: never cut
+    decoder.run_chunk(prefill, prefill.length)
+    _, together = decoder.finish(prefill)
+    torch.testing.assert_close(together, solo, atol=1e-5, rtol=1e-5)
+    # a text-only prompt takes other inputs: never in the same prefill
+    text = encode_rows(guard.processor, "What is this?", [])
+    assert not decoder.can_share(rows + text, [*features, None])
+    with pytest.raises(ValueError, match="cannot be prefilled together"):
+        Prefill(decoder, rows + text, [*features, None])
+    if family == "llama4":
+        # the probe: a forward that took `mm_encoder_outputs` would still get raw pixels, since
+        # Llama 4's encoder output has no pooled features to feed placeholder by placeholder
+        probing = Decoder(guard.model, dataclasses.replace(decoder.quirks, image_inputs="features"))
+        assert probing.encode_images(rows[0]) is None and not probing.pre_encodes
 
 
 def test_llama_guard_3_vision_judges_each_image_in_a_prompt_of_its_own(guard_dir, scripted: ScriptedGuard) -> None:

@@ -11,8 +11,8 @@ features, so the vision tower runs once per view.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
-
 from typing import Any
 
 import pytest
@@ -217,6 +217,40 @@ def test_a_request_cancelled_during_its_prefill_leaves_the_group(fresh, monkeypa
     assert stay.consume().token_ids == alone
     assert leave._job.status == "cancelled" and leave._job.steering.t == 0
     assert sizes[0] == 4 and sizes[-1] == 2, sizes  # its two rows left the prefill at the next chunk
+
+
+def test_judge_prefills_of_a_cancelled_request_are_dropped_queued_or_mid_prefill(fresh, monkeypatch):
+    from safecode_guard import adapters
+    from safecode_guard.control import RequestControl, use_control
+
+    model, processor = fresh("llava")
+    engine = SafeCoDe(model, processor, judge="fixed:safe", batching=BatchingConfig(prefill_chunk_tokens=CHUNK))
+    scheduler = engine.scheduler
+    prompts = [(template_prompt(processor, f"{long_text('llava')} Part {i}.", False), []) for i in range(3)]
+    chunks: list[int] = []
+    control = RequestControl()
+    real_chunk = adapters.Decoder.run_chunk
+
+    def chunk_and_cancel(self, prefill, end):
+        chunks.append(prefill.size)
+        control.cancel()  # the request goes away after its prompts' first chunk
+        return real_chunk(self, prefill, end)
+
+    monkeypatch.setattr(adapters.Decoder, "run_chunk", chunk_and_cancel)
+    # queued several at once (as a guard judge queues its prompts), then cancelled: never prefilled
+    queued = RequestControl()
+    with use_control(queued), scheduler._cond:
+        futures = scheduler.submit_prefills(processor, prompts)
+        queued.cancel()
+    concurrent.futures.wait(futures, timeout=60)
+    assert all(f.cancelled() for f in futures) and chunks == []
+
+    # cancelled mid-prefill: the prompts leave at the next turn instead of being prefilled to the end
+    with use_control(control):
+        futures = scheduler.submit_prefills(processor, prompts)
+    concurrent.futures.wait(futures, timeout=60)
+    assert all(f.cancelled() for f in futures)
+    assert len(chunks) == 1, chunks  # of the dozens a whole prefill of these prompts takes
 
 
 # -- images encoded once per request ---------------------------------------------------------
