@@ -495,10 +495,10 @@ class Decoder:
         """Whether `rows` (with their images' `features`) can be prefilled together, left-padded.
 
         Always when their images are pre-encoded or they have none. Rows with raw pixel inputs
-        only beside each other, when those stack (`_stack_signature`: the same keys and shapes
-        but the first dimension): the processor would have padded them to one shape, which a
-        left-padded prompt batch of these models (Mllama, Llama 4) takes exactly; a text-only row
-        beside them would need inputs its forward does not take per row.
+        only beside each other, and only when those stack (`_stack_signature`: the same keys,
+        and shapes equal but in the first dimension), as in the padded batch the processor
+        makes of several prompts, which these models (Mllama, Llama 4) prefill exactly as each
+        alone; a text-only row lacks those inputs altogether, so it is prefilled apart.
         """
         raw = [r for r, f in zip(rows, features, strict=True) if r.image_key is not None and f is None]
         if not raw:

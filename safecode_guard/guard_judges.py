@@ -31,13 +31,18 @@ The guard runs on the same machinery as the answering model: loaded once per
 process for its weights and options (`loading.shared_model`; every engine,
 chat model, rail and server naming it shares one copy), its prefills queued
 on its own scheduler (`scheduler.scheduler_for`), so concurrent judgements
-are prefilled as one batch, and it is called through `run_judge`, so the
-timeout, `on_judge_error` (fail closed by default) and `on_judge_truncation`
-apply. Nothing is downloaded when `HF_HUB_OFFLINE` is set
-(`loading.check_model_source`).
+are prefilled as one batch (Llama Guard 3 Vision's and 4's prompts with
+images whole, from raw pixel inputs: `adapters.Quirks.image_inputs`). A padded
+batch may move a score in its last float digits, so a prompt whose score is
+within `NEAR_THRESHOLD` of the threshold is scored again alone
+(`GuardModel.settled_scores`), as the self judge does. It is called through
+`run_judge`, so the timeout, `on_judge_error` (fail closed by default) and
+`on_judge_truncation` apply. Nothing is downloaded when `HF_HUB_OFFLINE` is
+set (`loading.check_model_source`).
 
 Shortcuts, said plainly: the category line is decoded with one prefill of the
-whole prompt per token (no KV cache kept between them): it is a few tokens,
+whole prompt per token (no KV cache kept between them; the Llama Guard
+families' images go through the vision tower in each): it is a few tokens,
 and only decoded for unsafe verdicts. transformers 5.24's
 `Llama4ForConditionalGeneration.forward` reads a field its language model's
 output does not have (`image_outputs`) and fails on every call; a loaded

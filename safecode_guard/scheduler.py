@@ -19,7 +19,10 @@ one chunk and one step for its next token however long a newcomer's prompt
 is. Images are encoded before, once per view (`Decoder.encode_images`), and
 the features are kept a while under their pixels' digest: a self judge's
 prompt and the answer's real view show the same images, so the vision tower
-runs once for both.
+runs once for both. A model whose forward cannot take pre-encoded features
+(Mllama's cross-attention, Llama 4; `adapters.Quirks.image_inputs`) gets its
+raw pixel inputs with the whole prompt instead, several prompts together where
+those stack.
 
 A request is a small state machine: waiting -> running -> finished, or
 cancelled / failed. Its SafeCoDe state (verdict, window, forced refusal
@@ -28,7 +31,9 @@ own `decoding.Steering` and `decoding.TextTracker`.
 
 Judges batch too: a self-judge pass (`prefill_logits`) is a prefill-only job,
 prefilled like any newcomer (grouped and chunked) but keeping only its last
-logits; its KV rows are dropped at once.
+logits; its KV rows are dropped at once. A guard judge queues several at once
+(`submit_prefills`). Prefill-only jobs follow their request's control: once it
+is cancelled or past its deadline they are dropped, queued or between chunks.
 
 Limits and back-pressure (`BatchingConfig`, documented policy):
 
