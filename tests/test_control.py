@@ -27,6 +27,7 @@ from safecode_guard import (
 )
 from safecode_guard.control import checkpoint, current_control, use_control
 from safecode_guard.errors import StreamReaderError
+from safecode_guard.scheduler import PrefillJob
 from safecode_guard.testing import gradient_image
 
 
@@ -190,14 +191,14 @@ def test_a_self_judge_prefill_waiting_in_the_queue_is_dropped(fresh):
     engine = SafeCoDe(model, processor, judge="self", eos_token_ids=())
     scheduler = engine.scheduler
     gate = threading.Event()
-    ran: list[int] = []
-    original = scheduler._prefill_batch
+    ran: list[Any] = []
+    original = scheduler._begin
 
-    def counting(processor: Any, jobs: list[Any]) -> Any:
-        ran.append(len(jobs))
-        return original(processor, jobs)
+    def counting(entries: list[Any]) -> Any:
+        ran.extend(e for e in entries if isinstance(e, PrefillJob))  # judge prompts handed to the model
+        return original(entries)
 
-    scheduler._prefill_batch = counting  # type: ignore[method-assign]
+    scheduler._begin = counting  # type: ignore[method-assign]
     busy = engine.stream(user_turn("Describe.", gradient_image()), max_new_tokens=400, verdict="safe")
     next(busy)
     stuck = threading.Event()
@@ -215,7 +216,7 @@ def test_a_self_judge_prefill_waiting_in_the_queue_is_dropped(fresh):
     assert wait_until(lambda: not scheduler._prefills and busy._job.done)
     time.sleep(0.2)
     assert ran == []  # the judge prompt was never prefilled
-    scheduler._prefill_batch = original  # type: ignore[method-assign]
+    scheduler._begin = original  # type: ignore[method-assign]
     assert engine.generate(user_turn("Describe.", gradient_image()), max_new_tokens=2).verdict.source == "judge"
 
 

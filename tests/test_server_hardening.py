@@ -585,7 +585,7 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(tin
     def no_tokenizing(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("tokenized a prompt that could never fit")
 
-    monkeypatch.setattr(engine_module, "encode_views", no_tokenizing)
+    monkeypatch.setattr(engine_module, "encode_rows", no_tokenizing)  # the engine's one call into the processor
     with pytest.raises(InputLimitError, match="characters"):
         engine.generate([{"role": "user", "content": "x" * (bound + 1)}], max_new_tokens=4)
     monkeypatch.undo()
