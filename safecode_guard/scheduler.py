@@ -526,11 +526,13 @@ class Scheduler:
                 idle_since = None
                 # judge prefills that came in while gathering run first; the gathering goes on after
                 admitted = [] if self._gather_burst() else self._admissible()
-                prefills, self._prefills = self._prefills, []
-                for job in prefills:
+                prefills: list[PrefillJob] = []
+                for job in self._prefills:
                     if job.dropped:
                         job.future.cancel()  # nobody waits for it any more
-                prefills = [p for p in prefills if not p.dropped]
+                    else:
+                        prefills.append(job)
+                self._prefills = []
                 if not (admitted or prefills or self._active or self._groups):
                     self._cond.wait(0.05)  # waiting requests that do not fit yet (cannot happen alone)
                     continue
