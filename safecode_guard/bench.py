@@ -189,7 +189,7 @@ def run_off_main(fn: Callable[[], Any]) -> Any:
     another's OpenMP thread team lingers (the main thread's team, once it has
     one, throttles other threads' parallel regions on a machine with few cores).
     """
-    from .engine import run_briefly
+    from .control import run_briefly
 
     return run_briefly(fn)
 

@@ -64,12 +64,10 @@ the engine serialises calls and loading happens once.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import random
 import threading
-import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -96,10 +94,17 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import Self
 
-from . import ops
 from . import tools as tools_mod
 from .config import InputPolicy, SafeCoDeConfig
 from .errors import (
@@ -109,20 +114,22 @@ from .errors import (
     SafeCoDeInputError,
     UnsupportedContentError,
     UnsupportedModelError,
+    did_you_mean,
 )
 from .lc_messages import to_hf_messages
+from .ops import refusal_decision
 from .prompting import render_prompt
-from .verdict import Verdict
+from .verdict import Verdict, answer_check_metadata, safety_metadata
 
 if TYPE_CHECKING:
     from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream
 
 __all__ = [
     "ChatSafeCoDe",
+    "answer_check_metadata",
     "images_inline",
     "init_chat_model",
     "judge_fingerprint",
-    "answer_check_metadata",
     "refusal_decision",
     "replace_unsafe_answer",
     "safety_metadata",
@@ -157,40 +164,6 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 # --------------------------------------------------------------------------- pure helpers
 
 
-def safety_metadata(verdict: Verdict, config: SafeCoDeConfig, refused: bool) -> dict[str, Any]:
-    """`response_metadata["safety"]` (SPEC section 5) for one answer."""
-    return {
-        "verdict": verdict.label,
-        "unsafe_score": verdict.unsafe_score,
-        "threshold": config.threshold,
-        "judge": verdict.judge,
-        "source": verdict.source,
-        "caption": verdict.caption,
-        "error": verdict.error,
-        "steered_steps": config.steered_steps,
-        "unsafe_mode": config.unsafe_mode,
-        "refused": refused,
-        # the judge saw only the most recent part of a long conversation (its budget)
-        "transcript_truncated": verdict.transcript_truncated,
-        # the hazard categories a guard judge found violated ("S1", "dangerous"); empty when safe
-        "categories": list(verdict.categories),
-    }
-
-
-def answer_check_metadata(verdict: Verdict, replaced: bool) -> dict[str, Any]:
-    """`safety["answer_check"]`: the judge's verdict on the finished answer (`SafeCoDeConfig.check_answer`),
-    and whether the answer was replaced by the refusal (never, once streamed: its text was sent)."""
-    return {
-        "verdict": verdict.label,
-        "unsafe_score": verdict.unsafe_score,
-        "categories": list(verdict.categories),
-        "judge": verdict.judge,
-        "source": verdict.source,
-        "error": verdict.error,
-        "replaced": replaced,
-    }
-
-
 def replace_unsafe_answer(message: AIMessage, refusal: str) -> AIMessage:
     """`message` with its content replaced by `refusal` when its answer check found it unsafe.
 
@@ -212,25 +185,6 @@ def replace_unsafe_answer(message: AIMessage, refusal: str) -> AIMessage:
         response_metadata={**message.response_metadata, "safety": new_safety},
         usage_metadata=message.usage_metadata,
     )
-
-
-def refusal_decision(text: str, phrases: Sequence[str]) -> bool | None:
-    """Whether an answer that begins with `text` opens with a refusal phrase; None while undecided.
-
-    Agrees with `ops.opens_with_refusal` on every continuation of `text`:
-    True once a phrase is complete, False once no phrase can still match,
-    None while `text` (ignoring leading space, case and curly apostrophes)
-    is still the start of some phrase.
-    """
-    head = text.lstrip()
-    if not head:
-        return None
-    if ops.opens_with_refusal(head, phrases):
-        return True
-    # `opens_with_refusal(p, [head])` asks whether phrase p starts with `head`, normalised alike.
-    if any(ops.opens_with_refusal(p, [head]) for p in phrases):
-        return None
-    return False
 
 
 def usage_metadata(result: SafeCoDeResult) -> UsageMetadata:
@@ -442,9 +396,9 @@ def _setting_hint(key: str, valid: Sequence[str]) -> str:
     if key in _OTHER_NAMES:
         return f"`{key}`: use `{_OTHER_NAMES[key]}`"
     candidates = {**{v: f"`{v}`" for v in valid}, **{k: nested[k] for k in nested}}
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    close = did_you_mean(key, candidates)
     if close:
-        return f"`{key}`: did you mean {candidates[close[0]]}"
+        return f"`{key}`: did you mean {candidates[close]}"
     return f"`{key}` is not a ChatSafeCoDe setting"
 
 
@@ -462,8 +416,8 @@ def check_nested_settings(data: Mapping[str, Any]) -> None:
         if unknown:
             hints = []
             for key in unknown:
-                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-                hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+                close = did_you_mean(key, valid)
+                hints.append(f"`{key}`" + (f" (did you mean `{close}`?)" if close else ""))
             raise SafeCoDeInputError(
                 f"Unknown setting(s) in `{name}` ({config_class.__name__}): {', '.join(hints)}. "
                 f"Valid keys: {valid}."
@@ -1572,7 +1526,7 @@ class ChatSafeCoDe(BaseChatModel):
 
     async def _astart(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]) -> _Call:
         """`_start` on a preparation thread (images, loading, the judge block); the caller's context goes along."""
-        from .engine import arun_briefly
+        from .control import arun_briefly
 
         # in a short-lived thread (see engine.run_briefly); the judge hand-off and LangChain's
         # tracing ride along on the copied context
@@ -1641,7 +1595,9 @@ def init_chat_model(model: str | None = None, *, model_provider: str | None = No
                 "model with its settings, and use llm.bind(...) or llm.model_copy(update=...) for variants."
             )
         return ChatSafeCoDe(model=model, **kwargs)
-    from langchain.chat_models import init_chat_model as langchain_init_chat_model  # optional: the agents extra
+    from langchain.chat_models import (
+        init_chat_model as langchain_init_chat_model,  # optional: the agents extra
+    )
 
     return langchain_init_chat_model(model, model_provider=model_provider, **kwargs)
 
@@ -1717,7 +1673,7 @@ def _chunks(call: _Call) -> Iterator[ChatGenerationChunk]:
         yield from builder.feed(piece)
     check = None
     if call.check is not None:
-        from .engine import run_briefly
+        from .control import run_briefly
 
         check = run_briefly(lambda: call.check(call.answer()))  # type: ignore[misc]
     yield from builder.finish(check)
@@ -1730,7 +1686,7 @@ async def _achunks(call: _Call) -> AsyncIterator[ChatGenerationChunk]:
             yield chunk
     check = None
     if call.check is not None:
-        from .engine import arun_briefly
+        from .control import arun_briefly
 
         check = await arun_briefly(lambda: call.check(call.answer()))  # type: ignore[misc]
     for chunk in builder.finish(check):

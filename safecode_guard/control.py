@@ -27,21 +27,39 @@ threads, so no signature needs an extra parameter.
 
 `SafeCoDe.agenerate` / `astream` cancel their request when the asyncio task
 awaiting them is cancelled. Times are `time.perf_counter()` seconds.
+
+`run_briefly` / `arun_briefly` run one piece of a request's work (preparing
+it, loading a model) in a short-lived thread under its control, so the caller
+stops waiting the moment the request is cancelled or runs out of time, and
+asyncio callers never block their event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import RequestCancelledError, RequestTimeoutError, SafeCoDeInputError
 
-__all__ = ["RequestControl", "checked_timeout", "checkpoint", "current_control", "use_control"]
+__all__ = [
+    "MAX_PREPARING",
+    "RequestControl",
+    "arun_briefly",
+    "cancelled_error",
+    "checked_timeout",
+    "checkpoint",
+    "current_control",
+    "run_briefly",
+    "use_control",
+]
+
+T = TypeVar("T")
 
 
 class RequestControl:
@@ -239,3 +257,122 @@ def checkpoint() -> None:
     control = _CURRENT.get()
     if control is not None:
         control.check()
+
+
+# --------------------------------------------------------------------------- work in a short-lived thread
+
+# Request preparation (the processor, the noised copy) runs torch's parallel CPU kernels. With
+# GNU OpenMP a thread that ran one keeps a thread team for as long as it lives, and once a
+# process holds more OpenMP threads than cores every team's spin-wait is throttled: with 8
+# long-lived caller threads on 2 cores the scheduler's decode steps took 40-60% longer. So
+# preparation runs in a short-lived thread of its own, and callers' threads never join OpenMP.
+MAX_PREPARING = 32
+"""Requests prepared at once from asyncio callers; more wait (threads are never piled up)."""
+_ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _run_with(control: RequestControl | None, fn: Callable[[], T]) -> T:
+    if control is None:
+        return fn()
+    with use_control(control):
+        control.check()
+        return fn()
+
+
+def run_briefly(fn: Callable[[], T], *, control: RequestControl | None = None) -> T:
+    """`fn()` in a thread that ends with it (the caller's context goes along); its result or error.
+
+    With `control`, `fn` runs with it as the current request control, and the
+    caller stops waiting when the control is cancelled or its deadline passes
+    (raising `RequestCancelledError` / `RequestTimeoutError`); the control is
+    then cancelled, so `fn` stops at its next checkpoint and anything it queued is dropped.
+    """
+    context = contextvars.copy_context()
+    box: list[Any] = []
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            box.append((True, context.run(_run_with, control, fn)))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=work, name="safecode-prepare", daemon=True)
+    thread.start()
+    if control is None:
+        thread.join()
+    else:
+        try:
+            control.wait(finished)
+        except BaseException:
+            control.cancel()
+            raise
+        thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+async def arun_briefly(fn: Callable[[], T], *, control: RequestControl | None = None) -> T:
+    """`run_briefly` for asyncio: the event loop stays free while `fn` runs.
+
+    `fn` runs under a control of its own (a child of `control`, or of the
+    current one): it is cancelled when the awaiting task is cancelled, and the
+    wait ends at the deadline (`RequestTimeoutError`) or when the control is
+    cancelled from another thread (`RequestCancelledError`).
+    """
+    loop = asyncio.get_running_loop()
+    slots = _ASYNC_SLOTS.get(loop)
+    if slots is None:
+        slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_PREPARING)
+    own = RequestControl(parent=control if control is not None else current_control())
+    context = contextvars.copy_context()
+    deadline = asyncio.timeout(own.remaining())
+    try:
+        async with deadline, slots:
+            own.check()
+            future: asyncio.Future[T] = loop.create_future()
+
+            def work() -> None:
+                try:
+                    result = context.run(_run_with, own, fn)
+                except BaseException as exc:
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
+                else:
+                    loop.call_soon_threadsafe(_settle, future, result, None)
+
+            def cancelled() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(_settle, future, None, cancelled_error())
+
+            forget = own.on_cancel(cancelled)
+            try:
+                threading.Thread(target=work, name="safecode-prepare", daemon=True).start()
+                return await future
+            finally:
+                forget()
+    except TimeoutError:
+        own.cancel()
+        if not deadline.expired():  # a TimeoutError of the work itself (e.g. its own RequestTimeoutError)
+            raise
+        raise own.timeout_error() from None
+    except BaseException:
+        own.cancel()  # the awaiting task was cancelled (or the work failed): stop what is left
+        raise
+
+
+def cancelled_error() -> RequestCancelledError:
+    """The error a cancelled request raises where it waited."""
+    return RequestCancelledError("The request was cancelled; nothing more is done for it.")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

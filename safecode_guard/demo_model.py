@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safecode_guard.errors import SafeCoDeError
+from .errors import DemoModelUnavailableError
 
 if TYPE_CHECKING:
     import torch
@@ -125,10 +125,6 @@ NOTES = (
 )
 
 Progress = Callable[[str], None]
-
-
-class DemoModelUnavailableError(SafeCoDeError):
-    """The demo model cannot be built here: a source package is missing or the cache is not writable."""
 
 
 # --------------------------------------------------------------------------- paths

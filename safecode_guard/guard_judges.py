@@ -66,7 +66,7 @@ from PIL import Image
 from .adapters import detect_quirks
 from .config import SafeCoDeConfig
 from .control import RequestControl, current_control
-from .errors import SafeCoDeInputError, UnsupportedModelError
+from .errors import SafeCoDeInputError, UnsupportedGuardError, UnsupportedModelError
 from .guard_prompts import (
     GUARD_FAMILIES,
     GuardFamily,
@@ -124,10 +124,6 @@ GUARD_SPEC_PREFIX = "guard"
 """Judge specs `guard:<local folder or hub id>` name a guard model."""
 
 _FAMILY_LIST = "; ".join(f"{k} = {v}" for k, v in GUARD_FAMILIES.items())
-
-
-class UnsupportedGuardError(UnsupportedModelError):
-    """The model named as a guard is not one of the supported guard families."""
 
 
 # --------------------------------------------------------------------------- which family

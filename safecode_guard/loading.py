@@ -30,7 +30,6 @@ transformers' errors into one clear sentence.
 from __future__ import annotations
 
 import concurrent.futures
-import difflib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UnsupportedModelError
+from .errors import HubUnreachableError, ModelNotFoundError, UnsupportedModelError, did_you_mean
 
 __all__ = [
     "AUTO_CLASSES",
@@ -72,14 +71,6 @@ DEMO_MODEL = "demo"
 
 HUB_PROBE_TIMEOUT_S = 10.0
 """Seconds the one request that checks a hub id may take (connecting and reading)."""
-
-
-class ModelNotFoundError(UnsupportedModelError):
-    """The model named is not there: no such folder, or no such hub id (or not in the offline cache)."""
-
-
-class HubUnreachableError(ModelNotFoundError):
-    """A hub id was given, the hub cannot be reached, and the model is not in the local cache."""
 
 
 @dataclass(frozen=True)
@@ -165,9 +156,9 @@ def _missing_folder_error(text: str, path: Path) -> ModelNotFoundError:
     parent = path.parent
     if parent.is_dir():
         siblings = [p.name for p in parent.iterdir() if p.is_dir()]
-        close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+        close = did_you_mean(path.name, siblings)
         if close:
-            hint = f" Did you mean {str(Path(text).parent / close[0])!r}?"
+            hint = f" Did you mean {str(Path(text).parent / close)!r}?"
     return ModelNotFoundError(
         f"Model folder not found: {text!r} does not exist.{hint} Give the folder that holds the "
         "model's config.json (saved with save_pretrained), or a Hugging Face hub id like "
@@ -564,7 +555,7 @@ def shared_model(
 def _load(path_or_id: str | os.PathLike[str], device: Any, dtype: Any, model_kwargs: dict[str, Any]) -> tuple[Any, Any]:
     import torch
 
-    from .engine import run_briefly
+    from .control import run_briefly
 
     if dtype is not None:
         model_kwargs = {**model_kwargs, "dtype": getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype}

@@ -49,11 +49,14 @@ __all__ = [
     "Turn",
     "canonical_json",
     "check_counts",
+    "check_nesting",
     "checked_json",
     "checked_prefix",
     "checked_schema",
     "checked_tools",
     "count_parts",
+    "json_text_depth",
+    "nesting_depth",
     "parse_messages",
     "read_turns",
 ]
@@ -227,7 +230,7 @@ def checked_json(value: Mapping[str, Any], where: str) -> dict[str, Any]:
     Raises `InputLimitError` when it is nested deeper and `UnsupportedContentError`
     when it holds something JSON cannot write (so a judge can show it as JSON).
     """
-    _check_depth(value, where)
+    check_nesting(value, where)
     try:
         json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -235,9 +238,13 @@ def checked_json(value: Mapping[str, Any], where: str) -> dict[str, Any]:
     return json.loads(json.dumps(value, ensure_ascii=False))
 
 
-def _check_depth(value: Any, where: str) -> None:
-    # Iterative: the check itself must not recurse as deep as the value does.
-    stack = [(value, 0)]
+def nesting_depth(value: Any, limit: int = MAX_NESTING_DEPTH) -> int:
+    """How deeply `value` nests dicts, lists and tuples (a scalar is 0, `{"a": [1]}` is 2).
+
+    Iterative, so it cannot overflow the stack itself, and it stops counting
+    once past `limit` (the answer is then `limit + 1`).
+    """
+    deepest, stack = 0, [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, Mapping):
@@ -246,12 +253,47 @@ def _check_depth(value: Any, where: str) -> None:
             children = item
         else:
             continue
-        if depth >= MAX_NESTING_DEPTH:
-            raise InputLimitError(
-                f"{where} is nested more than {MAX_NESTING_DEPTH} levels deep. Flatten the structure "
-                "(tool arguments and schemas rarely need more than a few levels)."
-            )
-        stack.extend((child, depth + 1) for child in children)
+        depth += 1
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def check_nesting(value: Any, where: str) -> None:
+    """`InputLimitError` when `value` nests deeper than `MAX_NESTING_DEPTH`."""
+    if nesting_depth(value) > MAX_NESTING_DEPTH:
+        raise InputLimitError(
+            f"{where} is nested more than {MAX_NESTING_DEPTH} levels deep. Flatten the structure "
+            "(tool arguments and schemas rarely need more than a few levels)."
+        )
+
+
+def json_text_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON `text`, brackets inside strings not counted.
+
+    Read before `json.loads`, whose C parser recurses per level and raises
+    `RecursionError` (not a decode error) on very deep input.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def canonical_json(value: Any) -> str:

@@ -99,7 +99,7 @@ from .config import InputPolicy, SafeCoDeConfig
 from .errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
 from .judges import JudgeRequest, SelfJudge, _judge_name, make_judge, request_fingerprint, run_judge
 from .lc_messages import message_role, to_hf_message
-from .verdict import Verdict, validated_verdict
+from .verdict import Verdict, safety_metadata, validated_verdict
 
 __all__ = ["DEFAULT_REFUSAL_MESSAGE", "SafeCoDeMiddleware", "SafeCoDeState", "judge_request_from_messages"]
 
@@ -238,8 +238,6 @@ def _recorded_verdict(record: Any, config: SafeCoDeConfig, judge_name: str) -> V
 def _safety(verdict: Verdict, config: SafeCoDeConfig) -> dict[str, Any]:
     """`response_metadata["safety"]` for a message the middleware writes itself: every key of
     SPEC section 5, as `ChatSafeCoDe` writes them, plus who blocked the turn."""
-    from .chat_model import safety_metadata
-
     return {**safety_metadata(verdict, config, refused=True), "blocked_by": "SafeCoDeMiddleware"}
 
 

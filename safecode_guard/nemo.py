@@ -73,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import difflib
 import json
 import logging
 import os
@@ -97,8 +96,16 @@ except ImportError as exc:  # the optional extra is missing
     ) from exc
 
 from .config import InputPolicy, SafeCoDeConfig
-from .errors import SafeCoDeError, SafeCoDeInputError, UnsupportedModelError
-from .verdict import Verdict, validated_verdict
+from .errors import (
+    NemoConfigError,
+    RequestOptionError,
+    RequestShapeError,
+    SafeCoDeError,
+    SafeCoDeInputError,
+    UnsupportedModelError,
+    did_you_mean,
+)
+from .verdict import Verdict, safety_metadata, validated_verdict
 
 if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
@@ -114,8 +121,8 @@ __all__ = [
     "ENGINE_NAME",
     "JUDGE_ENV",
     "MODEL_ENV",
-    "REQUEST_OPTIONS",
     "RAIL_MODEL_TYPE",
+    "REQUEST_OPTIONS",
     "ClientModelError",
     "ConfiguredModelError",
     "NemoConfigError",
@@ -132,10 +139,10 @@ __all__ = [
     "init",
     "is_check_task",
     "provider",
+    "rail_model",
     "register_provider",
     "request_messages",
     "resolve_judge",
-    "rail_model",
     "resolve_model",
     "safecode_check_input",
     "safecode_check_input_outcome",
@@ -187,23 +194,6 @@ REQUEST_OPTIONS = frozenset(
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class NemoConfigError(SafeCoDeInputError):
-    """A NeMo config asks for something the safecode integration cannot do; raised while `LLMRails` is built."""
-
-
-class RequestOptionError(SafeCoDeInputError):
-    """A NeMo request sets an option the `safecode` engine does not take from requests."""
-
-    status_code = 400
-    """NeMo's server answers a failed model call with the `status_code` of its cause."""
-
-
-class RequestShapeError(SafeCoDeInputError):
-    """A NeMo request holds messages the config cannot answer as sent (e.g. two user turns in Colang 2.x)."""
-
-    status_code = 400
 
 
 class ConfiguredModelError(SafeCoDeError, ModelInitializationError):
@@ -282,8 +272,8 @@ def resolve_judge(spec: str | None) -> str | None:
 
 def _closest(name: str, choices: Sequence[str]) -> str:
     """` Did you mean 'x'?` for the choice closest to `name`, or "" when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    close = did_you_mean(name, choices)
+    return f" Did you mean {close!r}?" if close else ""
 
 
 def check_parameters(parameters: Mapping[str, Any]) -> None:
@@ -547,7 +537,7 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
 
     async def _load(self) -> None:
         """Load the engine now (once), reporting a failure without the local path it names."""
-        from .engine import arun_briefly
+        from .control import arun_briefly
 
         chat = self._llm
         try:
@@ -760,7 +750,7 @@ def check_config(app: Any) -> None:
     config = app.config
     known = set(get_provider_names()) | {ENGINE_NAME}
     for model in config.models:
-        if model.engine not in known and difflib.get_close_matches(model.engine, [ENGINE_NAME], cutoff=0.7):
+        if model.engine not in known and did_you_mean(model.engine, [ENGINE_NAME], cutoff=0.7):
             raise NemoConfigError(
                 f"config.yml: `engine: {model.engine}` (model type {model.type!r}) is not an engine NeMo "
                 f"knows. Did you mean `engine: {ENGINE_NAME}`?"
@@ -1166,7 +1156,7 @@ def _report_refusal(verdict: Verdict, config: SafeCoDeConfig) -> None:
     """
     from nemoguardrails.context import llm_response_metadata_var
 
-    from .chat_model import PROVIDER, safety_metadata
+    from .chat_model import PROVIDER
 
     safety = {**safety_metadata(verdict, config, refused=True), "blocked_by": RAIL_NAME}
     llm_response_metadata_var.set(

@@ -21,8 +21,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from .errors import InputLimitError, UnsupportedContentError
-from .prompting import MAX_NESTING_DEPTH
-from .tools import json_text_depth
+from .messages import MAX_NESTING_DEPTH, json_text_depth
 
 __all__ = ["to_langchain", "tool_calls_out"]
 

@@ -30,6 +30,7 @@ __all__ = [
     "opens_with_refusal",
     "penalize",
     "refusal_continuations",
+    "refusal_decision",
     "refusal_sequences",
     "select_token",
 ]
@@ -156,6 +157,25 @@ def opens_with_refusal(text: str, phrases: Iterable[str]) -> bool:
     """True when `text`, ignoring leading space, case and curly apostrophes, opens with a phrase."""
     head = text.lstrip().translate(_APOSTROPHES).casefold()
     return any(head.startswith(p.translate(_APOSTROPHES).casefold()) for p in phrases)
+
+
+def refusal_decision(text: str, phrases: Sequence[str]) -> bool | None:
+    """Whether an answer that begins with `text` opens with a refusal phrase; None while undecided.
+
+    Agrees with `opens_with_refusal` on every continuation of `text`:
+    True once a phrase is complete, False once no phrase can still match,
+    None while `text` (ignoring leading space, case and curly apostrophes)
+    is still the start of some phrase.
+    """
+    head = text.lstrip()
+    if not head:
+        return None
+    if opens_with_refusal(head, phrases):
+        return True
+    # `opens_with_refusal(p, [head])` asks whether phrase p starts with `head`, normalised alike.
+    if any(opens_with_refusal(p, [head]) for p in phrases):
+        return None
+    return False
 
 
 # -- 4. OpenAI-style penalties ------------------------------------------------------

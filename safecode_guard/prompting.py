@@ -20,7 +20,14 @@ from .errors import (
     UnsupportedContentError,
     UnsupportedModelError,
 )
-from .messages import MAX_NESTING_DEPTH, ROLES, Conversation, check_counts, count_parts, parse_messages
+from .messages import (
+    MAX_NESTING_DEPTH,
+    ROLES,
+    Conversation,
+    check_counts,
+    count_parts,
+    parse_messages,
+)
 
 __all__ = [
     "MAX_NESTING_DEPTH",

@@ -13,6 +13,7 @@ when the command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -208,10 +209,8 @@ def _raise_open_file_limit() -> None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        try:
+        with contextlib.suppress(ValueError, OSError):  # not allowed here: keep the soft limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):  # not allowed here: keep the soft limit
-            pass
 
 
 MMAP_THRESHOLD = 4 * 2**20

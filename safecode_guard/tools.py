@@ -51,12 +51,11 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
 from .errors import (
-    InputLimitError,
     SafeCoDeInputError,
     UnsupportedContentError,
     UnsupportedModelError,
 )
-from .prompting import MAX_NESTING_DEPTH
+from .messages import MAX_NESTING_DEPTH, check_nesting, json_text_depth, nesting_depth
 
 __all__ = [
     "CALL_CLOSE",
@@ -106,67 +105,6 @@ _CALL_KEYS = frozenset({"name", "id", "type", *_ARG_KEYS})
 
 def _new_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-# --------------------------------------------------------------------------- nesting bounds
-
-
-def nesting_depth(value: Any, limit: int = MAX_NESTING_DEPTH) -> int:
-    """How deeply `value` nests dicts, lists and tuples (a scalar is 0, `{"a": [1]}` is 2).
-
-    Iterative, so it cannot overflow the stack itself, and it stops counting
-    once past `limit` (the answer is then `limit + 1`).
-    """
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            children: Any = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
-        depth += 1
-        if depth > limit:
-            return depth
-        deepest = max(deepest, depth)
-        stack.extend((child, depth) for child in children)
-    return deepest
-
-
-def check_nesting(value: Any, where: str) -> None:
-    """`InputLimitError` when `value` nests deeper than `MAX_NESTING_DEPTH`."""
-    if nesting_depth(value) > MAX_NESTING_DEPTH:
-        raise InputLimitError(
-            f"{where} is nested more than {MAX_NESTING_DEPTH} levels deep. Flatten the structure "
-            "(tool arguments and schemas rarely need more than a few levels)."
-        )
-
-
-def json_text_depth(text: str) -> int:
-    """The deepest bracket nesting of JSON `text`, brackets inside strings not counted.
-
-    Read before `json.loads`, whose C parser recurses per level and raises
-    `RecursionError` (not a decode error) on very deep input.
-    """
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth = max(depth - 1, 0)
-    return deepest
 
 
 # --------------------------------------------------------------------------- tool schemas

@@ -1,5 +1,6 @@
-"""The judge's answer: a frozen `Verdict`, the rule that turns a score into a label, and the
-one check every verdict from outside this library goes through (`validated_verdict`)."""
+"""The judge's answer: a frozen `Verdict`, the rule that turns a score into a label, the
+one check every verdict from outside this library goes through (`validated_verdict`), and the
+verdict as answer metadata (`safety_metadata`, SPEC section 5)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config import SafeCoDeConfig
 from .errors import InvalidVerdictError
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "InvalidVerdictError",
     "Label",
     "Verdict",
+    "answer_check_metadata",
     "label_from_score",
+    "safety_metadata",
     "validated_verdict",
 ]
 
@@ -164,3 +168,40 @@ def validated_verdict(value: Any) -> Verdict:
             "and only Verdict's own fields; build "
             "it with Verdict(...) rather than model_construct / model_copy(update=...)."
         ) from exc
+
+
+# --------------------------------------------------------------------------- as answer metadata
+
+
+def safety_metadata(verdict: Verdict, config: SafeCoDeConfig, refused: bool) -> dict[str, Any]:
+    """`response_metadata["safety"]` (SPEC section 5) for one answer."""
+    return {
+        "verdict": verdict.label,
+        "unsafe_score": verdict.unsafe_score,
+        "threshold": config.threshold,
+        "judge": verdict.judge,
+        "source": verdict.source,
+        "caption": verdict.caption,
+        "error": verdict.error,
+        "steered_steps": config.steered_steps,
+        "unsafe_mode": config.unsafe_mode,
+        "refused": refused,
+        # the judge saw only the most recent part of a long conversation (its budget)
+        "transcript_truncated": verdict.transcript_truncated,
+        # the hazard categories a guard judge found violated ("S1", "dangerous"); empty when safe
+        "categories": list(verdict.categories),
+    }
+
+
+def answer_check_metadata(verdict: Verdict, replaced: bool) -> dict[str, Any]:
+    """`safety["answer_check"]`: the judge's verdict on the finished answer (`SafeCoDeConfig.check_answer`),
+    and whether the answer was replaced by the refusal (never, once streamed: its text was sent)."""
+    return {
+        "verdict": verdict.label,
+        "unsafe_score": verdict.unsafe_score,
+        "categories": list(verdict.categories),
+        "judge": verdict.judge,
+        "source": verdict.source,
+        "error": verdict.error,
+        "replaced": replaced,
+    }

@@ -10,17 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import SafeCoDeInputError
+from ..errors import DatasetLayoutError, SafeCoDeInputError
 
 Format = Literal["mssbench", "mossbench", "jsonl"]
 Expected = Literal["safe", "unsafe"]
 FORMATS: tuple[str, ...] = ("mssbench", "mossbench", "jsonl")
 SYSTEMS: tuple[str, ...] = ("baseline", "safecode")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-
-class DatasetLayoutError(SafeCoDeInputError):
-    """A data folder or file does not match the layout of its format."""
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..config import DEFAULT_REFUSAL_PHRASES
-from ..errors import SafeCoDeInputError
+from ..errors import GraderError, SafeCoDeInputError
 from ..ops import opens_with_refusal
 
 RefusalCheck = Literal["prefix", "contains"]
 """`prefix`: the answer opens with a refusal phrase; `contains`: it refuses or declines anywhere."""
-
-
-class GraderError(ValueError):
-    """The grader's answer held no grade (the runner then keeps the phrase decision)."""
 
 
 # --------------------------------------------------------------------------- refusal detection

@@ -10,15 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import SafeCoDeInputError
+from ..errors import ResumeMismatchError, SafeCoDeInputError
 from .datasets import FORMATS, EvalItem, Format
 from .refusal import RefusalCheck, RefusalGrader, check_answer, make_grader
 from .scoring import plot_comparison, score_records, summary_table
-
-
-class ResumeMismatchError(SafeCoDeInputError):
-    """`<out>` holds results made with other settings, so resuming would mix them."""
-
 
 # --------------------------------------------------------------------------- the runner
 

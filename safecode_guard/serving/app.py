@@ -53,14 +53,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..control import RequestControl, use_control
+from ..control import RequestControl, arun_briefly, use_control
 from ..decode_budget import set_decode_memory_budget
-from ..engine import arun_briefly
-from ..errors import JudgeError, OverloadedError, RequestCancelledError, RequestTimeoutError, SafeCoDeInputError
+from ..errors import (
+    APIError,
+    JSONBudgetError,
+    JudgeError,
+    OverloadedError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    SafeCoDeInputError,
+)
 from ..judges import judge_error_code
 from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts
-from .body import JSONBudgetError, parse_json_body
+from .body import parse_json_body
 from .metrics import Metrics
 from .protocol import (
     ChatCompletion,
@@ -88,16 +95,6 @@ logger = logging.getLogger("safecode_guard.serving")
 
 VERDICT_HEADER = "X-SafeCoDe-Verdict"
 _VARIANTS = 16  # per-request settings variants kept loaded (they share the model)
-
-
-class APIError(Exception):
-    """An error with its HTTP status and OpenAI error fields, raised inside the app."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
 
 
 # --------------------------------------------------------------------------- the model

@@ -16,6 +16,8 @@ import json
 import re
 from typing import Any
 
+from ..errors import JSONBudgetError
+
 __all__ = ["DEFAULT_MAX_JSON_DEPTH", "DEFAULT_MAX_JSON_ITEMS", "JSONBudgetError", "json_values_bound", "parse_json_body"]
 
 DEFAULT_MAX_JSON_ITEMS = 100_000
@@ -25,14 +27,6 @@ DEFAULT_MAX_JSON_DEPTH = 64
 
 # A JSON string, escapes included (the unrolled form: no backtracking, no recursion).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-
-
-class JSONBudgetError(ValueError):
-    """A body is not valid JSON, or is over the structure budget; `code` names which."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def json_values_bound(body: bytes) -> int:

@@ -29,7 +29,6 @@ Needs the optional extra: `pip install 'safecode-guard[serve,ray]'`.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from typing import Any
@@ -45,7 +44,7 @@ except ImportError as exc:  # the optional extra is missing
     ) from exc
 
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
-from ..errors import SafeCoDeInputError
+from ..errors import SafeCoDeInputError, did_you_mean
 from .settings import ServerSettings
 
 __all__ = ["RayServeArgs", "SafeCoDeServer", "app_builder", "check_replica_health", "settings_from_args"]
@@ -100,8 +99,8 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServerSettings, RayServeAr
         valid = sorted([*RayServeArgs.model_fields, *SafeCoDeConfig.model_fields])
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = did_you_mean(key, valid)
+            hints.append(f"{key!r}" + (f" (did you mean {close!r}?)" if close else ""))
         raise SafeCoDeInputError(
             f"Unknown app_builder argument(s): {', '.join(hints)}. Valid: {valid}."
         )
