@@ -502,12 +502,10 @@ def test_engine_path_memory_with_the_working_size() -> None:
 
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records every pixel decode `images` starts (under the names it had before and after the fix)."""
+    """Records every pixel decode the image pipeline (`safecode_guard.images`) starts."""
     calls: list[str] = []
-    for name in ("_decode_opened", "_from_pil", "decode_image_bytes"):
-        original = getattr(images, name, None)
-        if original is None:
-            continue
+    for name in ("decode_opened", "decode_pil"):
+        original = getattr(images, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
             calls.append(_name)
@@ -822,7 +820,7 @@ import io, json, re, sys, threading
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from safecode_guard.decode_budget import decode_memory_budget, set_decode_memory_budget
+from safecode_guard.images.budget import decode_memory_budget, set_decode_memory_budget
 from safecode_guard.images import load_image
 
 def vm(field):
@@ -879,8 +877,8 @@ def test_concurrent_decodes_stay_within_one_process_budget() -> None:
 
 
 def test_the_budget_makes_decodes_wait_then_refuses_past_the_wait() -> None:
-    from safecode_guard.decode_budget import DecodeMemoryBudget
     from safecode_guard.errors import OverloadedError
+    from safecode_guard.images.budget import DecodeMemoryBudget
 
     budget = DecodeMemoryBudget(64, max_wait_s=5)
     mb = 2**20
@@ -918,8 +916,8 @@ def test_the_budget_makes_decodes_wait_then_refuses_past_the_wait() -> None:
 
 def test_a_cancelled_request_stops_waiting_for_decode_room() -> None:
     from safecode_guard.control import RequestControl, use_control
-    from safecode_guard.decode_budget import DecodeMemoryBudget
     from safecode_guard.errors import RequestCancelledError
+    from safecode_guard.images.budget import DecodeMemoryBudget
 
     budget = DecodeMemoryBudget(64, max_wait_s=30)
     control = RequestControl()

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from safecode_guard.config import InputPolicy
@@ -257,6 +257,42 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
     out = load_image(encode(im, "JPEG", exif=exif))
     assert out.size == (2, 4)
+
+
+def _exif_segment(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """Raw EXIF bytes (little-endian TIFF, one directory) holding `(tag, type, count, value)` entries."""
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries)
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+def test_exif_orientation_turns_the_image_as_pillow_exif_transpose_does() -> None:
+    """Every orientation 1-8 gives the pixels `ImageOps.exif_transpose` gives (a lossless PNG, no downscale)."""
+    im = Image.new("RGB", (3, 2))
+    im.putdata([(10, 0, 0), (20, 0, 0), (30, 0, 0), (0, 40, 0), (0, 50, 0), (0, 60, 0)])
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encode(im, "PNG", exif=exif)
+        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        out = load_image(data)
+        assert (out.size, list(out.getdata())) == (expected.size, list(expected.getdata())), orientation
+
+
+def test_malformed_exif_orientation_leaves_the_image_as_stored() -> None:
+    """An orientation that cannot be read costs the user nothing: the image comes as stored (as with
+    `ImageOps.exif_transpose`), never an error. A readable orientation beside a broken tag still applies."""
+    short = struct.pack("<HH", 6, 0)
+    cases = {
+        "out of range": (_exif_segment([(0x0112, 3, 1, struct.pack("<HH", 9, 0))]), (4, 2)),
+        "text, not a number": (_exif_segment([(0x0112, 2, 2, b"6\x00\x00\x00")]), (4, 2)),
+        "value past the end": (_exif_segment([(0x0112, 5, 1, struct.pack("<I", 9999))]), (4, 2)),
+        "truncated": (_exif_segment([(0x0112, 3, 1, short)])[:16], (4, 2)),
+        "not TIFF at all": (b"Exif\x00\x00" + b"\xff" * 20, (4, 2)),
+        "a broken neighbour": (_exif_segment([(0x0112, 3, 1, short), (0x8769, 4, 1, struct.pack("<I", 99999))]), (2, 4)),
+    }
+    for name, (segment, size) in cases.items():
+        data = encode(Image.new("RGB", (4, 2), (0, 0, 255)), "JPEG", exif=segment)
+        assert load_image(data).size == size == ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size, name
 
 
 def test_pil_inputs_are_converted_but_never_modified() -> None:

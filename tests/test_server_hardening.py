@@ -404,14 +404,14 @@ def test_a_client_that_leaves_stops_its_preparation(tiny_model_dir, monkeypatch)
     from safecode_guard import images
 
     decoded: list[int] = []
-    original = images._decode_opened
+    original = images.decode_opened
 
     def slow_decode(*args: Any, **kwargs: Any) -> Any:
         decoded.append(1)
         time.sleep(0.4)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(images, "_decode_opened", slow_decode)
+    monkeypatch.setattr(images, "decode_opened", slow_decode)
     app = thread_app(str(tiny_model_dir("llava")), judge="fixed:safe")
     content = [{"type": "image_url", "image_url": {"url": png_data_url()}} for _ in range(8)]
     content.append({"type": "text", "text": "Compare them."})
@@ -468,14 +468,14 @@ def test_a_body_of_millions_of_values_is_refused_before_parsing(tiny_model_dir, 
 
 @pytest.fixture
 def default_budget_after():
-    from safecode_guard.decode_budget import DEFAULT_DECODE_BUDGET_MB, set_decode_memory_budget
+    from safecode_guard.images.budget import DEFAULT_DECODE_BUDGET_MB, set_decode_memory_budget
 
     yield
     set_decode_memory_budget(DEFAULT_DECODE_BUDGET_MB)
 
 
 def test_a_decode_that_waits_too_long_for_memory_gets_429(tiny_model_dir, default_budget_after):
-    from safecode_guard.decode_budget import decode_memory_budget
+    from safecode_guard.images.budget import decode_memory_budget
 
     app = thread_app(str(tiny_model_dir("llava")), judge="fixed:safe", decode_budget_mb=64, decode_wait_s=0.3)
     image = {"type": "image_url", "image_url": {"url": png_data_url((1500, 1500))}}  # about 16 MB to decode

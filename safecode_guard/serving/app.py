@@ -54,7 +54,6 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..control import RequestControl, arun_briefly, use_control
-from ..decode_budget import set_decode_memory_budget
 from ..errors import (
     APIError,
     JSONBudgetError,
@@ -64,6 +63,7 @@ from ..errors import (
     RequestTimeoutError,
     SafeCoDeInputError,
 )
+from ..images.budget import set_decode_memory_budget
 from ..judges import judge_error_code
 from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts

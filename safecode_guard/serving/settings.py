@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
-from ..decode_budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_DECODE_WAIT_S
+from ..images.budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_DECODE_WAIT_S
 from .body import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_ITEMS
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ConnectionLimits", "ServerSettings"]
@@ -73,7 +73,7 @@ class ServerSettings(BaseModel):
     max_json_depth: int = Field(DEFAULT_MAX_JSON_DEPTH, ge=4, le=900)
     """Deepest nesting of JSON objects and arrays in one body (HTTP 400 `nesting_too_deep` over it)."""
     decode_budget_mb: int | None = Field(DEFAULT_DECODE_BUDGET_MB, ge=16)
-    """Image-decoding memory all requests may hold at once (`safecode_guard.decode_budget`; process-wide);
+    """Image-decoding memory all requests may hold at once (`safecode_guard.images.budget`; process-wide);
     None: no budget."""
     decode_wait_s: float = Field(DEFAULT_DECODE_WAIT_S, ge=0, le=3600)
     """Longest an image decode waits for room in the budget before the request gets HTTP 429."""
