@@ -32,7 +32,8 @@ from .verdict import Verdict
 
 if TYPE_CHECKING:
     from .chat_model import ChatSafeCoDe
-    from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream, Usage
+    from .engine.core import SafeCoDe
+    from .engine.results import SafeCoDeResult, SafeCoDeStream, Usage
     from .guard_judges import GuardJudge
     from .judges import (
         CallableJudge,
@@ -49,10 +50,10 @@ __version__ = "0.1.0"
 # Heavy modules (torch, transformers, langchain) load on first use, so that
 # `import safecode_guard` stays cheap for configs, CLIs and NeMo config folders.
 _LAZY = {
-    "SafeCoDe": "engine",
-    "SafeCoDeResult": "engine",
-    "SafeCoDeStream": "engine",
-    "Usage": "engine",
+    "SafeCoDe": "engine.core",
+    "SafeCoDeResult": "engine.results",
+    "SafeCoDeStream": "engine.results",
+    "Usage": "engine.results",
     "Judge": "judges",
     "JudgeRequest": "judges",
     "FixedJudge": "judges",

@@ -197,7 +197,7 @@ def run_off_main(fn: Callable[[], Any]) -> Any:
 def _reference_pattern(engine: Any, messages: list[dict], new_tokens: int) -> int:
     """The reference code's decoding: no cache in the window, then `generate` re-prefills."""
     from . import ops
-    from .adapters import encode_views
+    from .engine.adapters import encode_views
     from .prompting import parse_messages, render_prompt
 
     model, cfg = engine.model, engine.config
@@ -242,7 +242,7 @@ def run_bench(
 ) -> BenchReport:
     """Build the preset model and time every method `rounds` times, interleaved."""
     from .config import SafeCoDeConfig
-    from .engine import SafeCoDe
+    from .engine.core import SafeCoDe
 
     say = progress or (lambda _msg: None)
     dev, model, processor = bench_model(preset, device, say)

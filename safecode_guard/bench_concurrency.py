@@ -210,7 +210,7 @@ def run_concurrency_bench(
     """
     from .bench import PROMPT, _PeakMemory, _scene_image, bench_model, run_off_main
     from .config import BatchingConfig
-    from .engine import SafeCoDe
+    from .engine.core import SafeCoDe
 
     say = progress or (lambda _msg: None)
     dev, model, processor = bench_model(preset, device, say)  # off the main thread, as every method runs

@@ -108,7 +108,7 @@ def run_stall_bench(
     """Build the preset model twice (same weights) and time both settings `rounds` times, interleaved."""
     from .bench import PROMPT, _scene_image, bench_model, run_off_main
     from .config import BatchingConfig
-    from .engine import SafeCoDe
+    from .engine.core import SafeCoDe
 
     say = progress or (lambda _msg: None)
     dev, model_whole, processor = bench_model(preset, device, say)

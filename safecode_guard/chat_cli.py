@@ -54,7 +54,7 @@ def _messages(args: argparse.Namespace) -> list[dict]:
 def run_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .engine import SafeCoDe
+    from .engine.core import SafeCoDe
     from .errors import SafeCoDeError
 
     try:
@@ -62,7 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
         messages = _messages(args)
         model = args.model
         if model is None:
-            from .demo_model import ensure_demo_model, stderr_progress
+            from .engine.demo_model import ensure_demo_model, stderr_progress
 
             model = str(ensure_demo_model(progress=stderr_progress()))
         engine = SafeCoDe.from_pretrained(model, config=config, judge=args.judge, device=args.device, dtype=args.dtype)

@@ -122,7 +122,8 @@ from .prompting import render_prompt
 from .verdict import Verdict, answer_check_metadata, safety_metadata
 
 if TYPE_CHECKING:
-    from .engine import SafeCoDe, SafeCoDeResult, SafeCoDeStream
+    from .engine.core import SafeCoDe
+    from .engine.results import SafeCoDeResult, SafeCoDeStream
 
 __all__ = [
     "ChatSafeCoDe",
@@ -489,7 +490,7 @@ def tool_calling_from_files(model: str) -> bool | None:
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from .loading import chat_template_source
+    from .engine.loading import chat_template_source
 
     try:
         template = chat_template_source(model)
@@ -1104,7 +1105,7 @@ class ChatSafeCoDe(BaseChatModel):
     def display_name(self, model: str | None = None) -> str:
         """The name answers report for `model` (a per-call override) or this chat model's own:
         `model_name` when set, else the folder's own name, the hub id or "demo" (never a local path)."""
-        from .loading import public_name
+        from .engine.loading import public_name
 
         if model is not None and str(model) != self.model:
             return public_name(str(model))
@@ -1220,8 +1221,8 @@ class ChatSafeCoDe(BaseChatModel):
         every chat model naming the same weights shares one load; the engine
         adds this chat model's judge and settings, and costs no reload.
         """
-        from .engine import SafeCoDe
-        from .loading import shared_model, weights_key
+        from .engine.core import SafeCoDe
+        from .engine.loading import shared_model, weights_key
 
         override = model is not None and model != self.model
         name = str(model) if override else self.model
@@ -1263,7 +1264,7 @@ class ChatSafeCoDe(BaseChatModel):
 
     def _counting_processor(self) -> tuple[Any, tuple[str, ...]]:
         """(processor, special strings) of the configured model, without loading its weights."""
-        from .loading import load_processor, loaded_model, weights_key
+        from .engine.loading import load_processor, loaded_model, weights_key
 
         engine = self._engines.loaded(self.model)
         if engine is not None:
@@ -1306,7 +1307,7 @@ class ChatSafeCoDe(BaseChatModel):
         prompt = render_prompt(
             processor, turns, specials, tools=formatted, add_generation_prompt=turns[-1]["role"] != "assistant"
         )
-        from .adapters import encode_views
+        from .engine.adapters import encode_views
 
         return int(encode_views(processor, prompt, [images] if images else [])["input_ids"].shape[1])
 

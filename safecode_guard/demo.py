@@ -110,13 +110,13 @@ def run_demo(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every scene; print a readable report to `out`; return the rows for callers and tests."""
-    from .engine import SafeCoDe
+    from .engine.core import SafeCoDe
 
     out = out or sys.stdout
     say = progress or (lambda _m: None)
     start = time.perf_counter()
     if model is None:
-        from .demo_model import ensure_demo_model
+        from .engine.demo_model import ensure_demo_model
 
         model_path = str(ensure_demo_model(progress=say))
         demo_note = True

@@ -63,9 +63,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .adapters import detect_quirks
 from .config import SafeCoDeConfig
 from .control import RequestControl, current_control
+from .engine.adapters import detect_quirks
+from .engine.loading import (
+    LoadedModel,
+    ModelNotFoundError,
+    check_model_source,
+    public_name,
+    shared_model,
+    weights_key,
+)
+from .engine.scheduler import Scheduler, scheduler_for
 from .errors import SafeCoDeInputError, UnsupportedGuardError, UnsupportedModelError
 from .guard_prompts import (
     GUARD_FAMILIES,
@@ -94,15 +103,6 @@ from .judges import (
     run_judge,
     unsafe_probability,
 )
-from .loading import (
-    LoadedModel,
-    ModelNotFoundError,
-    check_model_source,
-    public_name,
-    shared_model,
-    weights_key,
-)
-from .scheduler import Scheduler, scheduler_for
 from .verdict import Verdict, label_from_score
 
 __all__ = [

@@ -79,6 +79,7 @@ from PIL import Image
 
 from .config import SafeCoDeConfig
 from .control import RequestControl, current_control
+from .engine.loading import public_name
 from .errors import (
     InvalidVerdictError,
     JudgeBusyError,
@@ -90,7 +91,6 @@ from .errors import (
     UnsupportedContentError,
     UnsupportedModelError,
 )
-from .loading import public_name
 from .messages import (
     Conversation,
     Turn,

@@ -300,7 +300,7 @@ class SafeCoDeMiddleware(AgentMiddleware):
     ) -> None:
         super().__init__()
         from .chat_model import ChatSafeCoDe
-        from .engine import SafeCoDe
+        from .engine.core import SafeCoDe
 
         if on_unsafe not in ("end", "record"):
             raise SafeCoDeInputError(

@@ -112,7 +112,7 @@ if TYPE_CHECKING:
     from nemoguardrails.types import LLMResponse, LLMResponseChunk
 
     from .chat_model import ChatSafeCoDe
-    from .engine import SafeCoDe
+    from .engine.core import SafeCoDe
     from .judges import Judge
 
 __all__ = [
@@ -163,7 +163,7 @@ JUDGE_ENV = "SAFECODE_JUDGE"
 """Environment variable holding the judge spec ("self", "fixed:safe", "chat:openai:gpt-4o", ...)."""
 DEFAULT_JUDGE = "self"
 DEMO_MODEL = "demo"
-"""The model name that means the embedded demo model (`safecode_guard.demo_model`)."""
+"""The model name that means the embedded demo model (`safecode_guard.engine.demo_model`)."""
 RAIL_MODEL_TYPE = "safecode_rail"
 """The `models:` type of the SafeCoDe rail's own model, used when the rail names no other type."""
 
@@ -240,7 +240,7 @@ def resolve_model(model: str | None) -> str:
     """
     name = expand_env(model or "").strip()
     if name in ("", DEMO_MODEL):
-        from .demo_model import ensure_demo_model
+        from .engine.demo_model import ensure_demo_model
 
         return str(ensure_demo_model())
     return name
@@ -253,7 +253,7 @@ def served_model_name(model: str | None) -> str:
     (never the rest of its path), `demo` for the demo model. Env references
     are expanded first (this is a config value).
     """
-    from .loading import public_name
+    from .engine.loading import public_name
 
     name = expand_env(model or "").strip()
     return DEMO_MODEL if name in ("", DEMO_MODEL) else public_name(name)
@@ -350,7 +350,7 @@ def chat_model_from_config(model: str, **parameters: Any) -> ChatSafeCoDe:
     there) are checked now; the weights load on the first request.
     """
     from .chat_model import ChatSafeCoDe
-    from .loading import check_model_source
+    from .engine.loading import check_model_source
 
     check_parameters(parameters)
     if not expand_env(model or "").strip():
@@ -428,7 +428,7 @@ def _public_reason(exc: SafeCoDeError, model: str, served: str) -> str:
     folder embed its path (and nearby paths as suggestions), so they are
     summed up by kind; the full text stays in the error's `__cause__` (and the log).
     """
-    from .loading import HubUnreachableError, ModelNotFoundError, looks_local
+    from .engine.loading import HubUnreachableError, ModelNotFoundError, looks_local
 
     expanded = expand_env(model).strip()
     if isinstance(exc, NemoConfigError) or not looks_local(expanded):

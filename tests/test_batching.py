@@ -32,8 +32,8 @@ from safecode_guard import (
     SafeCoDeConfig,
     UnsupportedContentError,
 )
-from safecode_guard.adapters import RowBatch, merge
-from safecode_guard.scheduler import kv_bytes_per_token
+from safecode_guard.engine.kv_rows import RowBatch, merge
+from safecode_guard.engine.kv_rows import kv_bytes_per_token
 from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 NEEDS_IMAGE = {"paligemma", "instructblip"}
@@ -158,7 +158,7 @@ def test_a_burst_of_prompts_of_different_lengths_is_prefilled_together_and_answe
 
 
 def test_a_bad_request_in_a_shared_prefill_fails_alone(fresh, monkeypatch):
-    from safecode_guard import adapters
+    from safecode_guard.engine import adapters
 
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe")
@@ -378,7 +378,7 @@ def test_a_judge_score_at_the_threshold_is_rescored_alone(fresh):
 
 
 def test_scheduler_thread_exits_when_idle(fresh, monkeypatch):
-    from safecode_guard import scheduler as scheduler_module
+    from safecode_guard.engine import scheduler as scheduler_module
 
     monkeypatch.setattr(scheduler_module, "IDLE_EXIT_S", 0.2)
     model, processor = fresh("llava")
@@ -399,8 +399,8 @@ def test_exit_waits_for_a_worker_that_frees_its_scheduler_as_it_ends(tiny_model_
     script = textwrap.dedent(f"""
         import time
         from transformers import AutoModelForImageTextToText, AutoProcessor
-        from safecode_guard import scheduler as S
-        from safecode_guard.adapters import detect_quirks
+        from safecode_guard.engine import scheduler as S
+        from safecode_guard.engine.adapters import detect_quirks
 
         S.IDLE_EXIT_S = 0.5
         model = AutoModelForImageTextToText.from_pretrained({path!r}).eval()

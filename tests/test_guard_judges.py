@@ -29,7 +29,7 @@ from PIL import Image
 from server_support import ThreadServer
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig, Verdict
-from safecode_guard.adapters import Decoder, Prefill, detect_quirks, encode_rows
+from safecode_guard.engine.adapters import Decoder, Prefill, detect_quirks, encode_rows
 from safecode_guard.errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
 from safecode_guard.guard_judges import (
     GuardJudge,
@@ -50,7 +50,7 @@ from safecode_guard.guard_prompts import (
     shieldgemma_policies,
 )
 from safecode_guard.judges import FixedJudge, JudgeRequest, make_judge, run_judge
-from safecode_guard.loading import ModelNotFoundError
+from safecode_guard.engine.loading import ModelNotFoundError
 from safecode_guard.testing import (
     build_tiny_guard,
     gradient_image,

@@ -24,7 +24,7 @@ from safecode_guard import (
     InputPolicy,
     SafeCoDeConfig,
 )
-from safecode_guard.adapters import Decoder
+from safecode_guard.engine.adapters import Decoder
 
 
 def png_b64(color=(200, 30, 30), size=(40, 30)) -> str:

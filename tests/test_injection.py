@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import SafeCoDe
-from safecode_guard.adapters import encode_views
+from safecode_guard.engine.adapters import encode_views
 from safecode_guard.prompting import (
     neutralize_special_tokens,
     neutralize_text_parts,

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from safecode_guard import loading
+from safecode_guard.engine import loading
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.errors import UnsupportedModelError
-from safecode_guard.loading import (
+from safecode_guard.engine.loading import (
     HubUnreachableError,
     ModelNotFoundError,
     check_model_source,

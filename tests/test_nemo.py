@@ -32,7 +32,7 @@ from safecode_guard import ChatSafeCoDe, Verdict, nemo
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.errors import InvalidVerdictError, SafeCoDeError, SafeCoDeInputError
 from safecode_guard.judges import JudgeRequest
-from safecode_guard.loading import ModelNotFoundError
+from safecode_guard.engine.loading import ModelNotFoundError
 
 from nemo_support import (  # noqa: F401 (fixtures are found by name)
     CONFIG_V1,
@@ -303,7 +303,7 @@ def test_self_judge_shares_the_main_models_engine(
 ) -> None:
     import shutil
 
-    from safecode_guard import loading
+    from safecode_guard.engine import loading
 
     # a folder of its own: weights other tests' chat models may still hold are not loaded again
     monkeypatch.setenv(nemo.MODEL_ENV, str(shutil.copytree(safecode_env("self"), tmp_path / "llava")))

@@ -187,7 +187,7 @@ def private_model(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The folders whose weights are read from disk from now on (`loading.load_pretrained`)."""
-    from safecode_guard import loading
+    from safecode_guard.engine import loading
 
     loads: list[str] = []
     real = loading.load_pretrained
@@ -210,7 +210,7 @@ def test_rail_only_config_refuses_without_calling_the_main_model(
     safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     safecode_env("fixed:unsafe")
-    monkeypatch.setattr("safecode_guard.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
+    monkeypatch.setattr("safecode_guard.engine.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
     rails = LLMRails(RailsConfig.from_path(str(CONFIG_RAIL_ONLY)))  # the shipped folder, main: engine openai
     res = rails.generate(messages=hello(), options={"output_vars": True})
     assert answer_of(res) == REFUSAL and res.output_data["safecode_verdict"] == "unsafe"
@@ -221,7 +221,7 @@ def test_rail_only_config_judges_with_its_own_model_never_the_demo(
     safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     model_dir = private_model(safecode_env("self"), tmp_path, monkeypatch)
-    monkeypatch.setattr("safecode_guard.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
+    monkeypatch.setattr("safecode_guard.engine.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
     loads = count_loads(monkeypatch)
     config = RailsConfig.from_path(str(CONFIG_RAIL_ONLY))
     rail_entry = next(m for m in config.models if m.type == nemo.RAIL_MODEL_TYPE)
@@ -239,7 +239,7 @@ def test_a_rail_without_a_model_fails_when_the_rails_are_built(
     safecode_env: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     safecode_env("self")
-    monkeypatch.setattr("safecode_guard.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
+    monkeypatch.setattr("safecode_guard.engine.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
     yaml = (CONFIG_RAIL_ONLY / "config.yml").read_text().split("  - type: safecode_rail")[0]
     yaml += "passthrough: true\nrails:\n  input:\n    flows: [safecode check input]\n"
     folder = write_config(tmp_path / "no_model", yaml, (CONFIG_V1 / "rails.co").read_text())
@@ -258,7 +258,7 @@ def test_an_unset_model_variable_is_an_error_not_the_demo(
 ) -> None:
     safecode_env("self")
     monkeypatch.delenv(nemo.MODEL_ENV)
-    monkeypatch.setattr("safecode_guard.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
+    monkeypatch.setattr("safecode_guard.engine.demo_model.ensure_demo_model", lambda *a, **k: pytest.fail("demo built"))
     error = load_error(CONFIG_RAIL_ONLY)
     assert isinstance(error, nemo.ConfiguredModelError) and "empty `model:`" in str(error)
 

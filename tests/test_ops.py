@@ -196,7 +196,7 @@ class _CharTokenizer:
     stops=st.lists(st.text(alphabet="abcdeé", min_size=1, max_size=4), max_size=3),
 )
 def test_text_tracker_matches_a_naive_decode_cut_at_the_first_stop(ids, stops):
-    from safecode_guard.decoding import TextTracker
+    from safecode_guard.engine.decoding import TextTracker
 
     tok = _CharTokenizer()
     tracker = TextTracker(tok, stops)

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import BatchingConfig, SafeCoDe, ops
-from safecode_guard.adapters import Decoder, ImageFeatures, Prefill, detect_quirks, encode_rows
-from safecode_guard.scheduler import _FeatureCache
+from safecode_guard.engine.adapters import Decoder, ImageFeatures, Prefill, detect_quirks, encode_rows
+from safecode_guard.engine.adapters import FeatureCache
 from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 NEEDS_IMAGE = {"paligemma", "instructblip"}
@@ -109,7 +109,7 @@ def test_a_chunk_never_cuts_an_image_that_attends_both_ways(fresh):
 
 
 def test_chunks_narrow_as_their_tokens_attend_to_more_context():
-    from safecode_guard.adapters import attention_span, chunk_columns, chunk_cost
+    from safecode_guard.engine.adapters import attention_span, chunk_columns, chunk_cost
     from safecode_guard.testing import build_bench_llava_model
 
     span = 2048.0
@@ -193,7 +193,7 @@ def test_a_running_stream_advances_while_a_long_prompt_is_prefilled(fresh, chunk
 
 
 def test_a_request_cancelled_during_its_prefill_leaves_the_group(fresh, monkeypatch):
-    from safecode_guard import adapters
+    from safecode_guard.engine import adapters
 
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe", batching=BatchingConfig(prefill_chunk_tokens=CHUNK))
@@ -220,7 +220,7 @@ def test_a_request_cancelled_during_its_prefill_leaves_the_group(fresh, monkeypa
 
 
 def test_judge_prefills_of_a_cancelled_request_are_dropped_queued_or_mid_prefill(fresh, monkeypatch):
-    from safecode_guard import adapters
+    from safecode_guard.engine import adapters
     from safecode_guard.control import RequestControl, use_control
 
     model, processor = fresh("llava")
@@ -281,7 +281,7 @@ def test_the_feature_cache_keeps_the_most_recent_within_its_budget():
     def features(n: int) -> ImageFeatures:
         return ImageFeatures(torch.zeros(n, 256), (), object, True)  # n KiB
 
-    cache = _FeatureCache(budget_mb=10 / 1024)  # 10 KiB
+    cache = FeatureCache(budget_mb=10 / 1024)  # 10 KiB
     cache.put("a", features(4))
     cache.put("b", features(4))
     assert cache.get("a") is not None  # now the most recent

@@ -576,7 +576,7 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(tin
     took minutes and 12 GB. Every token stands for at most its vocabulary entry's length, so such a
     prompt is refused from its length in characters."""
     from safecode_guard import InputLimitError, SafeCoDe
-    from safecode_guard import engine as engine_module
+    from safecode_guard.engine import core as engine_module
 
     engine = SafeCoDe(*tiny_vlm, judge="fixed:safe")
     assert engine._token_chars >= 1 and engine.context_length is not None

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from transformers import AutoProcessor
 
-from safecode_guard.decoding import Steering
+from safecode_guard.engine.decoding import Steering
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.prompting import Conversation
 from safecode_guard.testing import tool_template_for
@@ -68,8 +68,8 @@ class ScriptedDecoding:
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, replies: Iterable[Reply] = ()) -> None:
-        import safecode_guard.engine as engine_module
-        from safecode_guard.scheduler import Scheduler
+        import safecode_guard.engine.core as engine_module
+        from safecode_guard.engine.scheduler import Scheduler
 
         self.replies: deque[Reply] = deque(replies)
         self.prompts: list[str] = []

@@ -145,7 +145,7 @@ def run_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from ..cli import config_from_args
-    from ..engine import SafeCoDe
+    from ..engine.core import SafeCoDe
 
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)

@@ -123,13 +123,13 @@ class ModelHost:
 
     def load(self) -> None:
         from ..chat_model import ChatSafeCoDe
-        from ..engine import SafeCoDe
+        from ..engine.core import SafeCoDe
 
         s = self.settings
         try:
             path = s.model
             if path == "demo":
-                from ..demo_model import ensure_demo_model
+                from ..engine.demo_model import ensure_demo_model
 
                 path = str(ensure_demo_model())
             engine = SafeCoDe.from_pretrained(

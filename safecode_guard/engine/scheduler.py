@@ -51,7 +51,6 @@ Limits and back-pressure (`BatchingConfig`, documented policy):
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import concurrent.futures
@@ -61,29 +60,35 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .adapters import Decoder, ImageFeatures, Prefill, PromptRow, Quirks, chunk_cost, encode_rows
-from .config import BatchingConfig
-from .control import RequestControl, current_control
-from .decoding import Steering, TextTracker
-from .errors import (
+from ..config import BatchingConfig
+from ..control import RequestControl, current_control
+from ..errors import (
     InputLimitError,
     OverloadedError,
     RequestCancelledError,
     RequestTimeoutError,
     SafeCoDeError,
-    StreamReaderError,
-    UnsupportedContentError,
+    SafeCoDeInputError,
 )
-from .kv_rows import RowBatch, merge, unbatchable_reason
+from .adapters import (
+    Decoder,
+    FeatureCache,
+    ImageFeatures,
+    Prefill,
+    PromptRow,
+    Quirks,
+    chunk_cost,
+    encode_rows,
+)
+from .jobs import DecodeJob, PrefillJob, prefill_error, runs_alone
+from .kv_rows import RowBatch, kv_bytes_per_token, merge, unbatchable_reason
 
-__all__ = ["Channel", "DecodeJob", "PrefillJob", "Scheduler", "kv_bytes_per_token", "scheduler_for"]
-
-Status = Literal["waiting", "running", "finished", "cancelled", "failed"]
+__all__ = ["Scheduler", "scheduler_for"]
 
 IDLE_EXIT_S = 2.0
 """Seconds an idle worker thread waits for new requests before it exits."""
@@ -93,195 +98,7 @@ PAD_SLACK = 1.25
 (padding costs compute in the prefill; groups form among prompts of similar length)."""
 
 
-# --------------------------------------------------------------------------- channel
-
-
-class Channel:
-    """A one-consumer queue between the scheduler thread and a request's reader.
-
-    `put` never blocks; `get` blocks a thread; `aget` awaits on the reader's
-    event loop (woken with `call_soon_threadsafe`), so asyncio readers need no
-    thread of their own. Waking a reader costs the scheduler a thread switch
-    and a turn of the GIL, so it is done only when the reader wants it: a
-    reader that only wants the whole answer (`pieces_wanted = False`) is woken
-    once, at the end; pieces put with `wake=False` are delivered by the next
-    `wake()` (the scheduler wakes every reader of a step once, after the step).
-
-    One reader at a time: a second thread or task that calls `get` / `aget`
-    while another is waiting gets `StreamReaderError` at once (it would
-    otherwise wait for pieces the first reader takes).
-    """
-
-    def __init__(self) -> None:
-        self._items: collections.deque[tuple[str, Any]] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._ended = False
-        self._reading = False
-        self.pieces_wanted = True
-
-    def put(self, kind: str, value: Any = None, *, wake: bool = True) -> None:
-        with self._cond:
-            self._items.append((kind, value))
-            if kind != "piece":
-                self._ended = True
-            elif not (wake and self.pieces_wanted):
-                return
-        self.wake()
-
-    def wake(self) -> None:
-        """Wake the reader (a thread in `get`, or a task in `aget`) if it is waiting for what is here."""
-        with self._cond:
-            if not (self._ended or (self.pieces_wanted and self._items)):
-                return
-            self._cond.notify_all()
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(_wake, fut)
-
-    def _ready(self) -> bool:
-        return self._ended or (self.pieces_wanted and bool(self._items))
-
-    def _enter(self) -> None:
-        """Become the reader (under the lock); a second concurrent reader is refused."""
-        if self._reading:
-            raise StreamReaderError(
-                "Another thread or task is already reading this stream. A stream has one reader: read it "
-                "from one place (e.g. collect the pieces there and hand them on), or start one request per reader."
-            )
-        self._reading = True
-
-    def get(self, timeout: float | None = None) -> tuple[str, Any]:
-        with self._cond:
-            self._enter()
-            try:
-                if not self._cond.wait_for(self._ready, timeout):
-                    raise TimeoutError("no item within the timeout")
-                return self._items.popleft()
-            finally:
-                self._reading = False
-
-    async def aget(self, timeout: float | None = None) -> tuple[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        with self._cond:
-            self._enter()
-        try:
-            while True:
-                with self._cond:
-                    if self._ready():
-                        return self._items.popleft()
-                    fut: asyncio.Future[None] = loop.create_future()
-                    self._waiters.append((loop, fut))
-                if deadline is None:
-                    await fut
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError("no item within the timeout")
-                timer = loop.call_later(left, _wake, fut)
-                try:
-                    await fut
-                finally:
-                    timer.cancel()
-        finally:
-            with self._cond:
-                self._reading = False
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-# --------------------------------------------------------------------------- jobs
-
-
-@dataclass(eq=False)
-class DecodeJob:
-    """One request to decode: its encoded prompt and its own SafeCoDe state."""
-
-    prompt_rows: list[PromptRow]
-    """The encoded prompt: one row per view (real, then noised); emptied once prefilled."""
-    steering: Steering
-    tracker: TextTracker
-    eos_ids: frozenset[int]
-    max_new_tokens: int
-    prompt_len: int
-    n_images: int = 0
-    steered: bool = True
-    """SafeCoDe decoding (False: plain decoding, e.g. `baseline` or a caption for a judge)."""
-    timeout_s: float | None = None
-    """Seconds from submission to the last token (None: no limit of its own; see `control`)."""
-    control: RequestControl | None = None
-    """The request's deadline and cancellation (judging and queueing included); the job ends when it does."""
-    channel: Channel = field(default_factory=Channel)
-    status: Status = "waiting"
-    finish_reason: str | None = None
-    error: BaseException | None = None
-    t_submit: float = 0.0
-    t_start: float = 0.0
-    t_first: float = 0.0
-    t_end: float = 0.0
-    _cancel: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def rows(self) -> int:
-        return self.steering.rows
-
-    @property
-    def remaining(self) -> int:
-        return self.max_new_tokens - self.steering.t
-
-    @property
-    def deadline(self) -> float | None:
-        own = None if self.timeout_s is None else self.t_submit + self.timeout_s
-        other = None if self.control is None else self.control.deadline
-        return own if other is None else (other if own is None else min(own, other))
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this request at its next step (safe from any thread)."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set() or (self.control is not None and self.control.cancelled)
-
-    @property
-    def done(self) -> bool:
-        return self.status in ("finished", "cancelled", "failed")
-
-
-@dataclass(eq=False)
-class PrefillJob:
-    """A prefill-only pass (a self judge's verdict prompt): the last position's logits, `(V,)`."""
-
-    prompt_rows: list[PromptRow]
-    """The encoded prompt (one row)."""
-    alone: bool = False
-    """Prefill this prompt by itself (exact logits), never in a padded batch."""
-    future: concurrent.futures.Future[torch.Tensor] = field(default_factory=concurrent.futures.Future)
-    cancelled: bool = False
-    """Set when its caller stopped waiting (cancelled or past its deadline): dropped before it runs."""
-    control: RequestControl | None = None
-    """The request it is for: once that is cancelled or past its deadline, the job is dropped too."""
-
-    @property
-    def dropped(self) -> bool:
-        return self.cancelled or (self.control is not None and self.control.done)
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes one token of one row adds to a full-attention KV cache (all layers, keys and values)."""
-    text = model.config.get_text_config()
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    element = torch.tensor([], dtype=model.dtype).element_size()
-    return int(text.num_hidden_layers * 2 * heads * head_dim * element)
 
 
 @dataclass(eq=False)
@@ -298,34 +115,6 @@ class _Group:
     @property
     def rows(self) -> int:
         return self.prefill.size
-
-
-class _FeatureCache:
-    """Image features by `PromptRow.image_key`, least recently used out first, within a byte budget.
-
-    Only the scheduler's worker thread touches it.
-    """
-
-    def __init__(self, budget_mb: float) -> None:
-        self.budget = int(budget_mb * 2**20)
-        self.nbytes = 0
-        self._items: collections.OrderedDict[str, ImageFeatures] = collections.OrderedDict()
-
-    def get(self, key: str) -> ImageFeatures | None:
-        features = self._items.get(key)
-        if features is not None:
-            self._items.move_to_end(key)
-        return features
-
-    def put(self, key: str, features: ImageFeatures) -> None:
-        if features.nbytes > self.budget:
-            return
-        old = self._items.pop(key, None)
-        self.nbytes += features.nbytes - (old.nbytes if old is not None else 0)
-        self._items[key] = features
-        while self.nbytes > self.budget:
-            _, dropped = self._items.popitem(last=False)
-            self.nbytes -= dropped.nbytes
 
 
 _Item = tuple[DecodeJob | PrefillJob, list[ImageFeatures | None]]
@@ -355,7 +144,7 @@ class Scheduler:
         self._waiting: collections.deque[DecodeJob] = collections.deque()
         self._prefills: list[PrefillJob] = []
         self._groups: list[_Group] = []  # newcomers being prefilled, oldest first
-        self._features = _FeatureCache(self.settings.image_cache_mb)
+        self._features = FeatureCache(self.settings.image_cache_mb)
         self._active: list[DecodeJob] = []
         self._owners: list[DecodeJob] = []  # row i of the batch belongs to _owners[i]
         self._rows: RowBatch | None = None
@@ -479,7 +268,7 @@ class Scheduler:
     def clear_image_cache(self) -> None:
         """Forget the image features kept for reuse (benchmarks call it so each run encodes its images)."""
         with self._cond:
-            self._features = _FeatureCache(self.settings.image_cache_mb)
+            self._features = FeatureCache(self.settings.image_cache_mb)
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything queued or decoding and wait for the worker to stop (used at exit).
@@ -654,7 +443,7 @@ class Scheduler:
         groups: list[list[_Item]] = []
         for item in sorted(ready, key=lambda item: item[0].prompt_rows[0].length):
             last = groups[-1] if groups else None
-            if last is not None and not _alone(item[0]) and not _alone(last[0][0]) and self._fits([*last, item]):
+            if last is not None and not runs_alone(item[0]) and not runs_alone(last[0][0]) and self._fits([*last, item]):
                 last.append(item)
             else:
                 groups.append([item])
@@ -764,7 +553,7 @@ class Scheduler:
             entry.future.set_exception(exc)
             return
         entry.prompt_rows = []
-        self._fail(entry, _prefill_error(exc, self.model, entry))
+        self._fail(entry, prefill_error(exc, self.model, entry))
 
     def _finish(self, group: _Group) -> None:
         """A group is prefilled: judges get their logits; requests choose their first tokens and join the batch."""
@@ -938,23 +727,6 @@ class Scheduler:
         )
 
 
-def _alone(entry: DecodeJob | PrefillJob) -> bool:
-    return isinstance(entry, PrefillJob) and entry.alone
-
-
-def _prefill_error(exc: Exception, model: Any, job: DecodeJob) -> Exception:
-    """A model that cannot take this request (e.g. more images than it was built for) says so, typed."""
-    if isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError)) and not isinstance(exc, SafeCoDeError):
-        error = UnsupportedContentError(
-            f"{type(model).__name__} could not process this request ({job.n_images} image(s), "
-            f"{job.prompt_len} prompt tokens): "
-            f"{type(exc).__name__}: {str(exc).rstrip('.')}. Check that the model supports this many images per request."
-        )
-        error.__cause__ = exc
-        return error
-    return exc
-
-
 class _Preparing:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -1009,8 +781,6 @@ def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = 
         if scheduler is None or scheduler.model is not model:
             scheduler = _SCHEDULERS[id(model)] = Scheduler(model, quirks, settings)
         elif settings is not None and settings != scheduler.settings:
-            from .errors import SafeCoDeInputError
-
             raise SafeCoDeInputError(
                 f"This model already has a scheduler with {scheduler.settings!r}; an engine asked for "
                 f"{settings!r}. One loaded model has one set of batching limits: pass the same "

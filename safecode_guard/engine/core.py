@@ -25,199 +25,43 @@ rows leave the batch at the next step.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from . import ops
-from .adapters import detect_quirks, encode_rows
-from .config import BatchingConfig, InputPolicy, SafeCoDeConfig
-from .control import (
+from .. import ops
+from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from ..control import (
     RequestControl,
     arun_briefly,
-    cancelled_error,
     checked_timeout,
     checkpoint,
     current_control,
     run_briefly,
 )
-from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
-from .errors import (
+from ..errors import (
     InputLimitError,
-    RequestTimeoutError,
     SafeCoDeInputError,
     UnsupportedContentError,
 )
-from .images import image_working_side
-from .judges import JudgeRequest
-from .prompting import Conversation, parse_messages, render_prompt, template_joins
-from .scheduler import DecodeJob, Scheduler, scheduler_for
-from .verdict import Verdict, validated_verdict
+from ..images import image_working_side
+from ..judges import JudgeRequest
+from ..prompting import Conversation, parse_messages, render_prompt, template_joins
+from ..verdict import Verdict, validated_verdict
+from .adapters import detect_quirks, encode_rows
+from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
+from .jobs import DecodeJob
+from .results import SafeCoDeResult, SafeCoDeStream
+from .scheduler import Scheduler, scheduler_for
 
-__all__ = ["SafeCoDe", "SafeCoDeResult", "SafeCoDeStream", "Usage"]
+__all__ = ["SafeCoDe"]
 
-FinishReason = Literal["stop", "length"]
-T = TypeVar("T")
 
 #: Most token ids one request's `logit_bias` may name (OpenAI's limit too).
 MAX_LOGIT_BIAS = 300
-
-class Usage(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class SafeCoDeResult(BaseModel):
-    """One answer: text, new token ids, the verdict that steered it, and accounting."""
-
-    model_config = ConfigDict(frozen=True)
-
-    text: str
-    """The answer only (no prompt echo), cut before any stop string."""
-    token_ids: list[int]
-    """The new tokens, including a final EOS token if one ended the answer."""
-    verdict: Verdict | None
-    """The verdict that steered decoding; None for `baseline()` answers."""
-    answer_check: Verdict | None = None
-    """The judge's verdict on the finished answer (`SafeCoDeConfig.check_answer`); None when not checked."""
-    answer_replaced: bool = False
-    """Whether the answer check found the answer unsafe and `text` is `answer_refusal` instead
-    (`token_ids` are still the tokens the model decoded)."""
-    finish_reason: FinishReason
-    """"stop" for EOS or a stop string, "length" for `max_new_tokens`."""
-    usage: Usage
-    timings: dict[str, float]
-    """Seconds: judge_s, queue_s (waiting for a place in the batch), prefill_s, decode_s, total_s."""
-    refused: bool
-    """Whether the answer opens with a refusal phrase."""
-
-
-class SafeCoDeStream:
-    """Text pieces of one answer as they are decoded; `verdict` is known on creation, `result` at the end.
-
-    Iterate it from any thread, or `async for` it on an event loop. `close()`
-    (or dropping the stream) cancels the request: its rows leave the batch at
-    the scheduler's next step and nothing more is decoded for it.
-    """
-
-    def __init__(self, verdict: Verdict | None, job: DecodeJob, engine: SafeCoDe, judge_s: float) -> None:
-        self.verdict = verdict
-        self.result: SafeCoDeResult | None = None
-        self._job = job
-        self._engine = engine
-        self._judge_s = judge_s
-        self._ended = False
-        self._started = False
-        if job.control is not None:
-            # a reader blocked in another thread wakes at once (the callback holds the job, not the
-            # stream, so that dropping the stream still cancels it)
-            job.control.on_cancel(lambda: _wake_cancelled(job))
-
-    def start(self) -> SafeCoDeStream:
-        """Queue the request for decoding (`stream(..., start=False)` leaves that to you; idempotent).
-
-        Raises `OverloadedError` when the model's queue is full.
-        """
-        if not self._started:
-            self._started = True
-            self._engine.scheduler.submit(self._job)
-        return self
-
-    # -- sync ------------------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        if self._ended:
-            raise StopIteration
-        self.start()
-        control = self._job.control
-        try:
-            item = self._job.channel.get(None if control is None else control.remaining())
-        except TimeoutError:
-            raise self._timed_out() from None
-        return self._handle(*item)
-
-    def consume(self) -> SafeCoDeResult:
-        """Run to the end and return the result (the reader is woken once, at the end)."""
-        self._job.channel.pieces_wanted = False
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
-
-    # -- async -----------------------------------------------------------------------------
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        if self._ended:
-            raise StopAsyncIteration
-        self.start()
-        control = self._job.control
-        try:
-            try:
-                item = await self._job.channel.aget(None if control is None else control.remaining())
-            except TimeoutError:
-                raise self._timed_out() from None
-            return self._handle(*item)
-        except StopIteration:
-            raise StopAsyncIteration from None
-        except asyncio.CancelledError:
-            self.close()  # the awaiting task was cancelled: so is the request
-            raise
-
-    async def aconsume(self) -> SafeCoDeResult:
-        self._job.channel.pieces_wanted = False
-        async for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
-
-    # -- both ------------------------------------------------------------------------------
-
-    def _handle(self, kind: str, value: Any) -> str:
-        if kind == "piece":
-            return value
-        self._ended = True
-        if kind == "error":
-            raise value
-        if self._job.status == "cancelled":
-            raise cancelled_error()
-        self.result = self._engine._result(self._job, self.verdict, self._judge_s)
-        raise StopIteration
-
-    def _timed_out(self) -> RequestTimeoutError:
-        """The deadline passed while this reader waited: the request ends here (its rows leave the batch)."""
-        self._ended = True
-        self._job.cancel()
-        assert self._job.control is not None
-        return self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
-
-    def close(self) -> None:
-        """Stop decoding this answer (no effect once it has ended; a stream never started is never queued)."""
-        if not self._ended:
-            self._ended = True
-            self._job.cancel()
-            if self._job.control is not None:
-                self._job.control.cancel()
-            self._started = True
-
-    def __del__(self) -> None:
-        job = getattr(self, "_job", None)
-        if job is not None and not job.done:
-            job.cancel()
-
 
 def _token_id(key: Any) -> int | None:
     """A `logit_bias` key as a token id: an int, or a string of at most 19 ASCII digits ("²", "٣" and
@@ -229,12 +73,6 @@ def _token_id(key: Any) -> int | None:
         if 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit():
             return int(digits)
     return None
-
-
-def _wake_cancelled(job: DecodeJob) -> None:
-    job.cancel()
-    if not job.done:
-        job.channel.put("error", cancelled_error())
 
 
 class SafeCoDe:
@@ -265,8 +103,8 @@ class SafeCoDe:
         (an empty tuple decodes to `max_new_tokens` or a stop string). `batching`
         sets the limits of the model's scheduler when this engine is the first on
         the model (later engines pass the same or None)."""
-        from .guard_judges import guard_image_side, load_if_guard, supports_answer_check
-        from .judges import SelfJudge, make_judge
+        from ..guard_judges import guard_image_side, load_if_guard, supports_answer_check
+        from ..judges import SelfJudge, make_judge
 
         self.model = model.eval()
         self.processor = processor
@@ -427,7 +265,7 @@ class SafeCoDe:
         runs through `run_judge`, so `judge_timeout_s` and `on_judge_error` apply
         (a failed check gives an unsafe fallback verdict by default).
         """
-        from .guard_judges import check_answer
+        from ..guard_judges import check_answer
 
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(tools=tools)
         return check_answer(self.judge_impl, self.judge_request(conv), answer, self.config, control=control)
@@ -537,7 +375,7 @@ class SafeCoDe:
                     "logit_bias": None}
         with self.scheduler.preparing():  # a burst's first prefill may wait for this one
             job, final, judge_s = self._prepare(messages, steered=True, control=control, **{**defaults, **options})
-            stream = SafeCoDeStream(final, job, self, judge_s)
+            stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases)
             control.check()  # cancelled or expired while preparing: never queued
             return stream.start() if start else stream
 
@@ -566,7 +404,7 @@ class SafeCoDe:
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
             control=call,
         ), control=call)
-        return SafeCoDeStream(None, job, self, 0.0).consume()
+        return SafeCoDeStream(None, job, self.scheduler, 0.0, self.config.refusal_phrases).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------
 
@@ -663,25 +501,6 @@ class SafeCoDe:
             control=control if control is not None else self._call_control(None, None),
         )
         return job, final, judge_s
-
-    def _result(self, job: DecodeJob, verdict: Verdict | None, judge_s: float) -> SafeCoDeResult:
-        ids = list(job.steering.generated)
-        text = job.tracker.text
-        return SafeCoDeResult(
-            text=text,
-            token_ids=ids,
-            verdict=verdict,
-            finish_reason="stop" if job.finish_reason == "stop" else "length",
-            usage=Usage(prompt_tokens=job.prompt_len, completion_tokens=len(ids), total_tokens=job.prompt_len + len(ids)),
-            timings={
-                "judge_s": judge_s,
-                "queue_s": max(job.t_start - job.t_submit, 0.0),
-                "prefill_s": job.t_first - job.t_start,
-                "decode_s": job.t_end - job.t_first,
-                "total_s": judge_s + (job.t_end - job.t_submit),
-            },
-            refused=ops.opens_with_refusal(text, self.config.refusal_phrases),
-        )
 
     def _check_images(self, conv: Conversation) -> None:
         if self.quirks.requires_image and not conv.images:
@@ -789,7 +608,7 @@ class SafeCoDe:
         return JudgeRequest.from_conversation(conv.with_joins(joins), threshold=self.config.threshold)
 
     def _judge(self, conv: Conversation) -> Verdict:
-        from .judges import SelfJudge, _judge_name, handed_off_verdict, run_judge
+        from ..judges import SelfJudge, _judge_name, handed_off_verdict, run_judge
 
         request = self.judge_request(conv)
         judge = self.judge_impl

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import DemoModelUnavailableError
+from ..errors import DemoModelUnavailableError
 
 if TYPE_CHECKING:
     import torch

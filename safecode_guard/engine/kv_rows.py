@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["PER_TOKEN_KEYS", "GrowingLayer", "RowBatch", "give_room", "merge", "unbatchable_reason"]
+__all__ = [
+    "PER_TOKEN_KEYS",
+    "GrowingLayer",
+    "RowBatch",
+    "give_room",
+    "kv_bytes_per_token",
+    "merge",
+    "unbatchable_reason",
+]
 
 # Keys that grow with the sequence (or describe it) and survive the prefill;
 # everything else the processor returned (pixels, grids, sizes) is prefill-only.
@@ -289,3 +297,12 @@ def merge(a: RowBatch, b: RowBatch) -> RowBatch:
         la.keys = torch.cat([la.keys, lb.keys], dim=0)
         la.values = torch.cat([la.values, lb.values], dim=0)
     return a
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes one token of one row adds to a full-attention KV cache (all layers, keys and values)."""
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.tensor([], dtype=model.dtype).element_size()
+    return int(text.num_hidden_layers * 2 * heads * head_dim * element)

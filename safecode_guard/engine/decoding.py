@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from . import ops
-from .config import SafeCoDeConfig
+from .. import ops
+from ..config import SafeCoDeConfig
 
 __all__ = ["MAX_PENDING_TOKENS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "Steering", "TextTracker"]
 

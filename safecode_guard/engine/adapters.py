@@ -9,8 +9,8 @@ and `_update_model_kwargs_for_generation` (M-RoPE positions for Qwen-VL,
 `token_type_ids` for PaliGemma and Gemma3, ...), so `Decoder` drives those
 same hooks instead of re-implementing them.
 
-Rows of different requests live in one `RowBatch` (`kv_rows.py`, re-exported
-here): right-aligned, shorter ones left-padded, each with its own positions.
+Rows of different requests live in one `RowBatch` (`kv_rows.py`, the KV-cache
+mechanics): right-aligned, shorter ones left-padded, each with its own positions.
 
 Prompts are prefilled as a `Prefill`: the rows of one or more requests
 (one `PromptRow` per view), left-padded to one length as `generate` pads a
@@ -49,6 +49,7 @@ What the generation hooks do not cover lives in `Quirks`, detected once per mode
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import math
@@ -59,20 +60,19 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from .errors import UnsupportedContentError
-from .kv_rows import PER_TOKEN_KEYS, RowBatch, give_room, merge
+from ..errors import UnsupportedContentError
+from .kv_rows import PER_TOKEN_KEYS, RowBatch, give_room
 
 __all__ = [
     "Decoder",
+    "FeatureCache",
     "ImageFeatures",
     "Prefill",
     "PromptRow",
     "Quirks",
-    "RowBatch",
     "detect_quirks",
     "encode_rows",
     "encode_views",
-    "merge",
 ]
 
 
@@ -211,6 +211,34 @@ class ImageFeatures:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.pooled, *self.deepstack))
+
+
+class FeatureCache:
+    """Image features by `PromptRow.image_key`, least recently used out first, within a byte budget.
+
+    Only the scheduler's worker thread touches it.
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.nbytes = 0
+        self._items: collections.OrderedDict[str, ImageFeatures] = collections.OrderedDict()
+
+    def get(self, key: str) -> ImageFeatures | None:
+        features = self._items.get(key)
+        if features is not None:
+            self._items.move_to_end(key)
+        return features
+
+    def put(self, key: str, features: ImageFeatures) -> None:
+        if features.nbytes > self.budget:
+            return
+        old = self._items.pop(key, None)
+        self.nbytes += features.nbytes - (old.nbytes if old is not None else 0)
+        self._items[key] = features
+        while self.nbytes > self.budget:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= dropped.nbytes
 
 
 def _flat(features: Any) -> torch.Tensor:

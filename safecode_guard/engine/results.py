@@ -1,0 +1,207 @@
+"""What a request gives back: the `SafeCoDeStream` a caller reads and the `SafeCoDeResult` it ends with.
+
+A stream is the reading end of one request's `Channel` in the scheduler: text
+pieces (stop strings held back) as they are decoded, iterated with `for` or
+`async for`. Closing a stream, or dropping it, cancels the request: its rows
+leave the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .. import ops
+from ..control import cancelled_error
+from ..errors import RequestTimeoutError
+from ..verdict import Verdict
+from .jobs import DecodeJob
+from .scheduler import Scheduler
+
+__all__ = ["FinishReason", "SafeCoDeResult", "SafeCoDeStream", "Usage", "result_of"]
+
+FinishReason = Literal["stop", "length"]
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SafeCoDeResult(BaseModel):
+    """One answer: text, new token ids, the verdict that steered it, and accounting."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    """The answer only (no prompt echo), cut before any stop string."""
+    token_ids: list[int]
+    """The new tokens, including a final EOS token if one ended the answer."""
+    verdict: Verdict | None
+    """The verdict that steered decoding; None for `baseline()` answers."""
+    answer_check: Verdict | None = None
+    """The judge's verdict on the finished answer (`SafeCoDeConfig.check_answer`); None when not checked."""
+    answer_replaced: bool = False
+    """Whether the answer check found the answer unsafe and `text` is `answer_refusal` instead
+    (`token_ids` are still the tokens the model decoded)."""
+    finish_reason: FinishReason
+    """"stop" for EOS or a stop string, "length" for `max_new_tokens`."""
+    usage: Usage
+    timings: dict[str, float]
+    """Seconds: judge_s, queue_s (waiting for a place in the batch), prefill_s, decode_s, total_s."""
+    refused: bool
+    """Whether the answer opens with a refusal phrase."""
+
+
+class SafeCoDeStream:
+    """Text pieces of one answer as they are decoded; `verdict` is known on creation, `result` at the end.
+
+    Iterate it from any thread, or `async for` it on an event loop. `close()`
+    (or dropping the stream) cancels the request: its rows leave the batch at
+    the scheduler's next step and nothing more is decoded for it.
+    """
+
+    def __init__(
+        self, verdict: Verdict | None, job: DecodeJob, scheduler: Scheduler, judge_s: float, refusal_phrases: Sequence[str]
+    ) -> None:
+        self.verdict = verdict
+        self.result: SafeCoDeResult | None = None
+        self._job = job
+        self._scheduler = scheduler
+        self._judge_s = judge_s
+        self._refusal_phrases = refusal_phrases
+        self._ended = False
+        self._started = False
+        if job.control is not None:
+            # a reader blocked in another thread wakes at once (the callback holds the job, not the
+            # stream, so that dropping the stream still cancels it)
+            job.control.on_cancel(lambda: _wake_cancelled(job))
+
+    def start(self) -> SafeCoDeStream:
+        """Queue the request for decoding (`stream(..., start=False)` leaves that to you; idempotent).
+
+        Raises `OverloadedError` when the model's queue is full.
+        """
+        if not self._started:
+            self._started = True
+            self._scheduler.submit(self._job)
+        return self
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._ended:
+            raise StopIteration
+        self.start()
+        control = self._job.control
+        try:
+            item = self._job.channel.get(None if control is None else control.remaining())
+        except TimeoutError:
+            raise self._timed_out() from None
+        return self._handle(*item)
+
+    def consume(self) -> SafeCoDeResult:
+        """Run to the end and return the result (the reader is woken once, at the end)."""
+        self._job.channel.pieces_wanted = False
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    # -- async -----------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._ended:
+            raise StopAsyncIteration
+        self.start()
+        control = self._job.control
+        try:
+            try:
+                item = await self._job.channel.aget(None if control is None else control.remaining())
+            except TimeoutError:
+                raise self._timed_out() from None
+            return self._handle(*item)
+        except StopIteration:
+            raise StopAsyncIteration from None
+        except asyncio.CancelledError:
+            self.close()  # the awaiting task was cancelled: so is the request
+            raise
+
+    async def aconsume(self) -> SafeCoDeResult:
+        self._job.channel.pieces_wanted = False
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    # -- both ------------------------------------------------------------------------------
+
+    def _handle(self, kind: str, value: Any) -> str:
+        if kind == "piece":
+            return value
+        self._ended = True
+        if kind == "error":
+            raise value
+        if self._job.status == "cancelled":
+            raise cancelled_error()
+        self.result = result_of(self._job, self.verdict, self._judge_s, self._refusal_phrases)
+        raise StopIteration
+
+    def _timed_out(self) -> RequestTimeoutError:
+        """The deadline passed while this reader waited: the request ends here (its rows leave the batch)."""
+        self._ended = True
+        self._job.cancel()
+        assert self._job.control is not None
+        return self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
+
+    def close(self) -> None:
+        """Stop decoding this answer (no effect once it has ended; a stream never started is never queued)."""
+        if not self._ended:
+            self._ended = True
+            self._job.cancel()
+            if self._job.control is not None:
+                self._job.control.cancel()
+            self._started = True
+
+    def __del__(self) -> None:
+        job = getattr(self, "_job", None)
+        if job is not None and not job.done:
+            job.cancel()
+
+
+def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_phrases: Sequence[str]) -> SafeCoDeResult:
+    """The result of a finished job: its text and tokens, the verdict that steered it, and its accounting."""
+    ids = list(job.steering.generated)
+    text = job.tracker.text
+    return SafeCoDeResult(
+        text=text,
+        token_ids=ids,
+        verdict=verdict,
+        finish_reason="stop" if job.finish_reason == "stop" else "length",
+        usage=Usage(prompt_tokens=job.prompt_len, completion_tokens=len(ids), total_tokens=job.prompt_len + len(ids)),
+        timings={
+            "judge_s": judge_s,
+            "queue_s": max(job.t_start - job.t_submit, 0.0),
+            "prefill_s": job.t_first - job.t_start,
+            "decode_s": job.t_end - job.t_first,
+            "total_s": judge_s + (job.t_end - job.t_submit),
+        },
+        refused=ops.opens_with_refusal(text, refusal_phrases),
+    )
+
+
+def _wake_cancelled(job: DecodeJob) -> None:
+    job.cancel()
+    if not job.done:
+        job.channel.put("error", cancelled_error())
