@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .chat_model import ChatSafeCoDe
     from .engine.core import SafeCoDe
     from .engine.results import SafeCoDeResult, SafeCoDeStream, Usage
-    from .guard_judges import GuardJudge
     from .judges import (
         CallableJudge,
         ChatModelJudge,
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
         SelfJudge,
         make_judge,
     )
+    from .judges.guard import GuardJudge
 
 __version__ = "0.1.0"
 
@@ -60,7 +60,7 @@ _LAZY = {
     "CallableJudge": "judges",
     "SelfJudge": "judges",
     "ChatModelJudge": "judges",
-    "GuardJudge": "guard_judges",
+    "GuardJudge": "judges",
     "make_judge": "judges",
     "ChatSafeCoDe": "chat_model",
 }

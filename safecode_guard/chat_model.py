@@ -116,6 +116,7 @@ from .errors import (
     UnsupportedModelError,
     did_you_mean,
 )
+from .judges import ChatModelJudge, ChatSafeCoDeJudge, FixedJudge, SelfJudge, make_judge
 from .lc_messages import to_hf_messages
 from .ops import refusal_decision
 from .prompting import render_prompt
@@ -241,8 +242,6 @@ def judge_fingerprint(judge: Any) -> str | None:
     a `SelfJudge` bound to another engine) has no description that tells two of
     them apart, so `ChatSafeCoDe` never caches answers that such a judge decided.
     """
-    from .judges import ChatModelJudge, FixedJudge, SelfJudge
-
     if isinstance(judge, str):
         return "spec:" + judge.strip()
     own = getattr(judge, "cache_key", None)
@@ -969,8 +968,6 @@ class ChatSafeCoDe(BaseChatModel):
     @field_validator("judge")
     @classmethod
     def _check_judge(cls, value: Any) -> Any:
-        from .judges import make_judge
-
         make_judge(value)  # fail at construction on a bad spec; the engine makes its own later
         return value
 
@@ -1198,6 +1195,15 @@ class ChatSafeCoDe(BaseChatModel):
         return RunnableMap(raw=llm) | parse.with_fallbacks([keep_raw], exception_key="parsing_error")
 
     # -- the engine -------------------------------------------------------------------------
+
+    def as_safecode_judge(self) -> ChatSafeCoDeJudge:
+        """This chat model as a judge (what `make_judge(chat)` returns): its model's own self judge.
+
+        Asked for a verdict as a chat model, its answer would be steered by its
+        own judge; so it judges with a `SelfJudge` on its engine instead
+        (unsteered, loaded on the first verdict, never here).
+        """
+        return ChatSafeCoDeJudge(self)
 
     @property
     def engine(self) -> SafeCoDe:

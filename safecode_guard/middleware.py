@@ -97,7 +97,8 @@ from typing_extensions import NotRequired
 
 from .config import InputPolicy, SafeCoDeConfig
 from .errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
-from .judges import JudgeRequest, SelfJudge, _judge_name, make_judge, request_fingerprint, run_judge
+from .judges import JudgeRequest, SelfJudge, judge_name, make_judge, request_fingerprint, run_judge
+from .judges.guard import load_if_guard
 from .lc_messages import message_role, to_hf_message
 from .verdict import Verdict, safety_metadata, validated_verdict
 
@@ -343,8 +344,6 @@ class SafeCoDeMiddleware(AgentMiddleware):
         """The judge, with a "self" judge bound to the model's engine (loaded on first use), a guard
         model loaded (before `run_judge`, so loading never counts as judging time)."""
         if not (isinstance(self.judge, SelfJudge) and self.judge.engine is None):
-            from .guard_judges import load_if_guard
-
             return load_if_guard(self.judge)
         from .chat_model import ChatSafeCoDe
 
@@ -382,7 +381,7 @@ class SafeCoDeMiddleware(AgentMiddleware):
     def _current(self, state: dict[str, Any]) -> Verdict | None:
         """This turn's recorded verdict, validated again (an invalid record is the fallback)."""
         record = self._record(state)
-        return None if record is None else _recorded_verdict(record, self.config, _judge_name(self.judge))
+        return None if record is None else _recorded_verdict(record, self.config, judge_name(self.judge))
 
     def _judge_call(self, request: ModelRequest) -> tuple[Verdict | None, dict[str, Any] | None]:
         """The verdict on what this model call reads, and the state record to write when it was judged now.

@@ -883,8 +883,8 @@ def _judge_for(spec: Any, engine: Callable[[], SafeCoDe]) -> Judge:
 
     `engine` is only called for a self judge, so fixed and chat judges never load a model.
     """
-    from .guard_judges import load_if_guard
     from .judges import SelfJudge, make_judge
+    from .judges.guard import load_if_guard
 
     if not isinstance(spec, str):
         judge = make_judge(spec)

@@ -879,7 +879,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 # --------------------------------------------------------------------------- tiny guard models
 #
-# Random-weight instances of the three guard architectures (`guard_judges`), with their real
+# Random-weight instances of the three guard architectures (`judges.guard`), with their real
 # processor classes: Llama Guard 3 Vision (Mllama: cross-attention to image tiles), Llama Guard 4
 # (Llama 4: early fusion, pixel-shuffled patches) and ShieldGemma 2 (an image classifier around
 # Gemma 3). No chat template by default (Llama 4's processor keeps its generic one), so the guard

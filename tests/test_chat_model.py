@@ -1298,7 +1298,8 @@ def test_max_retries_retries_a_full_queue_without_judging_again(llava_path: str,
 
 @pytest.mark.parametrize("on_judge_error", ["unsafe", "raise"])
 def test_max_retries_retries_a_busy_judge(on_judge_error: str, llava_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from safecode_guard import JudgeBusyError, JudgeError, judges
+    from safecode_guard import JudgeBusyError, JudgeError
+    from safecode_guard.judges import runner as judges
 
     paused = _fast_retries(monkeypatch)
     real_call, busy = judges._THREADS.call, [2]

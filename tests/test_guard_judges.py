@@ -31,7 +31,7 @@ from server_support import ThreadServer
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig, Verdict
 from safecode_guard.engine.adapters import Decoder, Prefill, detect_quirks, encode_rows
 from safecode_guard.errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
-from safecode_guard.guard_judges import (
+from safecode_guard.judges.guard import (
     GuardJudge,
     GuardModel,
     UnsupportedGuardError,
@@ -40,7 +40,7 @@ from safecode_guard.guard_judges import (
     guard_family,
     load_guard,
 )
-from safecode_guard.guard_prompts import (
+from safecode_guard.judges.guard_prompts import (
     LLAMA_GUARD_CATEGORIES,
     llama_guard_categories,
     llama_guard_turns,

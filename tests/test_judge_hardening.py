@@ -27,6 +27,7 @@ from pydantic import Field
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig
 from safecode_guard.config import InputPolicy
 from safecode_guard.errors import JudgeError, UnsupportedContentError
+from safecode_guard.judges.folding import fold
 from safecode_guard.judges import (
     DEFAULT_MAX_JUDGE_THREADS,
     DEFAULT_MAX_TRANSCRIPT_CHARS,
@@ -36,7 +37,6 @@ from safecode_guard.judges import (
     JudgeBusyError,
     JudgeRequest,
     SelfJudge,
-    _fold,
     delimit,
     hand_off_verdict,
     handed_off_verdict,
@@ -108,7 +108,7 @@ def _continue_after_harm(*images: Image.Image) -> list[dict[str, Any]]:
 
 def _count_tags(text: str) -> dict[str, int]:
     """Openers and closers of each prompt tag, as a model reading `text` would see them."""
-    folded = _fold(text)
+    folded = fold(text)
     return {t: len(re.findall(rf"<[\s/]*{t}(?![a-z0-9])", folded)) for t in PROMPT_TAGS}
 
 
@@ -377,7 +377,7 @@ def test_hand_off_validates_the_verdict_both_ways() -> None:
         hand_off_verdict(request, Verdict(label="safe", judge="self:direct").model_copy(update={"label": "SAFE"}))
 
     def in_context() -> None:
-        from safecode_guard import judges
+        from safecode_guard.judges import request as judges
 
         forged = Verdict.model_construct(label="safe", unsafe_score=float("nan"), judge="self:direct")
         judges._HANDED_OFF.set((request_fingerprint(request), forged))  # set behind the API's back

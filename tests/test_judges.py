@@ -33,7 +33,6 @@ from safecode_guard.judges import (
     Judge,
     JudgeRequest,
     SelfJudge,
-    _cached_label_token_ids,
     delimit,
     label_token_ids,
     make_judge,
@@ -42,6 +41,7 @@ from safecode_guard.judges import (
     unsafe_probability,
     verdict_prompt,
 )
+from safecode_guard.judges.scoring import cached_label_token_ids
 from safecode_guard.testing import make_tokenizer
 from safecode_guard.verdict import Verdict
 
@@ -225,12 +225,12 @@ def test_label_token_ids_on_a_real_bpe_tokenizer(tokenizer):
 
 def test_label_token_ids_are_cached_per_tokenizer():
     tok = DictTokenizer(_label_table(safe=[[1], [2], [3], [4]], unsafe=[[5], [6], [7], [8]]))
-    first = _cached_label_token_ids(tok)
+    first = cached_label_token_ids(tok)
     calls = tok.encode_calls
-    assert _cached_label_token_ids(tok) == first
+    assert cached_label_token_ids(tok) == first
     assert tok.encode_calls == calls == 8
     other = DictTokenizer(_label_table(safe=[[9], [9], [9], [9]], unsafe=[[5], [6], [7], [8]]))
-    assert _cached_label_token_ids(other) == ((9,), (5, 6, 7, 8))
+    assert cached_label_token_ids(other) == ((9,), (5, 6, 7, 8))
 
 
 # --------------------------------------------------------------------------- delimit / prompts

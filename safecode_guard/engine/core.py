@@ -48,7 +48,12 @@ from ..errors import (
     UnsupportedContentError,
 )
 from ..images import image_working_side
-from ..judges import JudgeRequest
+from ..judges.factory import make_judge
+from ..judges.guard import check_answer as answer_verdict
+from ..judges.guard import guard_image_side, load_if_guard, supports_answer_check
+from ..judges.request import JudgeRequest, handed_off_verdict, judge_name
+from ..judges.runner import run_judge
+from ..judges.self_judge import SelfJudge
 from ..prompting import Conversation, parse_messages, render_prompt, template_joins
 from ..verdict import Verdict, validated_verdict
 from .adapters import detect_quirks, encode_rows
@@ -103,9 +108,6 @@ class SafeCoDe:
         (an empty tuple decodes to `max_new_tokens` or a stop string). `batching`
         sets the limits of the model's scheduler when this engine is the first on
         the model (later engines pass the same or None)."""
-        from ..guard_judges import guard_image_side, load_if_guard, supports_answer_check
-        from ..judges import SelfJudge, make_judge
-
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -265,10 +267,8 @@ class SafeCoDe:
         runs through `run_judge`, so `judge_timeout_s` and `on_judge_error` apply
         (a failed check gives an unsafe fallback verdict by default).
         """
-        from ..guard_judges import check_answer
-
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(tools=tools)
-        return check_answer(self.judge_impl, self.judge_request(conv), answer, self.config, control=control)
+        return answer_verdict(self.judge_impl, self.judge_request(conv), answer, self.config, control=control)
 
     def _checked(self, messages: Sequence[Mapping[str, Any]], result: SafeCoDeResult, options: Mapping[str, Any]) -> SafeCoDeResult:
         """`result` after the answer check: replaced by `answer_refusal` when the answer is unsafe."""
@@ -608,11 +608,9 @@ class SafeCoDe:
         return JudgeRequest.from_conversation(conv.with_joins(joins), threshold=self.config.threshold)
 
     def _judge(self, conv: Conversation) -> Verdict:
-        from ..judges import SelfJudge, _judge_name, handed_off_verdict, run_judge
-
         request = self.judge_request(conv)
         judge = self.judge_impl
-        handed = handed_off_verdict(request, _judge_name(judge))
+        handed = handed_off_verdict(request, judge_name(judge))
         if handed is not None:
             return handed  # the same judge already decided this very request upstream (e.g. a rail)
         if isinstance(judge, SelfJudge) and judge.engine is self:

@@ -63,10 +63,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import SafeCoDeConfig
-from .control import RequestControl, current_control
-from .engine.adapters import detect_quirks
-from .engine.loading import (
+from ..config import SafeCoDeConfig
+from ..control import RequestControl, current_control
+from ..engine.adapters import detect_quirks
+from ..engine.loading import (
     LoadedModel,
     ModelNotFoundError,
     check_model_source,
@@ -74,8 +74,11 @@ from .engine.loading import (
     shared_model,
     weights_key,
 )
-from .engine.scheduler import Scheduler, scheduler_for
-from .errors import SafeCoDeInputError, UnsupportedGuardError, UnsupportedModelError
+from ..engine.scheduler import Scheduler, scheduler_for
+from ..errors import SafeCoDeInputError, UnsupportedGuardError, UnsupportedModelError
+from ..images import image_working_side
+from ..verdict import Verdict, label_from_score
+from .folding import delimit
 from .guard_prompts import (
     GUARD_FAMILIES,
     GuardFamily,
@@ -92,18 +95,11 @@ from .guard_prompts import (
     shieldgemma_text_prompt,
     shown_categories,
 )
-from .judges import (
-    DEFAULT_MAX_TRANSCRIPT_CHARS,
-    NEAR_THRESHOLD,
-    JudgeRequest,
-    check_transcript_budget,
-    delimit,
-    judge_view,
-    label_token_ids,
-    run_judge,
-    unsafe_probability,
-)
-from .verdict import Verdict, label_from_score
+from .request import JudgeRequest
+from .runner import run_judge
+from .scoring import label_token_ids, unsafe_probability
+from .self_judge import NEAR_THRESHOLD
+from .view import DEFAULT_MAX_TRANSCRIPT_CHARS, check_transcript_budget, judge_view
 
 __all__ = [
     "GUARD_SPEC_PREFIX",
@@ -674,8 +670,6 @@ def guard_image_side(judge: Any, policy: Any = None) -> int:
     answering model's needs."""
     if not isinstance(judge, GuardJudge):
         return 0
-    from .images import image_working_side
-
     return image_working_side(judge.load().processor, policy)
 
 

@@ -40,10 +40,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import SafeCoDeInputError
-from .judges import JudgeRequest, neutralise_tags
-from .messages import Turn, canonical_json
-from .prompting import neutralize_special_tokens
+from ..errors import SafeCoDeInputError
+from ..messages import Turn, canonical_json
+from ..prompting import neutralize_special_tokens
+from .folding import neutralise_tags
+from .request import JudgeRequest
 
 __all__ = [
     "GUARD_FAMILIES",
