@@ -9,11 +9,14 @@ value and says what to use instead.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "InputPolicy", "SafeCoDeConfig"]
+__all__ = ["DEFAULT_REFUSAL_PHRASES", "BatchingConfig", "InputPolicy", "SafeCoDeConfig", "validated_copy"]
+
+_M = TypeVar("_M", bound=BaseModel)
 
 #: Usual openers of a refusal. Each is tokenized with and without a leading
 #: space; only continuations of a refusal already begun are modulated.
@@ -32,6 +35,16 @@ DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = (
     "I won't",
     "I will not",
 )
+
+
+def validated_copy(settings: _M, update: Mapping[str, Any]) -> _M:
+    """`settings` with `update` applied and the result validated as if built anew.
+
+    pydantic's `model_copy(update=...)` skips validation: a `SecretStr` field
+    stays a `str`, a range check never runs, a `frozen` model's validators are
+    bypassed. Every settings object built from another goes through here.
+    """
+    return type(settings).model_validate({**settings.model_dump(), **update})
 
 
 def _in_range(name: str, value: float, lo: float, hi: float, fix: str) -> float:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig, validated_copy
 from ..control import (
     RequestControl,
     arun_briefly,
@@ -126,7 +126,7 @@ class SafeCoDe:
                 "Use a guard judge, or set check_answer=False."
             )
         self.judge_impl = judge_impl
-        self._untimed_config = self.config.model_copy(update={"judge_timeout_s": None})
+        self._untimed_config = validated_copy(self.config, {"judge_timeout_s": None})
         self.quirks = detect_quirks(model)
         self.scheduler: Scheduler = scheduler_for(model, self.quirks, batching)
         self._refusal_seqs = ops.refusal_sequences(self.tokenizer, self.config.refusal_phrases)

@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..config import validated_copy
 from ..control import RequestControl, arun_briefly, use_control
 from ..errors import (
     APIError,
@@ -153,8 +154,7 @@ class ModelHost:
             return self.chat
         from ..chat_model import ChatSafeCoDe
 
-        config = self.settings.safecode.model_copy(update=extra.config_updates())
-        config = type(config).model_validate(config.model_dump())  # validate the client's values
+        config = validated_copy(self.settings.safecode, extra.config_updates())  # the client's values, validated
         judge = extra.judge or self.judge
         key = json.dumps([config.model_dump(mode="json"), judge if isinstance(judge, str) else id(judge)])
         with self._lock:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -43,11 +44,13 @@ except ImportError as exc:  # the optional extra is missing
         "`pip install 'safecode-guard[serve,ray]'`."
     ) from exc
 
-from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig, validated_copy
 from ..errors import SafeCoDeInputError, did_you_mean
 from .settings import ServerSettings
 
-__all__ = ["RayServeArgs", "SafeCoDeServer", "app_builder", "check_replica_health", "settings_from_args"]
+__all__ = [
+    "RayServeArgs", "SafeCoDeServer", "app_builder", "check_replica_health", "replica_settings", "settings_from_args",
+]
 
 
 class RayServeArgs(BaseModel):
@@ -135,9 +138,7 @@ class SafeCoDeServer:
     def __init__(self, settings_json: str) -> None:
         from .app import ModelHost, create_app
 
-        settings = ServerSettings.model_validate_json(settings_json)
-        if settings.api_key is None and (key := os.environ.get("SAFECODE_API_KEY")):
-            settings = settings.model_copy(update={"api_key": key})
+        settings = replica_settings(settings_json, os.environ)
         self.host = ModelHost(settings)
         self.host.load()  # raises: the replica never comes up, and Serve replaces it
         try:
@@ -153,6 +154,18 @@ class SafeCoDeServer:
     def check_health(self) -> None:
         """Serve calls this periodically: an unhealthy replica is replaced."""
         check_replica_health(self.host)
+
+
+def replica_settings(settings_json: str, environ: Mapping[str, str]) -> ServerSettings:
+    """A replica's settings: those `app_builder` bound, with the key from `SAFECODE_API_KEY` when none was given.
+
+    Validated like every other path that builds settings (the key becomes a
+    `SecretStr`; `model_copy(update=...)` would leave it a `str`, and every
+    request carrying a Bearer token would fail with HTTP 500)."""
+    settings = ServerSettings.model_validate_json(settings_json)
+    if settings.api_key is None and (key := environ.get("SAFECODE_API_KEY")):
+        settings = validated_copy(settings, {"api_key": key})
+    return settings
 
 
 def check_replica_health(host: Any) -> None:

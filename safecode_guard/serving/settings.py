@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig, validated_copy
 from ..images.budget import DEFAULT_DECODE_BUDGET_MB, DEFAULT_DECODE_WAIT_S
 from .body import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_JSON_ITEMS
 
@@ -89,7 +89,7 @@ class ServerSettings(BaseModel):
     @classmethod
     def _no_local_files(cls, policy: InputPolicy) -> InputPolicy:
         # nothing a client sends is ever used as a path on this machine
-        return policy.model_copy(update={"allow_local_files": False}) if policy.allow_local_files else policy
+        return validated_copy(policy, {"allow_local_files": False}) if policy.allow_local_files else policy
 
     @property
     def name(self) -> str:
