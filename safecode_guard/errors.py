@@ -68,6 +68,11 @@ class SafeCoDeError(Exception):
 class SafeCoDeInputError(SafeCoDeError, ValueError):
     """Something the caller passed cannot be used; the message says how to fix it."""
 
+    param: str | None = None
+    """The request field at fault, where one is (the server sends it as OpenAI's error `param`)."""
+    code: str | None = None
+    """An OpenAI-style error code where one fits better than the class name (`integer_above_max_value`)."""
+
 
 class ImageInputError(SafeCoDeInputError):
     """An image is corrupt, empty, too large, of an unknown format, or not allowed."""

@@ -33,6 +33,8 @@ __all__ = [
     "refusal_decision",
     "refusal_sequences",
     "select_token",
+    "token_distribution",
+    "warp",
 ]
 
 TokenSeq = tuple[int, ...]
@@ -187,21 +189,32 @@ def penalize(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: Mapping[int, float] | None = None,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """OpenAI's penalties on `scores` (shape `(V,)`), as the chat-completions API defines them.
 
+    First transformers' `repetition_penalty` `p` on every token already in the
+    answer (`z / p` where `z > 0`, `z * p` elsewhere, as its
+    `RepetitionPenaltyLogitsProcessor`); then
     `z[j] -= frequency_penalty * c[j] + presence_penalty * (c[j] > 0)` for every
     token `j` generated `c[j]` times so far (`counts`, answer tokens only), then
     `z[j] += logit_bias[j]`. Returns `scores` itself when there is nothing to do.
     """
+    repeat = bool(counts) and repetition_penalty != 1.0
     if not counts or (presence_penalty == 0.0 and frequency_penalty == 0.0):
-        counts = {}
-    if not counts and not logit_bias:
+        openai_counts: Mapping[int, int] = {}
+    else:
+        openai_counts = counts
+    if not openai_counts and not logit_bias and not repeat:
         return scores
     out = scores.clone()
-    if counts:
+    if repeat:
         idx = torch.as_tensor(list(counts), dtype=torch.long, device=scores.device)
-        c = torch.as_tensor(list(counts.values()), dtype=out.dtype, device=scores.device)
+        seen = out[idx]
+        out[idx] = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+    if openai_counts:
+        idx = torch.as_tensor(list(openai_counts), dtype=torch.long, device=scores.device)
+        c = torch.as_tensor(list(openai_counts.values()), dtype=out.dtype, device=scores.device)
         out[idx] -= frequency_penalty * c + presence_penalty
     if logit_bias:
         idx = torch.as_tensor(list(logit_bias), dtype=torch.long, device=scores.device)
@@ -215,11 +228,14 @@ def penalize(
 class Sampling:
     """A request's sampling settings; `do_sample=False` means greedy.
 
-    The OpenAI penalties (`penalize`) ride along: they shape the scores that
+    The penalties (`penalize`) ride along: they shape the scores that
     greedy and sampled selection both read.
     """
 
-    __slots__ = ("do_sample", "frequency_penalty", "logit_bias", "presence_penalty", "temperature", "top_k", "top_p")
+    __slots__ = (
+        "do_sample", "frequency_penalty", "logit_bias", "min_p", "presence_penalty", "repetition_penalty",
+        "temperature", "top_k", "top_p",
+    )
 
     def __init__(
         self,
@@ -231,40 +247,38 @@ class Sampling:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         logit_bias: Mapping[int, float] | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
     ) -> None:
         self.do_sample = do_sample
         self.temperature = 1.0 if temperature is None else float(temperature)
-        self.top_k = top_k or 0
+        self.top_k = max(top_k or 0, 0)  # -1 (vLLM's "off") and 0 both turn it off
         self.top_p = 1.0 if top_p is None else float(top_p)
+        self.min_p = 0.0 if min_p is None else float(min_p)
         self.presence_penalty = float(presence_penalty)
         self.frequency_penalty = float(frequency_penalty)
+        self.repetition_penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
         self.logit_bias = dict(logit_bias or {})
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.repetition_penalty != 1.0)
 
     def __repr__(self) -> str:
         mode = "greedy" if not self.do_sample else (
-            f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+            f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p}"
         )
         if self.penalized:
             mode += (
                 f", presence_penalty={self.presence_penalty}, frequency_penalty={self.frequency_penalty}, "
-                f"logit_bias={len(self.logit_bias)} tokens"
+                f"repetition_penalty={self.repetition_penalty}, logit_bias={len(self.logit_bias)} tokens"
             )
         return f"Sampling({mode})"
 
 
-def select_token(scores: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Pick the next token from `scores` (shape `(V,)`) the way `generate` would.
-
-    Greedy is an argmax. Sampling applies temperature, then top-k, then top-p
-    (keeping at least one token), then draws with `generator` so a seed
-    reproduces the draw.
-    """
-    if not sampling.do_sample:
-        return int(torch.argmax(scores))
+def warp(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The scores a sampled token is drawn from: temperature, then top-k, then top-p (keeping at
+    least one token), then min-p; dropped tokens are -inf. Float32, shape `(V,)`."""
     z = scores.float() / sampling.temperature
     if 0 < sampling.top_k < z.shape[-1]:
         kth = torch.topk(z, sampling.top_k).values[-1]
@@ -276,5 +290,25 @@ def select_token(scores: torch.Tensor, sampling: Sampling, generator: torch.Gene
         drop_sorted = (cum - torch.softmax(sorted_z, dim=-1)) >= sampling.top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         z = z.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(z, dim=-1)
+    if sampling.min_p > 0.0:
+        probs = torch.softmax(z, dim=-1)
+        z = z.masked_fill(probs < sampling.min_p * probs.max(), float("-inf"))  # the likeliest always stays
+    return z
+
+
+def select_token(scores: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Pick the next token from `scores` (shape `(V,)`) the way `generate` would.
+
+    Greedy is an argmax. Sampling draws from `warp(scores)` with `generator`,
+    so a seed reproduces the draw.
+    """
+    if not sampling.do_sample:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(warp(scores, sampling), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_distribution(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Log-probabilities `(V,)` of the distribution `select_token` picks from: the warped scores when
+    sampling, the scores themselves when greedy (their argmax is the pick)."""
+    return torch.log_softmax(warp(scores, sampling) if sampling.do_sample else scores.float(), dim=-1)

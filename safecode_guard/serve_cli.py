@@ -26,7 +26,11 @@ API_KEY_ENV = "SAFECODE_API_KEY"
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="local model folder or hub id (default: the embedded demo model)")
-    parser.add_argument("--served-model-name", default=None, help="the model name clients see (default: the folder's name)")
+    parser.add_argument(
+        "--served-model-name", nargs="+", default=None,
+        help="the model name clients see (default: the folder's name); more names are aliases a request's "
+        "`model` may give (another name gets HTTP 404)",
+    )
     parser.add_argument("--judge", default="self", help='judge spec: "self", "self:caption", "fixed:safe", "chat:<provider>:<model>", '
                         '"guard:<folder or hub id>" (Llama Guard 3 Vision / 4, ShieldGemma 2; options after "?", '
                         'e.g. "guard:meta-llama/Llama-Guard-4-12B?device=cuda:1") (default: self)')
@@ -118,7 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> object:
         connections=ConnectionLimits(**connections),
         docs=args.docs,
         model=args.model,
-        served_model_name=args.served_model_name,
+        served_model_name=_one_or_tuple(args.served_model_name),
         judge=args.judge,
         safecode=config_from_args(args),
         policy=InputPolicy(**policy),
@@ -238,3 +242,7 @@ def _return_large_blocks_to_the_os() -> None:
     if mallopt is not None:
         m_mmap_threshold = -3  # from <malloc.h>
         mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+
+
+def _one_or_tuple(names: list[str] | None) -> str | tuple[str, ...] | None:
+    return None if not names else names[0] if len(names) == 1 else tuple(names)

@@ -55,9 +55,10 @@ from ..judges.request import JudgeRequest, handed_off_verdict, judge_name
 from ..judges.runner import run_judge
 from ..judges.self_judge import SelfJudge
 from ..prompting import Conversation, parse_messages, render_prompt, template_joins
+from ..sampling import SamplingParams, sampling_params
 from ..verdict import Verdict, validated_verdict
 from .adapters import detect_quirks, encode_rows
-from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
+from .decoding import Steering, TextTracker
 from .jobs import DecodeJob
 from .results import SafeCoDeResult, SafeCoDeStream
 from .scheduler import Scheduler, scheduler_for
@@ -65,19 +66,6 @@ from .scheduler import Scheduler, scheduler_for
 __all__ = ["SafeCoDe"]
 
 
-#: Most token ids one request's `logit_bias` may name (OpenAI's limit too).
-MAX_LOGIT_BIAS = 300
-
-def _token_id(key: Any) -> int | None:
-    """A `logit_bias` key as a token id: an int, or a string of at most 19 ASCII digits ("²", "٣" and
-    5000-digit strings are not ids, and `int()` would raise or work for minutes on them)."""
-    if isinstance(key, int) and not isinstance(key, bool):
-        return key
-    if isinstance(key, str):
-        digits = key.strip()
-        if 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit():
-            return int(digits)
-    return None
 
 
 class SafeCoDe:
@@ -284,8 +272,8 @@ class SafeCoDe:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        max_new_tokens: int = 256,
-        do_sample: bool = False,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         top_k: int | None = None,
@@ -297,6 +285,12 @@ class SafeCoDe:
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        min_tokens: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        sampling: SamplingParams | None = None,
         start: bool = True,
         timeout_s: float | None = None,
         control: RequestControl | None = None,
@@ -310,6 +304,11 @@ class SafeCoDe:
         `logit_bias` (token id -> -100..100) work as in OpenAI's API, on the
         answer's own tokens; the forced refusal opening of `unsafe_mode="prefix"`
         is exempt (a safety decision is not a sampling preference).
+        `min_p`, `repetition_penalty` and `min_tokens` work as in transformers and
+        vLLM; `logprobs=True` records each answer token's log probability (with
+        the `top_logprobs` likeliest alternatives) in `result.logprobs`. The
+        sampling options may come as one `sampling=SamplingParams(...)` instead;
+        `safecode_guard.sampling.LIMITS` lists every option's limits.
         `tools` (OpenAI-format function schemas) go to the chat template's
         `tools=`; `answer_prefix` is appended to the prompt as the start of the
         answer (it is not part of the returned text), e.g. to open a tool call.
@@ -334,12 +333,14 @@ class SafeCoDe:
         request's control (`control.current_control()`) is the parent, so a call
         made inside a request shares its deadline and cancellation.
         """
-        options = {
-            "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "stop": stop,
-            "seed": seed, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
-            "logit_bias": logit_bias,
-        }
+        params = sampling_params(sampling, {
+            "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+            "top_k": top_k, "stop": stop, "seed": seed, "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty, "logit_bias": logit_bias, "min_p": min_p,
+            "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "logprobs": logprobs,
+            "top_logprobs": top_logprobs,
+        })
+        options = {"verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "sampling": params}
         call = self._call_control(timeout_s, control)
         return run_briefly(lambda: self._open(messages, start, options, call), control=call)
 
@@ -349,7 +350,9 @@ class SafeCoDe:
         reads the stream) cancels the request."""
         start = kwargs.pop("start", True)
         call = self._call_control(kwargs.pop("timeout_s", None), kwargs.pop("control", None))
-        return await arun_briefly(lambda: self._open(messages, start, kwargs, call), control=call)
+        options = {k: kwargs.pop(k) for k in ("verdict", "tools", "answer_prefix") if k in kwargs}
+        options["sampling"] = sampling_params(kwargs.pop("sampling", None), kwargs)
+        return await arun_briefly(lambda: self._open(messages, start, options, call), control=call)
 
     def _call_control(self, timeout_s: float | None, control: RequestControl | None) -> RequestControl:
         """This call's own control: under `control` (or the current request's), ending at the earlier
@@ -370,11 +373,8 @@ class SafeCoDe:
     def _open(
         self, messages: Sequence[Mapping[str, Any]], start: bool, options: dict[str, Any], control: RequestControl
     ) -> SafeCoDeStream:
-        defaults = {"max_new_tokens": 256, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                    "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
-                    "logit_bias": None}
         with self.scheduler.preparing():  # a burst's first prefill may wait for this one
-            job, final, judge_s = self._prepare(messages, steered=True, control=control, **{**defaults, **options})
+            job, final, judge_s = self._prepare(messages, steered=True, control=control, **options)
             stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases)
             control.check()  # cancelled or expired while preparing: never queued
             return stream.start() if start else stream
@@ -383,27 +383,17 @@ class SafeCoDe:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        max_new_tokens: int = 256,
-        do_sample: bool = False,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        logit_bias: Mapping[int | str, float] | None = None,
         timeout_s: float | None = None,
         control: RequestControl | None = None,
+        sampling: SamplingParams | None = None,
+        **options: Any,
     ) -> SafeCoDeResult:
-        """Plain decoding of the same prompt: no judge, no contrast, no modulation."""
+        """Plain decoding of the same prompt: no judge, no contrast, no modulation. Sampling options as in `stream`."""
+        params = sampling_params(sampling, options)
         call = self._call_control(timeout_s, control)
-        job, _, _ = run_briefly(lambda: self._prepare(
-            messages, steered=False, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-            control=call,
-        ), control=call)
+        job, _, _ = run_briefly(
+            lambda: self._prepare(messages, steered=False, sampling=params, control=call), control=call
+        )
         return SafeCoDeStream(None, job, self.scheduler, 0.0, self.config.refusal_phrases).consume()
 
     # -- helpers the self judge uses ---------------------------------------------------------
@@ -431,16 +421,7 @@ class SafeCoDe:
         messages: Sequence[Mapping[str, Any]],
         *,
         steered: bool,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: int | None,
-        stop: Sequence[str] | str | None,
-        seed: int | None,
-        presence_penalty: float | None,
-        frequency_penalty: float | None,
-        logit_bias: Mapping[int | str, float] | None,
+        sampling: SamplingParams,
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
@@ -449,12 +430,9 @@ class SafeCoDe:
         """Everything before decoding, in a preparation thread: checks, images, prompt, judge.
 
         Stops (raises) between steps once `control` is cancelled or past its deadline."""
-        sampling = self._check_generation_args(
-            max_new_tokens, do_sample, temperature, top_p, top_k, presence_penalty, frequency_penalty, logit_bias
-        )
-        stops = self._check_stop(stop)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise SafeCoDeInputError(f"`seed` (={seed!r}) must be a non-negative integer, or None for fresh randomness.")
+        params = sampling
+        max_new_tokens = params.max_new_tokens
+        decoding = self._sampling(params)
         override = self._override(verdict) if verdict is not None else None
         # One conversation object: the prompt below and the judge's request both come from it.
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(
@@ -481,17 +459,19 @@ class SafeCoDe:
         judge_s = time.perf_counter() - t0
         checkpoint()
         generator = None
-        if sampling.do_sample:
+        if decoding.do_sample:
             device = self.model.device
+            seed = params.seed
             generator = torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else seed)
         steering = Steering(
             cfg, self._refusal_seqs, final.label if final is not None else "safe", window, contrastive,
-            sampling, generator,
+            decoding, generator, min_tokens=params.min_tokens, eos_ids=self._eos_ids,
+            logprobs=(params.top_logprobs or 0) if params.logprobs else None,
         )
         job = DecodeJob(
             prompt_rows=rows,
             steering=steering,
-            tracker=TextTracker(self.tokenizer, stops, strip_leading=not answer_prefix),
+            tracker=TextTracker(self.tokenizer, [s for s in params.stop if s], strip_leading=not answer_prefix),
             eos_ids=self._eos_ids,
             max_new_tokens=max_new_tokens,
             prompt_len=prompt_len,
@@ -509,88 +489,41 @@ class SafeCoDe:
                 "Add an image, or use a model with a text-only path for plain chat turns."
             )
 
-    def _check_generation_args(
-        self,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: int | None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        logit_bias: Mapping[int | str, float] | None = None,
-    ) -> ops.Sampling:
+    def _sampling(self, params: SamplingParams) -> ops.Sampling:
+        """What decoding reads of `params`, after the limits that depend on this model and policy."""
         limit = self.policy.max_new_tokens_limit
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= limit:
-            raise InputLimitError(
-                f"`max_new_tokens` (={max_new_tokens!r}) must be an integer from 1 to {limit}. "
+        if params.max_new_tokens > limit:
+            error = InputLimitError(
+                f"`max_new_tokens` (={params.max_new_tokens!r}) must be an integer from 1 to {limit}. "
                 "Ask for fewer tokens or raise `InputPolicy.max_new_tokens_limit`."
             )
-        if temperature is not None and not (isinstance(temperature, (int, float)) and 0.0 < temperature <= 100.0):
-            raise SafeCoDeInputError(
-                f"`temperature` (={temperature!r}) has to be a strictly positive float up to 100. "
-                "If you're looking for greedy decoding, set `do_sample=False`."
-            )
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-            raise SafeCoDeInputError(f"`top_p` (={top_p!r}) must be in (0, 1]. Use 1.0 to turn nucleus sampling off.")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise SafeCoDeInputError(f"`top_k` (={top_k!r}) must be a non-negative integer. Use 0 to turn it off.")
-        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-            if value is not None and not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and -2.0 <= value <= 2.0
-            ):
-                raise SafeCoDeInputError(f"`{name}` (={value!r}) must be a number from -2.0 to 2.0, as in OpenAI's API; 0 turns it off.")
+            error.param = "max_new_tokens"
+            raise error
         return ops.Sampling(
-            bool(do_sample),
-            temperature,
-            top_k,
-            top_p,
-            presence_penalty=presence_penalty or 0.0,
-            frequency_penalty=frequency_penalty or 0.0,
-            logit_bias=self._check_logit_bias(logit_bias),
+            params.sampled,
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            presence_penalty=params.presence_penalty or 0.0,
+            frequency_penalty=params.frequency_penalty or 0.0,
+            logit_bias=self._check_logit_bias(params.logit_bias),
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
         )
 
     def _check_logit_bias(self, logit_bias: Mapping[int | str, float] | None) -> dict[int, float]:
         """`logit_bias` with integer keys, each a token id of this model and each bias in -100..100."""
-        if logit_bias is None:
-            return {}
-        if not isinstance(logit_bias, Mapping):
-            raise SafeCoDeInputError(
-                f"`logit_bias` must map token ids to biases, e.g. {{1234: -100}}; got a {type(logit_bias).__name__}."
-            )
-        if len(logit_bias) > MAX_LOGIT_BIAS:
-            raise InputLimitError(f"`logit_bias` holds {len(logit_bias)} tokens; at most {MAX_LOGIT_BIAS} are allowed.")
+        biases = SamplingParams.build(logit_bias=logit_bias).logit_bias or {}
         vocab = self._vocab_size
-        out: dict[int, float] = {}
-        for key, bias in logit_bias.items():
-            token = _token_id(key)
-            if token is None or not 0 <= token < vocab:
-                raise SafeCoDeInputError(
-                    f"`logit_bias` key {key!r} is not a token id of this model (0 to {vocab - 1}). "
+        for token in biases:
+            if not 0 <= token < vocab:
+                error = SafeCoDeInputError(
+                    f"`logit_bias` key {token!r} is not a token id of this model (0 to {vocab - 1}). "
                     "Use the tokenizer's ids, e.g. tokenizer.encode(' yes', add_special_tokens=False)."
                 )
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
-                raise SafeCoDeInputError(f"`logit_bias[{key!r}]` (={bias!r}) must be a number from -100 to 100.")
-            out[token] = float(bias)
-        return out
-
-    @staticmethod
-    def _check_stop(stop: Sequence[str] | str | None) -> list[str]:
-        if stop is None:
-            return []
-        stops = [stop] if isinstance(stop, str) else list(stop)
-        bad = [s for s in stops if not isinstance(s, str)]
-        if bad:
-            raise SafeCoDeInputError(f"`stop` must hold strings; got {bad[0]!r}. Use e.g. stop=['\\n\\n'].")
-        if len(stops) > MAX_STOP_STRINGS:
-            raise InputLimitError(f"`stop` holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed.")
-        long = [s for s in stops if len(s) > MAX_STOP_CHARS]
-        if long:
-            raise InputLimitError(
-                f"A stop string is {len(long[0])} characters long; at most {MAX_STOP_CHARS} are allowed. "
-                "Use a shorter marker."
-            )
-        return [s for s in stops if s]
+                error.param = "logit_bias"
+                raise error
+        return biases
 
     def _override(self, verdict: Verdict | Mapping[str, Any] | str) -> Verdict:
         if isinstance(verdict, str) and verdict in ("safe", "unsafe"):

@@ -18,19 +18,25 @@ sees the model or the other rows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 import torch
 
 from .. import ops
 from ..config import SafeCoDeConfig
+from ..sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
-__all__ = ["MAX_PENDING_TOKENS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "Steering", "TextTracker"]
+__all__ = [
+    "MAX_PENDING_TOKENS",
+    "MAX_STOP_CHARS",
+    "MAX_STOP_STRINGS",
+    "Steering",
+    "StepLogprob",
+    "TextTracker",
+    "token_logprob",
+]
 
-#: Most stop strings one request may give, and the longest each may be (characters).
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 
 TokenSeq = tuple[int, ...]
 
@@ -55,6 +61,10 @@ class Steering:
         contrastive: bool,
         sampling: ops.Sampling,
         generator: torch.Generator | None,
+        *,
+        min_tokens: int = 0,
+        eos_ids: Collection[int] = (),
+        logprobs: int | None = None,
     ) -> None:
         self.config = config
         self.refusal_seqs = refusal_seqs
@@ -63,6 +73,12 @@ class Steering:
         self.contrastive = contrastive and window > 0
         self.sampling = sampling
         self.generator = generator
+        self.min_tokens = min_tokens
+        self.eos_ids = sorted(eos_ids) if min_tokens else []
+        self.want_logprobs = logprobs
+        """None: no logprobs; k: each token's log probability and the k likeliest alternatives."""
+        self.logprobs: list[StepLogprob] = []
+        self._dist: torch.Tensor | None = None
         self.generated: list[int] = []
         self.forced: list[int] = []
         self.counts: dict[int, int] = {}
@@ -77,12 +93,14 @@ class Steering:
 
     @property
     def plain_greedy(self) -> bool:
-        """The next token is the argmax of the real row: no window, no prefix, no penalties."""
+        """The next token is the argmax of the real row: no window, no prefix, no penalties, nothing recorded."""
         return (
             not self.forced
             and self.t >= self.window
             and not self.sampling.do_sample
             and not self.sampling.penalized
+            and self.t >= self.min_tokens
+            and self.want_logprobs is None
         )
 
     def choose(self, logits: torch.Tensor) -> int:
@@ -91,6 +109,7 @@ class Steering:
         t = self.t
         z_real = logits[0].float()
         if self.forced:
+            self._note(z_real)  # a forced refusal token was not drawn: the model's own view at this step
             return self.forced.pop(0)
         if t >= self.window:
             return self._select(z_real)
@@ -98,6 +117,7 @@ class Steering:
         if t == 0 and self.label == "unsafe" and cfg.unsafe_mode == "prefix":
             # open the answer with the likeliest refusal phrase, whole
             token, *self.forced = ops.choose_refusal_prefix(z_cd, self.refusal_seqs)
+            self._note(z_real)
             return token
         r_t = ops.refusal_continuations(self.refusal_seqs, self.generated)
         return self._select(ops.modulate(z_cd, r_t, self.label, cfg.unsafe_mode, cfg.lambda_boost, cfg.lambda_supp))
@@ -105,13 +125,42 @@ class Steering:
     def _select(self, scores: torch.Tensor) -> int:
         s = self.sampling
         if s.penalized:
-            scores = ops.penalize(scores, self.counts, s.presence_penalty, s.frequency_penalty, s.logit_bias)
+            scores = ops.penalize(
+                scores, self.counts, s.presence_penalty, s.frequency_penalty, s.logit_bias, s.repetition_penalty
+            )
+        if self.t < self.min_tokens and self.eos_ids:
+            scores = scores.clone()
+            scores[self.eos_ids] = float("-inf")  # the answer may not end yet
+        if self.want_logprobs is not None:
+            self._dist = ops.token_distribution(scores, s)
         return ops.select_token(scores, s, self.generator)
+
+    def _note(self, scores: torch.Tensor) -> None:
+        if self.want_logprobs is not None:
+            self._dist = torch.log_softmax(scores.float(), dim=-1)
 
     def accept(self, token: int) -> None:
         """Record the token actually emitted (chosen here, or the batch's argmax)."""
         self.generated.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
+        if self._dist is not None:
+            self.logprobs.append(token_logprob(self._dist, token, self.want_logprobs or 0))
+            self._dist = None
+
+
+StepLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+"""(token id, its log probability, the k likeliest (id, log probability) pairs of that step)."""
+
+
+def token_logprob(dist: torch.Tensor, token: int, k: int) -> StepLogprob:
+    """`token`'s entry of a step's log-probabilities `dist` (`(V,)`), with the `k` likeliest tokens.
+
+    -inf (a token the warpers dropped) is clamped to -9999.0, OpenAI's floor, so it stays valid JSON."""
+    top: tuple[tuple[int, float], ...] = ()
+    if k:
+        values, ids = torch.topk(dist, min(k, dist.shape[-1]))
+        top = tuple((int(i), max(float(v), -9999.0)) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
+    return int(token), max(float(dist[token]), -9999.0), top
 
 
 class TextTracker:

@@ -18,10 +18,13 @@ from .. import ops
 from ..control import cancelled_error
 from ..errors import RequestTimeoutError
 from ..verdict import Verdict
+from .decoding import StepLogprob
 from .jobs import DecodeJob
 from .scheduler import Scheduler
 
-__all__ = ["FinishReason", "SafeCoDeResult", "SafeCoDeStream", "Usage", "result_of"]
+__all__ = [
+    "FinishReason", "SafeCoDeResult", "SafeCoDeStream", "TokenLogprob", "TopLogprob", "Usage", "result_of", "token_logprobs",
+]
 
 FinishReason = Literal["stop", "length"]
 
@@ -31,6 +34,23 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    token_id: int
+    token: str
+    """The token's text as the tokenizer decodes it alone."""
+    logprob: float
+    """Its natural-log probability in the distribution the answer's token was drawn from (-9999.0 at most
+    improbable, OpenAI's floor)."""
+
+
+class TokenLogprob(TopLogprob):
+    """One answer token's log probability, with the likeliest alternatives of that step."""
+
+    top_logprobs: list[TopLogprob]
 
 
 class SafeCoDeResult(BaseModel):
@@ -56,6 +76,9 @@ class SafeCoDeResult(BaseModel):
     """Seconds: judge_s, queue_s (waiting for a place in the batch), prefill_s, decode_s, total_s."""
     refused: bool
     """Whether the answer opens with a refusal phrase."""
+    logprobs: list[TokenLogprob] | None = None
+    """With `logprobs=True`: one entry per token of `token_ids`, from the distribution it was drawn
+    from (in the SafeCoDe window: the contrasted, modulated and penalised scores; see the README)."""
 
 
 class SafeCoDeStream:
@@ -198,7 +221,21 @@ def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_p
             "total_s": judge_s + (job.t_end - job.t_submit),
         },
         refused=ops.opens_with_refusal(text, refusal_phrases),
+        logprobs=token_logprobs(job.steering.logprobs, job.tracker.tokenizer) if job.steering.want_logprobs is not None else None,
     )
+
+
+def token_logprobs(steps: Sequence[StepLogprob], tokenizer: Any) -> list[TokenLogprob]:
+    """The recorded steps with each token's text (one batched decode of every token named)."""
+    ids = sorted({i for token, _, top in steps for i in (token, *(t for t, _ in top))})
+    texts = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True)) if ids else {}
+    return [
+        TokenLogprob(
+            token_id=token, token=texts[token], logprob=lp,
+            top_logprobs=[TopLogprob(token_id=t, token=texts[t], logprob=v) for t, v in top],
+        )
+        for token, lp, top in steps
+    ]
 
 
 def _wake_cancelled(job: DecodeJob) -> None:

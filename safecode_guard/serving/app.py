@@ -69,6 +69,7 @@ from ..judges import judge_error_code
 from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts
 from .body import parse_json_body
+from .conformance import check_content_type, check_model, input_error_code, validation_error_fields
 from .metrics import Metrics
 from .protocol import (
     ChatCompletion,
@@ -96,6 +97,8 @@ logger = logging.getLogger("safecode_guard.serving")
 
 VERDICT_HEADER = "X-SafeCoDe-Verdict"
 _VARIANTS = 16  # per-request settings variants kept loaded (they share the model)
+# decoding options the served ChatSafeCoDe does not carry yet: refused by name rather than ignored
+_NOT_YET = ("min_p", "min_tokens", "repetition_penalty", "logprobs")
 
 
 # --------------------------------------------------------------------------- the model
@@ -200,13 +203,12 @@ def error_response(exc: BaseException) -> JSONResponse:
     elif isinstance(exc, JSONBudgetError):
         status, message, type_, param, code, headers = 400, str(exc), "invalid_request_error", None, exc.code, {}
     elif isinstance(exc, SafeCoDeInputError):  # every bad-input error of the library
-        code = _snake(type(exc).__name__.removesuffix("Error"))
-        status, message, type_, param, headers = 400, str(exc), "invalid_request_error", None, {}
+        status, message, type_, param, code, headers = 400, str(exc), "invalid_request_error", exc.param, input_error_code(exc), {}
     elif isinstance(exc, RecursionError):  # a walk over a deeply nested request (json, pydantic, repr)
         return error_response(_too_deep())
-    elif isinstance(exc, ValidationError):
-        status, type_, code, headers = 422, "invalid_request_error", "invalid_schema", {}
-        message, param = _validation_message(exc)
+    elif isinstance(exc, ValidationError):  # the request's schema: 400, as OpenAI answers it
+        status, type_, headers = 400, "invalid_request_error", {}
+        message, param, code = validation_error_fields(exc)
     else:
         logger.exception("internal error", exc_info=exc)
         status, message, type_, param, code, headers = 500, "The server failed to answer this request.", "server_error", None, "internal_error", {}
@@ -263,18 +265,6 @@ def _too_deep() -> APIError:
 
 def _snake(name: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
-
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    problems = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            problems.append(f"Unrecognized request argument supplied: {where}")
-        else:
-            problems.append(f"{where}: {err['msg']}")
-    first = exc.errors()[0]["loc"] if exc.errors() else ()
-    return "; ".join(problems), (".".join(str(p) for p in first) or None)
 
 
 # --------------------------------------------------------------------------- body size
@@ -349,16 +339,23 @@ class ChatCompletions:
         self.metrics = metrics
 
     def _options(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        s = self.host.settings
-        options: dict[str, Any] = {"max_new_tokens": req.token_limit or s.max_new_tokens}
-        simple = {
-            "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
-            "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
-            "logit_bias": req.logit_bias, "response_format": req.response_format,
+        """The `ChatSafeCoDe` call options of `req`, its decoding options validated by `SamplingParams`."""
+        params = req.sampling(self.host.settings.max_new_tokens)
+        waiting = [name for name in _NOT_YET if getattr(params, name) not in (None, 0, 1.0, False)]
+        if waiting:
+            raise APIError(
+                400, f"`{waiting[0]}` is not honoured by this server yet; leave it out.", "invalid_request_error",
+                param=waiting[0], code="unsupported_parameter",
+            )
+        options: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        given = {
+            "temperature": params.temperature if params.sampled else None, "top_p": params.top_p, "top_k": params.top_k,
+            "seed": params.seed, "frequency_penalty": params.frequency_penalty,
+            "presence_penalty": params.presence_penalty, "logit_bias": params.logit_bias, "response_format": req.format,
         }
-        options.update({k: v for k, v in simple.items() if v is not None})
-        if req.stop is not None:
-            options["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+        options.update({k: v for k, v in given.items() if v is not None})
+        if params.stop:
+            options["stop"] = list(params.stop)
         if req.tools:
             options["tools"] = req.tools
             if req.tool_choice is not None:
@@ -383,6 +380,8 @@ class ChatCompletions:
         if not isinstance(payload, dict):
             raise APIError(400, "The request body must be a JSON object.", "invalid_request_error", code="invalid_json")
         req = ChatCompletionRequest.model_validate(payload)
+        if (unknown := check_model(req.model, s.names)) is not None:
+            raise APIError(404, unknown, "invalid_request_error", param="model", code="model_not_found")
         check_counts(req.messages, s.policy)
         return payload, req, to_langchain(req.messages)
 
@@ -390,10 +389,10 @@ class ChatCompletions:
         self, req: ChatCompletionRequest, messages: list[Any], started: float, watcher: asyncio.Task[None] | None = None
     ) -> Response:
         """The answer; a streamed one takes over `watcher` (the client's connection) until it ends."""
-        if req.n != 1:
+        if req.n != 1 and req.stream:
             raise APIError(
-                400, f"n={req.n} is not supported: this server returns one choice per request. Send n=1 "
-                "(or leave it out) and repeat the request for more answers.", "invalid_request_error", param="n",
+                400, f"n={req.n} with stream=true is not supported yet: stream one choice per request, or send "
+                "stream=false for several choices.", "invalid_request_error", param="n", code="unsupported_parameter",
             )
         if req.safecode is not None and not self.host.settings.allow_request_settings:
             raise APIError(
@@ -418,32 +417,71 @@ class ChatCompletions:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._events(cid, first, chunks, safety, include_usage, started, ttft, watcher)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        # n > 1: the other choices share this one's verdict (the judge ran once) and decode alongside it,
+        # each with its own sampler (seed + i when a seed is given)
+        tasks = [asyncio.ensure_future(self._rest(first, chunks, chat))] + [
+            asyncio.ensure_future(
+                self._whole(chat.astream(messages, stop=stop, **{**options, **_choice_options(options, safety, i)}), chat)
+            )
+            for i in range(1, req.n)
+        ]
+        try:
+            messages_out = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one choice failed (or the client left): the others stop decoding
+                task.cancel()
+            raise
+        return JSONResponse(
+            self._completion(cid, messages_out, safety, started, ttft).model_dump(exclude_none=False), headers=headers
+        )
+
+    async def _rest(self, first: Any, chunks: AsyncIterator[Any], chat: Any) -> Any:
+        """The whole answer of a started stream; an answer the answer check found unsafe becomes the refusal."""
         message = first
         try:
             async for chunk in chunks:
                 message = message + chunk
         finally:
-            await chunks.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]
         # not shown yet: an answer the answer check found unsafe is replaced by the refusal
         from langchain_core.messages import message_chunk_to_message
 
         from ..chat_model import replace_unsafe_answer
 
-        message = replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
-        return JSONResponse(self._completion(cid, message, safety, started, ttft).model_dump(exclude_none=False), headers=headers)
+        return replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
 
-    def _completion(self, cid: str, message: Any, safety: dict[str, Any], started: float, ttft: float) -> ChatCompletion:
-        meta = message.response_metadata
-        safety = {**safety, **(meta.get("safety") or {})}
-        calls = tool_calls_out(message)
-        usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-        finish = "tool_calls" if calls else meta.get("finish_reason", "stop")
-        self._finished(safety, usage, started, ttft)
+    async def _whole(self, stream: AsyncIterator[Any], chat: Any) -> Any:
+        chunks = stream.__aiter__()
+        try:
+            first = await chunks.__anext__()
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+        return await self._rest(first, chunks, chat)
+
+    def _completion(
+        self, cid: str, messages: list[Any], safety: dict[str, Any], started: float, ttft: float
+    ) -> ChatCompletion:
+        choices, totals = [], {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        for index, message in enumerate(messages):
+            meta = message.response_metadata
+            if index == 0:
+                safety = {**safety, **(meta.get("safety") or {})}
+            calls = tool_calls_out(message)
+            usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+            # the prompt is counted once: the choices answer one prompt
+            totals["input_tokens"] = usage["input_tokens"]
+            totals["output_tokens"] += usage["output_tokens"]
+            finish = "tool_calls" if calls else meta.get("finish_reason", "stop")
+            content = message.text or (None if calls else "")
+            choices.append(Choice(index=index, message=ChatMessage(content=content, tool_calls=calls or None), finish_reason=finish))
+        totals["total_tokens"] = totals["input_tokens"] + totals["output_tokens"]
+        self._finished(safety, totals, started, ttft)
         return ChatCompletion(
             id=cid,
             model=self.host.settings.name,
-            choices=[Choice(message=ChatMessage(content=message.text or (None if calls else ""), tool_calls=calls or None), finish_reason=finish)],
-            usage=Usage(prompt_tokens=usage["input_tokens"], completion_tokens=usage["output_tokens"], total_tokens=usage["total_tokens"]),
+            choices=choices,
+            usage=Usage(prompt_tokens=totals["input_tokens"], completion_tokens=totals["output_tokens"], total_tokens=totals["total_tokens"]),
             safety=public_safety(safety),
         )
 
@@ -509,6 +547,14 @@ class ChatCompletions:
             await chunks.aclose()  # type: ignore[attr-defined]
             if not finished:
                 logger.info("stream ended early (client gone or error); decoding cancelled")
+
+
+def _choice_options(options: dict[str, Any], safety: dict[str, Any], index: int) -> dict[str, Any]:
+    """Choice `index`'s options: the first choice's verdict (no second judge call), and its own seed."""
+    extra: dict[str, Any] = {"verdict": safety.get("verdict") or "safe"}
+    if options.get("seed") is not None:
+        extra["seed"] = (options["seed"] + index) % 2**63
+    return extra
 
 
 # --------------------------------------------------------------------------- the app
@@ -600,6 +646,8 @@ def create_app(
         try:
             with use_control(control):
                 check_key(request)
+                if (not_json := check_content_type(request.headers.get("content-type"))) is not None:
+                    raise APIError(415, not_json, "invalid_request_error", code="unsupported_media_type")
                 check_ready()
                 body = await _read_body(request, settings.body_timeout_s)
                 watcher = asyncio.create_task(_watch_disconnect(request, control))
@@ -626,7 +674,7 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         check_key(request)
-        return JSONResponse(ModelList(data=[ModelCard(id=settings.name)]).model_dump())
+        return JSONResponse(ModelList(data=[ModelCard(id=name) for name in settings.names]).model_dump())
 
     @app.get("/health")
     async def health() -> Response:

@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import SafeCoDeInputError
+from ..sampling import SamplingParams
+
 __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -29,6 +32,10 @@ __all__ = [
     "SafeCoDeRequestSettings",
     "completion_id",
 ]
+
+
+#: Most choices (`n`) one request may ask for.
+MAX_CHOICES = 8
 
 
 def completion_id() -> str:
@@ -73,21 +80,33 @@ class SafeCoDeRequestSettings(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
-    """`POST /v1/chat/completions`."""
+    """`POST /v1/chat/completions`.
+
+    The decoding options are typed here and validated by `SamplingParams`
+    (`sampling()`), so the server refuses a value exactly as the engine and
+    `ChatSafeCoDe` do, with the same message.
+    """
 
     messages: list[dict[str, Any]] = Field(min_length=1)
     model: str | None = None
-    """Accepted whatever it says: the served model always answers, and the response names it."""
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """One of the server's served names (`ServerSettings.names`); left out: the served model."""
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices per request: they share one judge verdict (and the images' vision features)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
@@ -96,6 +115,12 @@ class ChatCompletionRequest(_Strict):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     """An end-user id, as in OpenAI's API: logged, never used to decide anything."""
+    store: bool | None = None
+    """Accepted and ignored: this server stores nothing."""
+    metadata: dict[str, str] | None = None
+    """Accepted and ignored (OpenAI keeps it with stored completions)."""
+    service_tier: str | None = None
+    """Accepted and ignored: one tier."""
     safecode: SafeCoDeRequestSettings | None = None
 
     @field_validator("messages")
@@ -120,6 +145,31 @@ class ChatCompletionRequest(_Strict):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def format(self) -> dict[str, Any] | None:
+        """`response_format`, with OpenAI's default `{"type": "text"}` as None (plain text)."""
+        return None if self.response_format == {"type": "text"} else self.response_format
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """The request's decoding options as `SamplingParams` (`SafeCoDeInputError` naming a bad field).
+
+        OpenAI's `temperature` both sets the temperature and asks for sampling
+        (0 or none: greedy decoding, this server's default)."""
+        fields = {
+            "max_new_tokens": self.token_limit if self.token_limit is not None else default_max_tokens,
+            "do_sample": bool(self.temperature) or None, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "min_tokens": self.min_tokens,
+            "repetition_penalty": self.repetition_penalty, "stop": self.stop, "seed": self.seed,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+        }
+        try:
+            return SamplingParams.build(**fields)
+        except SafeCoDeInputError as exc:
+            if exc.param == "max_new_tokens":  # the request's own name for it
+                exc.param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise
+
 
 # --------------------------------------------------------------------------- responses
 
@@ -142,11 +192,26 @@ class ChatMessage(BaseModel):
     refusal: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -188,7 +253,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -202,7 +267,7 @@ class ChatCompletionChunk(BaseModel):
 
     def sse(self) -> str:
         """One server-sent event; `safety` and `usage` only where they are set."""
-        return "data: " + self.model_dump_json(exclude_none=True, exclude={"choices": {"__all__": {"logprobs"}}}) + "\n\n"
+        return "data: " + self.model_dump_json(exclude_none=True) + "\n\n"
 
 
 class ModelCard(BaseModel):

@@ -60,7 +60,8 @@ class RayServeArgs(BaseModel):
 
     model: str = "demo"
     judge: str = "self"
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None
+    """The model's name (a list: the first names responses, all are accepted as a request's `model`)."""
     api_key: str | None = None
     """Bearer key. Better: leave it out and set `SAFECODE_API_KEY` in the replicas' environment
     (args are stored in the cluster's deployment config, visible to anyone who can read it)."""
@@ -115,7 +116,9 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServerSettings, RayServeAr
         settings = ServerSettings(
             model=parsed.model,
             judge=parsed.judge,
-            served_model_name=parsed.served_model_name,
+            served_model_name=(
+                tuple(parsed.served_model_name) if isinstance(parsed.served_model_name, list) else parsed.served_model_name
+            ),
             safecode=SafeCoDeConfig(**parsed.safecode),
             policy=InputPolicy(**parsed.policy),
             batching=BatchingConfig(**parsed.batching),

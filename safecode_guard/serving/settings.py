@@ -44,8 +44,10 @@ class ServerSettings(BaseModel):
 
     model: str = "demo"
     """Local folder (or hub id) of an image-text-to-text model; "demo" is the embedded demo model."""
-    served_model_name: str | None = None
-    """The name clients see in `/v1/models` and in responses; default: the model folder's name."""
+    served_model_name: str | tuple[str, ...] | None = None
+    """The name clients see in `/v1/models` and in responses; default: the model folder's name. Several
+    names (as vLLM's `--served-model-name a b`): the first names responses, and a request's `model`
+    may be any of them (another name is HTTP 404 `model_not_found`)."""
     judge: str = "self"
     """Judge spec: "self", "self:caption", "fixed:safe", "fixed:unsafe", "chat:<provider>:<model>"."""
     safecode: SafeCoDeConfig = Field(default_factory=SafeCoDeConfig)
@@ -91,10 +93,24 @@ class ServerSettings(BaseModel):
         # nothing a client sends is ever used as a path on this machine
         return validated_copy(policy, {"allow_local_files": False}) if policy.allow_local_files else policy
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _names(cls, names: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        if isinstance(names, tuple) and (not names or not all(names)):
+            raise ValueError("`served_model_name` needs at least one name, and no empty one.")
+        return names
+
     @property
-    def name(self) -> str:
-        if self.served_model_name:
+    def names(self) -> tuple[str, ...]:
+        """Every name a request's `model` may give; the first names the responses."""
+        if isinstance(self.served_model_name, tuple):
             return self.served_model_name
+        if self.served_model_name:
+            return (self.served_model_name,)
         from pathlib import PurePath
 
-        return PurePath(self.model.rstrip("/\\")).name or "safecode"
+        return (PurePath(self.model.rstrip("/\\")).name or "safecode",)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
