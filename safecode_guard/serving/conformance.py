@@ -12,7 +12,6 @@ preflight, so nothing but JSON is ever read).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import ValidationError
 

@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from safecode_guard import SafeCoDe, SafeCoDeInputError
-from safecode_guard import ops
+from safecode_guard import SafeCoDe, SafeCoDeInputError, ops
 from safecode_guard.errors import InputLimitError
 from safecode_guard.sampling import LIMITS, SamplingParams
 
