@@ -102,7 +102,8 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Any] | None = None
+    """Token id -> bias; the values are checked by `SamplingParams` (as sent, so its message quotes them)."""
     logprobs: bool | None = None
     top_logprobs: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
