@@ -108,7 +108,8 @@ async def run_load(
     if image:
         content = [{"type": "text", "text": content}, {"type": "image_url", "image_url": {"url": _image_url()}}]
     body = {
-        "model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+        # no `model`: the server answers with its own (another name would be a 404)
+        "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
         "stream": True, "stream_options": {"include_usage": True},
     }
     result = LevelResult(concurrency, requests, 0.0)

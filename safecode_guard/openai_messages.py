@@ -20,91 +20,12 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from .errors import InputLimitError, UnsupportedContentError
-from .messages import MAX_NESTING_DEPTH, json_text_depth
+from .errors import UnsupportedContentError
+from .openai_format import message_text as _text
+from .openai_format import tool_calls_in as _tool_calls_in
+from .openai_format import user_content as _user_content
 
 __all__ = ["to_langchain", "tool_calls_out"]
-
-_PART_TYPES = ("text", "image_url")
-
-
-def _text(content: Any, where: str) -> str:
-    """A system / assistant / tool message's content as text (a string or text parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise UnsupportedContentError(
-                    f"{where}.content[{j}] must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
-                    "only user messages may carry images."
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise UnsupportedContentError(f"{where}.content is a {type(content).__name__}; use a string or a list of text parts.")
-
-
-def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list) or not content:
-        raise UnsupportedContentError(
-            f"{where}.content must be a string or a non-empty list of parts "
-            '({"type": "text", ...} or {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}).'
-        )
-    parts: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in _PART_TYPES:
-            raise UnsupportedContentError(
-                f"{where}.content[{j}] has type {kind!r}; this server reads \"text\" and \"image_url\" parts."
-            )
-        if kind == "text" and not isinstance(part.get("text"), str):
-            raise UnsupportedContentError(f'{where}.content[{j}] is a text part whose "text" is not a string.')
-        if kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, Mapping) else url
-            if not isinstance(url, str) or not url:
-                raise UnsupportedContentError(
-                    f'{where}.content[{j}] is an image_url part without a URL; use {{"image_url": {{"url": "data:image/png;base64,..."}}}}.'
-                )
-            part = {"type": "image_url", "image_url": {"url": url}}
-        parts.append(dict(part))
-    return parts
-
-
-def _tool_calls_in(calls: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(calls, list):
-        raise UnsupportedContentError(f"{where}.tool_calls must be a list of tool calls.")
-    out = []
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, Mapping) else None
-        if not (isinstance(fn, Mapping) and isinstance(fn.get("name"), str) and isinstance(call.get("id"), str)):
-            raise UnsupportedContentError(
-                f'{where}.tool_calls[{j}] must be {{"id": str, "type": "function", "function": {{"name": str, "arguments": str}}}}.'
-            )
-        raw = fn.get("arguments", "{}")
-        if isinstance(raw, str) and json_text_depth(raw) > MAX_NESTING_DEPTH:
-            # json.loads recurses per level: refuse before it raises RecursionError
-            raise InputLimitError(
-                f"{where}.tool_calls[{j}].function.arguments is nested more than {MAX_NESTING_DEPTH} levels "
-                "deep. Flatten the arguments."
-            )
-        try:
-            args = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError as exc:
-            raise UnsupportedContentError(
-                f"{where}.tool_calls[{j}].function.arguments is not valid JSON ({exc.msg} at character {exc.pos}). "
-                "Send the arguments as a JSON object in a string."
-            ) from exc
-        if not isinstance(args, dict):
-            raise UnsupportedContentError(f"{where}.tool_calls[{j}].function.arguments must encode a JSON object.")
-        out.append({"name": fn["name"], "args": args, "id": call["id"], "type": "tool_call"})
-    return out
-
 
 def to_langchain(messages: Sequence[Mapping[str, Any]]) -> list[BaseMessage]:
     """OpenAI chat messages as LangChain messages (`UnsupportedContentError` for anything malformed)."""

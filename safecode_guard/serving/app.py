@@ -53,8 +53,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..calls import Call, Event, aevents, open_call
 from ..config import validated_copy
 from ..control import RequestControl, arun_briefly, use_control
+from ..engine.core import SafeCoDe
 from ..errors import (
     APIError,
     JSONBudgetError,
@@ -66,8 +68,10 @@ from ..errors import (
 )
 from ..images.budget import set_decode_memory_budget
 from ..judges import judge_error_code
-from ..openai_messages import to_langchain, tool_calls_out
-from ..prompting import check_counts
+from ..messages import check_counts
+from ..openai_format import to_hf_messages
+from ..verdict import Verdict
+from .answers import Answer, chain, collect, wire_logprobs
 from .body import parse_json_body
 from .conformance import check_content_type, check_model, input_error_code, validation_error_fields
 from .metrics import Metrics
@@ -97,38 +101,33 @@ logger = logging.getLogger("safecode_guard.serving")
 
 VERDICT_HEADER = "X-SafeCoDe-Verdict"
 _VARIANTS = 16  # per-request settings variants kept loaded (they share the model)
-# decoding options the served ChatSafeCoDe does not carry yet: refused by name rather than ignored
-_NOT_YET = ("min_p", "min_tokens", "repetition_penalty", "logprobs")
 
 
 # --------------------------------------------------------------------------- the model
 
 
 class ModelHost:
-    """Loads the served model once and hands out the `ChatSafeCoDe`s that answer requests.
+    """Loads the served model once and hands out the engines that answer requests.
 
     `load()` blocks (a CLI runs it in the background; a Ray replica in its
-    constructor, so a failed load marks the replica unhealthy). Variants with
-    per-request SafeCoDe settings share the loaded weights and scheduler.
+    constructor, so a failed load marks the replica unhealthy). Engines with
+    per-request SafeCoDe settings share the loaded weights and the scheduler.
     """
 
     def __init__(self, settings: ServerSettings, *, judge: Any = None) -> None:
         self.settings = settings
         self.judge = judge if judge is not None else settings.judge
-        self.chat: Any = None
+        self.engine: SafeCoDe | None = None
         self.error: str | None = None
-        self._variants: OrderedDict[str, Any] = OrderedDict()
+        self._variants: OrderedDict[str, SafeCoDe] = OrderedDict()
         self._lock = threading.Lock()
         self._loaded = threading.Event()
 
     @property
     def ready(self) -> bool:
-        return self.chat is not None
+        return self.engine is not None
 
     def load(self) -> None:
-        from ..chat_model import ChatSafeCoDe
-        from ..engine.core import SafeCoDe
-
         s = self.settings
         try:
             path = s.model
@@ -136,13 +135,9 @@ class ModelHost:
                 from ..engine.demo_model import ensure_demo_model
 
                 path = str(ensure_demo_model())
-            engine = SafeCoDe.from_pretrained(
+            self.engine = SafeCoDe.from_pretrained(
                 path, config=s.safecode, judge=self.judge, policy=s.policy, device=s.device, dtype=s.dtype,
                 batching=s.batching,
-            )
-            self.chat = ChatSafeCoDe.from_model(
-                engine.model, engine.processor, model_name=s.name, judge=self.judge, safecode=s.safecode,
-                policy=s.policy, max_new_tokens=s.max_new_tokens,
             )
         except Exception as exc:
             # kept for /ready and the logs; clients only ever see "not ready"
@@ -151,29 +146,28 @@ class ModelHost:
         finally:
             self._loaded.set()
 
-    def chat_for(self, extra: SafeCoDeRequestSettings | None) -> Any:
-        """The chat model for a request: the served one, or a variant with the request's settings."""
+    def engine_for(self, extra: SafeCoDeRequestSettings | None) -> SafeCoDe:
+        """The engine for a request: the served one, or one with the request's settings on the same weights."""
+        engine = self.engine
+        assert engine is not None
         if extra is None or (extra.judge is None and not extra.config_updates()):
-            return self.chat
-        from ..chat_model import ChatSafeCoDe
-
+            return engine
         config = validated_copy(self.settings.safecode, extra.config_updates())  # the client's values, validated
         judge = extra.judge or self.judge
         key = json.dumps([config.model_dump(mode="json"), judge if isinstance(judge, str) else id(judge)])
         with self._lock:
-            chat = self._variants.get(key)
-            if chat is None:
-                engine = self.chat.engine
-                chat = ChatSafeCoDe.from_model(
-                    engine.model, engine.processor, model_name=self.settings.name, judge=judge, safecode=config,
-                    policy=self.settings.policy, max_new_tokens=self.settings.max_new_tokens,
+            variant = self._variants.get(key)
+            if variant is None:
+                variant = SafeCoDe(
+                    engine.model, engine.processor, config=config, judge=judge, policy=self.settings.policy,
+                    model_name=engine.model_name,
                 )
-                self._variants[key] = chat
+                self._variants[key] = variant
                 while len(self._variants) > _VARIANTS:
                     self._variants.popitem(last=False)
             else:
                 self._variants.move_to_end(key)
-            return chat
+            return variant
 
 
 # --------------------------------------------------------------------------- errors
@@ -332,48 +326,18 @@ class InstanceHeader:
 
 
 class ChatCompletions:
-    """`POST /v1/chat/completions`: protocol objects in, engine calls, protocol objects out."""
+    """`POST /v1/chat/completions`: protocol objects in, engine calls (`calls.open_call`), protocol objects out."""
 
     def __init__(self, host: ModelHost, metrics: Metrics) -> None:
         self.host = host
         self.metrics = metrics
 
-    def _options(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        """The `ChatSafeCoDe` call options of `req`, its decoding options validated by `SamplingParams`."""
-        params = req.sampling(self.host.settings.max_new_tokens)
-        waiting = [name for name in _NOT_YET if getattr(params, name) not in (None, 0, 1.0, False)]
-        if waiting:
-            raise APIError(
-                400, f"`{waiting[0]}` is not honoured by this server yet; leave it out.", "invalid_request_error",
-                param=waiting[0], code="unsupported_parameter",
-            )
-        options: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
-        given = {
-            "temperature": params.temperature if params.sampled else None, "top_p": params.top_p, "top_k": params.top_k,
-            "seed": params.seed, "frequency_penalty": params.frequency_penalty,
-            "presence_penalty": params.presence_penalty, "logit_bias": params.logit_bias, "response_format": req.format,
-        }
-        options.update({k: v for k, v in given.items() if v is not None})
-        if params.stop:
-            options["stop"] = list(params.stop)
-        if req.tools:
-            options["tools"] = req.tools
-            if req.tool_choice is not None:
-                options["tool_choice"] = req.tool_choice
-            if req.parallel_tool_calls is not None:
-                options["parallel_tool_calls"] = req.parallel_tool_calls
-        elif req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice was given without tools.", "invalid_request_error", param="tool_choice")
-        if req.safecode is not None and req.safecode.verdict is not None:
-            options["verdict"] = req.safecode.verdict
-        return options
-
-    def read(self, body: bytes) -> tuple[Any, ChatCompletionRequest, list[Any]]:
-        """The body as (payload, request, LangChain messages), every limit checked before the next step.
+    def read(self, body: bytes) -> tuple[Any, ChatCompletionRequest, list[dict[str, Any]]]:
+        """The body as (payload, request, Hugging Face messages), every limit checked before the next step.
 
         Runs in a preparation thread (never on the event loop): the JSON
-        structure budget before parsing, the schema, then the message and part
-        counts before any message is converted.
+        structure budget before parsing, the schema, the model name, then the
+        message and part counts before any message is converted.
         """
         s = self.host.settings
         payload = parse_json_body(body, max_items=s.max_json_values, max_depth=s.max_json_depth)
@@ -383,10 +347,28 @@ class ChatCompletions:
         if (unknown := check_model(req.model, s.names)) is not None:
             raise APIError(404, unknown, "invalid_request_error", param="model", code="model_not_found")
         check_counts(req.messages, s.policy)
-        return payload, req, to_langchain(req.messages)
+        return payload, req, to_hf_messages(req.messages)
+
+    def _open(
+        self, req: ChatCompletionRequest, messages: list[dict[str, Any]], index: int = 0, verdict: Verdict | None = None
+    ) -> Call:
+        """Choice `index` of `req`, judged and queued (a preparation thread runs this). Later choices take
+        the first one's `verdict` (the judge runs once) and their own sampler (`seed + index`)."""
+        params = req.sampling(self.host.settings.max_new_tokens)
+        if index and params.seed is not None:
+            params = validated_copy(params, {"seed": (params.seed + index) % 2**63})
+        if req.tool_choice not in (None, "none", "auto") and not req.tools:
+            raise APIError(400, "tool_choice was given without tools.", "invalid_request_error", param="tool_choice")
+        pinned = req.safecode.verdict if req.safecode is not None else None
+        return open_call(
+            self.host.engine_for(req.safecode), messages, params, tools=req.tools or None,
+            tool_choice=req.tool_choice if req.tools else None, parallel_tool_calls=req.parallel_tool_calls,
+            response_format=req.format, verdict=verdict if verdict is not None else pinned,
+        )
 
     async def create(
-        self, req: ChatCompletionRequest, messages: list[Any], started: float, watcher: asyncio.Task[None] | None = None
+        self, req: ChatCompletionRequest, messages: list[dict[str, Any]], started: float,
+        watcher: asyncio.Task[None] | None = None,
     ) -> Response:
         """The answer; a streamed one takes over `watcher` (the client's connection) until it ends."""
         if req.n != 1 and req.stream:
@@ -400,142 +382,112 @@ class ChatCompletions:
                 "are the server's. Remove the `safecode` field, or start the server with --allow-request-settings.",
                 "invalid_request_error", param="safecode", code="request_settings_disabled",
             )
-        chat = self.host.chat_for(req.safecode)
-        options = self._options(req)
-        stop = options.pop("stop", None)
-        chunks = chat.astream(messages, stop=stop, **options).__aiter__()
+        call = await arun_briefly(lambda: self._open(req, messages))
+        events = aevents(call).__aiter__()
         try:
-            first = await chunks.__anext__()  # the verdict, and errors found before any token
+            first = await events.__anext__()  # the verdict, and errors found before any token
         except BaseException:
-            await chunks.aclose()
+            await events.aclose()  # type: ignore[attr-defined]
             raise
         ttft = time.perf_counter() - started
-        safety = dict(first.response_metadata.get("safety") or {})
-        headers = {VERDICT_HEADER: str(safety.get("verdict"))}
+        assert first.safety is not None
+        headers = {VERDICT_HEADER: str(first.safety.get("verdict"))}
         cid = completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(cid, first, chunks, safety, include_usage, started, ttft, watcher)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        # n > 1: the other choices share this one's verdict (the judge ran once) and decode alongside it,
-        # each with its own sampler (seed + i when a seed is given)
-        tasks = [asyncio.ensure_future(self._rest(first, chunks, chat))] + [
-            asyncio.ensure_future(
-                self._whole(chat.astream(messages, stop=stop, **{**options, **_choice_options(options, safety, i)}), chat)
-            )
-            for i in range(1, req.n)
-        ]
+            stream = self._stream(cid, first, events, include_usage, started, ttft, watcher)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        # n > 1: the other choices share this one's verdict (the judge runs once) and decode alongside it,
+        # each with its own sampler; each still prefills its own prompt (the images' features are cached)
+        refusal = call.engine.config.answer_refusal
+
+        async def another(index: int) -> Answer:
+            other = await arun_briefly(lambda: self._open(req, messages, index, call.verdict))
+            return await collect(aevents(other), refusal)
+
+        tasks = [asyncio.ensure_future(collect(chain(first, events), refusal))]
+        tasks += [asyncio.ensure_future(another(i)) for i in range(1, req.n)]
         try:
-            messages_out = await asyncio.gather(*tasks)
+            answers = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:  # one choice failed (or the client left): the others stop decoding
                 task.cancel()
             raise
-        return JSONResponse(
-            self._completion(cid, messages_out, safety, started, ttft).model_dump(exclude_none=False), headers=headers
-        )
+        completion = self._completion(cid, answers, started, ttft)
+        return JSONResponse(completion.model_dump(exclude_none=False), headers=headers)
 
-    async def _rest(self, first: Any, chunks: AsyncIterator[Any], chat: Any) -> Any:
-        """The whole answer of a started stream; an answer the answer check found unsafe becomes the refusal."""
-        message = first
-        try:
-            async for chunk in chunks:
-                message = message + chunk
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        # not shown yet: an answer the answer check found unsafe is replaced by the refusal
-        from langchain_core.messages import message_chunk_to_message
+    def _completion(self, cid: str, answers: list[Answer], started: float, ttft: float) -> ChatCompletion:
+        choices = [
+            Choice(
+                index=i, finish_reason=a.finish_reason, logprobs=wire_logprobs(a.result),
+                message=ChatMessage(content=a.text or (None if a.tool_calls else ""), tool_calls=a.tool_calls or None),
+            )
+            for i, a in enumerate(answers)
+        ]
+        # the prompt is counted once: every choice answers the same prompt
+        prompt = answers[0].result.usage.prompt_tokens
+        completion = sum(a.result.usage.completion_tokens for a in answers)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        safety = answers[0].safety
+        self._finished(safety, usage, started, ttft)
+        return ChatCompletion(id=cid, model=self.host.settings.name, choices=choices, usage=usage, safety=public_safety(safety))
 
-        from ..chat_model import replace_unsafe_answer
-
-        return replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
-
-    async def _whole(self, stream: AsyncIterator[Any], chat: Any) -> Any:
-        chunks = stream.__aiter__()
-        try:
-            first = await chunks.__anext__()
-        except BaseException:
-            await chunks.aclose()  # type: ignore[attr-defined]
-            raise
-        return await self._rest(first, chunks, chat)
-
-    def _completion(
-        self, cid: str, messages: list[Any], safety: dict[str, Any], started: float, ttft: float
-    ) -> ChatCompletion:
-        choices, totals = [], {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-        for index, message in enumerate(messages):
-            meta = message.response_metadata
-            if index == 0:
-                safety = {**safety, **(meta.get("safety") or {})}
-            calls = tool_calls_out(message)
-            usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-            # the prompt is counted once: the choices answer one prompt
-            totals["input_tokens"] = usage["input_tokens"]
-            totals["output_tokens"] += usage["output_tokens"]
-            finish = "tool_calls" if calls else meta.get("finish_reason", "stop")
-            content = message.text or (None if calls else "")
-            choices.append(Choice(index=index, message=ChatMessage(content=content, tool_calls=calls or None), finish_reason=finish))
-        totals["total_tokens"] = totals["input_tokens"] + totals["output_tokens"]
-        self._finished(safety, totals, started, ttft)
-        return ChatCompletion(
-            id=cid,
-            model=self.host.settings.name,
-            choices=choices,
-            usage=Usage(prompt_tokens=totals["input_tokens"], completion_tokens=totals["output_tokens"], total_tokens=totals["total_tokens"]),
-            safety=public_safety(safety),
-        )
-
-    def _finished(self, safety: dict[str, Any], usage: Any, started: float, ttft: float) -> None:
-        self.metrics.record_answer(safety, usage["input_tokens"], usage["output_tokens"])
+    def _finished(self, safety: dict[str, Any], usage: Usage, started: float, ttft: float) -> None:
+        self.metrics.record_answer(safety, usage.prompt_tokens, usage.completion_tokens)
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.ttft.observe(ttft)
 
-    async def _events(
-        self, cid: str, first: Any, chunks: AsyncIterator[Any], safety: dict[str, Any], include_usage: bool,
-        started: float, ttft: float, watcher: asyncio.Task[None] | None = None,
+    async def _stream(
+        self, cid: str, first: Event, events: AsyncIterator[Event], include_usage: bool, started: float,
+        ttft: float, watcher: asyncio.Task[None] | None,
     ) -> AsyncIterator[str]:
         name = self.host.settings.name
-        index_of: dict[int, int] = {}
+        assert first.safety is not None
+        safety = dict(first.safety)
         shown = public_safety(safety)
 
-        def delta_for(chunk: Any, first_event: bool) -> ChatCompletionChunk:
-            calls = []
-            for c in chunk.tool_call_chunks:
-                i = index_of.setdefault(c.get("index") or 0, len(index_of))
-                calls.append(DeltaToolCall(index=i, id=c.get("id"), type="function",
-                                           function=DeltaFunction(name=c.get("name"), arguments=c.get("args") or "")))
-            delta = Delta(role="assistant" if first_event else None, content=chunk.text if (chunk.text or first_event) else None,
-                          tool_calls=calls or None)
-            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)], safety=shown if first_event else None)
+        def chunk_of(event: Event) -> ChatCompletionChunk:
+            calls = [
+                DeltaToolCall(index=c["index"], id=c["id"], type="function",
+                              function=DeltaFunction(name=c["name"], arguments=c["args"]))
+                for c in event.calls
+            ]
+            delta = Delta(role="assistant" if event.first else None,
+                          content=event.text if (event.text or event.first) else None, tool_calls=calls or None)
+            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)],
+                                       safety=shown if event.first else None)
 
-        total = first
         finished = False
+        called = bool(first.calls)
         try:
-            yield delta_for(first, True).sse()
-            async for chunk in chunks:
-                total = total + chunk
-                if chunk.text or chunk.tool_call_chunks:
-                    yield delta_for(chunk, False).sse()
-            meta = total.response_metadata
-            late = meta.get("safety") or {}
-            blocked = late.get("blocked_tool_calls")
-            finish = "tool_calls" if (total.tool_calls or total.invalid_tool_calls) else meta.get("finish_reason", "stop")
-            last = ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=Delta(), finish_reason=finish)])
-            if blocked:
-                last.safety = {"blocked_tool_calls": blocked}
-            if late.get("answer_check") is not None:
-                # the answer was streamed already: the last event flags what the answer check found
-                last.safety = public_safety({**(last.safety or {}), "answer_check": late["answer_check"]})
-            yield last.sse()
-            usage = total.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-            if include_usage:
-                yield ChatCompletionChunk(
-                    id=cid, model=name, choices=[],
-                    usage=Usage(prompt_tokens=usage["input_tokens"], completion_tokens=usage["output_tokens"], total_tokens=usage["total_tokens"]),
-                ).sse()
-            yield "data: [DONE]\n\n"
-            finished = True
-            self._finished({**safety, **(meta.get("safety") or {})}, usage, started, ttft)
+            yield chunk_of(first).sse()
+            async for event in events:
+                if not event.last:
+                    called = called or bool(event.calls)
+                    if event.text or event.calls:
+                        yield chunk_of(event).sse()
+                    continue
+                result = event.result
+                assert result is not None
+                # logprobs of the whole answer ride on its last event (clients concatenate them)
+                last = ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(
+                    delta=Delta(), finish_reason="tool_calls" if called else result.finish_reason,
+                    logprobs=wire_logprobs(result),
+                )])
+                late = event.safety or {}
+                if late.get("blocked_tool_calls"):
+                    last.safety = {"blocked_tool_calls": late["blocked_tool_calls"]}
+                if late.get("answer_check") is not None:
+                    # the answer was streamed already: the last event flags what the answer check found
+                    last.safety = public_safety({**(last.safety or {}), "answer_check": late["answer_check"]})
+                yield last.sse()
+                usage = Usage(prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens,
+                              total_tokens=result.usage.total_tokens)
+                if include_usage:
+                    yield ChatCompletionChunk(id=cid, model=name, choices=[], usage=usage).sse()
+                yield "data: [DONE]\n\n"
+                finished = True
+                self._finished({**safety, **late}, usage, started, ttft)
         except Exception as exc:  # an error after the first event: OpenAI's error object as an event
             body = json.loads(error_response(exc).body)
             yield "data: " + json.dumps(body) + "\n\n"
@@ -544,17 +496,9 @@ class ChatCompletions:
             if watcher is not None:
                 watcher.cancel()
             # a client that went away (or an error) stops decoding: its row leaves the batch
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await events.aclose()  # type: ignore[attr-defined]
             if not finished:
                 logger.info("stream ended early (client gone or error); decoding cancelled")
-
-
-def _choice_options(options: dict[str, Any], safety: dict[str, Any], index: int) -> dict[str, Any]:
-    """Choice `index`'s options: the first choice's verdict (no second judge call), and its own seed."""
-    extra: dict[str, Any] = {"verdict": safety.get("verdict") or "safe"}
-    if options.get("seed") is not None:
-        extra["seed"] = (options["seed"] + index) % 2**63
-    return extra
 
 
 # --------------------------------------------------------------------------- the app
@@ -765,7 +709,8 @@ def _load_and_log(host: ModelHost, metrics: Metrics, on_ready: Callable[[], None
 
 
 def _watch(host: ModelHost, metrics: Metrics) -> None:
-    scheduler = host.chat.engine.scheduler
+    assert host.engine is not None
+    scheduler = host.engine.scheduler
     metrics.watch_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.active_rows)
 
 

@@ -175,7 +175,7 @@ def check_replica_health(host: Any) -> None:
     """Raise when a replica cannot answer: its model is not loaded, or its scheduler died with work pending."""
     if not host.ready:
         raise RuntimeError(f"the model is not loaded ({host.error or 'still loading'})")
-    scheduler = host.chat.engine.scheduler
+    scheduler = host.engine.scheduler
     worker = scheduler._worker
     if (worker is None or not worker.is_alive()) and (scheduler.queue_depth or scheduler.active_rows):
         raise RuntimeError("the scheduler thread is gone while requests are pending")

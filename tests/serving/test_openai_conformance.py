@@ -150,3 +150,42 @@ def test_n_choices_share_one_verdict_and_sample_each_their_own(client):
     with pytest.raises(openai.BadRequestError) as info:
         create(client, n=9)
     assert info.value.body["param"] == "n"
+
+
+# -- logprobs (vLLM test_chat.py: no / zero / some / too many logprobs) --------------------------
+
+
+def test_logprobs_none_zero_and_some(client):
+    assert create(client, logprobs=False).choices[0].logprobs is None
+    zero = create(client, logprobs=True, top_logprobs=0).choices[0]
+    assert zero.logprobs.content and all(len(t.top_logprobs) == 0 for t in zero.logprobs.content)
+    some = create(client, logprobs=True, top_logprobs=5)
+    entries = some.choices[0].logprobs.content
+    assert len(entries) == some.usage.completion_tokens and all(len(t.top_logprobs) == 5 for t in entries)
+    for t in entries:  # greedy: the chosen token is the likeliest of its step
+        assert t.logprob == t.top_logprobs[0].logprob and t.logprob <= 0 and t.bytes == list(t.token.encode())
+
+
+def test_too_many_logprobs_are_refused_and_the_server_goes_on(client):
+    for stream in (True, False):
+        with pytest.raises(openai.BadRequestError) as info:
+            create(client, logprobs=True, top_logprobs=21, stream=stream)
+        assert info.value.body["param"] == "top_logprobs"
+    assert create(client).choices[0].message.content is not None
+
+
+def test_streamed_logprobs_add_up_to_the_whole_answers(client):
+    whole = create(client, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    streamed = [t for c in create(client, logprobs=True, top_logprobs=2, stream=True) if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in whole]
+
+
+def test_vllm_extras_are_honoured_or_refused_by_name(client):
+    plain = create(client, max_completion_tokens=4)
+    same = create(client, max_completion_tokens=4, extra_body={"min_p": 0.0, "repetition_penalty": 1.0, "min_tokens": 2})
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    for extra, field in (({"min_tokens": 9}, "min_tokens"), ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty")):
+        with pytest.raises(openai.BadRequestError) as info:
+            create(client, max_completion_tokens=4, extra_body=extra)
+        assert info.value.body["param"] == field
