@@ -1,21 +1,23 @@
-"""The OpenAI-compatible HTTP server: a FastAPI app around one `ChatSafeCoDe`.
+"""The OpenAI-compatible HTTP server: a FastAPI app around one loaded `SafeCoDe` engine.
 
 Routes: `POST /v1/chat/completions` (JSON or server-sent events),
 `GET /v1/models`, `GET /health` (alive), `GET /ready` (model loaded),
 `GET /metrics` (Prometheus text).
 
-Request flow: body size cap (413) -> API key (401) -> the body, within
-`body_timeout_s` (408) -> in a preparation thread: JSON within a structure
-budget (400), the schema (422), the message and part counts
-(`InputPolicy.max_messages`, `max_content_parts`; 400) and OpenAI messages to
-LangChain -> the served `ChatSafeCoDe`, whose engine's scheduler batches this
-request with every other one on the model -> OpenAI's response shape plus a
-top-level `safety` object (and the `X-SafeCoDe-Verdict` header; a guard
-judge's hazard `categories` in it). With `check_answer`, a non-streamed answer
-the judge finds unsafe is replaced by the refusal, and a stream's last event
-flags it (`safety.answer_check`: its text was sent already). A stream's
-first event waits for the verdict and the first text, so errors found before
-any token (bad input, a full queue) are ordinary HTTP errors.
+Request flow: body size cap (413) -> API key (401) -> JSON content type (415)
+-> the body, within `body_timeout_s` (408) -> in a preparation thread: JSON
+within a structure budget (400), the schema (400, OpenAI's codes), the
+`model` name (404), the message and part counts (`InputPolicy.max_messages`,
+`max_content_parts`; 400) and OpenAI messages to Hugging Face messages ->
+the decoding options as `SamplingParams` -> `calls.open_call` on the engine,
+whose scheduler batches this request with every other one on the model ->
+`calls` events -> OpenAI's response shape plus a top-level `safety` object
+(and the `X-SafeCoDe-Verdict` header; a guard judge's hazard `categories` in
+it). With `check_answer`, a non-streamed answer the judge finds unsafe is
+replaced by the refusal, and a stream's last event flags it
+(`safety.answer_check`: its text was sent already). A stream's first event
+waits for the verdict and the first text, so errors found before any token
+(bad input, a full queue) are ordinary HTTP errors.
 
 Every request runs under one `RequestControl`: its deadline
 (`--request-timeout`, 504) covers parsing, image decoding, the judge,
