@@ -8,6 +8,7 @@ so); a streamed one was shown already and only flags it (`app`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from ..calls import Event
 from ..engine.results import SafeCoDeResult
 from .protocol import ChoiceLogprobs, FunctionCall, TokenLogprob, ToolCall, TopLogprob
 
-__all__ = ["Answer", "chain", "collect", "wire_logprobs"]
+__all__ = ["Answer", "chain", "collect", "merged", "wire_logprobs"]
 
 
 @dataclass
@@ -37,6 +38,40 @@ async def chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event
     yield first
     async for event in rest:
         yield event
+
+
+async def merged(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several choices as they come, each with its choice's index. The first failure
+    is raised (the other choices stop); leaving early stops them all."""
+    queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Event]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event, None))
+            await queue.put((index, None, None))
+        except BaseException as exc:
+            await queue.put((index, None, exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    running = len(tasks)
+    try:
+        while running:
+            index, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                running -= 1
+                continue
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _parsed(delta: dict[str, Any]) -> dict[str, Any]:

@@ -73,7 +73,7 @@ from ..judges import judge_error_code
 from ..messages import check_counts
 from ..openai_format import to_hf_messages
 from ..verdict import Verdict
-from .answers import Answer, chain, collect, wire_logprobs
+from .answers import Answer, chain, collect, merged, wire_logprobs
 from .body import parse_json_body
 from .conformance import check_content_type, check_model, input_error_code, validation_error_fields
 from .metrics import Metrics
@@ -373,11 +373,6 @@ class ChatCompletions:
         watcher: asyncio.Task[None] | None = None,
     ) -> Response:
         """The answer; a streamed one takes over `watcher` (the client's connection) until it ends."""
-        if req.n != 1 and req.stream:
-            raise APIError(
-                400, f"n={req.n} with stream=true is not supported yet: stream one choice per request, or send "
-                "stream=false for several choices.", "invalid_request_error", param="n", code="unsupported_parameter",
-            )
         if req.safecode is not None and not self.host.settings.allow_request_settings:
             raise APIError(
                 400, "Per-request SafeCoDe settings are off on this server; the judge, threshold and image policy "
@@ -395,17 +390,23 @@ class ChatCompletions:
         assert first.safety is not None
         headers = {VERDICT_HEADER: str(first.safety.get("verdict"))}
         cid = completion_id()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = self._stream(cid, first, events, include_usage, started, ttft, watcher)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         # n > 1: the other choices share this one's verdict (the judge runs once) and decode alongside it,
         # each with its own sampler; each still prefills its own prompt (the images' features are cached)
+
+        async def other_events(index: int) -> AsyncIterator[Event]:
+            other = await arun_briefly(lambda: self._open(req, messages, index, call.verdict))
+            async for event in aevents(other):
+                yield event
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            choices = [chain(first, events), *(other_events(i) for i in range(1, req.n))]
+            stream = self._stream(cid, first, merged(choices), include_usage, started, ttft, watcher)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         refusal = call.engine.config.answer_refusal
 
         async def another(index: int) -> Answer:
-            other = await arun_briefly(lambda: self._open(req, messages, index, call.verdict))
-            return await collect(aevents(other), refusal)
+            return await collect(other_events(index), refusal)
 
         tasks = [asyncio.ensure_future(collect(chain(first, events), refusal))]
         tasks += [asyncio.ensure_future(another(i)) for i in range(1, req.n)]
@@ -440,15 +441,20 @@ class ChatCompletions:
         self.metrics.ttft.observe(ttft)
 
     async def _stream(
-        self, cid: str, first: Event, events: AsyncIterator[Event], include_usage: bool, started: float,
+        self, cid: str, first: Event, events: AsyncIterator[tuple[int, Event]], include_usage: bool, started: float,
         ttft: float, watcher: asyncio.Task[None] | None,
     ) -> AsyncIterator[str]:
+        """Server-sent events of one or more choices (`events` yields `(choice index, event)`); the
+        `safety` object rides on the very first event, each choice ends with its own finish event."""
         name = self.host.settings.name
         assert first.safety is not None
         safety = dict(first.safety)
         shown = public_safety(safety)
+        called: set[int] = set()
+        prompt = completion = 0
+        late: dict[str, Any] = {}
 
-        def chunk_of(event: Event) -> ChatCompletionChunk:
+        def chunk_of(index: int, event: Event) -> ChatCompletionChunk:
             calls = [
                 DeltaToolCall(index=c["index"], id=c["id"], type="function",
                               function=DeltaFunction(name=c["name"], arguments=c["args"]))
@@ -456,40 +462,42 @@ class ChatCompletions:
             ]
             delta = Delta(role="assistant" if event.first else None,
                           content=event.text if (event.text or event.first) else None, tool_calls=calls or None)
-            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)],
-                                       safety=shown if event.first else None)
+            return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(index=index, delta=delta)],
+                                       safety=shown if event is first else None)
 
         finished = False
-        called = bool(first.calls)
         try:
-            yield chunk_of(first).sse()
-            async for event in events:
+            async for index, event in events:
                 if not event.last:
-                    called = called or bool(event.calls)
-                    if event.text or event.calls:
-                        yield chunk_of(event).sse()
+                    if event.calls:
+                        called.add(index)
+                    if event.text or event.calls or event.first:
+                        yield chunk_of(index, event).sse()
                     continue
                 result = event.result
                 assert result is not None
                 # logprobs of the whole answer ride on its last event (clients concatenate them)
                 last = ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(
-                    delta=Delta(), finish_reason="tool_calls" if called else result.finish_reason,
+                    index=index, delta=Delta(), finish_reason="tool_calls" if index in called else result.finish_reason,
                     logprobs=wire_logprobs(result),
                 )])
-                late = event.safety or {}
-                if late.get("blocked_tool_calls"):
-                    last.safety = {"blocked_tool_calls": late["blocked_tool_calls"]}
-                if late.get("answer_check") is not None:
+                extra = event.safety or {}
+                if extra.get("blocked_tool_calls"):
+                    last.safety = {"blocked_tool_calls": extra["blocked_tool_calls"]}
+                if extra.get("answer_check") is not None:
                     # the answer was streamed already: the last event flags what the answer check found
-                    last.safety = public_safety({**(last.safety or {}), "answer_check": late["answer_check"]})
+                    last.safety = public_safety({**(last.safety or {}), "answer_check": extra["answer_check"]})
+                if index == 0:
+                    late = extra
                 yield last.sse()
-                usage = Usage(prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens,
-                              total_tokens=result.usage.total_tokens)
-                if include_usage:
-                    yield ChatCompletionChunk(id=cid, model=name, choices=[], usage=usage).sse()
-                yield "data: [DONE]\n\n"
-                finished = True
-                self._finished({**safety, **late}, usage, started, ttft)
+                prompt = result.usage.prompt_tokens  # every choice answers the same prompt: counted once
+                completion += result.usage.completion_tokens
+            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            if include_usage:
+                yield ChatCompletionChunk(id=cid, model=name, choices=[], usage=usage).sse()
+            yield "data: [DONE]\n\n"
+            finished = True
+            self._finished({**safety, **late}, usage, started, ttft)
         except Exception as exc:  # an error after the first event: OpenAI's error object as an event
             body = json.loads(error_response(exc).body)
             yield "data: " + json.dumps(body) + "\n\n"
@@ -497,7 +505,7 @@ class ChatCompletions:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            # a client that went away (or an error) stops decoding: its row leaves the batch
+            # a client that went away (or an error) stops decoding: its rows leave the batch
             await events.aclose()  # type: ignore[attr-defined]
             if not finished:
                 logger.info("stream ended early (client gone or error); decoding cancelled")

@@ -145,6 +145,17 @@ def test_n_choices_share_one_verdict_and_sample_each_their_own(client):
     texts = [c.message.content for c in answer.choices]
     assert texts == [create(client, temperature=1.0, seed=5 + i, max_completion_tokens=6).choices[0].message.content
                      for i in range(3)]  # choice i is seeded with seed + i
+    streamed: dict[int, str] = {}
+    finishes: dict[int, int] = {}
+    chunks = list(create(client, n=3, temperature=1.0, seed=5, max_completion_tokens=6, stream=True,
+                         stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            finishes[choice.index] = finishes.get(choice.index, 0) + (choice.finish_reason is not None)
+    assert [streamed[i] for i in range(3)] == texts and finishes == {0: 1, 1: 1, 2: 1}
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    assert sum("safety" in (c.model_extra or {}) for c in chunks) == 1  # the verdict once, on the first event
     greedy = create(client, n=2)
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
     with pytest.raises(openai.BadRequestError) as info:
