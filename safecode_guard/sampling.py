@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InputLimitError, SafeCoDeInputError
+from .errors import InputLimitError, SafeCoDeInputError, did_you_mean
 
 __all__ = [
     "LIMITS", "MAX_LOGIT_BIAS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TOP_LOGPROBS", "SamplingParams", "openai_code", "sampling_params", "token_id",
@@ -238,8 +238,6 @@ def input_error(exc: ValidationError, given: Mapping[str, Any]) -> SafeCoDeInput
         return error
     name = str(first["loc"][0]) if first["loc"] else "?"
     if first["type"] == "extra_forbidden":
-        from .errors import did_you_mean
-
         close = did_you_mean(name, list(LIMITS))
         error = SafeCoDeInputError(
             f"Unknown sampling option `{name}`" + (f" (did you mean `{close}`?)" if close else "")
