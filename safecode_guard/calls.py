@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import tools as tools_mod
+from . import tool_parsing as tools_mod
 from .control import arun_briefly
 from .engine.core import SafeCoDe
 from .engine.results import SafeCoDeResult, SafeCoDeStream
 from .errors import SafeCoDeInputError
+from .messages import check_nesting
 from .ops import refusal_decision
 from .prompting import render_prompt
 from .sampling import SamplingParams
@@ -96,7 +97,7 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
         inner = response_format.get("json_schema", response_format)
         schema = inner.get("schema") if isinstance(inner, Mapping) else None
         if isinstance(schema, Mapping):
-            tools_mod.check_nesting(schema, "The `response_format` schema")
+            check_nesting(schema, "The `response_format` schema")
             return dict(schema)
     raise SafeCoDeInputError(
         f"`response_format` (={response_format!r}) must be {{'type': 'json_object'}} or "
@@ -205,7 +206,7 @@ def open_call(
     hf_messages: list[dict[str, Any]],
     sampling: SamplingParams,
     *,
-    tools: Sequence[Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     tool_choice: Any = None,
     parallel_tool_calls: bool | None = None,
     response_format: Any = None,
@@ -213,6 +214,8 @@ def open_call(
     retry: Any = None,
 ) -> Call:
     """Plan the call (tools, JSON mode), judge, and queue it for decoding: the verdict is known on return.
+
+    `tools` are OpenAI-format function schemas (a LangChain face converts its tools first).
 
     Under an unsafe verdict a forced opening would put the refusal inside a
     tool call's JSON or a JSON answer, so such a stream is closed before it
@@ -222,7 +225,7 @@ def open_call(
     retry what a local model fails for a moment; default one attempt.
     """
     retry = retry or NoRetry()
-    formatted = tools_mod.format_tools(tools) if tools else None
+    formatted = tools_mod.checked_function_tools(tools) if tools else None
     names = tools_mod.tool_names(formatted) if formatted else []
     choice = tools_mod.normalize_tool_choice(tool_choice, names) if formatted else "auto"
     if tool_choice not in (None, "auto", "none") and not formatted:

@@ -1,9 +1,11 @@
 """One request model on every face: the same bad decoding value is refused the same way by
 `SafeCoDe.generate`, `ChatSafeCoDe.invoke` and the server (through the `openai` client), naming
-the same field with the same message."""
+the same field with the same message; and the server's module loads no LangChain."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,3 +72,9 @@ def test_a_good_value_is_accepted_alike_on_every_face(faces):
     assert chat.invoke("hi", max_tokens=2, **kwargs).usage_metadata["output_tokens"] >= 1
     assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **kwargs).usage.completion_tokens >= 1
 
+
+
+def test_importing_the_server_loads_no_langchain():
+    code = "import sys, safecode_guard.serving.app; print('langchain_core' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
