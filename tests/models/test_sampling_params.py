@@ -110,3 +110,18 @@ def test_logprobs_report_the_distribution_each_token_came_from(engine):
         assert math.isclose(sum(math.exp(t.logprob) for t in entry.top_logprobs), 1.0, rel_tol=1e-4)
     again = engine.generate(MSGS, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=5, seed=3)
     assert again.token_ids == sampled.token_ids
+
+
+def test_every_option_reaches_every_face():
+    """Adding a field to SamplingParams is one place plus this guard: each face names it."""
+    import inspect
+
+    from safecode_guard.serving.protocol import ChatCompletionRequest
+
+    fields = set(SamplingParams.model_fields)
+    assert fields == set(LIMITS)
+    engine_args = set(inspect.signature(SafeCoDe.stream).parameters)
+    assert fields <= engine_args, fields - engine_args
+    # the protocol spells max_new_tokens OpenAI's way, and sampling follows from temperature
+    wire = (fields - {"max_new_tokens", "do_sample"}) | {"max_tokens", "max_completion_tokens"}
+    assert wire <= set(ChatCompletionRequest.model_fields), wire - set(ChatCompletionRequest.model_fields)
