@@ -31,7 +31,7 @@ from .errors import (
 from .verdict import Verdict
 
 if TYPE_CHECKING:
-    from .chat_model import ChatSafeCoDe
+    from .langchain.chat_model import ChatSafeCoDe
     from .engine.core import SafeCoDe
     from .engine.results import SafeCoDeResult, SafeCoDeStream, Usage
     from .judges import (
@@ -62,7 +62,7 @@ _LAZY = {
     "ChatModelJudge": "judges",
     "GuardJudge": "judges",
     "make_judge": "judges",
-    "ChatSafeCoDe": "chat_model",
+    "ChatSafeCoDe": "langchain.chat_model",
 }
 
 __all__ = [

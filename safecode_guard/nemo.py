@@ -111,7 +111,7 @@ if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
     from nemoguardrails.types import LLMResponse, LLMResponseChunk
 
-    from .chat_model import ChatSafeCoDe
+    from .langchain.chat_model import ChatSafeCoDe
     from .engine.core import SafeCoDe
     from .judges import Judge
 
@@ -282,7 +282,8 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
     Pydantic would drop it silently (`judgee: fixed:unsafe` used to leave the
     `self` judge in place); the error names the key and its fix, as `ChatSafeCoDe` does.
     """
-    from .chat_model import ChatSafeCoDe, check_nested_settings, check_settings
+    from .langchain.chat_model import ChatSafeCoDe
+    from .langchain.settings import check_nested_settings, check_settings
 
     try:
         check_settings(ChatSafeCoDe, [str(k) for k in parameters])
@@ -349,7 +350,7 @@ def chat_model_from_config(model: str, **parameters: Any) -> ChatSafeCoDe:
     the folder exists and holds a vision-language model, or the hub id is
     there) are checked now; the weights load on the first request.
     """
-    from .chat_model import ChatSafeCoDe
+    from .langchain.chat_model import ChatSafeCoDe
     from .engine.loading import check_model_source
 
     check_parameters(parameters)
@@ -552,7 +553,7 @@ class SafeCoDeLLMAdapter(LangChainLLMAdapter):
         """Plain decoding of a NeMo check prompt: no judge, no steering, at most `max_new_tokens` tokens."""
         from langchain_core.messages import HumanMessage
 
-        from .lc_messages import to_hf_messages
+        from .langchain.messages import to_hf_messages
 
         chat = self._llm
         params = {k: v for k, v in params.items() if k != "verdict"}
@@ -844,7 +845,7 @@ def _unwrap(llm: Any) -> Any:
 
 
 def _as_chat_safecode(llm: Any) -> ChatSafeCoDe | None:
-    from .chat_model import ChatSafeCoDe
+    from .langchain.chat_model import ChatSafeCoDe
 
     model = _unwrap(llm)
     return model if isinstance(model, ChatSafeCoDe) else None
@@ -1004,7 +1005,7 @@ def _check(
 ) -> tuple[Verdict, Any]:
     """`check_input`, also returning the `JudgeRequest` judged (None when the input was unreadable)."""
     from .judges import JudgeRequest, run_judge
-    from .lc_messages import to_hf_messages
+    from .langchain.messages import to_hf_messages
     from .prompting import parse_messages
 
     spec = resolve_judge(judge) if judge is None or isinstance(judge, str) else judge
@@ -1031,7 +1032,7 @@ def _request_tools() -> list[dict[str, Any]] | None:
     from a request's `tools`), formatted as `ChatSafeCoDe` formats them; None when none are offered."""
     from nemoguardrails.context import generation_options_var
 
-    from .tools import format_tools
+    from .langchain.tools import format_tools
 
     options = generation_options_var.get()
     params = getattr(options, "llm_params", None) or {}
@@ -1156,7 +1157,7 @@ def _report_refusal(verdict: Verdict, config: SafeCoDeConfig) -> None:
     """
     from nemoguardrails.context import llm_response_metadata_var
 
-    from .chat_model import PROVIDER
+    from .langchain.settings import PROVIDER
 
     safety = {**safety_metadata(verdict, config, refused=True), "blocked_by": RAIL_NAME}
     llm_response_metadata_var.set(

@@ -113,6 +113,7 @@ def photo_question(text: str = "Should I open the door for this visitor?") -> Hu
 
 def test_importing_without_the_agents_extra_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "safecode_guard.middleware", raising=False)
+    monkeypatch.delitem(sys.modules, "safecode_guard.langchain.middleware", raising=False)
     monkeypatch.setitem(sys.modules, "langchain.agents.middleware", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'safecode-guard\[agents\]'"):
         importlib.import_module("safecode_guard.middleware")

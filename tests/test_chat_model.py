@@ -1254,10 +1254,10 @@ def test_langchain_standard_params_are_accepted_and_the_key_is_never_shown(llava
 
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Retry pauses of 10 ms (the backoff itself is tested on `retry_delay`); returns the attempts paused for."""
-    from safecode_guard import chat_model
+    from safecode_guard.langchain import calls
 
     paused: list[int] = []
-    monkeypatch.setattr(chat_model, "retry_delay", lambda attempt, rng=None: paused.append(attempt) or 0.01)
+    monkeypatch.setattr(calls, "retry_delay", lambda attempt, rng=None: paused.append(attempt) or 0.01)
     return paused
 
 

@@ -389,7 +389,7 @@ def test_hand_off_validates_the_verdict_both_ways() -> None:
 
 
 def test_middleware_recorded_verdict_is_validated_again() -> None:
-    from safecode_guard.middleware import _recorded_verdict
+    from safecode_guard.langchain.middleware import _recorded_verdict
 
     good = {**Verdict(label="unsafe", unsafe_score=0.9, judge="j").to_dict(), "message_id": "m1"}
     assert _recorded_verdict(good, SafeCoDeConfig(), "j") == Verdict(label="unsafe", unsafe_score=0.9, judge="j")

@@ -365,7 +365,7 @@ def test_message_and_part_caps_come_before_any_work(monkeypatch):
         raise AssertionError("nothing may be decoded before the caps are checked")
 
     monkeypatch.setattr("safecode_guard.images.load_images", no_images)
-    monkeypatch.setattr("safecode_guard.lc_messages.load_images", no_images)
+    monkeypatch.setattr("safecode_guard.langchain.messages.load_images", no_images)
     bad_image = {"type": "image", "image": "data:image/png;base64,AAAA"}
     policy = InputPolicy()
     with pytest.raises(InputLimitError, match="max_messages"):

@@ -182,6 +182,11 @@ class SafeCoDe:
                 ids.update(int(v) for v in value)
         return frozenset(ids)
 
+    @property
+    def specials(self) -> tuple[str, ...]:
+        """The special-token strings neutralized in user text (what `render_prompt` escapes)."""
+        return self._specials
+
     def _find_special_strings(self) -> tuple[str, ...]:
         specials = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
         for added in (getattr(self.tokenizer, "added_tokens_decoder", {}) or {}).values():

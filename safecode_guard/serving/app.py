@@ -122,7 +122,7 @@ class ModelHost:
         return self.chat is not None
 
     def load(self) -> None:
-        from ..chat_model import ChatSafeCoDe
+        from ..langchain.chat_model import ChatSafeCoDe
         from ..engine.core import SafeCoDe
 
         s = self.settings
@@ -151,7 +151,7 @@ class ModelHost:
         """The chat model for a request: the served one, or a variant with the request's settings."""
         if extra is None or (extra.judge is None and not extra.config_updates()):
             return self.chat
-        from ..chat_model import ChatSafeCoDe
+        from ..langchain.chat_model import ChatSafeCoDe
 
         config = self.settings.safecode.model_copy(update=extra.config_updates())
         config = type(config).model_validate(config.model_dump())  # validate the client's values
@@ -427,7 +427,7 @@ class ChatCompletions:
         # not shown yet: an answer the answer check found unsafe is replaced by the refusal
         from langchain_core.messages import message_chunk_to_message
 
-        from ..chat_model import replace_unsafe_answer
+        from ..langchain.chunks import replace_unsafe_answer
 
         message = replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
         return JSONResponse(self._completion(cid, message, safety, started, ttft).model_dump(exclude_none=False), headers=headers)
