@@ -476,17 +476,17 @@ async def test_streamed_output_rail_never_leaks_blocked_text(
 def test_generate_action_takes_only_real_verdicts(tiny_llava: tuple[Any, Any]) -> None:
     chat = ChatSafeCoDe.from_model(*tiny_llava, judge="fixed:safe")
     rail = Verdict(label="unsafe", unsafe_score=0.9, judge="self:direct").to_dict()
-    assert nemo._verdict_option(chat, rail)["verdict"].unsafe_score == 0.9
-    assert nemo._verdict_option(chat, "safe")["verdict"].label == "safe"
-    assert nemo._verdict_option(chat, None) == {}
-    assert nemo._verdict_option(object(), rail) == {}  # other models take no `verdict` option
+    assert nemo.actions._verdict_option(chat, rail)["verdict"].unsafe_score == 0.9
+    assert nemo.actions._verdict_option(chat, "safe")["verdict"].label == "safe"
+    assert nemo.actions._verdict_option(chat, None) == {}
+    assert nemo.actions._verdict_option(object(), rail) == {}  # other models take no `verdict` option
     with pytest.raises(SafeCoDeInputError, match="not a verdict"):
-        nemo._verdict_option(chat, 42)
+        nemo.actions._verdict_option(chat, 42)
     # a tampered record is refused, typed, never read as a verdict
     for tampered in ({"label": "maybe"}, {**rail, "label": "UNSAFE"}, {**rail, "unsafe_score": float("nan")},
                      Verdict.model_construct(label="UNSAFE", judge="x", source="judge")):
         with pytest.raises(InvalidVerdictError):
-            nemo._verdict_option(chat, tampered)
+            nemo.actions._verdict_option(chat, tampered)
 
 
 def test_colang1_judges_each_request_once_the_model_reuses_the_rails_verdict(
@@ -725,7 +725,7 @@ def test_the_rails_judge_sees_tool_calls_and_tool_results() -> None:
     ]
     messages = nemo.request_messages("Continue.", conversation)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user"]
-    request = nemo._check("Continue.", llm=None, judge="fixed:safe", conversation=conversation)[1]
+    request = nemo.judging._check("Continue.", llm=None, judge="fixed:safe", conversation=conversation)[1]
     texts = [p.get("text", "") for m in request.conversation for p in m["content"] if isinstance(p, dict)]
     assert "Step 1: acquire the detonator." in texts
     assert any(m.get("tool_calls") for m in request.conversation)
