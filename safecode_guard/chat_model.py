@@ -2,8 +2,8 @@
 
 from .langchain import (
     CALL_OPTIONS,
-    ChatSafeCoDe,
     PROVIDER,
+    ChatSafeCoDe,
     answer_check_metadata,
     check_nested_settings,
     check_settings,
@@ -17,12 +17,12 @@ from .langchain import (
     safety_metadata,
     sampling_kwargs,
     special_strings,
-)  # noqa: F401
+)
 
 __all__ = [
     "CALL_OPTIONS",
-    "ChatSafeCoDe",
     "PROVIDER",
+    "ChatSafeCoDe",
     "answer_check_metadata",
     "check_nested_settings",
     "check_settings",

@@ -9,7 +9,7 @@ from .langchain.messages import (
     message_role,
     to_hf_message,
     to_hf_messages,
-)  # noqa: F401
+)
 
 __all__ = [
     "BLOCK_CONVERTERS",

@@ -5,7 +5,7 @@ from .langchain.middleware import (
     SafeCoDeMiddleware,
     SafeCoDeState,
     judge_request_from_messages,
-)  # noqa: F401
+)
 
 __all__ = [
     "DEFAULT_REFUSAL_MESSAGE",

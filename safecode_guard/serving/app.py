@@ -122,8 +122,8 @@ class ModelHost:
         return self.chat is not None
 
     def load(self) -> None:
-        from ..langchain.chat_model import ChatSafeCoDe
         from ..engine.core import SafeCoDe
+        from ..langchain.chat_model import ChatSafeCoDe
 
         s = self.settings
         try:
