@@ -747,7 +747,7 @@ class ChatSafeCoDe(BaseChatModel):
 
     async def _astart(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]) -> Call:
         """`_start` on a preparation thread (images, loading, the judge block); the caller's context goes along."""
-        # in a short-lived thread (see engine.run_briefly); the judge hand-off and LangChain's
+        # in a short-lived thread (`control.arun_briefly`); the judge hand-off and LangChain's
         # tracing ride along on the copied context
         return await arun_briefly(lambda: self._start(messages, stop, kwargs))
 

@@ -43,7 +43,7 @@ config's `max_new_tokens`: their prompts are not judged or steered.
 Input flow of the actions: the current user turn (`$user_message`: a string,
 or OpenAI-style blocks with `image_url` data URLs when images are sent) plus
 the earlier turns of the request NeMo is answering -> LangChain messages ->
-`lc_messages.to_hf_messages` (images decoded under the model's `InputPolicy`,
+`langchain.messages.to_hf_messages` (images decoded under the model's `InputPolicy`,
 so http(s) URLs are not fetched unless it allows them) -> `JudgeRequest` ->
 `run_judge`. This is the conversion `ChatSafeCoDe` itself applies, so the rail
 judges what the model will see.
