@@ -91,7 +91,7 @@ def other_image() -> Any:
 @pytest.fixture
 def chat(load_tiny_vlm, tiny_model_dir):
     """`chat(family="qwen2_5_vl", **fields)`: a ChatSafeCoDe on the shared tiny model with a tool-capable processor."""
-    from tool_support import tool_processor
+    from support.tools import tool_processor
 
     from safecode_guard import ChatSafeCoDe
 
@@ -107,7 +107,7 @@ def chat(load_tiny_vlm, tiny_model_dir):
 @pytest.fixture
 def script(monkeypatch):
     """Scripted token choice for tool tests (everything but `ops.select_token` runs for real)."""
-    from tool_support import ScriptedDecoding
+    from support.tools import ScriptedDecoding
 
     return ScriptedDecoding(monkeypatch)
 

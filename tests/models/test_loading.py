@@ -15,9 +15,7 @@ from typing import Any
 
 import pytest
 
-from safecode_guard.engine import loading
-from safecode_guard.engine import SafeCoDe
-from safecode_guard.errors import UnsupportedModelError
+from safecode_guard.engine import SafeCoDe, loading
 from safecode_guard.engine.loading import (
     HubUnreachableError,
     ModelNotFoundError,
@@ -25,6 +23,7 @@ from safecode_guard.engine.loading import (
     load_pretrained,
     looks_local,
 )
+from safecode_guard.errors import UnsupportedModelError
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,6 @@ from pydantic import Field
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig
 from safecode_guard.config import InputPolicy
 from safecode_guard.errors import JudgeError, UnsupportedContentError
-from safecode_guard.judges.folding import fold
 from safecode_guard.judges import (
     DEFAULT_MAX_JUDGE_THREADS,
     DEFAULT_MAX_TRANSCRIPT_CHARS,
@@ -48,6 +47,7 @@ from safecode_guard.judges import (
     run_judge,
     set_max_judge_threads,
 )
+from safecode_guard.judges.folding import fold
 from safecode_guard.testing import gradient_image, make_tokenizer, stripes_image
 from safecode_guard.verdict import InvalidVerdictError, Verdict, validated_verdict
 

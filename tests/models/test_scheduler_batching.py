@@ -32,8 +32,7 @@ from safecode_guard import (
     SafeCoDeConfig,
     UnsupportedContentError,
 )
-from safecode_guard.engine.kv_rows import RowBatch, merge
-from safecode_guard.engine.kv_rows import kv_bytes_per_token
+from safecode_guard.engine.kv_rows import RowBatch, kv_bytes_per_token, merge
 from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 NEEDS_IMAGE = {"paligemma", "instructblip"}

@@ -22,12 +22,11 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from pydantic import Field
-from server_support import ThreadServer
-from tool_support import ScriptedDecoding
+from support.servers import ThreadServer
+from support.tools import ScriptedDecoding
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig
 from safecode_guard.config import InputPolicy
-from safecode_guard.testing import build_tool_vlm
 from safecode_guard.errors import (
     InputLimitError,
     JudgeError,
@@ -48,7 +47,7 @@ from safecode_guard.judges import (
 from safecode_guard.messages import Conversation
 from safecode_guard.middleware import DEFAULT_REFUSAL_MESSAGE, SafeCoDeMiddleware
 from safecode_guard.prompting import parse_messages, render_prompt, template_joins
-from safecode_guard.testing import FAMILIES, gradient_image, make_tokenizer
+from safecode_guard.testing import FAMILIES, build_tool_vlm, gradient_image, make_tokenizer
 
 WORD = "detonator"
 HARMFUL_TOOL = {

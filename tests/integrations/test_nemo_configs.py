@@ -9,16 +9,13 @@ answer with the model's own answer to the same image and to another image.
 
 from __future__ import annotations
 
-import base64
 import importlib
-import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +24,7 @@ from langchain_core.messages import HumanMessage
 from nemoguardrails import LLMRails, RailsConfig
 from nemoguardrails.actions.rail_outcome import RailOutcome
 from PIL import Image
-
-from safecode_guard import ChatSafeCoDe, Verdict, nemo
-from safecode_guard.engine import SafeCoDe
-from safecode_guard.errors import InvalidVerdictError, SafeCoDeError, SafeCoDeInputError
-from safecode_guard.judges import JudgeRequest
-from safecode_guard.engine.loading import ModelNotFoundError
-
-from nemo_support import (  # noqa: F401 (fixtures are found by name)
+from support.nemo import (  # noqa: F401 (fixtures are found by name)
     CONFIG_V1,
     CONFIG_V2,
     MAIN_MODEL_YAML,
@@ -51,6 +41,11 @@ from nemo_support import (  # noqa: F401 (fixtures are found by name)
     write_config,
 )
 
+from safecode_guard import ChatSafeCoDe, Verdict, nemo
+from safecode_guard.engine import SafeCoDe
+from safecode_guard.engine.loading import ModelNotFoundError
+from safecode_guard.errors import InvalidVerdictError, SafeCoDeError, SafeCoDeInputError
+from safecode_guard.judges import JudgeRequest
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -195,7 +190,7 @@ def test_a_config_without_config_py_gets_the_nemo_error_our_docs_explain(tmp_pat
         env={**os.environ, "NEMO_GUARDRAILS_NO_USAGE_STATS": "1", "SAFECODE_MODEL": "demo"},
     )
     assert "No default base_url for provider 'safecode'" in out.stdout, out.stdout + out.stderr
-    readme = (Path(__file__).parents[1] / "integrations" / "nemoguardrails" / "README.md").read_text()
+    readme = (ROOT / "integrations" / "nemoguardrails" / "README.md").read_text()
     assert "No default base_url for provider 'safecode'" in readme
 
 

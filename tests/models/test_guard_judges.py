@@ -24,13 +24,15 @@ import httpx
 import pytest
 import torch
 from langchain_core.messages import HumanMessage
-from nemo_support import safecode_env  # noqa: F401 - a fixture
 from PIL import Image
-from server_support import ThreadServer
+from support.nemo import safecode_env  # noqa: F401 - a fixture
+from support.servers import ThreadServer
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeConfig, Verdict
 from safecode_guard.engine.adapters import Decoder, Prefill, detect_quirks, encode_rows
+from safecode_guard.engine.loading import ModelNotFoundError
 from safecode_guard.errors import InvalidVerdictError, JudgeError, SafeCoDeInputError
+from safecode_guard.judges import FixedJudge, JudgeRequest, make_judge, run_judge
 from safecode_guard.judges.guard import (
     GuardJudge,
     GuardModel,
@@ -49,8 +51,6 @@ from safecode_guard.judges.guard_prompts import (
     render_llama_guard,
     shieldgemma_policies,
 )
-from safecode_guard.judges import FixedJudge, JudgeRequest, make_judge, run_judge
-from safecode_guard.engine.loading import ModelNotFoundError
 from safecode_guard.testing import (
     build_tiny_guard,
     gradient_image,
@@ -574,8 +574,8 @@ def test_a_guard_judge_object_describes_itself_for_the_cache(guard_dir) -> None:
 
 
 def test_the_nemo_rail_carries_the_categories(guard_dir, safecode_env, scripted: ScriptedGuard) -> None:  # noqa: F811
-    from nemo_support import CONFIG_V1, REFUSAL, answer_of
     from nemoguardrails import LLMRails, RailsConfig
+    from support.nemo import CONFIG_V1, REFUSAL, answer_of
 
     from safecode_guard import nemo
 
@@ -592,8 +592,8 @@ def test_the_nemo_rail_carries_the_categories(guard_dir, safecode_env, scripted:
 def test_a_nemo_main_model_with_the_answer_check_replaces_an_unsafe_answer(
     guard_dir, safecode_env, scripted: ScriptedGuard, tmp_path: Path  # noqa: F811
 ) -> None:
-    from nemo_support import write_config
     from nemoguardrails import LLMRails, RailsConfig
+    from support.nemo import write_config
 
     scripted.add("safe", 0.1)
     scripted.add("unsafe\nS2", 0.9, when=lambda p: "ONLY THE LAST Agent message" in p)

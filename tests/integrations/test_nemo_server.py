@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,29 +19,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from nemoguardrails.server import api
+from support.nemo import CONFIG_V1, CONFIG_V2, REFUSAL, ROOT, network_attempts  # noqa: F401 (an autouse fixture)
 
 from safecode_guard import ChatSafeCoDe, loading, nemo
 from safecode_guard.engine import SafeCoDe
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_V1 = ROOT / "integrations" / "nemoguardrails" / "safecode"
-CONFIG_V2 = ROOT / "integrations" / "nemoguardrails" / "safecode_colang2"
-REFUSAL = "I'm sorry, I can't help with that request."
 SERVED = "llava"  # the tiny model's folder name: what clients send as `model`
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    attempts: list[Any] = []
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        attempts.append(args[:1])
-        raise OSError("test_nemo_server: no network")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
-    assert attempts == [], f"network access was attempted: {attempts}"
 
 
 @pytest.fixture

@@ -50,8 +50,8 @@ from safecode_guard import (
     Verdict,
 )
 from safecode_guard import images as images_module
-from safecode_guard.engine import loading
 from safecode_guard.chat_model import refusal_decision, safety_metadata, sampling_kwargs
+from safecode_guard.engine import loading
 from safecode_guard.lc_messages import to_hf_messages
 from safecode_guard.ops import opens_with_refusal
 from safecode_guard.testing import gradient_image, stripes_image

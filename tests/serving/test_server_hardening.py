@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
-from server_support import ServerProcess, ThreadServer
+from support.servers import ServerProcess, ThreadServer
 
 from safecode_guard import BatchingConfig, InputPolicy, SafeCoDeConfig
 from safecode_guard.testing import gradient_image
@@ -132,9 +131,8 @@ def test_judge_error_codes():
 
 
 def test_local_paths_never_reach_a_client():
-    from safecode_guard.serving.app import error_response
-
     from safecode_guard.errors import UnsupportedModelError
+    from safecode_guard.serving.app import error_response
 
     body = error_response(UnsupportedModelError(f"The chat template failed: {HOME}/models/x/chat_template.jinja line 3")).body
     assert HOME.encode() not in body and b"chat_template.jinja" not in body and b"<path>" in body
@@ -145,7 +143,7 @@ def test_local_paths_never_reach_a_client():
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir):
-    from server_support import allow_loopback
+    from support.servers import allow_loopback
 
     allow_loopback()
     app = thread_app(str(tiny_model_dir("llava")), judge="fixed:safe", api_key=KEY)

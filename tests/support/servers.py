@@ -1,7 +1,7 @@
 """Real servers for the serving tests: uvicorn on 127.0.0.1, in a subprocess or in a thread.
 
 `ServerProcess.start(args)` runs `safecode-guard serve ARGS` (or, with
-`keyword_judge`, the same app through `python tests/server_support.py`, whose
+`keyword_judge`, the same app through `python tests/support/servers.py`, whose
 judge calls a request unsafe when it mentions a keyword: deterministic
 verdicts for load tests). `ThreadServer` runs an app in this process, so tests
 can script the model's tokens. Both bind 127.0.0.1 on a free port and are
@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 UNSAFE_WORD = "detonator"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # this file also runs as a script, outside the `support` package
 
 
 def allow_loopback() -> None:
@@ -138,7 +138,7 @@ class ThreadServer:
 
 
 def _main() -> None:
-    """The keyword-judge server: `python tests/server_support.py '{"port": N, "args": [...]}'`."""
+    """The keyword-judge server: `python tests/support/servers.py '{"port": N, "args": [...]}'`."""
     from safecode_guard.serve_cli import configure_parser, run_server, settings_from_args
     from safecode_guard.serving import create_app
 

@@ -20,9 +20,7 @@ from nemoguardrails.actions.rail_outcome import RailOutcome
 from nemoguardrails.exceptions import LLMCallException
 from nemoguardrails.integrations.langchain.llm_adapter import LangChainLLMAdapter
 from nemoguardrails.integrations.langchain.runnable_rails import RunnableRails
-from PIL import Image
-
-from nemo_support import (  # noqa: F401 (fixtures are found by name)
+from support.nemo import (  # noqa: F401 (fixtures are found by name)
     CONFIG_V1,
     CONFIG_V2,
     MAIN_MODEL_YAML,
@@ -37,6 +35,7 @@ from nemo_support import (  # noqa: F401 (fixtures are found by name)
     safecode_env,
     write_config,
 )
+
 from safecode_guard import nemo
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.testing import gradient_image, noised_image

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from transformers import AutoProcessor
 
-from safecode_guard.engine.decoding import Steering
 from safecode_guard.engine import SafeCoDe
+from safecode_guard.engine.decoding import Steering
 from safecode_guard.prompting import Conversation
 from safecode_guard.testing import tool_template_for
 

@@ -26,8 +26,8 @@ from safecode_guard import (
     SafeCoDeInputError,
 )
 from safecode_guard.control import checkpoint, current_control, use_control
-from safecode_guard.errors import StreamReaderError
 from safecode_guard.engine.jobs import PrefillJob
+from safecode_guard.errors import StreamReaderError
 from safecode_guard.testing import gradient_image
 
 

@@ -1,6 +1,6 @@
-"""The Ray Serve scenario of `tests/test_ray_serve.py`, run inside a fresh network namespace.
+"""The Ray Serve scenario of `tests/serving/test_ray_serve.py`, run inside a fresh network namespace.
 
-    unshare -n sh -c 'ip link set lo up && python tests/ray_scenario.py MODEL_DIR'
+    unshare -n sh -c 'ip link set lo up && python tests/support/ray_scenario.py MODEL_DIR'
 
 Starts a local Ray (loopback only), serves `app_builder` with two replicas of
 a tiny model, and prints one JSON line: which replica answered each request,

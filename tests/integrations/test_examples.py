@@ -17,11 +17,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from support import REPO
 
 from safecode_guard import ChatSafeCoDe
 from safecode_guard.testing import gradient_image
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO / "examples"
 
 
 def load_example(name: str) -> ModuleType:

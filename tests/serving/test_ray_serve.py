@@ -1,6 +1,6 @@
 """Ray Serve (`safecode_guard.serving.ray_serve`): the same API on many replicas.
 
-The scenario (`tests/ray_scenario.py`) runs in a fresh network namespace with
+The scenario (`tests/support/ray_scenario.py`) runs in a fresh network namespace with
 only a loopback interface (`unshare -n`, then `ip link set lo up`), with
 `ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)` and
 `RAY_USAGE_STATS_ENABLED=0`: two replicas of a tiny model behind Serve's proxy.
@@ -17,15 +17,15 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 from safecode_guard.errors import SafeCoDeInputError
 from safecode_guard.serving.ray_serve import settings_from_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 LOOPBACK = ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]", "127.0.0.53")
 
 
@@ -93,7 +93,7 @@ def test_replica_health_follows_the_model_and_the_scheduler(tmp_path, tiny_model
 def test_two_replicas_on_loopback_spread_survive_a_kill_and_shut_down_clean(tiny_model_dir):
     model = str(tiny_model_dir("llava"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    command = ["unshare", "-n", "sh", "-c", f'ip link set lo up && exec "{sys.executable}" tests/ray_scenario.py "{model}"']
+    command = ["unshare", "-n", "sh", "-c", f'ip link set lo up && exec "{sys.executable}" tests/support/ray_scenario.py "{model}"']
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

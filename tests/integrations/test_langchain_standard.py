@@ -21,7 +21,7 @@ those that need the model to decide on a correct call (right tool, right
 arguments) are marked xfail(strict=True): random weights write random
 arguments, so they fail every time, and a pass would flag the mark as stale.
 Parsing and streaming of such calls are tested with scripted answers in
-tests/test_tools.py. Structured output and JSON mode stay off in the
+tests/models/test_tool_calling.py. Structured output and JSON mode stay off in the
 integration suites for the same reason (scripted tests again cover them).
 
 Both suites run with their own default standard params (the unit suite

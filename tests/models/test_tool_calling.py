@@ -30,7 +30,7 @@ from langchain_core.messages import (
 )
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
-from tool_support import ScriptedDecoding
+from support.tools import ScriptedDecoding
 
 from safecode_guard import (
     ChatSafeCoDe,
@@ -43,7 +43,13 @@ from safecode_guard import (
 from safecode_guard.lc_messages import to_hf_messages
 from safecode_guard.ops import opens_with_refusal
 from safecode_guard.prompting import parse_messages, render_prompt
-from safecode_guard.testing import TOOL_FAMILIES, call_text, gradient_image, hermes_template, llama_json_template
+from safecode_guard.testing import (
+    TOOL_FAMILIES,
+    call_text,
+    gradient_image,
+    hermes_template,
+    llama_json_template,
+)
 from safecode_guard.tools import (
     RawCall,
     ToolCallSplitter,

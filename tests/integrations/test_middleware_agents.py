@@ -14,7 +14,6 @@ import importlib
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +31,8 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel, Field
-from tool_support import ScriptedDecoding
+from support import REPO
+from support.tools import ScriptedDecoding
 
 from safecode_guard import ChatSafeCoDe, SafeCoDeConfig, SafeCoDeInputError, Verdict
 from safecode_guard.judges import JudgeRequest
@@ -334,7 +334,7 @@ async def test_async_record_mode_blocks_calls(chat: Callable[..., ChatSafeCoDe],
 def load_example() -> Any:
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "agent_with_safety.py"
+    path = REPO / "examples" / "agent_with_safety.py"
     spec = importlib.util.spec_from_file_location("example_agent_with_safety", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -15,8 +15,9 @@ from nemoguardrails import LLMRails, RailsConfig
 from PIL import Image
 
 from safecode_guard import nemo
+from support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 CONFIG_V1 = ROOT / "integrations" / "nemoguardrails" / "safecode"
 CONFIG_V2 = ROOT / "integrations" / "nemoguardrails" / "safecode_colang2"
 REFUSAL = "I'm sorry, I can't help with that request."

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from server_support import UNSAFE_WORD, ServerProcess, ThreadServer, keyword_judge
+from support.servers import UNSAFE_WORD, ServerProcess, ThreadServer, keyword_judge
 
 from safecode_guard.testing import gradient_image
 

@@ -20,8 +20,14 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import BatchingConfig, SafeCoDe, ops
-from safecode_guard.engine.adapters import Decoder, ImageFeatures, Prefill, detect_quirks, encode_rows
-from safecode_guard.engine.adapters import FeatureCache
+from safecode_guard.engine.adapters import (
+    Decoder,
+    FeatureCache,
+    ImageFeatures,
+    Prefill,
+    detect_quirks,
+    encode_rows,
+)
 from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 NEEDS_IMAGE = {"paligemma", "instructblip"}
@@ -220,8 +226,8 @@ def test_a_request_cancelled_during_its_prefill_leaves_the_group(fresh, monkeypa
 
 
 def test_judge_prefills_of_a_cancelled_request_are_dropped_queued_or_mid_prefill(fresh, monkeypatch):
-    from safecode_guard.engine import adapters
     from safecode_guard.control import RequestControl, use_control
+    from safecode_guard.engine import adapters
 
     model, processor = fresh("llava")
     engine = SafeCoDe(model, processor, judge="fixed:safe", batching=BatchingConfig(prefill_chunk_tokens=CHUNK))
