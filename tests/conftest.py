@@ -65,7 +65,7 @@ def tiny_llava(load_tiny_vlm: Callable[[str], tuple[Any, Any]]) -> tuple[Any, An
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_llava: tuple[Any, Any]) -> tuple[Any, Any]:
-    """Alias of `tiny_llava` (the name CONTRACT.md uses)."""
+    """Alias of `tiny_llava`: the tiny VLM a test uses when the family does not matter."""
     return tiny_llava
 
 
@@ -85,7 +85,7 @@ def other_image() -> Any:
     return stripes_image(48, 40)
 
 
-# -- tool calling: shared by test_tools.py and test_agents.py ----------------------------------
+# -- tool calling: shared by the tool-calling, prompting and agent tests ----------------------------------
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ class TestChatSafeCoDeIntegration(ChatModelIntegrationTests):
 _NEEDS_A_TRAINED_MODEL = pytest.mark.xfail(
     strict=True,
     reason="a random-weight tiny model cannot choose the right tool and arguments; "
-    "the parsing and streaming of calls are tested with scripted answers in test_tools.py",
+    "the parsing and streaming of calls are tested with scripted answers in tests/models/test_tool_calling.py",
 )
 
 

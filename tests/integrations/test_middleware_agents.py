@@ -1,4 +1,4 @@
-"""`SafeCoDeMiddleware` in real LangChain v1 agents (`create_agent`), and the agent example (issue 6, parts 4-5).
+"""`SafeCoDeMiddleware` in real LangChain v1 agents (`create_agent`), and the agent example.
 
 The agents, their loops, tool nodes and state are real. The models are a
 `ChatSafeCoDe` on tiny Qwen2.5-VL / Llava models with tool-capable templates,
@@ -381,7 +381,7 @@ def test_example_runs_end_to_end_on_the_unscripted_model(tool_model_path: str, i
     assert result["route"] == ("answered" if result["verdict"]["label"] == "safe" else "refused")
 
 
-# =========================================================================== response_format (issue 11.3)
+# =========================================================================== response_format
 
 
 class Weather(BaseModel):
@@ -484,7 +484,7 @@ def test_without_the_middleware_an_unsafe_turn_ends_or_raises_a_typed_refusal(
     assert actions.done == [] and script.calls == 1
 
 
-# =========================================================================== issue 18.1: per-turn state after an unsafe turn
+# =========================================================================== per-turn state after an unsafe turn
 
 def stored_photo_question(text: str = "Should I open the door for this visitor?") -> HumanMessage:
     """`photo_question` with the image as base64, as a checkpointer can store it."""

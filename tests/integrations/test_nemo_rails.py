@@ -103,7 +103,7 @@ def photo_url(size: int = 256) -> str:
     return data_url(noised_image(gradient_image(size, size), std=40))
 
 
-# --------------------------------------------------------------------------- item 7: streaming past output rails
+# --------------------------------------------------------------------------- streaming past output rails
 
 STREAMING = {
     "no-streaming-config": "",
@@ -174,7 +174,7 @@ async def test_colang1_stream_carries_no_blocked_chunk(safecode_env: Callable[[s
     assert len(chunks) == 1 and json.loads(chunks[0])["error"]["code"] == "content_blocked"
 
 
-# --------------------------------------------------------------------------- item 8: the rail's own model
+# --------------------------------------------------------------------------- the rail's own model
 
 
 def private_model(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -302,7 +302,7 @@ def test_check_input_without_a_model_refuses_a_self_judge() -> None:
     assert nemo.check_input("hello", judge="fixed:unsafe").unsafe  # judges that need no model still work
 
 
-# --------------------------------------------------------------------------- item 9: what a Colang 2.x request carries
+# --------------------------------------------------------------------------- what a Colang 2.x request carries
 
 
 def two_user_messages() -> list[dict[str, Any]]:
@@ -366,7 +366,7 @@ def test_nemo_limit_colang2_rejects_output_vars_after_answering() -> None:
         LLMRails(config).generate(messages=hello(), options={"output_vars": True})
 
 
-# --------------------------------------------------------------------------- item 10: NeMo's self check with images
+# --------------------------------------------------------------------------- NeMo's self check with images
 
 
 def with_self_check(source: Path, folder: Path) -> Path:
@@ -427,7 +427,7 @@ def test_text_of_keeps_text_and_marks_images() -> None:
     assert nemo.text_of([{"type": "input_audio"}]) == "[input_audio]"
 
 
-# --------------------------------------------------------------------------- item 11: two model entries, one set of weights
+# --------------------------------------------------------------------------- two model entries, one set of weights
 
 
 def test_two_model_entries_on_the_same_weights_load_them_once(
@@ -458,7 +458,7 @@ def test_two_model_entries_on_the_same_weights_load_them_once(
     assert loads == [str(model_dir)]
 
 
-# --------------------------------------------------------------------------- item 12: where the verdict reaches the caller
+# --------------------------------------------------------------------------- where the verdict reaches the caller
 
 
 def test_runnable_rails_messages_carry_the_verdict(safecode_env: Callable[[str], Path]) -> None:

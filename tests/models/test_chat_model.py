@@ -37,6 +37,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from PIL import Image
+from support.messages import user_turn
 
 from safecode_guard import (
     ChatSafeCoDe,
@@ -358,10 +359,6 @@ def llm(llava_path: str) -> ChatSafeCoDe:
 @pytest.fixture(scope="module")
 def engine(llava_path: str) -> SafeCoDe:
     return SafeCoDe.from_pretrained(llava_path)
-
-
-def user_turn(text: str, *images: Image.Image) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
 
 
 def image_question(image: Image.Image, text: str = "What should I do here?") -> HumanMessage:
@@ -761,7 +758,7 @@ def test_engine_property_loads_once_and_is_shared(tiny_model_dir):
     assert llm.engine is engine  # invoke used the same engine
 
 
-# =========================================================================== issue 11: the LLM cache
+# =========================================================================== the LLM cache
 
 
 def test_judge_fingerprints_tell_judges_apart() -> None:
@@ -905,7 +902,7 @@ def test_answers_under_a_fallback_verdict_are_not_cached(llava_path: str) -> Non
     assert llm.invoke("hi").response_metadata["safety"]["source"] == "judge" and FlakyJudge.calls == 2
 
 
-# =========================================================================== issue 11: token counting
+# =========================================================================== token counting
 
 
 def test_token_counting_uses_the_models_tokenizer_without_loading_weights(
@@ -968,7 +965,7 @@ def test_token_counting_includes_tools_and_matches_the_engines_special_strings(
         assert special_strings(engine.processor) == engine._specials, family
 
 
-# =========================================================================== issue 11: settings
+# =========================================================================== settings
 
 
 def test_sampling_without_a_seed_is_fresh_each_call_and_a_seed_reproduces(
@@ -1070,7 +1067,7 @@ def test_a_wrapped_model_pickles_as_its_path(tiny_llava: tuple[Any, Any], llava_
     assert restored.model == llava_path and restored.invoke("Hello").content == answer
 
 
-# =========================================================================== issue 18: LangChain fixes, third round
+# =========================================================================== LangChain conventions: shared weights, standard params, names, demo, init_chat_model
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])  # byte-level BPE: the refusal's best opening is " I"
@@ -1099,7 +1096,7 @@ def test_the_text_tracker_strips_only_the_answers_leading_space() -> None:
     assert "".join(kept.add(i) for i in range(5)) == "  I can't\n help"  # after a forced opening: as decoded
 
 
-# -- item 4: loaded weights are shared, by model identity, and freed when unused ------------------
+# -- loaded weights are shared, by model identity, and freed when unused ------------------
 
 
 @pytest.fixture
@@ -1218,7 +1215,7 @@ def test_a_copy_on_another_model_has_engines_of_its_own(own_llava_path: str, lla
     assert type(other.engine.model) is not type(llm.engine.model)
 
 
-# -- item 2: LangChain's standard timeout / max_retries / api_key, with meaning ---------------------
+# -- LangChain's standard timeout / max_retries / api_key, with meaning ---------------------
 
 
 STANDARD_PARAMS = {"temperature": 0, "max_tokens": 100, "timeout": 60, "stop": [], "max_retries": 2, "api_key": "sk-test-123"}
@@ -1394,7 +1391,7 @@ def test_a_retry_that_would_end_past_the_deadline_times_out(llava_path: str, mon
     assert isinstance(err.value.__cause__, OverloadedError)
 
 
-# -- item 6: the name answers report ---------------------------------------------------------------
+# -- the name answers report ---------------------------------------------------------------
 
 
 def test_answers_name_a_local_model_by_its_folder_never_its_path(llava_path: str) -> None:
@@ -1425,7 +1422,7 @@ def test_a_display_name_does_not_share_cached_answers_with_another(llava_path: s
     assert again.response_metadata["model_name"] == "b"
 
 
-# -- item 6: profile["tool_calling"] before loading ---------------------------------------------------
+# -- profile["tool_calling"] before loading ---------------------------------------------------
 
 
 def test_tool_calling_in_the_profile_is_known_before_loading(
@@ -1450,13 +1447,13 @@ def test_tool_calling_in_the_profile_is_known_before_loading(
     assert loaded.profile["tool_calling"] is True  # the loaded processor agrees
 
 
-# -- item 3: "demo" names the embedded demo model everywhere -------------------------------------
+# -- "demo" names the embedded demo model everywhere -------------------------------------
 
 
 @pytest.fixture
 def fake_demo(tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The demo model's build replaced by a copy of the tiny Llava (the real build is tested in
-    test_demo_model.py); the cache in a temporary folder. Returns the folders built."""
+    tests/models/test_demo_model.py); the cache in a temporary folder. Returns the folders built."""
     import json
     import shutil
 
@@ -1509,7 +1506,7 @@ def test_an_unbuildable_demo_model_fails_on_first_use_naming_the_fix(monkeypatch
         llm.invoke("hi")
 
 
-# -- item 5: init_chat_model -------------------------------------------------------------------------
+# -- init_chat_model -------------------------------------------------------------------------
 
 
 def test_langchains_init_chat_model_has_no_way_to_add_a_provider(llava_path: str) -> None:
@@ -1540,7 +1537,7 @@ def test_init_chat_model_with_the_safecode_provider(llava_path: str, monkeypatch
         init_chat_model(llava_path, model_provider="safecode", configurable_fields="any")
 
 
-# -- item 6: tool-capable tiny models for applications' own tests ------------------------------------
+# -- tool-capable tiny models for applications' own tests ------------------------------------
 
 
 def test_applications_can_build_tool_capable_tiny_models(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""Issue 4 end to end through `ChatSafeCoDe`: bad input, limits, judge faults, concurrency, load.
+"""`ChatSafeCoDe` under bad input, limits, judge faults, concurrency and load: fails fast and typed, stays usable.
 
-Image decoding itself is covered exhaustively in test_images.py; here we check
+Image decoding itself is covered exhaustively in tests/unit/test_images.py; here we check
 that the chat model fails fast and typed, before any model work, and stays usable.
 """
 
@@ -16,6 +16,7 @@ import time
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 from PIL import Image
+from support.waiting import rss_mb
 
 from safecode_guard import (
     ChatSafeCoDe,
@@ -221,11 +222,7 @@ async def test_asyncio_gather_matches_sequential_and_keeps_the_loop_free(tiny_mo
     assert ticks > 5  # the event loop kept running while the model worked
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
+@pytest.mark.soak
 def test_two_hundred_calls_do_not_grow_memory(tiny_model_dir, capsys):
     chat = ChatSafeCoDe(model=str(tiny_model_dir("llava")), judge="self", max_new_tokens=4)
     message = [image_message("What is shown?", png_b64())]
@@ -237,7 +234,7 @@ def test_two_hundred_calls_do_not_grow_memory(tiny_model_dir, capsys):
         chat.invoke(message)
         if i % 50 == 49:
             gc.collect()
-            samples.append(_rss_mb())
+            samples.append(rss_mb())
     with capsys.disabled():
         print(f"\nRSS after 20 warm-up calls then every 50 of 200 calls (MB): {[round(s, 1) for s in samples]}")
     # a leak of a cache or an image per call (~0.1-1 MB each) would add 20+ MB over 200 calls

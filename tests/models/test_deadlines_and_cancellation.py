@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 import pytest
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from support.messages import user_turn
+from support.waiting import wait_until
 
 from safecode_guard import (
     BatchingConfig,
@@ -31,21 +32,6 @@ from safecode_guard.errors import StreamReaderError
 from safecode_guard.testing import gradient_image
 
 
-def user_turn(text: str, *images: Any) -> list[dict]:
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def fresh(tiny_model_dir):
-    """`fresh()`: a Llava model object of its own (its own scheduler, so its own settings)."""
-
-    def load(family: str = "llava") -> tuple[Any, Any]:
-        path = tiny_model_dir(family)
-        return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-
-    return load
-
-
 class SlowJudge:
     """A judge that takes `seconds` (e.g. a remote chat judge) and records that it ran."""
 
@@ -59,15 +45,6 @@ class SlowJudge:
         time.sleep(self.seconds)
         self.finished.set()
         return "safe"
-
-
-def wait_until(condition: Any, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 # --------------------------------------------------------------------------- the control alone

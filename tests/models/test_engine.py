@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from support.messages import user_turn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import SafeCoDe, SafeCoDeConfig, Verdict
@@ -34,11 +35,6 @@ def loaded(tiny_model_dir):
         return cache[family]
 
     return get
-
-
-def user_turn(text: str, *images) -> list[dict]:
-    parts = [{"type": "image", "image": img} for img in images]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
 # -- the reference implementation, from the SPEC's words -------------------------------------
@@ -391,7 +387,7 @@ def test_inputs_a_family_cannot_take_are_typed_errors_and_the_model_stays_usable
     assert engine.generate(user_turn("Describe.", gradient_image()), max_new_tokens=2).usage.completion_tokens >= 1
 
 
-# -- issue 10: limits before any model work, bounded stop strings, no lock across a yield ---------
+# -- limits before any model work, bounded stop strings, no lock across a yield ---------
 
 
 def test_every_length_limit_is_checked_before_the_judge(llava):

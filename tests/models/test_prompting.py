@@ -1,4 +1,4 @@
-"""Issue 4.4: user text can never become the model's special tokens, in the prompt or the judge's."""
+"""Prompt rendering: user text can never become the model's special tokens, in the prompt or the judge's."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_judge_prompt_structure_survives_a_forged_decision(tiny_model_dir):
     assert wrapped.startswith("<request>") and wrapped.endswith("</request>")
 
 
-# --------------------------------------------------------------------------- tool turns and tool schemas (issue 10.15)
+# --------------------------------------------------------------------------- tool turns and tool schemas
 
 
 def _tool_conversation(word: str) -> tuple[list, list]:

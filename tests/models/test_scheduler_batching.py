@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from support.messages import user_turn
+from support.waiting import rss_mb
 
 from safecode_guard import (
     BatchingConfig,
@@ -36,21 +37,6 @@ from safecode_guard.engine.kv_rows import RowBatch, kv_bytes_per_token, merge
 from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 NEEDS_IMAGE = {"paligemma", "instructblip"}
-
-
-def user_turn(text: str, *images: Any) -> list[dict]:
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def fresh(tiny_model_dir):
-    """`fresh(family)`: a model object of its own, so each test gets a scheduler with its own settings."""
-
-    def load(family: str) -> tuple[Any, Any]:
-        path = tiny_model_dir(family)
-        return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-
-    return load
 
 
 def mixed_requests(family: str) -> list[tuple[str, list[dict], dict[str, Any]]]:
@@ -456,11 +442,7 @@ def test_close_cancels_everything_and_the_scheduler_stays_usable(fresh):
     assert len(engine.generate(user_turn("Hi", gradient_image()), max_new_tokens=3).token_ids) == 3
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
+@pytest.mark.soak
 def test_rss_stays_flat_over_500_mixed_requests_at_concurrency_8(fresh):
     import concurrent.futures
 
@@ -481,11 +463,11 @@ def test_rss_stays_flat_over_500_mixed_requests_at_concurrency_8(fresh):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(100)))  # warm-up: allocator arenas, caches
         gc.collect()
-        rss = [_rss_mb()]
+        rss = [rss_mb()]
         for start in range(100, 600, 100):
             assert all(n >= 0 for n in pool.map(one, range(start, start + 100)))
             gc.collect()
-            rss.append(_rss_mb())
+            rss.append(rss_mb())
     print(f"\nRSS (MB) after warm-up and after each 100 of 500 requests at concurrency 8: {[round(r, 1) for r in rss]}")
     assert max(rss) - rss[0] < 30, rss
     assert engines["safe"].scheduler.active_rows == 0 and engines["safe"].scheduler.queue_depth == 0

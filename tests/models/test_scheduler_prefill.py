@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from support.messages import user_turn
 
 from safecode_guard import BatchingConfig, SafeCoDe, ops
 from safecode_guard.engine.adapters import (
@@ -32,21 +32,6 @@ from safecode_guard.testing import FAMILIES, gradient_image, stripes_image
 
 NEEDS_IMAGE = {"paligemma", "instructblip"}
 CHUNK = 16  # prompt tokens per chunk, over all rows: tiny prompts still take several chunks
-
-
-def user_turn(text: str, *images: Any) -> list[dict]:
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def fresh(tiny_model_dir):
-    """`fresh(family)`: a model object of its own, so each engine gets a scheduler with its own settings."""
-
-    def load(family: str) -> tuple[Any, Any]:
-        path = tiny_model_dir(family)
-        return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-
-    return load
 
 
 def long_text(family: str) -> str:

@@ -1,4 +1,4 @@
-"""Tool calling and structured output of `ChatSafeCoDe` (issue 6, parts 1-3).
+"""Tool calling and structured output of `ChatSafeCoDe` on tiny models.
 
 Tier 1: the pure functions of `safecode_guard.tools` (schemas, `tool_choice`,
 the splitter and call parser, the template probe) and the message
@@ -611,7 +611,7 @@ def test_bad_structured_output_and_json_mode_arguments(chat: Callable[..., ChatS
         llm.invoke("hi", tool_choice="any")
 
 
-# =========================================================================== issue 10.12: nesting bounds
+# =========================================================================== nesting bounds
 
 
 def deep(levels: int, leaf: Any = 1) -> Any:

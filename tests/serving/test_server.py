@@ -269,6 +269,7 @@ class SlowClients:
             s.close()
 
 
+@pytest.mark.soak
 async def test_32_concurrent_clients_mixed_requests_no_5xx_right_verdicts_flat_memory(server):
     """The load test: 32 clients with mixed requests (safe, unsafe, invalid, streamed), among them big
     images (a 2400x2400 WEBP, about 100 MB each to decode) and, alongside, 30 unauthenticated slow

@@ -1,4 +1,4 @@
-"""`safecode-guard serve`, third hardening round (issue 17): what a client can learn and what it can hold.
+"""`safecode-guard serve` under hostile clients: what a client can learn and what it can hold.
 
 Servers run in a thread of this process (`ThreadServer`, so tests can script
 judges and slow the scheduler) or as a subprocess (`ServerProcess`, for the
@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from support.servers import ServerProcess, ThreadServer
+from support.waiting import wait_until
 
 from safecode_guard import BatchingConfig, InputPolicy, SafeCoDeConfig
 from safecode_guard.testing import gradient_image
@@ -57,16 +58,7 @@ def first_event(url: str, body: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("no event")
 
 
-def wait_until(condition: Any, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return bool(condition())
-
-
-# -- item 4: a failed judge's text never reaches the client --------------------------------------
+# -- a failed judge's text never reaches the client --------------------------------------
 
 
 def leaky_judge(request: Any) -> str:
@@ -138,7 +130,7 @@ def test_local_paths_never_reach_a_client():
     assert HOME.encode() not in body and b"chat_template.jinja" not in body and b"<path>" in body
 
 
-# -- items 11 and 12: the schema pages, and numbers no client data may turn into a 500 ----------
+# -- the schema pages, and numbers no client data may turn into a 500 ----------
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +216,7 @@ async def test_a_content_length_of_thousands_of_digits_is_413_not_500():
     assert sent[0]["status"] == 413
 
 
-# -- item 14: --request-timeout covers the judge -----------------------------------------------
+# -- --request-timeout covers the judge -----------------------------------------------
 
 
 def test_the_request_timeout_covers_judge_time(tiny_model_dir):
@@ -240,7 +232,7 @@ def test_the_request_timeout_covers_judge_time(tiny_model_dir):
     assert stream.status_code == 504
 
 
-# -- item 9: a client that leaves takes its work with it -----------------------------------------
+# -- a client that leaves takes its work with it -----------------------------------------
 
 
 def test_a_non_streaming_client_that_leaves_cancels_its_decoding(tiny_model_dir):
@@ -316,7 +308,7 @@ def test_many_clients_timing_out_leave_room_for_the_next_request(tiny_model_dir)
         assert scheduler.stats["finished_length"] <= 1  # only the follow-up ran to its end
 
 
-# -- item 5: preparation is linear, capped before any work, and stops when the client leaves ----
+# -- preparation is linear, capped before any work, and stops when the client leaves ----
 
 
 def one_liners(n: int) -> list[dict[str, Any]]:
@@ -420,7 +412,7 @@ def test_a_client_that_leaves_stops_its_preparation(tiny_model_dir, monkeypatch)
     assert 1 <= len(decoded) <= 3, decoded
 
 
-# -- item 8: JSON within a structure budget, parsed off the event loop ---------------------------
+# -- JSON within a structure budget, parsed off the event loop ---------------------------
 
 
 def test_json_structure_budget():
@@ -461,7 +453,7 @@ def test_a_body_of_millions_of_values_is_refused_before_parsing(tiny_model_dir, 
     assert parsed == []  # refused from the count alone
 
 
-# -- item 6: the decode-memory budget on the wire ------------------------------------------------
+# -- the decode-memory budget on the wire ------------------------------------------------
 
 
 @pytest.fixture
@@ -498,7 +490,7 @@ def test_a_decode_that_waits_too_long_for_memory_gets_429(tiny_model_dir, defaul
     assert calm.status_code == 200, calm.text
 
 
-# -- item 7: idle, slow and oversized connections -----------------------------------------------
+# -- idle, slow and oversized connections -----------------------------------------------
 
 
 def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:

@@ -1,4 +1,4 @@
-"""Issue 10 (items 5, 6, 7, 9, 12, 14): image decode work, memory and request limits.
+"""Image decode limits: decompression bombs, decode work and memory, per-request image limits, the process-wide budget.
 
 Every bomb is built here, programmatically and small (a flat 40 M-pixel PNG is
 a few hundred kB, built row by row). Peak memory is measured in a fresh
@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from support.image_bytes import encode, png_chunk
 
 import safecode_guard
 from safecode_guard import images
@@ -58,16 +59,6 @@ from safecode_guard.testing import FAMILIES
 
 # --------------------------------------------------------------------------
 # Builders of (bomb) images
-
-
-def encode(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def flat_png(width: int, height: int, pixel: bytes = b"\x80\x40\x20", colour_type: int = 2, depth: int = 8) -> bytes:
@@ -399,6 +390,7 @@ def test_jpeg_is_decoded_small_by_draft() -> None:
     assert seen == [(512, 512)]  # libjpeg decoded at 1/8 scale: the 4096 x 4096 pixels never existed
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize(
     ("case", "build", "bound_mb"),
     [
@@ -431,6 +423,7 @@ def _gradient(mode: str, size: tuple[int, int]) -> Image.Image:
     return rgb.convert(mode)
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize(
     ("case", "build"),
     [
@@ -480,6 +473,7 @@ def test_progressive_jpeg_inside_a_tiff_counts_its_scans() -> None:
         load_image(tiff)
 
 
+@pytest.mark.soak
 def test_engine_path_memory_with_the_working_size() -> None:
     # What the engine does: parse_messages at the processor's working size, then the noised copy.
     # Before: 2.45 GB for one 40 M-pixel PNG (the noised copy alone 1.84 GB).
@@ -618,6 +612,7 @@ def test_unsupported_content_encoding_is_a_typed_error() -> None:
         fetch_streamed(b"\x1f\x8b\x08\x00garbage-not-deflate", "gzip")
 
 
+@pytest.mark.soak
 def test_zstd_bomb_peak_memory() -> None:
     # Before: a 16 KiB body grew to 1.07 GB before the cap tripped; 48 KiB gave an untyped MemoryError.
     body = zstd_bomb(1024)  # 1 GiB of zeros in ~16 KiB
@@ -813,7 +808,7 @@ def test_working_side_keeps_processor_output_close(family: str, tiny_model_dir) 
 
 
 # --------------------------------------------------------------------------
-# Issue 17 item 6: one decode-memory budget for every request of the process
+# One decode-memory budget for every request of the process
 
 _CONCURRENT = r"""
 import io, json, re, sys, threading
@@ -864,6 +859,7 @@ def _concurrent_decodes(side: int, n: int, budget_mb: int | None) -> dict[str, f
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.soak
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS per case needs Linux")
 def test_concurrent_decodes_stay_within_one_process_budget() -> None:
     """Six requests each decode a 2400x2400 lossless WEBP (about 104 MB to decode by the estimate; each

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from pydantic import ValidationError
+from support.image_bytes import encode, png_chunk
 
 from safecode_guard.config import InputPolicy
 from safecode_guard.errors import ImageInputError
@@ -50,20 +51,10 @@ from safecode_guard.images import (
 HANG_BOUND_S = 5.0
 
 
-def encode(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def noise_image(size: tuple[int, int] = (64, 64), seed: int = 0) -> Image.Image:
     # Noise does not compress, so truncating the file really loses pixel data.
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -631,7 +622,7 @@ def test_local_files_inside_root(root: Path) -> None:
 
 
 def test_local_files_need_an_explicit_root(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Changed on purpose (issue 10, item 14): the working directory was the default root, so with
+    # Changed on purpose: the working directory used to be the default root, so with
     # cwd "/" any file was readable. A root is now required, and a relative one is pinned at once.
     with pytest.raises(ValidationError, match="needs `local_files_root`"):
         InputPolicy(allow_local_files=True)

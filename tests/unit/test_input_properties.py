@@ -1,4 +1,4 @@
-"""Issue 4.7: property-based tests. Whatever comes in, only typed errors or valid results come out."""
+"""Property-based tests of every input reader: whatever comes in, only typed errors or valid results come out."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_langchain_conversion_gives_messages_or_a_typed_error(messages):
     assert conv.messages and all(img.mode == "RGB" for img in conv.images)
 
 
-# -- Image structure walks (issue 10) ----------------------------------------------------------
+# -- Image structure walks --------------------------------------------------------------------------
 
 from safecode_guard.images import structure_problem  # noqa: E402
 

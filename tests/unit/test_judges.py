@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 from langchain_core.language_models.fake_chat_models import FakeListChatModel, GenericFakeChatModel
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage
 from PIL import Image
-from pydantic import Field
+from support.doubles import FakeEngine, RecordingChatModel
 
 from safecode_guard.config import SafeCoDeConfig
 from safecode_guard.errors import (
@@ -82,28 +82,6 @@ def _logits_with_mass(
     return z
 
 
-class FakeEngine:
-    """Records every call; returns the logits and caption it was given."""
-
-    def __init__(
-        self, tokenizer: Any, logits: torch.Tensor, caption: str = "  A man at a cliff edge.  "
-    ):
-        self.tokenizer = tokenizer
-        self.logits = logits
-        self.caption = caption
-        self.calls: list[tuple[str, Any]] = []
-        self.inference_mode: list[bool] = []
-
-    def next_token_logits(self, messages):
-        self.calls.append(("next_token_logits", messages))
-        self.inference_mode.append(torch.is_inference_mode_enabled())
-        return self.logits
-
-    def plain_text(self, messages, max_new_tokens=64):
-        self.calls.append(("plain_text", (messages, max_new_tokens)))
-        return self.caption
-
-
 def _images(n: int = 2) -> tuple[Image.Image, ...]:
     return tuple(Image.new("RGB", (8 + i, 6), (40 * i, 100, 200)) for i in range(n))
 
@@ -127,16 +105,6 @@ def _text_parts(messages) -> list[str]:
 
 def _image_parts(messages) -> list[Any]:
     return [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
-
-
-class RecordingChatModel(FakeListChatModel):
-    """FakeListChatModel that keeps the messages of every call."""
-
-    seen: list[list[BaseMessage]] = Field(default_factory=list)
-
-    def _call(self, messages, stop=None, run_manager=None, **kwargs):
-        self.seen.append(list(messages))
-        return super()._call(messages, stop=stop, run_manager=run_manager, **kwargs)
 
 
 # --------------------------------------------------------------------------- unsafe_probability
@@ -563,7 +531,7 @@ def test_self_judge_caption_mode_captions_then_scores_text_only(tokenizer):
     assert v.unsafe_score == pytest.approx(0.5, abs=1e-6)  # 0.5 >= threshold 0.5 -> unsafe
 
     assert [name for name, _ in engine.calls] == ["plain_text", "next_token_logits"]
-    caption_messages, max_new = engine.calls[0][1]
+    caption_messages, max_new = engine.calls[0][1], engine.caption_lengths[0]
     assert max_new == 40
     assert _image_parts(caption_messages) == list(images)
     assert _text_parts(caption_messages) == [CAPTION_PROMPT]
