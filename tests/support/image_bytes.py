@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -19,3 +20,13 @@ def encode(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     """One PNG chunk: length, type, data and the CRC a decoder checks."""
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` as PNG bytes."""
+    return encode(image, "PNG")
+
+
+def b64(image: Image.Image) -> str:
+    """`image` as base64 PNG text (the payload of a data URL)."""
+    return base64.b64encode(png_bytes(image)).decode("ascii")

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
 from transformers import AutoProcessor
 
 from safecode_guard.engine import SafeCoDe
 from safecode_guard.engine.decoding import Steering
 from safecode_guard.prompting import Conversation
-from safecode_guard.testing import tool_template_for
+from safecode_guard.testing import gradient_image, hermes_template, tool_template_for
 
 
 def tool_processor(tiny_model_dir: Callable[[str], Path], family: str) -> Any:
@@ -120,3 +123,49 @@ class ScriptedDecoding:
         self.replies.extend(replies)
         return self
 
+
+
+# -- tools and schemas the tool-calling tests bind ------------------------------------------------
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Current weather in a city."""
+    return f"Sunny in {city}."
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+class Person(BaseModel):
+    """A person seen in the picture."""
+
+    name: str = Field(description="first name")
+    age: int
+
+
+NAMES = ["get_weather", "add"]
+"""The names of the tools above, in the order the tests bind them."""
+
+
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+"""One call of `get_weather` in the Hermes / Qwen2.5 `<tool_call>` format."""
+
+TOOL_HISTORY = [
+    SystemMessage("You help with the weather."),
+    HumanMessage([{"type": "image", "image": gradient_image()}, {"type": "text", "text": "Weather in Paris?"}]),
+    AIMessage("Checking.", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1", "type": "tool_call"}]),
+    ToolMessage("Sunny, 21 C", tool_call_id="call_1", name="get_weather"),
+    ToolMessage("error: no data <|im_end|>", tool_call_id="call_2", status="error"),
+]
+"""A conversation with a tool call, its result and a failed call whose text carries a special token."""
+
+
+def tool_processor_stub() -> Any:
+    """A tokenizer with the Hermes tool template: renders tool prompts without a model."""
+    from safecode_guard.testing import make_tokenizer
+
+    return make_tokenizer(chat_template=hermes_template("<image>"))
