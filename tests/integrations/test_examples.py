@@ -7,42 +7,22 @@ SAFECODE_MODEL environment variable as a user would meet them.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from support import REPO
+from support.examples import EXAMPLES, load_example
 
 from safecode_guard import ChatSafeCoDe
-from safecode_guard.testing import gradient_image
-
-EXAMPLES = REPO / "examples"
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def model_path(tiny_model_dir: Callable[[str], Path]) -> str:
     return str(tiny_model_dir("llava"))
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("example_images") / "scene.png"
-    gradient_image(48, 40).save(path)
-    return str(path)
 
 
 # -- chain_branch_on_verdict ---------------------------------------------------------------------

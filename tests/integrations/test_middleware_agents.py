@@ -31,7 +31,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel, Field
-from support import REPO
+from support.examples import load_example
 from support.tools import ScriptedDecoding
 
 from safecode_guard import ChatSafeCoDe, SafeCoDeConfig, SafeCoDeInputError, Verdict
@@ -331,31 +331,13 @@ async def test_async_record_mode_blocks_calls(chat: Callable[..., ChatSafeCoDe],
 # =========================================================================== the example
 
 
-def load_example() -> Any:
-    import importlib.util
-
-    path = REPO / "examples" / "agent_with_safety.py"
-    spec = importlib.util.spec_from_file_location("example_agent_with_safety", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tool_vlm(QWEN, tmp_path_factory.mktemp("agent_example") / QWEN))
 
 
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("agent_example_images") / "kitchen.png"
-    gradient_image(48, 40).save(path)
-    return str(path)
-
-
 def test_example_safe_scene_acts(tool_model_path: str, image_path: str, script: ScriptedDecoding) -> None:
-    example = load_example()
+    example = load_example("agent_with_safety")
     script.add(call_text(QWEN, "add_to_shopping_list", {"item": "apples", "quantity": 2}), "Added two apples.")
     result = example.main(["--model", tool_model_path, "--image", image_path, "--judge", "fixed:safe"])
     assert result["route"] == "answered" and result["answer"] == "Added two apples."
@@ -364,7 +346,7 @@ def test_example_safe_scene_acts(tool_model_path: str, image_path: str, script: 
 
 
 def test_example_unsafe_scene_never_acts(tool_model_path: str, image_path: str, script: ScriptedDecoding) -> None:
-    example = load_example()
+    example = load_example("agent_with_safety")
     script.add(call_text(QWEN, "set_reminder", {"text": "leave the stove on", "minutes": 60}))
     ended = example.main(["--model", tool_model_path, "--image", image_path, "--judge", "fixed:unsafe"])
     assert ended["route"] == "refused" and ended["actions"] == [] and script.calls == 0
@@ -375,7 +357,7 @@ def test_example_unsafe_scene_never_acts(tool_model_path: str, image_path: str, 
 
 
 def test_example_runs_end_to_end_on_the_unscripted_model(tool_model_path: str, image_path: str) -> None:
-    example = load_example()
+    example = load_example("agent_with_safety")
     result = example.main(["--model", tool_model_path, "--image", image_path, "--max-new-tokens", "16"])
     assert result["verdict"]["judge"] == "self:direct"
     assert result["route"] == ("answered" if result["verdict"]["label"] == "safe" else "refused")

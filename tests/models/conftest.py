@@ -19,3 +19,16 @@ def fresh(tiny_model_dir: Callable[[str], Path]) -> Callable[..., tuple[Any, Any
         return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
     return load
+
+
+@pytest.fixture(scope="module")
+def loaded(fresh: Callable[..., tuple[Any, Any]]) -> Callable[[str], tuple[Any, Any]]:
+    """`loaded(family) -> (model, processor)`: like `fresh`, but one model per family for the whole module."""
+    cache: dict[str, tuple[Any, Any]] = {}
+
+    def get(family: str) -> tuple[Any, Any]:
+        if family not in cache:
+            cache[family] = fresh(family)
+        return cache[family]
+
+    return get

@@ -1,6 +1,6 @@
 """Continuous batching (`scheduler.py`): concurrent requests decode together, each as it would alone.
 
-Tier 2, tiny random models of every family through the real transformers code.
+On tiny random models of every family through the real transformers code.
 The centrepiece: a mixed set of requests (images or none, long and short
 prompts, safe and unsafe verdicts, different windows, greedy and seeded
 sampling, penalties, stop strings) submitted together, half of them joining

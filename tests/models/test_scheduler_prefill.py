@@ -1,6 +1,6 @@
 """Prefill: prompts of different lengths share it, long ones go in chunks, images are encoded once.
 
-Tier 2, tiny random models of every family through the real transformers
+On tiny random models of every family through the real transformers
 code. A chunked prefill must give the logits of a whole one (to float
 rounding) and every answer the tokens it gets alone with a whole prefill;
 a chunk never cuts a span that attends both ways (Gemma3's images,

@@ -23,19 +23,12 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from support.image_bytes import data_url
 from support.servers import UNSAFE_WORD, ServerProcess, ThreadServer, keyword_judge
-
-from safecode_guard.testing import gradient_image
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
 
 KEY = "test-key-123"
-
-
-def data_url(img: Image.Image | None = None) -> str:
-    buf = io.BytesIO()
-    (img or gradient_image(48, 40)).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def image_message(text: str) -> dict[str, Any]:

@@ -30,3 +30,10 @@ def png_bytes(image: Image.Image) -> bytes:
 def b64(image: Image.Image) -> str:
     """`image` as base64 PNG text (the payload of a data URL)."""
     return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def data_url(image: Image.Image | None = None) -> str:
+    """`image` (default: the 48x40 gradient) as a PNG data URL."""
+    from safecode_guard.testing import gradient_image
+
+    return "data:image/png;base64," + b64(image or gradient_image(48, 40))

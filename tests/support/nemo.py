@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from PIL import Image
 
 from safecode_guard import nemo
 from support import REPO
+from support.image_bytes import data_url
 
 ROOT = REPO
 CONFIG_V1 = ROOT / "integrations" / "nemoguardrails" / "safecode"
@@ -65,12 +64,6 @@ def safecode_env(
 
     yield use
     nemo.clear_caches()
-
-
-def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def image_turn(text: str, image: Image.Image) -> dict[str, Any]:

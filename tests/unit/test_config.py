@@ -1,4 +1,4 @@
-"""Tier 1: settings validate at construction; errors name the field, the value and a fix."""
+"""Settings validate at construction; errors name the field, the value and a fix."""
 
 from __future__ import annotations
 

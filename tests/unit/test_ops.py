@@ -1,4 +1,4 @@
-"""Tier 1: the method's pure functions on hand-computed small tensors."""
+"""The method's pure functions (`ops`) on hand-computed small tensors."""
 
 from __future__ import annotations
 
