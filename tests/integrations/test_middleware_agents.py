@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,14 +23,12 @@ from langchain.agents.structured_output import (
     StructuredOutputValidationError,
     ToolStrategy,
 )
-from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.exceptions import ModelRefusalError
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
+from support.doubles import ScriptedChatModel
 from support.examples import load_example
 from support.tools import ScriptedDecoding
 
@@ -77,31 +75,6 @@ class CountingJudge:
         self.requests.append(request)
         self.threads.append(threading.get_ident())
         return Verdict(label=self.label, unsafe_score=0.9 if self.label == "unsafe" else 0.1, judge=self.name)  # type: ignore[arg-type]
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Another provider's chat model, scripted: returns `replies` in order and records its inputs."""
-
-    replies: list[AIMessage] = Field(default_factory=list)
-    seen: list[list[BaseMessage]] = Field(default_factory=list)
-    options: list[dict[str, Any]] = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        return self
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
-    ) -> ChatResult:
-        self.seen.append(list(messages))
-        self.options.append(kwargs)
-        return ChatResult(generations=[ChatGeneration(message=self.replies.pop(0))])
-
-
 
 
 def photo_question(text: str = "Should I open the door for this visitor?") -> HumanMessage:

@@ -24,6 +24,8 @@ from support.nemo import (  # noqa: F401 (fixtures are found by name)
     CONFIG_V1,
     CONFIG_V2,
     MAIN_MODEL_YAML,
+    OUTPUT_RAIL_V1,
+    OUTPUT_RAIL_V2,
     REFUSAL,
     ROOT,
     answer_of,
@@ -42,29 +44,6 @@ from safecode_guard.testing import gradient_image, noised_image
 
 CONFIG_RAIL_ONLY = ROOT / "integrations" / "nemoguardrails" / "safecode_rail_only"
 REPLACEMENT = "I can't share that answer."
-
-# A Colang 2.x output rail standing in for any: it blocks answers that hold a listed term.
-OUTPUT_RAIL_V2 = '''
-flow output rails $output_text
-  """Block answers that hold a listed term."""
-  $outcome = await CheckBlockedTermsAction(text=$output_text)
-  if $outcome.is_blocked
-    bot say "I can't share that answer."
-    abort
-'''
-
-# The same in Colang 1.0 (NeMo's streaming path runs it on each chunk).
-OUTPUT_RAIL_V1 = '''
-define flow check blocked terms
-  $outcome = execute check_blocked_terms
-  if $outcome.is_blocked
-    bot refuse to share answer
-    stop
-
-define bot refuse to share answer
-  "I can't share that answer."
-'''
-
 
 def blocked_terms(terms: Sequence[str]) -> Callable[..., Any]:
     """An output-rail action blocking a bot message that holds any of `terms` (`["*"]`: every message)."""

@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from nemoguardrails.server import api
-from support.nemo import CONFIG_V1, CONFIG_V2, REFUSAL, ROOT, network_attempts  # noqa: F401 (an autouse fixture)
+from support.nemo import (  # noqa: F401 (an autouse fixture)
+    CONFIG_V1,
+    CONFIG_V2,
+    OUTPUT_RAIL_V1,
+    OUTPUT_RAIL_V2,
+    REFUSAL,
+    ROOT,
+    network_attempts,
+)
 
 from safecode_guard import ChatSafeCoDe, loading, nemo
 from safecode_guard.engine import SafeCoDe
@@ -219,7 +227,6 @@ def init(app):
 
 def config_blocking_every_answer(source: Path, folder: Path) -> Path:
     """A copy of a shipped folder with an output rail that blocks every answer."""
-    from test_nemo_rails import OUTPUT_RAIL_V1, OUTPUT_RAIL_V2
 
     shutil.copytree(source, folder)
     (folder / "config.py").write_text(BLOCK_ALL_CONFIG_PY)

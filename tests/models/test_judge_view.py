@@ -22,6 +22,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from pydantic import Field
+from support.doubles import ScriptedChatModel
 from support.servers import ThreadServer
 from support.tools import ScriptedDecoding
 
@@ -187,7 +188,6 @@ def test_a_response_schema_and_tools_are_in_the_judge_view_as_delimited_data() -
 
 
 def test_the_agent_middleware_judges_the_tools_and_system_prompt() -> None:
-    from test_agents import ScriptedChatModel
 
     @tool
     def order_parts(count: int) -> str:
@@ -212,7 +212,6 @@ def test_the_agent_middleware_judges_the_tools_and_system_prompt() -> None:
 
 
 def test_the_agent_middleware_judges_a_structured_output_schema() -> None:
-    from test_agents import ScriptedChatModel
 
     other = ScriptedChatModel(replies=[AIMessage("{}")])
     schema = {"title": "Parts", "description": f"The parts of a {WORD}.", "type": "object", "properties": {}}

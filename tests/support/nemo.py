@@ -120,3 +120,26 @@ def load_error(folder: Path) -> BaseException:
 
 def hello() -> list[dict[str, Any]]:
     return [{"role": "user", "content": "hello"}]
+
+
+# A Colang 2.x output rail standing in for any: it blocks answers that hold a listed term.
+OUTPUT_RAIL_V2 = '''
+flow output rails $output_text
+  """Block answers that hold a listed term."""
+  $outcome = await CheckBlockedTermsAction(text=$output_text)
+  if $outcome.is_blocked
+    bot say "I can't share that answer."
+    abort
+'''
+
+# The same in Colang 1.0 (NeMo's streaming path runs it on each chunk).
+OUTPUT_RAIL_V1 = '''
+define flow check blocked terms
+  $outcome = execute check_blocked_terms
+  if $outcome.is_blocked
+    bot refuse to share answer
+    stop
+
+define bot refuse to share answer
+  "I can't share that answer."
+'''
