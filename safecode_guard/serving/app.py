@@ -55,9 +55,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import __version__
 from ..calls import Call, Event, aevents, open_call
 from ..config import validated_copy
 from ..control import RequestControl, arun_briefly, use_control
+from ..engine import demo_model
 from ..engine.core import SafeCoDe
 from ..errors import (
     APIError,
@@ -134,9 +136,7 @@ class ModelHost:
         try:
             path = s.model
             if path == "demo":
-                from ..engine.demo_model import ensure_demo_model
-
-                path = str(ensure_demo_model())
+                path = str(demo_model.ensure_demo_model())
             self.engine = SafeCoDe.from_pretrained(
                 path, config=s.safecode, judge=self.judge, policy=s.policy, device=s.device, dtype=s.dtype,
                 batching=s.batching,
@@ -725,7 +725,5 @@ def _watch(host: ModelHost, metrics: Metrics) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 

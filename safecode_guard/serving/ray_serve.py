@@ -46,6 +46,7 @@ except ImportError as exc:  # the optional extra is missing
 
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig, validated_copy
 from ..errors import SafeCoDeInputError, did_you_mean
+from .app import ModelHost, create_app
 from .settings import ServerSettings
 
 __all__ = [
@@ -139,8 +140,6 @@ class SafeCoDeServer:
     """One replica: the model loaded once, and the FastAPI app of `safecode_guard.serving.app`."""
 
     def __init__(self, settings_json: str) -> None:
-        from .app import ModelHost, create_app
-
         settings = replica_settings(settings_json, os.environ)
         self.host = ModelHost(settings)
         self.host.load()  # raises: the replica never comes up, and Serve replaces it

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_support import ThreadServer
+from support.servers import ThreadServer
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import openai
 import pytest
-from server_support import ThreadServer
+from support.servers import ThreadServer
 
 from safecode_guard import ChatSafeCoDe, SafeCoDe, SafeCoDeInputError
 from safecode_guard.sampling import MAX_STOP_STRINGS
