@@ -76,7 +76,7 @@ def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
             return held[1]
 
     def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
-        return render_prompt(processor, messages, engine.special_strings, tools=tools, add_generation_prompt=gen)
+        return render_prompt(processor, messages, engine.specials, tools=tools, add_generation_prompt=gen)
 
     probed = tools_mod.probe_tool_template(render, repr(engine.model_name))
     with _TEMPLATES_LOCK:

@@ -42,6 +42,7 @@ __all__ = [
     "forced_prefix",
     "hf_tool_calls",
     "json_instruction",
+    "new_call_id",
     "normalize_tool_choice",
     "parse_raw_call",
     "probe_tool_template",
@@ -67,7 +68,7 @@ _ARG_KEYS = ("arguments", "parameters")
 _CALL_KEYS = frozenset({"name", "id", "type", *_ARG_KEYS})
 
 
-def _new_id() -> str:
+def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -402,7 +403,7 @@ def _call_shaped(value: Any) -> bool:
 
 
 def parse_raw_call(
-    raw: RawCall, names: Sequence[str], make_id: Callable[[], str] = _new_id
+    raw: RawCall, names: Sequence[str], make_id: Callable[[], str] = new_call_id
 ) -> dict[str, Any]:
     """One raw call -> a tool call `{"type": "tool_call", "name", "args", "id"}`, or an invalid one
     `{"type": "invalid_tool_call", "name", "args" (the raw text), "id", "error"}` saying what is wrong

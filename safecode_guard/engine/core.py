@@ -128,11 +128,6 @@ class SafeCoDe:
         """Longest image side worth keeping for this processor (and a guard judge's, which reads the
         same images): images shrink to it on decoding."""
 
-    @property
-    def special_strings(self) -> tuple[str, ...]:
-        """The tokenizer's special-token strings that prompt text is kept from spelling out (`prompting`)."""
-        return self._specials
-
     # -- construction helpers ---------------------------------------------------------
 
     @classmethod

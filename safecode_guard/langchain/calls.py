@@ -10,34 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 
+from .. import calls
 from ..control import RequestControl, current_control
 from ..errors import JudgeBusyError, JudgeError, OverloadedError
 from ..verdict import Verdict
 from . import tools as tools_mod
-from .tool_calls import CallPlan
 
 if TYPE_CHECKING:
-    from ..engine.core import SafeCoDe
     from ..engine.results import SafeCoDeStream
 
 @dataclass
-class Call:
-    """One started call: the engine, its stream, how to read the answer, and the verdict to report."""
+class Call(calls.Call):
+    """One started call (`safecode_guard.calls.Call`) and the model name LangChain reports for it."""
 
-    engine: SafeCoDe
-    pieces: SafeCoDeStream
-    plan: CallPlan | None
-    verdict: Verdict
-    model_name: str
+    model_name: str = ""
     """What `response_metadata["model_name"]` reports (`ChatSafeCoDe.model_name` or the override's name)."""
-    check: Callable[[str], Verdict] | None = None
-    """The answer check (`SafeCoDeConfig.check_answer`): the judge's verdict on the finished answer."""
-
-    def answer(self) -> str:
-        """The finished answer's text as the model wrote it (a forced opening included)."""
-        result = self.pieces.result
-        assert result is not None
-        return (self.plan.prefix if self.plan is not None else "") + result.text
 
 
 def special_strings(processor: Any) -> tuple[str, ...]:

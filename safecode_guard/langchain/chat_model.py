@@ -36,7 +36,6 @@ decoded together in batches. One instance is safe to share between threads.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -56,6 +55,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
+from ..calls import open_call, response_format_schema, tool_template
 from ..config import InputPolicy, SafeCoDeConfig
 from ..control import arun_briefly
 from ..engine.adapters import encode_views
@@ -64,6 +64,7 @@ from ..engine.loading import load_processor, loaded_model, public_name, shared_m
 from ..errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
 from ..judges import ChatSafeCoDeJudge, make_judge
 from ..prompting import render_prompt
+from ..sampling import SamplingParams
 from ..verdict import Verdict
 from . import tools as tools_mod
 from .cache import cache_view, judge_description
@@ -79,16 +80,13 @@ from .settings import (
     check_settings,
     sampling_kwargs,
 )
-from .tool_calls import (
-    CallPlan,
-    response_format_schema,
-    structured_output,
-    tool_calling_from_files,
-    tool_template,
-    uses_tools,
-)
+from .tool_calls import structured_output, tool_calling_from_files
 
 # --------------------------------------------------------------------------- the chat model
+
+
+# decoding options that are call options only (no ChatSafeCoDe field holds a default for them)
+_CALL_ONLY_SAMPLING = ("min_p", "repetition_penalty", "min_tokens", "logprobs", "top_logprobs")
 
 
 class ChatSafeCoDe(BaseChatModel):
@@ -154,23 +152,23 @@ class ChatSafeCoDe(BaseChatModel):
     """The method's settings (contrast, refusal modulation, threshold, judge failure policy)."""
     policy: InputPolicy = Field(default_factory=InputPolicy)
     """What requests may contain: image count and size, URL / local-file images (off by default)."""
-    max_new_tokens: int = Field(default=256, ge=1, alias="max_tokens")
+    max_new_tokens: int = Field(default=256, alias="max_tokens")
     """Most tokens in one answer (also accepted, and readable, as `max_tokens`)."""
-    temperature: float | None = Field(default=None, ge=0.0)
+    temperature: float | None = None
     """Sampling temperature; 0 or None decodes greedily unless `do_sample` says otherwise."""
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = None
     """Nucleus sampling mass (when sampling)."""
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = None
     """Sample from the k likeliest tokens only (when sampling); 0 turns it off."""
     do_sample: bool | None = None
     """Sample (True) or decode greedily (False); None samples exactly when `temperature` > 0."""
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = None
     """Seeds sampling, so a sampled answer can be reproduced; None (the default) draws fresh
     randomness for every call. Greedy decoding ignores it. The image noise of the contrast
     always uses `safecode.seed`, so one request always sees the same noised view."""
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = None
     """OpenAI's presence penalty on the answer's own tokens (-2..2); None or 0 turns it off."""
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = None
     """OpenAI's frequency penalty on the answer's own tokens (-2..2); None or 0 turns it off."""
     stop: list[str] | None = None
     """Stop strings: the answer ends before the first one. A call's own `stop` replaces these."""
@@ -233,6 +231,16 @@ class ChatSafeCoDe(BaseChatModel):
                 "are the same setting; give one of them."
             )
         return values
+
+    @model_validator(mode="after")
+    def _sampling_settings(self) -> Self:
+        # the decoding defaults obey the limits of `SamplingParams`, with its messages (as every call does)
+        SamplingParams.build(
+            max_new_tokens=self.max_new_tokens, stop=self.stop, seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            **sampling_kwargs(self.temperature, self.top_p, self.top_k, self.do_sample),
+        )
+        return self
 
     @field_validator("judge")
     @classmethod
@@ -620,6 +628,8 @@ class ChatSafeCoDe(BaseChatModel):
                 options.get("top_k", self.top_k),
                 options.get("do_sample", self.do_sample),
             ),
+            # the options without a field of their own: per call only
+            **{k: options[k] for k in _CALL_ONLY_SAMPLING if options.get(k) is not None},
         }
         return options.get("model"), engine_kwargs
 
@@ -646,66 +656,32 @@ class ChatSafeCoDe(BaseChatModel):
                 raw_message=refused,
             )
         model, engine_kwargs = self._call_settings(stop, kwargs)
+        verdict = engine_kwargs.pop("verdict", None)
+        sampling = SamplingParams.build(**engine_kwargs)  # refused before loading, as the engine words it
         tools = tools_mod.format_tools(kwargs["tools"]) if kwargs.get("tools") else None
         names = tools_mod.tool_names(tools) if tools else []
-        choice = tools_mod.normalize_tool_choice(kwargs.get("tool_choice"), names) if tools else "auto"
+        if tools:
+            tools_mod.normalize_tool_choice(kwargs.get("tool_choice"), names)
         if kwargs.get("tool_choice") not in (None, "auto", "none") and not tools:
             raise SafeCoDeInputError(
                 f"`tool_choice` (={kwargs['tool_choice']!r}) was given without tools. Use llm.bind_tools(tools, tool_choice=...)."
             )
-        json_mode = kwargs.get("response_format") is not None
-        json_schema = response_format_schema(kwargs["response_format"]) if json_mode else None
+        if kwargs.get("response_format") is not None:
+            response_format_schema(kwargs["response_format"])
         # before loading (bad input is refused without loading weights): images shrink to the
         # policy's working cap here, and to what the processor needs inside the engine
         hf_messages = to_hf_messages(messages, self.policy)
         engine = self._engine(model)
-        plan: CallPlan | None = None
-        if tools or uses_tools(hf_messages):
-            template = tool_template(engine)  # UnsupportedModelError when the template has no tools
-            if tools and choice != "none":  # "none": the tools are not offered at all
-                plan = CallPlan(
-                    names=tuple(names),
-                    prefix=tools_mod.forced_prefix(template, choice, names),
-                    parallel=kwargs.get("parallel_tool_calls") is not False,
-                    parse=True,
-                )
-                engine_kwargs["tools"] = tools
-            elif tools:
-                plan = CallPlan(names=tuple(names), parse=False)
-        prompt_messages = hf_messages
-        if json_mode:
-            # With tools offered the model may call them first, so the answer cannot be opened with "{".
-            offered = plan is not None and plan.parse
-            if not offered:
-                plan = CallPlan(prefix="{")
-            text = tools_mod.json_instruction(json_schema, with_tools=offered)
-            prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
-        if plan is not None and plan.prefix:
-            engine_kwargs["answer_prefix"] = plan.prefix
         retry = Retry(self.max_retries, self.timeout)  # the deadline runs from here: loading is not counted
-        pieces = retry.judged(lambda: engine.stream(prompt_messages, start=False, **engine_kwargs, **retry.left()))
-        verdict = pieces.verdict
-        assert verdict is not None  # SafeCoDe.stream decides the verdict before returning
-        if verdict.label == "unsafe" and (json_mode or (plan is not None and plan.prefix)):
-            pieces.close()  # never queued: nothing was decoded
-            forced = plan is not None and bool(plan.prefix)
-            if plan is not None and plan.names is not None:
-                plan = replace(plan, prefix="")
-                if forced:
-                    engine_kwargs.pop("tools", None)
-            else:
-                plan = None
-            engine_kwargs.pop("answer_prefix", None)
-            prompt_messages = hf_messages
-            pieces = engine.stream(hf_messages, start=False, **{**engine_kwargs, "verdict": verdict}, **retry.left())
-        # A full queue refuses before anything is decoded: queue the same request again under
-        # the verdict already decided (the judge does not run twice).
-        reopen = lambda: engine.stream(prompt_messages, start=False, **{**engine_kwargs, "verdict": verdict}, **retry.left())  # noqa: E731
-        check = None
-        if engine.config.check_answer:
-            tools_given = engine_kwargs.get("tools")
-            check = lambda answer: engine.check_answer(prompt_messages, answer, tools=tools_given)  # noqa: E731
-        return Call(engine, retry.queued(pieces, reopen), plan, verdict, self.display_name(model), check)
+        call = open_call(
+            engine, hf_messages, sampling, tools=tools, tool_choice=kwargs.get("tool_choice"),
+            parallel_tool_calls=kwargs.get("parallel_tool_calls"), response_format=kwargs.get("response_format"),
+            verdict=verdict, retry=retry,
+        )
+        return Call(
+            engine=call.engine, pieces=call.pieces, plan=call.plan, verdict=call.verdict, check=call.check,
+            model_name=self.display_name(model),
+        )
 
     def _generate(
         self,

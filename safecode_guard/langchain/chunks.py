@@ -7,17 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import ToolCallChunk
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk
 
-from ..config import SafeCoDeConfig
+from ..calls import CallEvents, Event
 from ..control import arun_briefly, run_briefly
-from ..ops import refusal_decision
-from ..verdict import Verdict, answer_check_metadata, safety_metadata
+from ..verdict import Verdict
 from . import tools as tools_mod
 from .calls import Call
 from .settings import PROVIDER
-from .tool_calls import AnswerReader, CallPlan
 
 if TYPE_CHECKING:
     from ..engine.results import SafeCoDeResult
@@ -59,68 +57,59 @@ def usage_metadata(result: SafeCoDeResult) -> UsageMetadata:
 
 
 class ChunkBuilder:
-    """Engine text pieces as LangChain chunks: `safety` on the first, the accounting on the last.
+    """A call's events (`safecode_guard.calls.CallEvents`) as LangChain chunks.
 
-    Text is held back only until `refusal_decision` can fill `safety["refused"]`.
-    With tools bound, an `AnswerReader` turns the text into content and one
-    `tool_call_chunks` chunk per finished call. On the last chunk: calls
-    blocked by an unsafe verdict (`safety["blocked_tool_calls"]`) and why each
-    invalid call is invalid (`response_metadata[INVALID_CALL_ERRORS]`). The
+    The first chunk carries `safety` (text is held back only until the refusal
+    decision is known); tool calls are one `tool_call_chunks` entry per
+    finished call; the last chunk carries the accounting: the finish reason,
+    usage, calls blocked by an unsafe verdict (`safety["blocked_tool_calls"]`,
+    merged into the first chunk's dict), why each invalid call is invalid
+    (`response_metadata[INVALID_CALL_ERRORS]`) and, when asked for, the
+    answer's `logprobs` (OpenAI's shape, as `ChatOpenAI` reports them). The
     same builder serves the sync and the async paths, so they cannot differ.
     """
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        self.reader = AnswerReader(call.plan, unsafe=call.verdict.label == "unsafe")
-        self.pending = self.reader.feed(call.plan.prefix) if call.plan is not None else []
-        self.held = ""
-        self.refused: bool | None = None
+        self.events = CallEvents(call)
 
     def feed(self, piece: str) -> list[ChatGenerationChunk]:
-        call = self.call
-        self.pending.extend(self.reader.feed(piece))
-        if self.refused is None:
-            self.held += piece
-            self.refused = refusal_decision(self.held, call.engine.config.refusal_phrases)
-            if self.refused is None:
-                return []
-            first = _first_chunk(self.pending, call.verdict, call.engine.config, self.refused, call.plan)
-            self.pending = []
-            return [first]
-        out = [_chunk(text, calls) for text, calls in self.pending]
-        self.pending = []
-        return out
+        return [self._chunk(e) for e in self.events.feed(piece)]
 
     def finish(self, answer_check: Verdict | None = None) -> list[ChatGenerationChunk]:
-        call, reader = self.call, self.reader
-        self.pending.extend(reader.finish())
-        result = call.pieces.result
+        return [self._chunk(e) for e in self.events.finish(answer_check)]
+
+    def _chunk(self, event: Event) -> ChatGenerationChunk:
+        calls = [tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=c["index"]) for c in event.calls]
+        if event.first:
+            meta: dict[str, Any] = {"safety": event.safety, "model_provider": PROVIDER}
+            return ChatGenerationChunk(
+                message=AIMessageChunk(content=event.text, tool_call_chunks=calls, response_metadata=meta)
+            )
+        if not event.last:
+            return ChatGenerationChunk(message=AIMessageChunk(content=event.text, tool_call_chunks=calls))
+        result = event.result
         assert result is not None
-        out: list[ChatGenerationChunk] = []
-        if self.refused is None:  # the answer ended before its opening decided (e.g. an empty answer)
-            out.append(_first_chunk(self.pending, call.verdict, call.engine.config, result.refused, call.plan))
-            self.pending = []
-        out += [_chunk(text, calls) for text, calls in self.pending]
-        last_meta: dict[str, Any] = {"model_name": call.model_name, "finish_reason": result.finish_reason}
-        if reader.blocked:
-            # merged into the first chunk's `safety` dict (LangChain merges nested dicts key by key)
-            last_meta["safety"] = {"blocked_tool_calls": reader.blocked}
-        if answer_check is not None:
-            # the text is out already: flagged here; `invoke` replaces it (`replace_unsafe_answer`)
-            last_meta.setdefault("safety", {})["answer_check"] = answer_check_metadata(answer_check, replaced=False)
-        if reader.errors:
-            last_meta[tools_mod.INVALID_CALL_ERRORS] = dict(reader.errors)
-        out.append(
-            ChatGenerationChunk(
-                message=AIMessageChunk(
-                    content="",
-                    chunk_position="last",
-                    response_metadata=last_meta,
-                    usage_metadata=usage_metadata(result),
-                )
+        last: dict[str, Any] = {"model_name": self.call.model_name, "finish_reason": event.finish_reason}
+        if event.safety:
+            last["safety"] = event.safety  # merged into the first chunk's `safety` (nested dicts merge key by key)
+        if event.invalid_call_errors:
+            last[tools_mod.INVALID_CALL_ERRORS] = dict(event.invalid_call_errors)
+        if result.logprobs is not None:
+            last["logprobs"] = {"content": [_logprob(t) for t in result.logprobs]}
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="", chunk_position="last", response_metadata=last, usage_metadata=usage_metadata(result)
             )
         )
-        return out
+
+
+def _logprob(entry: Any) -> dict[str, Any]:
+    """One `TokenLogprob` as OpenAI (and `ChatOpenAI`'s `response_metadata["logprobs"]`) shows it."""
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "bytes": list(token.encode("utf-8")), "logprob": logprob}
+
+    return {**one(entry.token, entry.logprob), "top_logprobs": [one(t.token, t.logprob) for t in entry.top_logprobs]}
 
 
 def answer_chunks(call: Call) -> Iterator[ChatGenerationChunk]:
@@ -143,28 +132,3 @@ async def aanswer_chunks(call: Call) -> AsyncIterator[ChatGenerationChunk]:
         check = await arun_briefly(lambda: call.check(call.answer()))  # type: ignore[misc]
     for chunk in builder.finish(check):
         yield chunk
-
-
-def _chunk(text: str, calls: list[ToolCallChunk]) -> ChatGenerationChunk:
-    return ChatGenerationChunk(message=AIMessageChunk(content=text, tool_call_chunks=calls))
-
-
-def _first_chunk(
-    pending: list[tuple[str, list[ToolCallChunk]]],
-    verdict: Verdict,
-    config: SafeCoDeConfig,
-    refused: bool,
-    plan: CallPlan | None,
-) -> ChatGenerationChunk:
-    safety = safety_metadata(verdict, config, refused)
-    if plan is not None and plan.names is not None:
-        safety["blocked_tool_calls"] = []
-    return ChatGenerationChunk(
-        message=AIMessageChunk(
-            content="".join(text for text, _ in pending),
-            tool_call_chunks=[c for _, calls in pending for c in calls],
-            response_metadata={"safety": safety, "model_provider": PROVIDER},
-        )
-    )
-
-

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from ..config import InputPolicy, SafeCoDeConfig
 from ..errors import SafeCoDeInputError, did_you_mean
+from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
     pass
@@ -18,17 +19,9 @@ PROVIDER = "safecode"
 #: Keyword arguments one call may add (`llm.invoke(msgs, temperature=0.7)`, `llm.bind(...)`).
 CALL_OPTIONS = (
     "model",
-    "max_new_tokens",
     "max_tokens",
     "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "do_sample",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
+    *SamplingParams.model_fields,  # every decoding option, with the engine's limits and messages
     "verdict",
     "tools",
     "tool_choice",

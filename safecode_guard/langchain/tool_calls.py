@@ -1,16 +1,15 @@
-"""Tool calling and JSON mode for one call: the plan, the template probe, and the answer reader."""
+"""Tool calling and JSON mode on the LangChain face: templates read from files, and `with_structured_output`.
+
+The call's plan, the template probe and the answer reader live in
+`safecode_guard.calls` (framework-neutral, shared with the HTTP server); they
+are re-exported here."""
 
 from __future__ import annotations
 
-import json
-import threading
-import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.messages.tool import ToolCallChunk, invalid_tool_call, tool_call_chunk
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
     JsonOutputParser,
@@ -23,50 +22,15 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from ..engine.loading import chat_template_source
 from ..errors import SafeCoDeInputError, UnsupportedModelError
-from ..prompting import render_prompt
 from . import tools as tools_mod
 
 if TYPE_CHECKING:
-    from ..engine.core import SafeCoDe
+    pass
 
 # --------------------------------------------------------------------------- tools and JSON mode
-
-
-@dataclass(frozen=True)
-class CallPlan:
-    """How one call uses tools or JSON mode: what the prompt gets and how the answer is read."""
-
-    names: tuple[str, ...] | None = None
-    """The bound tools' names; None when no tools are bound (no tool parsing, no `blocked_tool_calls`)."""
-    parse: bool = False
-    """Read tool calls out of the answer (False for `tool_choice="none"` and JSON mode)."""
-    prefix: str = ""
-    """The answer's forced opening (a tool call's start, or "{" in JSON mode); part of the answer."""
-    parallel: bool = True
-    """False keeps only the first valid call (`parallel_tool_calls=False`); later ones become invalid."""
-
-
-_TEMPLATES: weakref.WeakKeyDictionary[Any, tuple[str, tools_mod.ToolTemplate]] = weakref.WeakKeyDictionary()
-_TEMPLATES_LOCK = threading.Lock()
-
-
-def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
-    """What `engine`'s chat template does with tools, probed once per template (`UnsupportedModelError` if nothing)."""
-    processor = engine.processor
-    template = getattr(processor, "chat_template", None) or getattr(engine.tokenizer, "chat_template", None)
-    key = str(template)
-    with _TEMPLATES_LOCK:
-        held = _TEMPLATES.get(engine)
-        if held is not None and held[0] == key:
-            return held[1]
-
-    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
-        return render_prompt(processor, messages, engine.specials, tools=tools, add_generation_prompt=gen)
-
-    probed = tools_mod.probe_tool_template(render, repr(engine.model_name))
-    with _TEMPLATES_LOCK:
-        _TEMPLATES[engine] = (key, probed)
-    return probed
+#
+# The plan of a call, the template probe and the answer reader are framework-neutral
+# (`safecode_guard.calls`, shared with the HTTP server); LangChain's own parts follow.
 
 
 def tool_calling_from_files(model: str) -> bool | None:
@@ -97,90 +61,6 @@ def tool_calling_from_files(model: str) -> bool | None:
     except UnsupportedModelError:
         return False
     return True
-
-
-def uses_tools(hf_messages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(m["role"] == "tool" or m.get("tool_calls") for m in hf_messages)
-
-
-def response_format_schema(response_format: Any) -> dict[str, Any] | None:
-    """The JSON schema of an OpenAI-style `response_format` (None for plain JSON mode)."""
-    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
-    if kind == "json_object":
-        return None
-    if kind == "json_schema":
-        inner = response_format.get("json_schema", response_format)
-        schema = inner.get("schema") if isinstance(inner, Mapping) else None
-        if isinstance(schema, Mapping):
-            tools_mod.check_nesting(schema, "The `response_format` schema")
-            return dict(schema)
-    raise SafeCoDeInputError(
-        f"`response_format` (={response_format!r}) must be {{'type': 'json_object'}} or "
-        "{'type': 'json_schema', 'json_schema': {'schema': {...}}}. Or use with_structured_output(schema)."
-    )
-
-
-@dataclass
-class AnswerReader:
-    """Reads an answer's text under a `CallPlan` into `(text, tool_call_chunks)` pairs.
-
-    The pairs become the stream's chunks, and `invoke` merges those same chunks,
-    so both paths read an answer identically by construction. A valid call is
-    one chunk whose `args` is its arguments as a JSON object. An invalid call
-    (malformed, unknown tool, cut off, or a second call under
-    `parallel_tool_calls=False`) is one chunk whose `args` is the call's raw
-    text as a JSON *string*: LangChain's chunk merging repairs truncated JSON
-    objects (`{"a": 1` -> `{"a": 1}`), which would make a cut-off call
-    runnable, while a string always stays an invalid call. `json.loads(args)`
-    gives back what the model wrote; the reason is kept in `errors` (merging
-    drops `InvalidToolCall.error`). Calls made under an unsafe verdict go to
-    `blocked` instead, as parsed (`ToolCall` or `InvalidToolCall` dicts).
-    """
-
-    plan: CallPlan | None
-    unsafe: bool
-    blocked: list[dict[str, Any]] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)
-    calls: int = 0
-    valid_calls: int = 0
-    _splitter: tools_mod.ToolCallSplitter | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.plan is not None and self.plan.parse:
-            self._splitter = tools_mod.ToolCallSplitter()
-
-    def feed(self, text: str) -> list[tuple[str, list[ToolCallChunk]]]:
-        events = self._splitter.feed(text) if self._splitter else ([text] if text else [])
-        return self._convert(events)
-
-    def finish(self) -> list[tuple[str, list[ToolCallChunk]]]:
-        return self._convert(self._splitter.finish()) if self._splitter else []
-
-    def _convert(self, events: list[tools_mod.Event]) -> list[tuple[str, list[ToolCallChunk]]]:
-        out: list[tuple[str, list[ToolCallChunk]]] = []
-        for event in events:
-            if isinstance(event, str):
-                out.append((event, []))
-                continue
-            assert self.plan is not None and self.plan.names is not None
-            call: Any = tools_mod.parse_raw_call(event, self.plan.names)
-            if self.unsafe:
-                self.blocked.append(dict(call))  # an unsafe scene must not trigger actions
-                continue
-            if call["type"] == "tool_call" and self.valid_calls and not self.plan.parallel:
-                call = invalid_tool_call(
-                    name=call["name"], args=json.dumps(call["args"], ensure_ascii=False), id=call["id"],
-                    error="parallel_tool_calls=False: only the first tool call is kept",
-                )
-            index, self.calls = self.calls, self.calls + 1
-            if call["type"] == "tool_call":
-                self.valid_calls += 1
-                args = json.dumps(call["args"], ensure_ascii=False)
-            else:
-                self.errors[call["id"]] = call["error"]
-                args = json.dumps(call["args"], ensure_ascii=False)  # the raw text, as a JSON string
-            out.append(("", [tool_call_chunk(name=call["name"], args=args, id=call["id"], index=index)]))
-        return out
 
 
 def structured_output(

@@ -18,6 +18,7 @@ from ..errors import (
     did_you_mean,
 )
 from ..langchain.settings import check_nested_settings, check_settings
+from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
 
@@ -42,20 +43,11 @@ RAIL_MODEL_TYPE = "safecode_rail"
 
 REQUEST_OPTIONS = frozenset(
     {
-        # sampling
-        "temperature",
-        "top_p",
-        "top_k",
-        "do_sample",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        # length
+        # every decoding option, validated by `SamplingParams` as on every other face
+        *SamplingParams.model_fields,
+        # OpenAI's names for max_new_tokens
         "max_tokens",
-        "max_new_tokens",
         "max_completion_tokens",
-        "stop",
         # tools: NeMo's server forwards them for `passthrough: true`; under an unsafe
         # verdict ChatSafeCoDe answers without tool calls, so they cannot bypass the steering.
         "tools",

@@ -125,3 +125,7 @@ def test_every_option_reaches_every_face():
     # the protocol spells max_new_tokens OpenAI's way, and sampling follows from temperature
     wire = (fields - {"max_new_tokens", "do_sample"}) | {"max_tokens", "max_completion_tokens"}
     assert wire <= set(ChatCompletionRequest.model_fields), wire - set(ChatCompletionRequest.model_fields)
+    from safecode_guard.langchain.settings import CALL_OPTIONS
+    from safecode_guard.nemo.settings import REQUEST_OPTIONS
+
+    assert fields <= set(CALL_OPTIONS) and fields <= REQUEST_OPTIONS

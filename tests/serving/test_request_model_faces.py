@@ -30,6 +30,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("max_tokens", 0, "max_tokens"),
     ("stop", [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)], "stop"),
     ("logit_bias", {"5": 101}, "logit_bias"),
+    ("min_p", 2.0, "min_p"),
+    ("repetition_penalty", 0.0, "repetition_penalty"),
 ]
 
 
@@ -55,7 +57,9 @@ def test_a_bad_value_is_refused_alike_on_every_face(faces, name, value, field):
         chat.invoke("hi", **{name: value})
     extra = {"temperature": 1.0} if name == "seed" else {}
     with pytest.raises(openai.BadRequestError) as by_server:
-        client.chat.completions.create(model="tiny", messages=messages, **{field: value, **extra})
+        wire = {field: value} if field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
+                                           "max_tokens", "stop", "logit_bias") else {"extra_body": {field: value}}
+        client.chat.completions.create(model="tiny", messages=messages, **wire, **extra)
     message = str(by_engine.value)
     assert message.startswith(f"`{engine_name}` (=")
     assert str(by_chat.value) == message
