@@ -129,3 +129,20 @@ def test_every_option_reaches_every_face():
     from safecode_guard.nemo.settings import REQUEST_OPTIONS
 
     assert fields <= set(CALL_OPTIONS) and fields <= REQUEST_OPTIONS
+
+
+def test_chat_model_reports_logprobs_and_takes_the_new_options(tiny_vlm):
+    from safecode_guard import ChatSafeCoDe
+
+    llm = ChatSafeCoDe.from_model(*tiny_vlm, judge="fixed:safe", max_new_tokens=5)
+    answer = llm.invoke("hi", logprobs=True, top_logprobs=2)
+    entries = answer.response_metadata["logprobs"]["content"]
+    assert len(entries) == answer.usage_metadata["output_tokens"] and all(len(e["top_logprobs"]) == 2 for e in entries)
+    merged = None
+    for chunk in llm.stream("hi", logprobs=True, top_logprobs=2):
+        merged = chunk if merged is None else merged + chunk
+    assert merged.response_metadata["logprobs"]["content"] == entries
+    assert "logprobs" not in llm.invoke("hi").response_metadata
+    assert llm.invoke("hi", min_p=0.0, repetition_penalty=1.0, min_tokens=2).content == llm.invoke("hi").content
+    with pytest.raises(SafeCoDeInputError, match="min_p"):
+        llm.invoke("hi", min_p=1.5)
