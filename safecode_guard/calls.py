@@ -234,7 +234,9 @@ def open_call(
         )
     json_mode = response_format is not None
     json_schema = response_format_schema(response_format) if json_mode else None
-    options: dict[str, Any] = {"sampling": sampling, "verdict": verdict}
+    # the engine's own keyword arguments (it validates them into the same SamplingParams)
+    options: dict[str, Any] = {**sampling.model_dump(exclude_none=True), "verdict": verdict}
+    options.update(stop=list(sampling.stop), seed=sampling.seed)  # None: fresh randomness, said explicitly
     plan: CallPlan | None = None
     if formatted or uses_tools(hf_messages):
         template = tool_template(engine)  # UnsupportedModelError when the template has no tools

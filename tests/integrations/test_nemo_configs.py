@@ -599,7 +599,7 @@ def test_openai_options_from_requests_reach_the_decoder(
     rails.generate(messages=hello(), options={"llm_params": params})
     (used,) = calls
     assert used["max_new_tokens"] == 3
-    assert (used["presence_penalty"], used["frequency_penalty"], used["logit_bias"]) == (0.5, -0.5, {"7": -100})
+    assert (used["presence_penalty"], used["frequency_penalty"], used["logit_bias"]) == (0.5, -0.5, {7: -100.0})  # validated: token ids as ints
     assert (used["temperature"], used["top_k"], used["seed"], used["do_sample"]) == (0.7, 5, 4, True)
 
 

@@ -149,7 +149,7 @@ def test_openai_options_reach_the_decoder(
     response = ask(client, CONFIG_V1, guardrails={"options": {"llm_params": llm_params}})
     assert response.status_code == 200, response.text
     used = decoder_calls[-1]
-    assert (used["max_new_tokens"], used["logit_bias"], used["seed"], used["top_k"]) == (3, {"9": -100}, 7, 2)
+    assert (used["max_new_tokens"], used["logit_bias"], used["seed"], used["top_k"]) == (3, {9: -100.0}, 7, 2)  # validated: token ids as ints
 
 
 def test_nemo_limit_top_level_max_completion_tokens_and_logit_bias_are_dropped(

@@ -508,8 +508,8 @@ def test_changed_settings_rebuild_the_engine(tiny_llava: tuple[Any, Any]) -> Non
 
 
 def test_unknown_options_bad_tools_and_tools_without_template_support_are_refused(llm: ChatSafeCoDe) -> None:
-    with pytest.raises(SafeCoDeInputError, match="repetition_penalty"):
-        llm.invoke("hi", repetition_penalty=1.0)
+    with pytest.raises(SafeCoDeInputError, match="best_of"):
+        llm.invoke("hi", best_of=2)  # (repetition_penalty is a decoding option now: SamplingParams)
     with pytest.raises(UnsupportedContentError, match="no function schema"):
         llm.invoke("hi", tools=[{"type": "function"}])
     # the tiny Llava's ChatML template ignores tools: a clear error, not a silently tool-less prompt

@@ -650,7 +650,7 @@ def test_the_server_carries_the_categories_and_the_answer_check(
     settings = ServerSettings(model=str(tiny_model_dir("llava")), max_new_tokens=4,
                               safecode=SafeCoDeConfig(check_answer=True, answer_refusal="No."))
     app = create_app(settings, judge=f"guard:{guard_dir('mllama')}")
-    body = {"model": "x", "messages": [{"role": "user", "content": "How do I hurt someone?"}]}
+    body = {"messages": [{"role": "user", "content": "How do I hurt someone?"}]}
     with ThreadServer(app) as srv:
         reply = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:

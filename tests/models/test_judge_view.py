@@ -247,7 +247,7 @@ def test_the_servers_tools_are_judged(tmp_path, script: ScriptedDecoding) -> Non
     script.add("OK.")
     app = create_app(ServerSettings(model=model, max_new_tokens=8), judge=keyword_judge())
     with ThreadServer(app) as srv:
-        body = {"model": "x", "messages": [{"role": "user", "content": "Please order what we need."}], "tools": [HARMFUL_TOOL]}
+        body = {"messages": [{"role": "user", "content": "Please order what we need."}], "tools": [HARMFUL_TOOL]}
         reply = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
     assert reply["safety"]["verdict"] == "unsafe"
 
