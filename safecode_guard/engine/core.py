@@ -34,6 +34,7 @@ import torch
 
 from .. import ops
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
+from ..constrained import Constraint, GrammarCompiler
 from ..control import (
     RequestControl,
     arun_briefly,
@@ -135,6 +136,9 @@ class SafeCoDe:
         self.context_length = self._find_context_length()
         self._token_chars = self._find_token_chars()
         self._vocab_size = self._find_vocab_size()
+        self.grammars = GrammarCompiler(self.tokenizer, self._eos_ids, self._vocab_size)
+        """Constraint grammars compiled for this engine's tokenizer, cached per grammar (llguidance loads
+        on the first constrained request)."""
         self.image_side = max(image_working_side(processor, self.policy), guard_image_side(self.judge_impl, self.policy))
         """Longest image side worth keeping for this processor (and a guard judge's, which reads the
         same images): images shrink to it on decoding."""
@@ -294,6 +298,7 @@ class SafeCoDe:
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
+        constraint: Constraint | None = None,
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
@@ -313,6 +318,12 @@ class SafeCoDe:
         `tools` (OpenAI-format function schemas) go to the chat template's
         `tools=`; `answer_prefix` is appended to the prompt as the start of the
         answer (it is not part of the returned text), e.g. to open a tool call.
+        `constraint` (a `safecode_guard.constrained.Constraint`: a JSON schema,
+        JSON mode, a tool call) makes the answer after `answer_prefix` follow
+        its grammar; it is compiled before the judge runs (a schema the grammar
+        library cannot compile raises `UnsupportedSchemaError`) and dropped under
+        an unsafe verdict, whose answer is a free-text refusal
+        (`SafeCoDeResult.constrained` says whether it applied).
 
         Every check (settings, images, prompt length, context) runs before the
         judge and before any model work. The request is queued for decoding at
@@ -335,7 +346,8 @@ class SafeCoDe:
         made inside a request shares its deadline and cancellation.
         """
         options = {
-            "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "max_new_tokens": max_new_tokens,
+            "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "constraint": constraint,
+            "max_new_tokens": max_new_tokens,
             "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "stop": stop,
             "seed": seed, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
             "logit_bias": logit_bias,
@@ -444,6 +456,7 @@ class SafeCoDe:
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
+        constraint: Constraint | None = None,
         control: RequestControl | None = None,
     ) -> tuple[DecodeJob, Verdict | None, float]:
         """Everything before decoding, in a preparation thread: checks, images, prompt, judge.
@@ -456,6 +469,13 @@ class SafeCoDe:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise SafeCoDeInputError(f"`seed` (={seed!r}) must be a non-negative integer, or None for fresh randomness.")
         override = self._override(verdict) if verdict is not None else None
+        if constraint is not None:
+            if not isinstance(constraint, Constraint):
+                raise SafeCoDeInputError(
+                    f"`constraint` must be a safecode_guard.constrained.Constraint (e.g. "
+                    f"json_schema_constraint(schema)); got a {type(constraint).__name__}."
+                )
+            compiled = self.grammars.compile(constraint)  # an uncompilable schema fails before any model work
         # One conversation object: the prompt below and the judge's request both come from it.
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(
             tools=tools, answer_prefix=answer_prefix
@@ -484,9 +504,11 @@ class SafeCoDe:
         if sampling.do_sample:
             device = self.model.device
             generator = torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else seed)
+        label = final.label if final is not None else "safe"
+        # an unsafe verdict answers with a free-text refusal, never with schema-shaped text
+        row_constraint = self.grammars.row(compiled) if constraint is not None and label != "unsafe" else None
         steering = Steering(
-            cfg, self._refusal_seqs, final.label if final is not None else "safe", window, contrastive,
-            sampling, generator,
+            cfg, self._refusal_seqs, label, window, contrastive, sampling, generator, row_constraint
         )
         job = DecodeJob(
             prompt_rows=rows,

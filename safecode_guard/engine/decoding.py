@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from ..config import SafeCoDeConfig
+from ..constrained.matcher import RowConstraint
 
 __all__ = ["MAX_PENDING_TOKENS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "Steering", "TextTracker"]
 
@@ -44,6 +45,11 @@ class Steering:
     `rows` says how many batch rows the request needs for its next step: two
     (real, noised) while the window contrasts an image, else one. `choose`
     takes the logits of those rows (`(rows, V)`) and returns the next token.
+
+    With a `constraint` (structured output, a forced tool call), tokens the
+    grammar does not allow are set to -inf in the real row first, so the
+    contrast, the refusal modulation, the penalties and sampling all choose
+    among allowed tokens only (a disallowed token stays at -inf through each).
     """
 
     def __init__(
@@ -55,8 +61,10 @@ class Steering:
         contrastive: bool,
         sampling: ops.Sampling,
         generator: torch.Generator | None,
+        constraint: RowConstraint | None = None,
     ) -> None:
         self.config = config
+        self.constraint = constraint
         self.refusal_seqs = refusal_seqs
         self.label = label
         self.window = window
@@ -80,6 +88,7 @@ class Steering:
         """The next token is the argmax of the real row: no window, no prefix, no penalties."""
         return (
             not self.forced
+            and self.constraint is None
             and self.t >= self.window
             and not self.sampling.do_sample
             and not self.sampling.penalized
@@ -92,6 +101,8 @@ class Steering:
         z_real = logits[0].float()
         if self.forced:
             return self.forced.pop(0)
+        if self.constraint is not None:
+            z_real = self.constraint.apply(z_real)
         if t >= self.window:
             return self._select(z_real)
         z_cd = ops.contrast(z_real, logits[1].float() if self.rows == 2 else None, cfg.alpha, cfg.plausibility_beta)
@@ -112,6 +123,13 @@ class Steering:
         """Record the token actually emitted (chosen here, or the batch's argmax)."""
         self.generated.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+    @property
+    def grammar_done(self) -> bool:
+        """The answer's grammar is complete: the answer ends here (no end token needed)."""
+        return self.constraint is not None and self.constraint.done
 
 
 class TextTracker:

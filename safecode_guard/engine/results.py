@@ -56,6 +56,9 @@ class SafeCoDeResult(BaseModel):
     """Seconds: judge_s, queue_s (waiting for a place in the batch), prefill_s, decode_s, total_s."""
     refused: bool
     """Whether the answer opens with a refusal phrase."""
+    constrained: bool = False
+    """Whether a grammar (`constraint=`) shaped the answer; False when none was given, or when an
+    unsafe verdict dropped it for a free-text refusal."""
 
 
 class SafeCoDeStream:
@@ -198,6 +201,7 @@ def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_p
             "total_s": judge_s + (job.t_end - job.t_submit),
         },
         refused=ops.opens_with_refusal(text, refusal_phrases),
+        constrained=job.steering.constraint is not None,
     )
 
 
