@@ -11,6 +11,11 @@ writes the layout it was trained on), and nothing else may sit between
 tokens, so a model cannot pad an answer with endless spaces or newlines and a
 finite schema (booleans, enums, bounded strings and arrays) always ends.
 The policy overrides any `x-guidance` options a schema carries.
+
+Closed objects: an object schema that lists its `properties` and says nothing
+about others gets `additionalProperties: false` (`closed_objects`), as OpenAI's
+strict mode requires. JSON Schema's default (any other key allowed) would let a
+model add keys without end; a Pydantic model's schema never means that.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Literal
 __all__ = [
     "JSON_SEPARATORS",
     "Constraint",
+    "closed_objects",
     "json_object_constraint",
     "json_schema_constraint",
     "tool_call_constraint",
@@ -61,12 +67,44 @@ def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+#: Keywords whose value is one subschema, and those whose value is a list or a name -> subschema map.
+_ONE_SCHEMA = ("items", "additionalItems", "additionalProperties", "not", "if", "then", "else",
+               "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on each object schema that lists `properties` and
+    says nothing about other keys (no `additionalProperties`, `patternProperties` or
+    `unevaluatedProperties`). A new value; `schema` is not changed."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = dict(schema)
+    for key in _ONE_SCHEMA:
+        if isinstance(out.get(key), (Mapping, list)):
+            out[key] = closed_objects(out[key])
+    for key in _SCHEMA_LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SCHEMA_MAP:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(out.get("properties"), Mapping) and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
 def _json_rule(schema: Mapping[str, Any]) -> str:
-    """An embedded `%json{...}` rule for `schema`, under the whitespace policy."""
+    """An embedded `%json{...}` rule for `schema`: objects closed, under the whitespace policy."""
     if not isinstance(schema, Mapping):
         raise TypeError(f"a JSON schema must be a mapping; got a {type(schema).__name__}")
     guidance = {**dict(schema.get("x-guidance") or {}), **_NO_FREE_WHITESPACE}
-    return "%json" + json.dumps({**schema, "x-guidance": guidance}, ensure_ascii=False, sort_keys=False)
+    closed = closed_objects(schema)
+    return "%json" + json.dumps({**closed, "x-guidance": guidance}, ensure_ascii=False)
 
 
 def json_schema_constraint(schema: Mapping[str, Any]) -> Constraint:
