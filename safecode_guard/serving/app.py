@@ -412,11 +412,13 @@ class ChatCompletions:
             raise
         ttft = time.perf_counter() - started
         safety = dict(first.response_metadata.get("safety") or {})
+        # a constrained request under an unsafe verdict: the answer is a refusal, not JSON
+        refusal = req.constrained and safety.get("verdict") == "unsafe"
         headers = {VERDICT_HEADER: str(safety.get("verdict"))}
         cid = completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(cid, first, chunks, safety, include_usage, started, ttft, watcher)
+            events = self._events(cid, first, chunks, safety, include_usage, started, ttft, watcher, refusal=refusal)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         message = first
         try:
@@ -430,19 +432,26 @@ class ChatCompletions:
         from ..chat_model import replace_unsafe_answer
 
         message = replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
-        return JSONResponse(self._completion(cid, message, safety, started, ttft).model_dump(exclude_none=False), headers=headers)
+        completion = self._completion(cid, message, safety, started, ttft, refusal=refusal)
+        return JSONResponse(completion.model_dump(exclude_none=False), headers=headers)
 
-    def _completion(self, cid: str, message: Any, safety: dict[str, Any], started: float, ttft: float) -> ChatCompletion:
+    def _completion(
+        self, cid: str, message: Any, safety: dict[str, Any], started: float, ttft: float, *, refusal: bool = False
+    ) -> ChatCompletion:
         meta = message.response_metadata
         safety = {**safety, **(meta.get("safety") or {})}
         calls = tool_calls_out(message)
         usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
         finish = "tool_calls" if calls else meta.get("finish_reason", "stop")
         self._finished(safety, usage, started, ttft)
+        if refusal:
+            out = ChatMessage(content=None, refusal=message.text)
+        else:
+            out = ChatMessage(content=message.text or (None if calls else ""), tool_calls=calls or None)
         return ChatCompletion(
             id=cid,
             model=self.host.settings.name,
-            choices=[Choice(message=ChatMessage(content=message.text or (None if calls else ""), tool_calls=calls or None), finish_reason=finish)],
+            choices=[Choice(message=out, finish_reason=finish)],
             usage=Usage(prompt_tokens=usage["input_tokens"], completion_tokens=usage["output_tokens"], total_tokens=usage["total_tokens"]),
             safety=public_safety(safety),
         )
@@ -454,7 +463,7 @@ class ChatCompletions:
 
     async def _events(
         self, cid: str, first: Any, chunks: AsyncIterator[Any], safety: dict[str, Any], include_usage: bool,
-        started: float, ttft: float, watcher: asyncio.Task[None] | None = None,
+        started: float, ttft: float, watcher: asyncio.Task[None] | None = None, *, refusal: bool = False,
     ) -> AsyncIterator[str]:
         name = self.host.settings.name
         index_of: dict[int, int] = {}
@@ -466,8 +475,9 @@ class ChatCompletions:
                 i = index_of.setdefault(c.get("index") or 0, len(index_of))
                 calls.append(DeltaToolCall(index=i, id=c.get("id"), type="function",
                                            function=DeltaFunction(name=c.get("name"), arguments=c.get("args") or "")))
-            delta = Delta(role="assistant" if first_event else None, content=chunk.text if (chunk.text or first_event) else None,
-                          tool_calls=calls or None)
+            text = chunk.text if (chunk.text or first_event) else None
+            delta = Delta(role="assistant" if first_event else None, tool_calls=calls or None,
+                          **({"refusal": text} if refusal else {"content": text}))
             return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(delta=delta)], safety=shown if first_event else None)
 
         total = first
