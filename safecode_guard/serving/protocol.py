@@ -127,7 +127,7 @@ class ChatCompletionRequest(_Strict):
         refusal instead, sent as `message.refusal` with `content` null (OpenAI's structured-output shape)."""
         if isinstance(self.response_format, dict) and self.response_format.get("type") in ("json_schema", "json_object"):
             return True
-        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+        return bool(self.tools) and (self.tool_choice in ("required", "any") or isinstance(self.tool_choice, dict))
 
 
 # --------------------------------------------------------------------------- responses
