@@ -18,6 +18,8 @@ from ..errors import UnsupportedSchemaError
 from .grammar import (
     JSON_SEPARATORS,
     Constraint,
+    call_close,
+    forced_call_constraint,
     json_object_constraint,
     json_schema_constraint,
     tool_call_constraint,
@@ -31,6 +33,8 @@ __all__ = [
     "GrammarCompiler",
     "RowConstraint",
     "UnsupportedSchemaError",
+    "call_close",
+    "forced_call_constraint",
     "json_object_constraint",
     "json_schema_constraint",
     "schema_error",

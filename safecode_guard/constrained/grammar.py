@@ -28,7 +28,9 @@ from typing import Any, Literal
 __all__ = [
     "JSON_SEPARATORS",
     "Constraint",
+    "call_close",
     "closed_objects",
+    "forced_call_constraint",
     "json_object_constraint",
     "json_schema_constraint",
     "tool_call_constraint",
@@ -162,3 +164,38 @@ def tool_parameters(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str
         fn = tool.get("function", tool)
         out[str(fn["name"])] = fn.get("parameters") or {"type": "object"}
     return out
+
+
+def call_close(turn: str, args_at: int, specials: Sequence[str] = ()) -> str | None:
+    """The text that ends a tool call in a rendered assistant turn, after the arguments' JSON.
+
+    `turn` is a call rendered by the chat template, its arguments' JSON object
+    starting at `args_at`. The close runs from the end of that object to the
+    turn's first special token (the end-of-turn marker ends the answer by
+    itself), trailing whitespace dropped: `'}\\n</tool_call>'` for Qwen, `'}'`
+    for Llama 3.1. None when the arguments are not JSON there.
+    """
+    try:
+        _, end = json.JSONDecoder().raw_decode(turn, args_at)
+    except ValueError:
+        return None
+    rest = turn[end:]
+    cut = min((i for s in specials if s and (i := rest.find(s)) >= 0), default=len(rest))
+    return rest[:cut].rstrip()
+
+
+def forced_call_constraint(
+    tools: Sequence[Mapping[str, Any]],
+    choice: str,
+    *,
+    name_to_args: str | None,
+    close: str | None,
+) -> Constraint | None:
+    """The grammar of a forced tool call (`choice`: "any" or a tool name), or None when the template's
+    call layout is unknown (the call is then opened but not constrained). "any" with one tool is that tool,
+    as the answer's forced opening has it (`tools.forced_prefix`)."""
+    if choice in ("auto", "none") or name_to_args is None or close is None:
+        return None
+    params = tool_parameters(tools)
+    named = choice if choice != "any" else (next(iter(params)) if len(params) == 1 else None)
+    return tool_call_constraint(params, name_to_args=name_to_args, call_close=close, named=named)

@@ -254,3 +254,27 @@ def test_window_contrast_and_modulation_choose_among_allowed_tokens_only(bpe, sa
         ids.append(token)
     assert s.grammar_done
     jsonschema.validate(json.loads(bpe.decode(ids)), FINITE)
+
+
+def test_call_close_is_read_from_the_rendered_turn_up_to_the_end_of_turn_marker() -> None:
+    from safecode_guard.constrained import call_close
+
+    qwen = '<tool_call>\n{"name": "t", "arguments": {"a": "x", "b": {"c": [1]}}}\n</tool_call><|im_end|>\n'
+    assert call_close(qwen, qwen.index('{"a"'), ["<|im_start|>", "<|im_end|>"]) == "}\n</tool_call>"
+    llama = '{"name": "t", "parameters": {"a": "}"}}<|eot_id|>'
+    assert call_close(llama, llama.index('{"a"'), ["<|eot_id|>"]) == "}"
+    assert call_close('{"name": "t", "arguments": nope}', 27) is None
+
+
+def test_forced_call_constraint_follows_the_tool_choice() -> None:
+    from safecode_guard.constrained import forced_call_constraint
+
+    one = [{"type": "function", "function": {"name": "solo", "parameters": {"type": "object", "properties": {"x": {"type": "boolean"}}}}}]
+    two = [*one, {"type": "function", "function": {"name": "other"}}]
+    layout = {"name_to_args": '", "arguments": ', "close": "}"}
+    assert forced_call_constraint(two, "auto", **layout) is None
+    assert forced_call_constraint(two, "any", name_to_args=None, close="}") is None  # layout unknown
+    # "any" with one tool opens that tool's call (tools.forced_prefix): only its arguments follow
+    assert forced_call_constraint(one, "any", **layout).grammar == forced_call_constraint(one, "solo", **layout).grammar
+    both = forced_call_constraint(two, "any", **layout).grammar
+    assert '"solo\\", \\"arguments\\": "' in both and '"other\\", \\"arguments\\": "' in both
