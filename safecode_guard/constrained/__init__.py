@@ -33,6 +33,7 @@ __all__ = [
     "GrammarCompiler",
     "RowConstraint",
     "UnsupportedSchemaError",
+    "available",
     "call_close",
     "forced_call_constraint",
     "json_object_constraint",
@@ -42,3 +43,10 @@ __all__ = [
     "tool_parameters",
     "unpack_bitmask",
 ]
+
+
+def available() -> bool:
+    """Whether llguidance (the `constrained` extra) is installed: integrations constrain only then."""
+    import importlib.util
+
+    return importlib.util.find_spec("llguidance") is not None

@@ -18,6 +18,7 @@ import pytest
 from server_support import ThreadServer
 
 pytest.importorskip("llguidance")
+pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
 
 SCHEMA = {
     "type": "object",
@@ -65,6 +66,9 @@ def serve(model: str, judge: str) -> ThreadServer:
 
 @pytest.fixture(scope="module")
 def safe_client(tool_model):
+    from server_support import allow_loopback
+
+    allow_loopback()  # module-scoped: the per-test marker does not cover it
     with serve(tool_model, "fixed:safe") as srv:
         yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
 
@@ -87,12 +91,18 @@ def test_streamed_json_schema_answer_validates(safe_client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_json_object_mode_opens_an_object_and_a_cut_answer_says_length(safe_client):
+def test_json_object_mode_answers_an_object_and_a_cut_answer_says_length(safe_client):
     done = safe_client.chat.completions.create(
-        model="x", messages=ASK, response_format={"type": "json_object"}, max_tokens=5,
+        model="x", messages=ASK, response_format={"type": "json_object"}, max_tokens=48,
     )
-    assert done.choices[0].message.content.startswith("{")
-    assert done.choices[0].finish_reason == "length"
+    content, finish = done.choices[0].message.content, done.choices[0].finish_reason
+    assert content.startswith("{")
+    if finish == "stop":  # the grammar completed: one JSON object, nothing after it
+        assert isinstance(json.loads(content), dict)
+    cut = safe_client.chat.completions.create(model="x", messages=ASK, response_format=RESPONSE_FORMAT, max_tokens=4)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 4
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.choices[0].message.content)
 
 
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
