@@ -166,13 +166,15 @@ def tool_parameters(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str
     return out
 
 
-def call_close(turn: str, args_at: int, specials: Sequence[str] = ()) -> str | None:
+def call_close(turn: str, args_at: int, specials: Sequence[str] = (), turn_end: str = "") -> str | None:
     """The text that ends a tool call in a rendered assistant turn, after the arguments' JSON.
 
     `turn` is a call rendered by the chat template, its arguments' JSON object
     starting at `args_at`. The close runs from the end of that object to the
-    turn's first special token (the end-of-turn marker ends the answer by
-    itself), trailing whitespace dropped: `'}\\n</tool_call>'` for Qwen, `'}'`
+    end of the turn: `turn_end` (what the template writes after any assistant
+    reply, e.g. `'<|im_end|>\\n'`) is cut off the end, and so is everything from
+    the first special token on (the end-of-turn token ends the answer by
+    itself); trailing whitespace is dropped. `'}\\n</tool_call>'` for Qwen, `'}'`
     for Llama 3.1. None when the arguments are not JSON there.
     """
     try:
@@ -180,6 +182,8 @@ def call_close(turn: str, args_at: int, specials: Sequence[str] = ()) -> str | N
     except ValueError:
         return None
     rest = turn[end:]
+    if turn_end.strip() and rest.endswith(turn_end):
+        rest = rest[: -len(turn_end)]
     cut = min((i for s in specials if s and (i := rest.find(s)) >= 0), default=len(rest))
     return rest[:cut].rstrip()
 

@@ -278,3 +278,12 @@ def test_forced_call_constraint_follows_the_tool_choice() -> None:
     assert forced_call_constraint(one, "any", **layout).grammar == forced_call_constraint(one, "solo", **layout).grammar
     both = forced_call_constraint(two, "any", **layout).grammar
     assert '"solo\\", \\"arguments\\": "' in both and '"other\\", \\"arguments\\": "' in both
+
+
+def test_call_close_drops_an_end_of_turn_marker_the_tokenizer_reads_as_text() -> None:
+    from safecode_guard.constrained import call_close
+
+    # a Llama 3.1 layout on a tokenizer where <|eot_id|> is no special token: the turn's end still comes off
+    turn = '{"name": "t", "parameters": {"a": 1}}<|eot_id|>'
+    assert call_close(turn, turn.index('{"a"'), (), turn_end="<|eot_id|>") == "}"
+    assert call_close(turn, turn.index('{"a"'), ()) == "}<|eot_id|>"  # unknown turn end: kept as written
