@@ -56,6 +56,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
+from .. import constrained
 from ..config import InputPolicy, SafeCoDeConfig
 from ..control import arun_briefly
 from ..engine.adapters import encode_views
@@ -362,10 +363,10 @@ class ChatSafeCoDe(BaseChatModel):
             # Tools depend on the chat template: read from the model's files (no weights, no
             # network), then confirmed on the loaded processor (`_note_tool_support`). False
             # while no template can be found here (a hub id not in the local cache, the demo
-            # model before its first build). No native structured output:
-            # `with_structured_output` uses a tool or JSON mode.
+            # model before its first build). Structured output is decoded under a grammar
+            # (with llguidance installed: the `constrained` extra).
             tool_calling=bool(tool_calling_from_files(self.model)),
-            structured_output=False,
+            structured_output=constrained.available(),
         )
 
     def display_name(self, model: str | None = None) -> str:
@@ -389,16 +390,18 @@ class ChatSafeCoDe(BaseChatModel):
         """Offer `tools` to the model through its chat template's `tools=` argument.
 
         `tool_choice`: "auto"/None (the model decides), "none" (tools not
-        offered), "any"/"required" (the answer opens a call), or a tool's name
-        (the answer opens a call of that tool). `parallel_tool_calls=False`
+        offered), "any"/"required" (the answer is a call), or a tool's name
+        (the answer is a call of that tool). A forced call is decoded under a
+        grammar (llguidance installed): its name is a bound tool's and its
+        arguments validate against that tool's schema. `parallel_tool_calls=False`
         keeps only the first call. The model's template must support tools
         (checked on first use, or now when the model is already loaded):
         otherwise `UnsupportedModelError`. Under an unsafe verdict the answer
         carries no tool calls (see `response_metadata["safety"]["blocked_tool_calls"]`).
 
-        `strict` is accepted and has no effect: without constrained decoding a
-        local model cannot promise schema-exact arguments, so validate them
-        where they are used (`with_structured_output` does).
+        `strict` is accepted: a forced call is always constrained, and with
+        `tool_choice="auto"` the model writes free text (its calls are read and
+        validated afterwards, as `with_structured_output` does).
         """
         del strict  # accepted for LangChain compatibility; see the docstring
         formatted = tools_mod.format_tools(tools)
@@ -414,17 +417,20 @@ class ChatSafeCoDe(BaseChatModel):
         schema: Mapping[str, Any] | type,
         *,
         include_raw: bool = False,
-        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        method: Literal["function_calling", "json_schema", "json_mode"] = "json_schema",
         strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[Any, Any]:
         """Answers as `schema` (a pydantic class -> instances; a JSON schema / TypedDict -> dicts).
 
-        `method="function_calling"` (default) binds `schema` as the one tool and
-        forces a call of it (needs a tool-capable template); `"json_schema"`
-        puts the schema in a system instruction and opens the answer with "{"
-        (any model); `"json_mode"` asks for JSON without a schema. Parse errors
-        raise `OutputParserException`; an unsafe verdict raises
+        `method="json_schema"` (default, as ChatOllama's): the schema goes in a
+        system instruction and the answer is decoded under its grammar (any
+        model), so it validates; `"function_calling"` binds `schema` as the one
+        tool and forces a call of it, its arguments under the grammar (needs a
+        tool-capable template); `"json_mode"`: any JSON object. Without
+        llguidance nothing is constrained ("{" opens a JSON answer). Parse
+        errors raise `OutputParserException`; an answer cut by the token limit
+        `tools.StructuredOutputTruncatedError` (one); an unsafe verdict
         `ModelRefusalError`. With `include_raw=True` the result is
         `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` and nothing raises.
         """
@@ -655,6 +661,7 @@ class ChatSafeCoDe(BaseChatModel):
             )
         json_mode = kwargs.get("response_format") is not None
         json_schema = response_format_schema(kwargs["response_format"]) if json_mode else None
+        constraint: constrained.Constraint | None = None
         # before loading (bad input is refused without loading weights): images shrink to the
         # policy's working cap here, and to what the processor needs inside the engine
         hf_messages = to_hf_messages(messages, self.policy)
@@ -670,18 +677,30 @@ class ChatSafeCoDe(BaseChatModel):
                     parse=True,
                 )
                 engine_kwargs["tools"] = tools
+                if constrained.available():  # a forced call: the rest of it under the grammar
+                    constraint = constrained.forced_call_constraint(
+                        tools, choice, name_to_args=template.name_to_args, close=template.call_close
+                    )
             elif tools:
                 plan = CallPlan(names=tuple(names), parse=False)
         prompt_messages = hf_messages
         if json_mode:
             # With tools offered the model may call them first, so the answer cannot be opened with "{".
             offered = plan is not None and plan.parse
-            if not offered:
+            if not offered and constrained.available():
+                plan = CallPlan()  # the grammar writes the whole JSON answer
+                if json_schema is not None:
+                    constraint = constrained.json_schema_constraint(json_schema)
+                else:
+                    constraint = constrained.json_object_constraint()
+            elif not offered:
                 plan = CallPlan(prefix="{")
             text = tools_mod.json_instruction(json_schema, with_tools=offered)
             prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
         if plan is not None and plan.prefix:
             engine_kwargs["answer_prefix"] = plan.prefix
+        if constraint is not None:
+            engine_kwargs["constraint"] = constraint
         retry = Retry(self.max_retries, self.timeout)  # the deadline runs from here: loading is not counted
         pieces = retry.judged(lambda: engine.stream(prompt_messages, start=False, **engine_kwargs, **retry.left()))
         verdict = pieces.verdict
@@ -696,6 +715,7 @@ class ChatSafeCoDe(BaseChatModel):
             else:
                 plan = None
             engine_kwargs.pop("answer_prefix", None)
+            engine_kwargs.pop("constraint", None)  # a refusal is free text, never schema-shaped
             prompt_messages = hf_messages
             pieces = engine.stream(hf_messages, start=False, **{**engine_kwargs, "verdict": verdict}, **retry.left())
         # A full queue refuses before anything is decoded: queue the same request again under

@@ -63,7 +63,7 @@ def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
     def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
         return render_prompt(processor, messages, engine.specials, tools=tools, add_generation_prompt=gen)
 
-    probed = tools_mod.probe_tool_template(render, repr(engine.model_name))
+    probed = tools_mod.probe_tool_template(render, repr(engine.model_name), engine._specials)
     with _TEMPLATES_LOCK:
         _TEMPLATES[engine] = (key, probed)
     return probed

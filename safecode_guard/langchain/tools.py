@@ -27,10 +27,13 @@ text and the reason: never an exception, never a guessed call. The same
 splitter runs on the whole answer (`parse_answer`) and on a stream of pieces,
 so `invoke` and `stream` agree by construction.
 
-Shortcuts, said plainly: arguments are not constrained while decoding (no
-grammar), so a model may write arguments that do not fit the schema; the
-parsers of `with_structured_output` validate them afterwards. A forced
-`tool_choice` only opens the call; the model writes the rest.
+Constrained decoding (`safecode_guard.constrained`, with llguidance
+installed): a forced `tool_choice` opens the call and a grammar holds the
+rest, so the tool's name is a bound tool's and its arguments validate against
+that tool's schema; the call ends with `ToolTemplate.call_close`, read from the
+template. `tool_choice="auto"` stays free text: the model decides whether to
+call, and its calls are read and validated afterwards (the parsers of
+`with_structured_output` validate too).
 """
 
 from __future__ import annotations
@@ -50,7 +53,13 @@ from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
-from ..errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
+from ..constrained import call_close
+from ..errors import (
+    SafeCoDeError,
+    SafeCoDeInputError,
+    UnsupportedContentError,
+    UnsupportedModelError,
+)
 from ..messages import MAX_NESTING_DEPTH, check_nesting, json_text_depth, nesting_depth
 
 __all__ = [
@@ -61,6 +70,7 @@ __all__ = [
     "JsonAnswerParser",
     "ParsedAnswer",
     "RawCall",
+    "StructuredOutputTruncatedError",
     "ToolCallSplitter",
     "ToolChoice",
     "ToolTemplate",
@@ -76,6 +86,7 @@ __all__ = [
     "parse_answer",
     "parse_raw_call",
     "probe_tool_template",
+    "raise_if_truncated",
     "raise_if_unsafe",
     "tool_names",
 ]
@@ -241,14 +252,19 @@ class ToolTemplate:
     `name_to_args` the text between the name and its arguments
     (`'", "arguments": '`). Both are None when the template renders tools
     but its call layout could not be read, so `tool_choice` cannot be forced.
+    `call_close` is the text after the arguments up to the end-of-turn marker
+    (`'}\\n</tool_call>'`, `'}'`), the end of a constrained call; None when unread.
     """
 
     call_open: str | None
     name_to_args: str | None
+    call_close: str | None = None
 
 
-def probe_tool_template(render: Render, model_name: str = "this model") -> ToolTemplate:
-    """Render a dummy tool and a dummy call through the template; `UnsupportedModelError` if it has no tools."""
+def probe_tool_template(render: Render, model_name: str = "this model", specials: Sequence[str] = ()) -> ToolTemplate:
+    """Render a dummy tool and a dummy call through the template; `UnsupportedModelError` if it has no tools.
+
+    `specials` (the tokenizer's special strings) mark where the call's turn ends."""
     user = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
     no_tools_fix = (
         "Use a model whose chat template takes `tools` (e.g. Qwen2.5-VL/Qwen3-VL or Llama-3.2-Vision "
@@ -286,7 +302,21 @@ def probe_tool_template(render: Render, model_name: str = "this model") -> ToolT
     at_args = turn.rfind("{", 0, at_arg) if at_arg > 0 else -1
     if at_name < 0 or at_args < at_name + len(_PROBE_NAME):
         return ToolTemplate(None, None)
-    return ToolTemplate(turn[:at_name], turn[at_name + len(_PROBE_NAME) : at_args])
+    return ToolTemplate(
+        turn[:at_name], turn[at_name + len(_PROBE_NAME) : at_args],
+        call_close(turn, at_args, specials, _turn_end(render, user, head)),
+    )
+
+
+def _turn_end(render: Render, user: list[dict[str, Any]], head: str) -> str:
+    """What the template writes after an assistant reply (`'<|im_end|>\\n'`): the end of a call's turn too."""
+    reply = "safecode probe reply"
+    try:
+        full = render([*user, {"role": "assistant", "content": reply}], [PROBE_TOOL], False)
+    except Exception:
+        return ""
+    at = full.find(reply, len(head) if full.startswith(head) else 0)
+    return full[at + len(reply) :] if at >= 0 else ""
 
 
 def forced_prefix(template: ToolTemplate, choice: ToolChoice, names: Sequence[str]) -> str:
@@ -558,6 +588,7 @@ class ToolsAnswerParser(BaseGenerationOutputParser[Any]):
         message = _message(result)
         raise_if_unsafe(message)
         if not message.tool_calls:
+            raise_if_truncated(message, "its tool call")
             errors = message.response_metadata.get(INVALID_CALL_ERRORS) or {}
             reasons = [f"{c.get('name')!r}: {c.get('error') or errors.get(c.get('id'))}" for c in message.invalid_tool_calls]
             detail = f"its calls could not be read ({'; '.join(reasons)})" if reasons else "it made no tool call"
@@ -574,6 +605,23 @@ class ToolsAnswerParser(BaseGenerationOutputParser[Any]):
             ) from exc
 
 
+class StructuredOutputTruncatedError(SafeCoDeError, OutputParserException):
+    """The answer reached its token limit before its structured output was complete
+    (`finish_reason="length"`): raise `max_tokens` / `max_new_tokens`."""
+
+
+def raise_if_truncated(message: BaseMessage, what: str) -> None:
+    """`StructuredOutputTruncatedError` when `message` ended at its token limit (its JSON is incomplete)."""
+    if message.response_metadata.get("finish_reason") == "length":
+        used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
+        raise StructuredOutputTruncatedError(
+            f"The answer reached its token limit{f' ({used} tokens)' if used else ''} before {what} was complete "
+            "(finish_reason='length'). Raise max_tokens / max_new_tokens, or ask for a smaller schema "
+            "(bounded strings and arrays).",
+            llm_output=message.text,
+        )
+
+
 class JsonAnswerParser(BaseGenerationOutputParser[Any]):
     """Structured output from a JSON answer: unsafe -> `ModelRefusalError`; else `inner` parses the text."""
 
@@ -582,6 +630,7 @@ class JsonAnswerParser(BaseGenerationOutputParser[Any]):
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
         message = _message(result)
         raise_if_unsafe(message)
+        raise_if_truncated(message, "its JSON")
         if json_text_depth(message.text) > MAX_NESTING_DEPTH:  # json.loads would overflow the stack
             raise OutputParserException(
                 f"The JSON answer is nested more than {MAX_NESTING_DEPTH} levels deep.", llm_output=message.text[:200]

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from server_support import ThreadServer
+from support.servers import ThreadServer
 
 pytest.importorskip("llguidance")
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
@@ -66,7 +66,7 @@ def serve(model: str, judge: str) -> ThreadServer:
 
 @pytest.fixture(scope="module")
 def safe_client(tool_model):
-    from server_support import allow_loopback
+    from support.servers import allow_loopback
 
     allow_loopback()  # module-scoped: the per-test marker does not cover it
     with serve(tool_model, "fixed:safe") as srv:

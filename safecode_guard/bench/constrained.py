@@ -66,9 +66,9 @@ class ConstrainedReport:
     new_tokens: int
     rounds: int
     levels: list[int]
-    step_ms: dict[tuple[str, int], float] = field(default_factory=dict)
-    """("free" | "schema", N) -> ms per decode step of the N requests together (fastest round)."""
-    cpu_ms: dict[tuple[str, int], float] = field(default_factory=dict)
+    step_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    """"free" | "schema" -> N -> ms per decode step of the N requests together (fastest round)."""
+    cpu_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     """Same keys: process CPU ms per decode step (median round)."""
     grammar_share: dict[int, float] = field(default_factory=dict)
     """N -> the fraction of the constrained runs' wall time spent masking and advancing grammars."""
@@ -81,10 +81,10 @@ class ConstrainedReport:
     cache: dict[str, float] = field(default_factory=dict)
 
     def overhead(self, level: int) -> float:
-        return self.step_ms[("schema", level)] / self.step_ms[("free", level)] - 1.0
+        return self.step_ms["schema"][level] / self.step_ms["free"][level] - 1.0
 
     def cpu_overhead(self, level: int) -> float:
-        return self.cpu_ms[("schema", level)] / self.cpu_ms[("free", level)] - 1.0
+        return self.cpu_ms["schema"][level] / self.cpu_ms["free"][level] - 1.0
 
     def table(self) -> str:
         head = (
@@ -94,8 +94,8 @@ class ConstrainedReport:
         lines = [head, "-" * len(head)]
         for n in self.levels:
             lines.append(
-                f"{n:>3} {self.step_ms[('free', n)]:>13.2f} {self.step_ms[('schema', n)]:>15.2f} "
-                f"{self.overhead(n) * 100:>8.1f}% {self.cpu_ms[('free', n)]:>12.2f} {self.cpu_ms[('schema', n)]:>14.2f} "
+                f"{n:>3} {self.step_ms['free'][n]:>13.2f} {self.step_ms['schema'][n]:>15.2f} "
+                f"{self.overhead(n) * 100:>8.1f}% {self.cpu_ms['free'][n]:>12.2f} {self.cpu_ms['schema'][n]:>14.2f} "
                 f"{self.cpu_overhead(n) * 100:>12.1f}% {self.grammar_share[n] * 100:>13.1f}%"
             )
         lines += [
@@ -125,7 +125,7 @@ class ConstrainedReport:
 
 def _one_time_costs(engine: Any, report: ConstrainedReport) -> None:
     """Cold costs on a compiler of their own (the engine's cache stays as the run leaves it)."""
-    from .constrained import GrammarCompiler, json_schema_constraint
+    from ..constrained import GrammarCompiler, json_schema_constraint
 
     c = json_schema_constraint(BENCH_SCHEMA)
     fresh = GrammarCompiler(engine.tokenizer, engine._eos_ids, engine._vocab_size)
@@ -165,9 +165,10 @@ def run_constrained_bench(
     progress: Callable[[str], None] | None = None,
 ) -> ConstrainedReport:
     """Build the preset model and time free and schema-constrained decoding at every level, interleaved."""
-    from .bench import PROMPT, _scene_image, bench_model, run_off_main
-    from .constrained import json_schema_constraint
-    from .engine.core import SafeCoDe
+    from ..constrained import json_schema_constraint
+    from ..engine.core import SafeCoDe
+    from .common import bench_model, run_off_main
+    from .scene import PROMPT, scene_image
 
     say = progress or (lambda _msg: None)
     dev, model, processor = bench_model(preset, device, say)
@@ -176,7 +177,7 @@ def run_constrained_bench(
     constraint = json_schema_constraint(BENCH_SCHEMA)
 
     def messages(i: int) -> list[dict[str, Any]]:
-        img = _scene_image(size)
+        img = scene_image(size)
         img.paste((135, 190 - 7 * (i % 16), 235 - 5 * (i % 16)), (0, 0, size, size // 8))
         return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": PROMPT}]}]
 
@@ -232,9 +233,9 @@ def run_constrained_bench(
                 times[(kind, n)].append(wall)
                 cpus[(kind, n)].append(cpu)
                 masked[n] += stats["mask_s"] - before
-    for key, values in times.items():
-        report.step_ms[key] = min(values) * 1000 / new_tokens
-        report.cpu_ms[key] = statistics.median(cpus[key]) * 1000 / new_tokens
+    for (kind, n), values in times.items():
+        report.step_ms.setdefault(kind, {})[n] = min(values) * 1000 / new_tokens
+        report.cpu_ms.setdefault(kind, {})[n] = statistics.median(cpus[(kind, n)]) * 1000 / new_tokens
     for n in levels:
         report.grammar_share[n] = masked[n] / sum(times[("schema", n)])
     report.cache = dict(engine.grammars.stats)
