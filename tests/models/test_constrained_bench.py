@@ -21,3 +21,19 @@ def test_constrained_bench_measures_free_and_schema_side_by_side():
     assert "grammar share" in table and "schema compile" in table
     assert report.verdicts() == []  # concurrency 8 was not measured: no verdict on it
     assert "concurrency 2: round 2/2" in said
+
+
+def test_bench_constrained_runs_from_the_command_line(capsys, tmp_path):
+    import json
+
+    from safecode_guard.cli.main import main
+
+    out = tmp_path / "constrained.json"
+    argv = ["bench", "--constrained", "--preset", "tiny", "--rounds", "1", "--new-tokens", "4",
+            "--concurrency", "1,2", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "with and without a JSON schema" in printed and "grammar share" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["step_ms"]) == {"free", "schema"} and set(saved["step_ms"]["schema"]) == {"1", "2"}
+    assert main(["bench", "--constrained", "--preset", "tiny", "--concurrency", "0"]) == 2
