@@ -125,6 +125,7 @@ class ConstrainedReport:
 
 def _one_time_costs(engine: Any, report: ConstrainedReport) -> None:
     """Cold costs on a compiler of their own (the engine's cache stays as the run leaves it)."""
+    # the model stack (torch, llguidance) loads when a benchmark runs, not on import
     from ..constrained import GrammarCompiler, json_schema_constraint
 
     c = json_schema_constraint(BENCH_SCHEMA)
@@ -165,6 +166,7 @@ def run_constrained_bench(
     progress: Callable[[str], None] | None = None,
 ) -> ConstrainedReport:
     """Build the preset model and time free and schema-constrained decoding at every level, interleaved."""
+    # the model stack (torch, transformers, llguidance) loads when the benchmark runs, not on import
     from ..constrained import json_schema_constraint
     from ..engine.core import SafeCoDe
     from .common import bench_model, run_off_main

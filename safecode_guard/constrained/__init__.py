@@ -14,6 +14,11 @@ An unsafe verdict drops the constraint: the answer is a free-text refusal,
 never schema-shaped text (`SafeCoDeResult.constrained` says which happened).
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from ..errors import UnsupportedSchemaError
 from .grammar import (
     JSON_SEPARATORS,
@@ -25,7 +30,10 @@ from .grammar import (
     tool_call_constraint,
     tool_parameters,
 )
-from .matcher import GrammarCompiler, RowConstraint, schema_error, unpack_bitmask
+
+# The grammar text is pure; the matcher side needs torch and numpy, so it loads on first use
+# (`import safecode_guard.nemo`, which builds constraints for LangChain, stays light).
+_LAZY = {"GrammarCompiler", "RowConstraint", "schema_error", "unpack_bitmask"}
 
 __all__ = [
     "JSON_SEPARATORS",
@@ -43,6 +51,14 @@ __all__ = [
     "tool_parameters",
     "unpack_bitmask",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(".matcher", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def available() -> bool:

@@ -6,7 +6,9 @@ answer opening -> one noised copy of every image -> the prompt rendered from
 the conversation and encoded for both views -> every length limit checked ->
 the judge's verdict on a `JudgeRequest` made from the same conversation (what
 the model reads, text joined as its template joins it) -> a `DecodeJob` for
-the model's scheduler.
+the model's scheduler. A `constraint` (structured output, a forced tool call)
+is compiled before the judge runs and rides in the job's `Steering` as the
+request's grammar state, unless the verdict is unsafe (`constrained/`).
 
 Decoding (in the scheduler's thread, `scheduler.py`, batched with every
 other request on the model): one prefill of both views (the vision tower runs
@@ -34,7 +36,8 @@ import torch
 
 from .. import ops
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
-from ..constrained import Constraint, GrammarCompiler
+from ..constrained.grammar import Constraint
+from ..constrained.matcher import GrammarCompiler
 from ..control import (
     RequestControl,
     arun_briefly,

@@ -82,6 +82,8 @@ from .settings import (
 )
 from .tool_calls import (
     CallPlan,
+    forced_call_grammar,
+    json_answer_plan,
     response_format_schema,
     structured_output,
     tool_calling_from_files,
@@ -390,18 +392,16 @@ class ChatSafeCoDe(BaseChatModel):
         """Offer `tools` to the model through its chat template's `tools=` argument.
 
         `tool_choice`: "auto"/None (the model decides), "none" (tools not
-        offered), "any"/"required" (the answer is a call), or a tool's name
-        (the answer is a call of that tool). A forced call is decoded under a
-        grammar (llguidance installed): its name is a bound tool's and its
-        arguments validate against that tool's schema. `parallel_tool_calls=False`
+        offered), "any"/"required" or a tool's name (the answer is a call of a
+        bound tool, or of that one, its arguments under the tool's grammar:
+        they validate against its schema). `parallel_tool_calls=False`
         keeps only the first call. The model's template must support tools
         (checked on first use, or now when the model is already loaded):
         otherwise `UnsupportedModelError`. Under an unsafe verdict the answer
         carries no tool calls (see `response_metadata["safety"]["blocked_tool_calls"]`).
 
-        `strict` is accepted: a forced call is always constrained, and with
-        `tool_choice="auto"` the model writes free text (its calls are read and
-        validated afterwards, as `with_structured_output` does).
+        `strict` is accepted: forced calls are always constrained; with "auto"
+        calls are read and validated after decoding.
         """
         del strict  # accepted for LangChain compatibility; see the docstring
         formatted = tools_mod.format_tools(tools)
@@ -423,14 +423,11 @@ class ChatSafeCoDe(BaseChatModel):
     ) -> Runnable[Any, Any]:
         """Answers as `schema` (a pydantic class -> instances; a JSON schema / TypedDict -> dicts).
 
-        `method="json_schema"` (default, as ChatOllama's): the schema goes in a
-        system instruction and the answer is decoded under its grammar (any
-        model), so it validates; `"function_calling"` binds `schema` as the one
-        tool and forces a call of it, its arguments under the grammar (needs a
-        tool-capable template); `"json_mode"`: any JSON object. Without
-        llguidance nothing is constrained ("{" opens a JSON answer). Parse
-        errors raise `OutputParserException`; an answer cut by the token limit
-        `tools.StructuredOutputTruncatedError` (one); an unsafe verdict
+        `method="json_schema"` (default, as ChatOllama's): an answer decoded under
+        the schema's grammar (any model); `"function_calling"`: a forced call of
+        `schema` as the one tool (tool-capable templates); `"json_mode"`: any JSON
+        object (see `constrained`). Parse errors raise `OutputParserException`
+        (a length cut its `StructuredOutputTruncatedError`); an unsafe verdict
         `ModelRefusalError`. With `include_raw=True` the result is
         `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` and nothing raises.
         """
@@ -677,30 +674,20 @@ class ChatSafeCoDe(BaseChatModel):
                     parse=True,
                 )
                 engine_kwargs["tools"] = tools
-                if constrained.available():  # a forced call: the rest of it under the grammar
-                    constraint = constrained.forced_call_constraint(
-                        tools, choice, name_to_args=template.name_to_args, close=template.call_close
-                    )
+                constraint = forced_call_grammar(tools, choice, template)
             elif tools:
                 plan = CallPlan(names=tuple(names), parse=False)
         prompt_messages = hf_messages
         if json_mode:
             # With tools offered the model may call them first, so the answer cannot be opened with "{".
             offered = plan is not None and plan.parse
-            if not offered and constrained.available():
-                plan = CallPlan()  # the grammar writes the whole JSON answer
-                if json_schema is not None:
-                    constraint = constrained.json_schema_constraint(json_schema)
-                else:
-                    constraint = constrained.json_object_constraint()
-            elif not offered:
-                plan = CallPlan(prefix="{")
+            if not offered:
+                plan, constraint = json_answer_plan(json_schema)
             text = tools_mod.json_instruction(json_schema, with_tools=offered)
             prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
         if plan is not None and plan.prefix:
             engine_kwargs["answer_prefix"] = plan.prefix
-        if constraint is not None:
-            engine_kwargs["constraint"] = constraint
+        engine_kwargs["constraint"] = constraint
         retry = Retry(self.max_retries, self.timeout)  # the deadline runs from here: loading is not counted
         pieces = retry.judged(lambda: engine.stream(prompt_messages, start=False, **engine_kwargs, **retry.left()))
         verdict = pieces.verdict

@@ -21,6 +21,7 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from .. import constrained
 from ..engine.loading import chat_template_source
 from ..errors import SafeCoDeInputError, UnsupportedModelError
 from ..prompting import render_prompt
@@ -97,6 +98,25 @@ def tool_calling_from_files(model: str) -> bool | None:
     except UnsupportedModelError:
         return False
     return True
+
+
+def forced_call_grammar(
+    tools: Sequence[Mapping[str, Any]], choice: str, template: tools_mod.ToolTemplate
+) -> constrained.Constraint | None:
+    """The grammar of the rest of a forced call (None: the model decides, or llguidance is missing)."""
+    if not constrained.available():
+        return None
+    return constrained.forced_call_constraint(tools, choice, name_to_args=template.name_to_args, close=template.call_close)
+
+
+def json_answer_plan(json_schema: Mapping[str, Any] | None) -> tuple[CallPlan, constrained.Constraint | None]:
+    """A JSON answer with no tools offered: written under the schema's grammar (JSON mode: any object),
+    or, without llguidance, opened with "{" and left to the model."""
+    if not constrained.available():
+        return CallPlan(prefix="{"), None
+    if json_schema is None:
+        return CallPlan(), constrained.json_object_constraint()
+    return CallPlan(), constrained.json_schema_constraint(json_schema)
 
 
 def uses_tools(hf_messages: Sequence[Mapping[str, Any]]) -> bool:
