@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import constrained
 from . import tool_parsing as tools_mod
 from .control import arun_briefly
 from .engine.core import SafeCoDe
@@ -41,6 +42,8 @@ __all__ = [
     "CallPlan",
     "Event",
     "aevents",
+    "forced_call_grammar",
+    "json_answer_plan",
     "open_call",
     "response_format_schema",
     "tool_template",
@@ -78,10 +81,29 @@ def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
     def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
         return render_prompt(processor, messages, engine.specials, tools=tools, add_generation_prompt=gen)
 
-    probed = tools_mod.probe_tool_template(render, repr(engine.model_name))
+    probed = tools_mod.probe_tool_template(render, repr(engine.model_name), engine.specials)
     with _TEMPLATES_LOCK:
         _TEMPLATES[engine] = (key, probed)
     return probed
+
+
+def forced_call_grammar(
+    tools: Sequence[Mapping[str, Any]], choice: str, template: tools_mod.ToolTemplate
+) -> constrained.Constraint | None:
+    """The grammar of the rest of a forced call (None: the model decides, or llguidance is missing)."""
+    if not constrained.available():
+        return None
+    return constrained.forced_call_constraint(tools, choice, name_to_args=template.name_to_args, close=template.call_close)
+
+
+def json_answer_plan(json_schema: Mapping[str, Any] | None) -> tuple[CallPlan, constrained.Constraint | None]:
+    """A JSON answer with no tools offered: written under the schema's grammar (JSON mode: any object),
+    or, without llguidance, opened with "{" and left to the model."""
+    if not constrained.available():
+        return CallPlan(prefix="{"), None
+    if json_schema is None:
+        return CallPlan(), constrained.json_object_constraint()
+    return CallPlan(), constrained.json_schema_constraint(json_schema)
 
 
 def uses_tools(hf_messages: Sequence[Mapping[str, Any]]) -> bool:
@@ -221,7 +243,10 @@ def open_call(
     tool call's JSON or a JSON answer, so such a stream is closed before it
     decodes anything and reopened under the same verdict as plain text: no
     forced prefix, no JSON instruction, and no tools when a tool call was
-    forced. `retry` (`left()`, `judged(open)`, `queued(pieces, reopen)`) may
+    forced. A forced call's rest and a JSON answer without tools are decoded
+    under a grammar (`constrained`, with llguidance installed): the call's
+    arguments validate against its tool's schema, the JSON answer against
+    `response_format`'s schema; the reopened refusal is free text. `retry` (`left()`, `judged(open)`, `queued(pieces, reopen)`) may
     retry what a local model fails for a moment; default one attempt.
     """
     retry = retry or NoRetry()
@@ -238,6 +263,7 @@ def open_call(
     options: dict[str, Any] = {**sampling.model_dump(exclude_none=True), "verdict": verdict}
     options.update(stop=list(sampling.stop), seed=sampling.seed)  # None: fresh randomness, said explicitly
     plan: CallPlan | None = None
+    constraint: constrained.Constraint | None = None
     if formatted or uses_tools(hf_messages):
         template = tool_template(engine)  # UnsupportedModelError when the template has no tools
         if formatted and choice != "none":  # "none": the tools are not offered at all
@@ -248,6 +274,7 @@ def open_call(
                 parse=True,
             )
             options["tools"] = formatted
+            constraint = forced_call_grammar(formatted, choice, template)
         elif formatted:
             plan = CallPlan(names=tuple(names), parse=False)
     prompt_messages = hf_messages
@@ -255,11 +282,13 @@ def open_call(
         # With tools offered the model may call them first, so the answer cannot be opened with "{".
         offered = plan is not None and plan.parse
         if not offered:
-            plan = CallPlan(prefix="{")
+            plan, constraint = json_answer_plan(json_schema)
         text = tools_mod.json_instruction(json_schema, with_tools=offered)
         prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
     if plan is not None and plan.prefix:
         options["answer_prefix"] = plan.prefix
+    if constraint is not None:
+        options["constraint"] = constraint
     pieces = retry.judged(lambda: engine.stream(prompt_messages, start=False, **options, **retry.left()))
     decided = pieces.verdict
     assert decided is not None  # SafeCoDe.stream decides the verdict before returning
@@ -273,6 +302,7 @@ def open_call(
         else:
             plan = None
         options.pop("answer_prefix", None)
+        options.pop("constraint", None)  # a refusal is free text, never schema-shaped
         prompt_messages = hf_messages
         pieces = engine.stream(hf_messages, start=False, **{**options, "verdict": decided}, **retry.left())
     # A full queue refuses before anything is decoded: queue the same request again under

@@ -45,6 +45,7 @@ __all__ = [
     "UnsupportedContentError",
     "UnsupportedGuardError",
     "UnsupportedModelError",
+    "UnsupportedSchemaError",
     "did_you_mean",
 ]
 
@@ -95,6 +96,18 @@ class InvalidVerdictError(SafeCoDeInputError):
 
 class UnsupportedModelError(SafeCoDeInputError):
     """The model or processor lacks something SafeCoDe needs (e.g. a chat template)."""
+
+
+class UnsupportedSchemaError(SafeCoDeInputError):
+    """A JSON schema (structured output, tool parameters) cannot be compiled into a decoding grammar.
+
+    `keywords` names the schema keywords the grammar library does not implement
+    (empty when the problem is elsewhere, e.g. a `$ref` that points nowhere).
+    """
+
+    def __init__(self, message: str, keywords: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keywords = keywords
 
 
 class ModelNotFoundError(UnsupportedModelError):

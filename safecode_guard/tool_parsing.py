@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .constrained.grammar import call_close
 from .errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
 from .messages import MAX_NESTING_DEPTH, check_nesting, json_text_depth
 
@@ -205,14 +206,19 @@ class ToolTemplate:
     `name_to_args` the text between the name and its arguments
     (`'", "arguments": '`). Both are None when the template renders tools
     but its call layout could not be read, so `tool_choice` cannot be forced.
+    `call_close` is the text after the arguments up to the end-of-turn marker
+    (`'}\\n</tool_call>'`, `'}'`), the end of a constrained call; None when unread.
     """
 
     call_open: str | None
     name_to_args: str | None
+    call_close: str | None = None
 
 
-def probe_tool_template(render: Render, model_name: str = "this model") -> ToolTemplate:
-    """Render a dummy tool and a dummy call through the template; `UnsupportedModelError` if it has no tools."""
+def probe_tool_template(render: Render, model_name: str = "this model", specials: Sequence[str] = ()) -> ToolTemplate:
+    """Render a dummy tool and a dummy call through the template; `UnsupportedModelError` if it has no tools.
+
+    `specials` (the tokenizer's special strings) mark where the call's turn ends."""
     user = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
     no_tools_fix = (
         "Use a model whose chat template takes `tools` (e.g. Qwen2.5-VL/Qwen3-VL or Llama-3.2-Vision "
@@ -250,7 +256,21 @@ def probe_tool_template(render: Render, model_name: str = "this model") -> ToolT
     at_args = turn.rfind("{", 0, at_arg) if at_arg > 0 else -1
     if at_name < 0 or at_args < at_name + len(_PROBE_NAME):
         return ToolTemplate(None, None)
-    return ToolTemplate(turn[:at_name], turn[at_name + len(_PROBE_NAME) : at_args])
+    return ToolTemplate(
+        turn[:at_name], turn[at_name + len(_PROBE_NAME) : at_args],
+        call_close(turn, at_args, specials, _turn_end(render, user, head)),
+    )
+
+
+def _turn_end(render: Render, user: list[dict[str, Any]], head: str) -> str:
+    """What the template writes after an assistant reply (`'<|im_end|>\\n'`): the end of a call's turn too."""
+    reply = "safecode probe reply"
+    try:
+        full = render([*user, {"role": "assistant", "content": reply}], [PROBE_TOOL], False)
+    except Exception:
+        return ""
+    at = full.find(reply, len(head) if full.startswith(head) else 0)
+    return full[at + len(reply) :] if at >= 0 else ""
 
 
 def forced_prefix(template: ToolTemplate, choice: ToolChoice, names: Sequence[str]) -> str:

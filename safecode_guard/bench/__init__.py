@@ -3,7 +3,8 @@
 Modules: `methods` (one request, each decoding method timed in interleaved rounds),
 `concurrency` (many requests at once: batched against serialised), `stall` (a running
 stream's longest gap while a long prompt arrives), `serve` (load on a running server),
-`common` (the preset model, peak memory, reports), `scene` (the prompt and image),
+`constrained` (ms/token with and without a JSON schema), `common` (the preset model,
+peak memory, reports), `scene` (the prompt and image),
 `command` (the `bench` subcommand's flags).
 """
 

@@ -9,6 +9,7 @@ import torch
 
 from .common import print_report
 from .concurrency import MIX_ANSWER_TOKENS, run_concurrency_bench
+from .constrained import run_constrained_bench
 from .methods import run_bench
 from .stall import run_stall_bench
 
@@ -46,6 +47,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="instead: the longest inter-token gap of a running stream while a prompt of TOKENS tokens "
         "arrives, with chunked prefill off and on",
     )
+    parser.add_argument(
+        "--constrained",
+        action="store_true",
+        help="instead: ms/token with and without a JSON schema (constrained decoding), at the --concurrency "
+        "levels (default 1,8), plus the schema's one-time compile and the grammar cache",
+    )
 
 
 def _levels(text: str) -> list[int]:
@@ -70,6 +77,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     if args.stall is not None:
         return _run_stall(args)
+    if args.constrained:
+        return _run_constrained(args)
     if args.concurrency is not None:
         return _run_concurrency(args)
     report = run_bench(
@@ -142,6 +151,25 @@ def _run_stall(args: argparse.Namespace) -> int:
         f"preset {report.preset}: {report.params_m:.1f}M params, {report.dtype}, {report.device}; a stream decodes "
         f"while a {report.prompt_tokens}-token prompt with an image arrives (two rows: real and noised view); "
         f"medians of {report.rounds} interleaved rounds",
+        report,
+        args.json_path,
+    )
+
+
+def _run_constrained(args: argparse.Namespace) -> int:
+    try:
+        levels = _levels(args.concurrency or "1,8")
+    except ValueError:
+        print(f"error: --concurrency takes levels from 1 to 256 like 1,8, not {args.concurrency!r}", file=sys.stderr)
+        return 2
+    report = run_constrained_bench(
+        args.preset, levels=levels, rounds=args.rounds, new_tokens=args.new_tokens, device=args.device,
+        progress=_progress,
+    )
+    return print_report(
+        f"preset {report.preset}: {report.device}, vocabulary {report.vocab_size}; {report.new_tokens} new tokens "
+        f"per request, greedy, fixed verdict, with and without a JSON schema; wall time: the fastest of "
+        f"{report.rounds} interleaved rounds, CPU time: the median",
         report,
         args.json_path,
     )

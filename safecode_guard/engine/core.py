@@ -6,7 +6,9 @@ answer opening -> one noised copy of every image -> the prompt rendered from
 the conversation and encoded for both views -> every length limit checked ->
 the judge's verdict on a `JudgeRequest` made from the same conversation (what
 the model reads, text joined as its template joins it) -> a `DecodeJob` for
-the model's scheduler.
+the model's scheduler. A `constraint` (structured output, a forced tool call)
+is compiled before the judge runs and rides in the job's `Steering` as the
+request's grammar state, unless the verdict is unsafe (`constrained/`).
 
 Decoding (in the scheduler's thread, `scheduler.py`, batched with every
 other request on the model): one prefill of both views (the vision tower runs
@@ -34,6 +36,8 @@ import torch
 
 from .. import ops
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig, validated_copy
+from ..constrained.grammar import Constraint
+from ..constrained.matcher import GrammarCompiler
 from ..control import (
     RequestControl,
     arun_briefly,
@@ -124,6 +128,9 @@ class SafeCoDe:
         self.context_length = self._find_context_length()
         self._token_chars = self._find_token_chars()
         self._vocab_size = self._find_vocab_size()
+        self.grammars = GrammarCompiler(self.tokenizer, self._eos_ids, self._vocab_size)
+        """Constraint grammars compiled for this engine's tokenizer, cached per grammar (llguidance loads
+        on the first constrained request)."""
         self.image_side = max(image_working_side(processor, self.policy), guard_image_side(self.judge_impl, self.policy))
         """Longest image side worth keeping for this processor (and a guard judge's, which reads the
         same images): images shrink to it on decoding."""
@@ -286,6 +293,7 @@ class SafeCoDe:
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
+        constraint: Constraint | None = None,
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
@@ -316,6 +324,12 @@ class SafeCoDe:
         `tools` (OpenAI-format function schemas) go to the chat template's
         `tools=`; `answer_prefix` is appended to the prompt as the start of the
         answer (it is not part of the returned text), e.g. to open a tool call.
+        `constraint` (a `safecode_guard.constrained.Constraint`: a JSON schema,
+        JSON mode, a tool call) makes the answer after `answer_prefix` follow
+        its grammar; it is compiled before the judge runs (a schema the grammar
+        library cannot compile raises `UnsupportedSchemaError`) and dropped under
+        an unsafe verdict, whose answer is a free-text refusal
+        (`SafeCoDeResult.constrained` says whether it applied).
 
         Every check (settings, images, prompt length, context) runs before the
         judge and before any model work. The request is queued for decoding at
@@ -344,7 +358,10 @@ class SafeCoDe:
             "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "logprobs": logprobs,
             "top_logprobs": top_logprobs,
         })
-        options = {"verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "sampling": params}
+        options = {
+            "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "constraint": constraint,
+            "sampling": params,
+        }
         call = self._call_control(timeout_s, control)
         return run_briefly(lambda: self._open(messages, start, options, call), control=call)
 
@@ -354,7 +371,7 @@ class SafeCoDe:
         reads the stream) cancels the request."""
         start = kwargs.pop("start", True)
         call = self._call_control(kwargs.pop("timeout_s", None), kwargs.pop("control", None))
-        options = {k: kwargs.pop(k) for k in ("verdict", "tools", "answer_prefix") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("verdict", "tools", "answer_prefix", "constraint") if k in kwargs}
         options["sampling"] = sampling_params(kwargs.pop("sampling", None), kwargs)
         return await arun_briefly(lambda: self._open(messages, start, options, call), control=call)
 
@@ -429,6 +446,7 @@ class SafeCoDe:
         verdict: Verdict | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         answer_prefix: str = "",
+        constraint: Constraint | None = None,
         control: RequestControl | None = None,
     ) -> tuple[DecodeJob, Verdict | None, float]:
         """Everything before decoding, in a preparation thread: checks, images, prompt, judge.
@@ -438,6 +456,13 @@ class SafeCoDe:
         max_new_tokens = params.max_new_tokens
         decoding = self._sampling(params)
         override = self._override(verdict) if verdict is not None else None
+        if constraint is not None:
+            if not isinstance(constraint, Constraint):
+                raise SafeCoDeInputError(
+                    f"`constraint` must be a safecode_guard.constrained.Constraint (e.g. "
+                    f"json_schema_constraint(schema)); got a {type(constraint).__name__}."
+                )
+            compiled = self.grammars.compile(constraint)  # an uncompilable schema fails before any model work
         # One conversation object: the prompt below and the judge's request both come from it.
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(
             tools=tools, answer_prefix=answer_prefix
@@ -467,10 +492,13 @@ class SafeCoDe:
             device = self.model.device
             seed = params.seed
             generator = torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else seed)
+        label = final.label if final is not None else "safe"
+        # an unsafe verdict answers with a free-text refusal, never with schema-shaped text
+        row_constraint = self.grammars.row(compiled) if constraint is not None and label != "unsafe" else None
         steering = Steering(
-            cfg, self._refusal_seqs, final.label if final is not None else "safe", window, contrastive,
-            decoding, generator, min_tokens=params.min_tokens, eos_ids=self._eos_ids,
-            logprobs=(params.top_logprobs or 0) if params.logprobs else None,
+            cfg, self._refusal_seqs, label, window, contrastive, decoding, generator,
+            min_tokens=params.min_tokens, eos_ids=self._eos_ids,
+            logprobs=(params.top_logprobs or 0) if params.logprobs else None, constraint=row_constraint,
         )
         job = DecodeJob(
             prompt_rows=rows,

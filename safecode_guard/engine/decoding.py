@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from ..config import SafeCoDeConfig
+from ..constrained.matcher import RowConstraint
 from ..sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 __all__ = [
@@ -50,6 +51,11 @@ class Steering:
     `rows` says how many batch rows the request needs for its next step: two
     (real, noised) while the window contrasts an image, else one. `choose`
     takes the logits of those rows (`(rows, V)`) and returns the next token.
+
+    With a `constraint` (structured output, a forced tool call), tokens the
+    grammar does not allow are set to -inf in the real row first, so the
+    contrast, the refusal modulation, the penalties and sampling all choose
+    among allowed tokens only (a disallowed token stays at -inf through each).
     """
 
     def __init__(
@@ -61,12 +67,14 @@ class Steering:
         contrastive: bool,
         sampling: ops.Sampling,
         generator: torch.Generator | None,
+        constraint: RowConstraint | None = None,
         *,
         min_tokens: int = 0,
         eos_ids: Collection[int] = (),
         logprobs: int | None = None,
     ) -> None:
         self.config = config
+        self.constraint = constraint
         self.refusal_seqs = refusal_seqs
         self.label = label
         self.window = window
@@ -96,6 +104,7 @@ class Steering:
         """The next token is the argmax of the real row: no window, no prefix, no penalties, nothing recorded."""
         return (
             not self.forced
+            and self.constraint is None
             and self.t >= self.window
             and not self.sampling.do_sample
             and not self.sampling.penalized
@@ -111,6 +120,8 @@ class Steering:
         if self.forced:
             self._note(z_real)  # a forced refusal token was not drawn: the model's own view at this step
             return self.forced.pop(0)
+        if self.constraint is not None:
+            z_real = self.constraint.apply(z_real)
         if t >= self.window:
             return self._select(z_real)
         z_cd = ops.contrast(z_real, logits[1].float() if self.rows == 2 else None, cfg.alpha, cfg.plausibility_beta)
@@ -146,6 +157,13 @@ class Steering:
         if self._dist is not None:
             self.logprobs.append(token_logprob(self._dist, token, self.want_logprobs or 0))
             self._dist = None
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+    @property
+    def grammar_done(self) -> bool:
+        """The answer's grammar is complete: the answer ends here (no end token needed)."""
+        return self.constraint is not None and self.constraint.done
 
 
 StepLogprob = tuple[int, float, tuple[tuple[int, float], ...]]

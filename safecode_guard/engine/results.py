@@ -79,6 +79,9 @@ class SafeCoDeResult(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     """With `logprobs=True`: one entry per token of `token_ids`, from the distribution it was drawn
     from (in the SafeCoDe window: the contrasted, modulated and penalised scores; see the README)."""
+    constrained: bool = False
+    """Whether a grammar (`constraint=`) shaped the answer; False when none was given, or when an
+    unsafe verdict dropped it for a free-text refusal."""
 
 
 class SafeCoDeStream:
@@ -222,6 +225,7 @@ def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_p
         },
         refused=ops.opens_with_refusal(text, refusal_phrases),
         logprobs=token_logprobs(job.steering.logprobs, job.tracker.tokenizer) if job.steering.want_logprobs is not None else None,
+        constrained=job.steering.constraint is not None,
     )
 
 

@@ -649,7 +649,7 @@ class Scheduler:
         piece = job.tracker.add(token)
         if piece:
             job.channel.put("piece", piece, wake=wake)
-        if token in job.eos_ids or job.tracker.stopped:
+        if token in job.eos_ids or job.tracker.stopped or job.steering.grammar_done:
             self._end(job, "stop")
             return True
         if job.steering.t >= job.max_new_tokens:

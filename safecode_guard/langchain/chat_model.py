@@ -55,6 +55,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
+from .. import constrained
 from ..calls import open_call, response_format_schema, tool_template
 from ..config import InputPolicy, SafeCoDeConfig
 from ..control import arun_briefly
@@ -370,10 +371,10 @@ class ChatSafeCoDe(BaseChatModel):
             # Tools depend on the chat template: read from the model's files (no weights, no
             # network), then confirmed on the loaded processor (`_note_tool_support`). False
             # while no template can be found here (a hub id not in the local cache, the demo
-            # model before its first build). No native structured output:
-            # `with_structured_output` uses a tool or JSON mode.
+            # model before its first build). Structured output is decoded under a grammar
+            # (with llguidance installed: the `constrained` extra).
             tool_calling=bool(tool_calling_from_files(self.model)),
-            structured_output=False,
+            structured_output=constrained.available(),
         )
 
     def display_name(self, model: str | None = None) -> str:
@@ -397,16 +398,16 @@ class ChatSafeCoDe(BaseChatModel):
         """Offer `tools` to the model through its chat template's `tools=` argument.
 
         `tool_choice`: "auto"/None (the model decides), "none" (tools not
-        offered), "any"/"required" (the answer opens a call), or a tool's name
-        (the answer opens a call of that tool). `parallel_tool_calls=False`
+        offered), "any"/"required" or a tool's name (the answer is a call of a
+        bound tool, or of that one, its arguments under the tool's grammar:
+        they validate against its schema). `parallel_tool_calls=False`
         keeps only the first call. The model's template must support tools
         (checked on first use, or now when the model is already loaded):
         otherwise `UnsupportedModelError`. Under an unsafe verdict the answer
         carries no tool calls (see `response_metadata["safety"]["blocked_tool_calls"]`).
 
-        `strict` is accepted and has no effect: without constrained decoding a
-        local model cannot promise schema-exact arguments, so validate them
-        where they are used (`with_structured_output` does).
+        `strict` is accepted: forced calls are always constrained; with "auto"
+        calls are read and validated after decoding.
         """
         del strict  # accepted for LangChain compatibility; see the docstring
         formatted = tools_mod.format_tools(tools)
@@ -422,17 +423,17 @@ class ChatSafeCoDe(BaseChatModel):
         schema: Mapping[str, Any] | type,
         *,
         include_raw: bool = False,
-        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        method: Literal["function_calling", "json_schema", "json_mode"] = "json_schema",
         strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[Any, Any]:
         """Answers as `schema` (a pydantic class -> instances; a JSON schema / TypedDict -> dicts).
 
-        `method="function_calling"` (default) binds `schema` as the one tool and
-        forces a call of it (needs a tool-capable template); `"json_schema"`
-        puts the schema in a system instruction and opens the answer with "{"
-        (any model); `"json_mode"` asks for JSON without a schema. Parse errors
-        raise `OutputParserException`; an unsafe verdict raises
+        `method="json_schema"` (default, as ChatOllama's): an answer decoded under
+        the schema's grammar (any model); `"function_calling"`: a forced call of
+        `schema` as the one tool (tool-capable templates); `"json_mode"`: any JSON
+        object (see `constrained`). Parse errors raise `OutputParserException`
+        (a length cut its `StructuredOutputTruncatedError`); an unsafe verdict
         `ModelRefusalError`. With `include_raw=True` the result is
         `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` and nothing raises.
         """

@@ -27,10 +27,13 @@ text and the reason: never an exception, never a guessed call. The same
 splitter runs on the whole answer (`parse_answer`) and on a stream of pieces,
 so `invoke` and `stream` agree by construction.
 
-Shortcuts, said plainly: arguments are not constrained while decoding (no
-grammar), so a model may write arguments that do not fit the schema; the
-parsers of `with_structured_output` validate them afterwards. A forced
-`tool_choice` only opens the call; the model writes the rest.
+Constrained decoding (`safecode_guard.constrained`, with llguidance
+installed): a forced `tool_choice` opens the call and a grammar holds the
+rest, so the tool's name is a bound tool's and its arguments validate against
+that tool's schema; the call ends with `ToolTemplate.call_close`, read from the
+template. `tool_choice="auto"` stays free text: the model decides whether to
+call, and its calls are read and validated afterwards (the parsers of
+`with_structured_output` validate too).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
-from ..errors import UnsupportedContentError
+from ..errors import SafeCoDeError, UnsupportedContentError
 from ..messages import MAX_NESTING_DEPTH, check_nesting, json_text_depth, nesting_depth
 from ..tool_parsing import (
     CALL_CLOSE,
@@ -78,6 +81,7 @@ __all__ = [
     "JsonAnswerParser",
     "ParsedAnswer",
     "RawCall",
+    "StructuredOutputTruncatedError",
     "ToolCallSplitter",
     "ToolChoice",
     "ToolTemplate",
@@ -93,6 +97,7 @@ __all__ = [
     "parse_answer",
     "parse_raw_call",
     "probe_tool_template",
+    "raise_if_truncated",
     "raise_if_unsafe",
     "tool_names",
 ]
@@ -193,6 +198,7 @@ class ToolsAnswerParser(BaseGenerationOutputParser[Any]):
         message = _message(result)
         raise_if_unsafe(message)
         if not message.tool_calls:
+            raise_if_truncated(message, "its tool call")
             errors = message.response_metadata.get(INVALID_CALL_ERRORS) or {}
             reasons = [f"{c.get('name')!r}: {c.get('error') or errors.get(c.get('id'))}" for c in message.invalid_tool_calls]
             detail = f"its calls could not be read ({'; '.join(reasons)})" if reasons else "it made no tool call"
@@ -209,6 +215,23 @@ class ToolsAnswerParser(BaseGenerationOutputParser[Any]):
             ) from exc
 
 
+class StructuredOutputTruncatedError(SafeCoDeError, OutputParserException):
+    """The answer reached its token limit before its structured output was complete
+    (`finish_reason="length"`): raise `max_tokens` / `max_new_tokens`."""
+
+
+def raise_if_truncated(message: BaseMessage, what: str) -> None:
+    """`StructuredOutputTruncatedError` when `message` ended at its token limit (its JSON is incomplete)."""
+    if message.response_metadata.get("finish_reason") == "length":
+        used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
+        raise StructuredOutputTruncatedError(
+            f"The answer reached its token limit{f' ({used} tokens)' if used else ''} before {what} was complete "
+            "(finish_reason='length'). Raise max_tokens / max_new_tokens, or ask for a smaller schema "
+            "(bounded strings and arrays).",
+            llm_output=message.text,
+        )
+
+
 class JsonAnswerParser(BaseGenerationOutputParser[Any]):
     """Structured output from a JSON answer: unsafe -> `ModelRefusalError`; else `inner` parses the text."""
 
@@ -217,6 +240,7 @@ class JsonAnswerParser(BaseGenerationOutputParser[Any]):
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
         message = _message(result)
         raise_if_unsafe(message)
+        raise_if_truncated(message, "its JSON")
         if json_text_depth(message.text) > MAX_NESTING_DEPTH:  # json.loads would overflow the stack
             raise OutputParserException(
                 f"The JSON answer is nested more than {MAX_NESTING_DEPTH} levels deep.", llm_output=message.text[:200]

@@ -389,6 +389,8 @@ class ChatCompletions:
         ttft = time.perf_counter() - started
         assert first.safety is not None
         headers = {VERDICT_HEADER: str(first.safety.get("verdict"))}
+        # a constrained request under an unsafe verdict: the answer is a refusal, not JSON
+        refusal = req.constrained and first.safety.get("verdict") == "unsafe"
         cid = completion_id()
         # n > 1: the other choices share this one's verdict (the judge runs once) and decode alongside it,
         # each with its own sampler; each still prefills its own prompt (the images' features are cached)
@@ -401,14 +403,14 @@ class ChatCompletions:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             choices = [chain(first, events), *(other_events(i) for i in range(1, req.n))]
-            stream = self._stream(cid, first, merged(choices), include_usage, started, ttft, watcher)
+            stream = self._stream(cid, first, merged(choices), include_usage, started, ttft, watcher, refusal=refusal)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        refusal = call.engine.config.answer_refusal
+        answer_refusal = call.engine.config.answer_refusal
 
         async def another(index: int) -> Answer:
-            return await collect(other_events(index), refusal)
+            return await collect(other_events(index), answer_refusal)
 
-        tasks = [asyncio.ensure_future(collect(chain(first, events), refusal))]
+        tasks = [asyncio.ensure_future(collect(chain(first, events), answer_refusal))]
         tasks += [asyncio.ensure_future(another(i)) for i in range(1, req.n)]
         try:
             answers = await asyncio.gather(*tasks)
@@ -416,14 +418,18 @@ class ChatCompletions:
             for task in tasks:  # one choice failed (or the client left): the others stop decoding
                 task.cancel()
             raise
-        completion = self._completion(cid, answers, started, ttft)
+        completion = self._completion(cid, answers, started, ttft, refusal=refusal)
         return JSONResponse(completion.model_dump(exclude_none=False), headers=headers)
 
-    def _completion(self, cid: str, answers: list[Answer], started: float, ttft: float) -> ChatCompletion:
+    def _completion(
+        self, cid: str, answers: list[Answer], started: float, ttft: float, *, refusal: bool = False
+    ) -> ChatCompletion:
+        """`refusal`: a constrained request refused under an unsafe verdict (`message.refusal`, content null)."""
         choices = [
             Choice(
                 index=i, finish_reason=a.finish_reason, logprobs=wire_logprobs(a.result),
-                message=ChatMessage(content=a.text or (None if a.tool_calls else ""), tool_calls=a.tool_calls or None),
+                message=ChatMessage(content=None, refusal=a.text) if refusal else
+                ChatMessage(content=a.text or (None if a.tool_calls else ""), tool_calls=a.tool_calls or None),
             )
             for i, a in enumerate(answers)
         ]
@@ -442,7 +448,7 @@ class ChatCompletions:
 
     async def _stream(
         self, cid: str, first: Event, events: AsyncIterator[tuple[int, Event]], include_usage: bool, started: float,
-        ttft: float, watcher: asyncio.Task[None] | None,
+        ttft: float, watcher: asyncio.Task[None] | None, *, refusal: bool = False,
     ) -> AsyncIterator[str]:
         """Server-sent events of one or more choices (`events` yields `(choice index, event)`); the
         `safety` object rides on the very first event, each choice ends with its own finish event."""
@@ -460,8 +466,9 @@ class ChatCompletions:
                               function=DeltaFunction(name=c["name"], arguments=c["args"]))
                 for c in event.calls
             ]
-            delta = Delta(role="assistant" if event.first else None,
-                          content=event.text if (event.text or event.first) else None, tool_calls=calls or None)
+            text = event.text if (event.text or event.first) else None
+            delta = Delta(role="assistant" if event.first else None, tool_calls=calls or None,
+                          **({"refusal": text} if refusal else {"content": text}))
             return ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(index=index, delta=delta)],
                                        safety=shown if event is first else None)
 

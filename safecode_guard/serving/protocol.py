@@ -171,6 +171,15 @@ class ChatCompletionRequest(_Strict):
                 exc.param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
             raise
 
+    @property
+    def constrained(self) -> bool:
+        """The answer is decoded under a grammar: `response_format` JSON, or a forced tool call
+        (`tool_choice` "required" or a named function). Under an unsafe verdict such an answer is a
+        refusal instead, sent as `message.refusal` with `content` null (OpenAI's structured-output shape)."""
+        if isinstance(self.response_format, dict) and self.response_format.get("type") in ("json_schema", "json_object"):
+            return True
+        return bool(self.tools) and (self.tool_choice in ("required", "any") or isinstance(self.tool_choice, dict))
+
 
 # --------------------------------------------------------------------------- responses
 
@@ -247,6 +256,7 @@ class DeltaToolCall(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    refusal: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -17,12 +17,16 @@ with a Qwen2.5 tool template (`safecode_guard.testing.build_tool_vlm`), with too
 and tool choice on. There the tests that only need the model to take tool
 histories pass for real (`test_tool_message_histories_*`,
 `test_tool_message_error_status`, `test_structured_few_shot_examples`);
-those that need the model to decide on a correct call (right tool, right
-arguments) are marked xfail(strict=True): random weights write random
-arguments, so they fail every time, and a pass would flag the mark as stale.
-Parsing and streaming of such calls are tested with scripted answers in
-tests/models/test_tool_calling.py. Structured output and JSON mode stay off in the
-integration suites for the same reason (scripted tests again cover them).
+and so does `test_tool_calling_with_no_arguments`, since forced calls are
+decoded under the tools' grammar (issue 20). Those that need the model to
+decide on particular argument values, or to close an unbounded string within
+`max_tokens`, are marked xfail(strict=True): random weights fail them every
+time, and a pass would flag the mark as stale. Structured output and JSON mode
+run in that class too and are xfail for the same reason (the suite's Joke
+schema has unbounded strings; JSON mode expects particular keys). Valid
+structured output from random models with finite schemas is tested in
+tests/integrations/test_constrained_langchain.py; parsing and streaming of
+calls with scripted answers in tests/models/test_tool_calling.py.
 
 Both suites run with their own default standard params (the unit suite
 passes `temperature=0, max_tokens=100, timeout=60, stop=[], max_retries=2,
@@ -46,6 +50,7 @@ from typing import Any
 
 import httpx
 import pytest
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -127,13 +132,24 @@ class TestChatSafeCoDeIntegration(ChatModelIntegrationTests):
 
     @property
     def has_structured_output(self) -> bool:
-        return False  # needs a model that writes schema-valid JSON; random weights do not
+        return False  # run in the tools class below (the same code path; one random model is enough)
 
 
 _NEEDS_A_TRAINED_MODEL = pytest.mark.xfail(
     strict=True,
-    reason="a random-weight tiny model cannot choose the right tool and arguments; "
-    "the parsing and streaming of calls are tested with scripted answers in tests/models/test_tool_calling.py",
+    reason="a random-weight tiny model cannot choose the right tool and argument values: forced calls are "
+    "decoded under the tools' grammar (valid JSON of the right shape), but these tests expect particular "
+    "values or take unbounded strings, which a random model never closes within max_tokens; the parsing "
+    "and streaming of calls are tested with scripted answers in tests/models/test_tool_calling.py",
+)
+
+
+_UNBOUNDED_STRINGS = pytest.mark.xfail(
+    strict=True,
+    raises=OutputParserException,
+    reason="the Joke schema's strings are unbounded: a random model decoding greedily never closes one "
+    "within max_tokens (StructuredOutputTruncatedError); tests/integrations/test_constrained_langchain.py "
+    "checks valid structured output from random models with finite schemas",
 )
 
 
@@ -162,7 +178,41 @@ class TestChatSafeCoDeToolsIntegration(ChatModelIntegrationTests):
 
     @property
     def has_structured_output(self) -> bool:
-        return False  # needs schema-valid arguments; see the module docstring
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    # Structured output is decoded under the schema's grammar, so what comes back is valid JSON of the
+    # right shape, but the suite's Joke schema has unbounded strings, and a random model decoding
+    # greedily loops inside its first string until max_tokens: StructuredOutputTruncatedError
+    # (finish_reason "length"), every time. JSON mode has no schema: a random model writes `{}` or
+    # random keys, never exactly {"setup", "punchline"}.
+    @_UNBOUNDED_STRINGS
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    def test_structured_output(self, model: BaseChatModel, schema_type: Any) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @_UNBOUNDED_STRINGS
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model: BaseChatModel, schema_type: Any) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @_UNBOUNDED_STRINGS
+    def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
+        super().test_structured_output_pydantic_2_v1(model)
+
+    @_UNBOUNDED_STRINGS
+    def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
+        super().test_structured_output_optional_param(model)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="JSON mode has no schema: a random model's object never has exactly the keys setup and punchline",
+    )
+    def test_json_mode(self, model: BaseChatModel) -> None:
+        super().test_json_mode(model)
 
     @_NEEDS_A_TRAINED_MODEL
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
@@ -180,10 +230,6 @@ class TestChatSafeCoDeToolsIntegration(ChatModelIntegrationTests):
     @_NEEDS_A_TRAINED_MODEL
     def test_tool_choice(self, model: BaseChatModel) -> None:
         super().test_tool_choice(model)
-
-    @_NEEDS_A_TRAINED_MODEL
-    def test_tool_calling_with_no_arguments(self, model: BaseChatModel) -> None:
-        super().test_tool_calling_with_no_arguments(model)
 
     @_NEEDS_A_TRAINED_MODEL
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)

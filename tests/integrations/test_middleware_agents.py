@@ -398,10 +398,12 @@ def test_a_safe_turn_with_response_format_still_gives_structured_output(
     chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding
 ) -> None:
     llm = chat()
-    script.add('{"city": "Oslo", "temperature": 4}}\n</tool_call>')  # after the forced opening of the call
+    # a bare schema: the profile says structured_output, so LangChain asks for a JSON answer (ProviderStrategy),
+    # decoded under the schema's grammar (no forced opening)
+    script.add('{"city": "Oslo", "temperature": 4}')
     guard = SafeCoDeMiddleware(judge="fixed:safe", model=llm)
     state = create_agent(llm, tools=[], response_format=Weather, middleware=[guard]).invoke({"messages": [photo_question()]})
-    assert script.prefixes == ['<tool_call>\n{"name": "Weather", "arguments": ']
+    assert script.prefixes == [""]
     assert state["structured_response"] == Weather(city="Oslo", temperature=4)
     assert state["messages"][1].invalid_tool_calls == []
     # ProviderStrategy with tools: the tools are offered, the final answer is a JSON object
@@ -426,7 +428,7 @@ def test_without_the_middleware_an_unsafe_turn_ends_or_raises_a_typed_refusal(
     script.add(" I can't help with that.")
     agent = create_agent(llm, tools=actions.tools if with_tools else [], response_format=FORMATS[response_format]())
     run = lambda: agent.invoke({"messages": [photo_question()]})  # noqa: E731
-    if response_format == "ProviderStrategy":
+    if response_format in ("ProviderStrategy", "bare schema"):  # a bare schema is ProviderStrategy here
         with pytest.raises(StructuredOutputValidationError) as err:
             run()
         assert err.value.ai_message.response_metadata["safety"]["verdict"] == "unsafe"
@@ -457,7 +459,8 @@ def stored_photo_question(text: str = "Should I open the door for this visitor?"
 SAFE_STRUCTURED = {
     "ToolStrategy": call_text(QWEN, "Weather", {"city": "Oslo", "temperature": 4}),
     "ProviderStrategy": '{"city": "Oslo", "temperature": 4}',
-    "bare schema": call_text(QWEN, "Weather", {"city": "Oslo", "temperature": 4}),
+    # ChatSafeCoDe's profile says structured_output (constrained decoding): LangChain picks ProviderStrategy
+    "bare schema": '{"city": "Oslo", "temperature": 4}',
 }
 
 

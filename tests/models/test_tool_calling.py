@@ -295,21 +295,21 @@ def test_structured_output_through_a_forced_tool_call(family: str, chat: Callabl
     llm = chat(family)
     close = "\n</tool_call>" if family == "qwen2_5_vl" else ""
     script.add('{"name": "Ann", "age": 31}}' + close, '{"name": "Ann", "age": 31}}' + close)
-    assert llm.with_structured_output(Person).invoke("Who is this?") == Person(name="Ann", age=31)
+    assert llm.with_structured_output(Person, method="function_calling").invoke("Who is this?") == Person(name="Ann", age=31)
     assert script.prefixes[-1].endswith('Person", ' + ('"arguments": ' if family == "qwen2_5_vl" else '"parameters": '))
-    as_dict = llm.with_structured_output(Person.model_json_schema()).invoke("Who is this?")
+    as_dict = llm.with_structured_output(Person.model_json_schema(), method="function_calling").invoke("Who is this?")
     assert as_dict == {"name": "Ann", "age": 31}
 
 
 def test_structured_output_errors_the_langchain_way(chat: Callable[..., ChatSafeCoDe], script: ScriptedDecoding) -> None:
     llm = chat("qwen2_5_vl")
-    structured = llm.with_structured_output(Person)
+    structured = llm.with_structured_output(Person, method="function_calling")
     script.add('{"name": "Ann", "age": "old"}}\n</tool_call>', '{"name": "Ann", "age": }}', '{"name": "Ann", "age": "old"}}\n</tool_call>')
     with pytest.raises(OutputParserException, match="do not fit the schema"):
         structured.invoke("Who?")
     with pytest.raises(OutputParserException, match="could not be read"):
         structured.invoke("Who?")
-    raw = llm.with_structured_output(Person, include_raw=True).invoke("Who?")
+    raw = llm.with_structured_output(Person, method="function_calling", include_raw=True).invoke("Who?")
     assert raw["parsed"] is None and isinstance(raw["parsing_error"], OutputParserException)
     assert isinstance(raw["raw"], AIMessage) and raw["raw"].tool_calls[0]["args"] == {"name": "Ann", "age": "old"}
 
@@ -318,9 +318,9 @@ def test_structured_output_under_an_unsafe_verdict_is_a_refusal(chat: Callable[.
     llm = chat("qwen2_5_vl", judge="fixed:unsafe")
     script.add('{"name": "Ann", "age": 31}}\n</tool_call>', '{"name": "Ann", "age": 31}}\n</tool_call>')
     with pytest.raises(ModelRefusalError, match="unsafe") as err:
-        llm.with_structured_output(Person).invoke("Who?")
+        llm.with_structured_output(Person, method="function_calling").invoke("Who?")
     assert err.value.raw_message is not None
-    raw = llm.with_structured_output(Person, include_raw=True).invoke("Who?")
+    raw = llm.with_structured_output(Person, method="function_calling", include_raw=True).invoke("Who?")
     assert isinstance(raw["parsing_error"], ModelRefusalError)
     # the forced call gave way to a plain refusal: nothing to block, the refusal is the content
     assert raw["raw"].response_metadata["safety"]["blocked_tool_calls"] == []
@@ -336,9 +336,10 @@ def test_structured_output_under_an_unsafe_verdict_is_a_refusal(chat: Callable[.
 def test_json_schema_mode_works_on_templates_without_tools(load_tiny_vlm: Callable[[str], tuple[Any, Any]], script: ScriptedDecoding) -> None:
     model, processor = load_tiny_vlm("llava")  # plain ChatML, no tool support
     llm = ChatSafeCoDe.from_model(model, processor, judge="fixed:safe", max_new_tokens=64)
-    script.add('"name": "Bo", "age": 4}', '"name": "Bo"}', '"x": 1}')
+    # whole answers: with constrained decoding the grammar writes the "{" (no forced opening)
+    script.add('{"name": "Bo", "age": 4}', '{"name": "Bo"}', '{"x": 1}')
     assert llm.with_structured_output(Person, method="json_schema").invoke("Who?") == Person(name="Bo", age=4)
-    assert script.prefixes[-1] == "{"
+    assert script.prefixes[-1] == ""
     assert '"required": ["name", "age"]' in script.prompts[-1] and "single JSON object" in script.prompts[-1]
     with pytest.raises(OutputParserException):
         llm.with_structured_output(Person, method="json_schema").invoke("Who?")

@@ -411,7 +411,7 @@ def test_unsafe_tool_calls_are_blocked_on_the_wire(tool_model, script):
 
 
 def test_json_response_format(tool_model, script):
-    script.add('"answer": 42}')
+    script.add('{"answer": 42}')  # the whole answer: JSON mode no longer opens it with "{" (the grammar does)
     with ThreadServer(_thread_app(tool_model, judge="fixed:safe", max_new_tokens=32)) as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         done = client.chat.completions.create(

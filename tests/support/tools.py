@@ -104,6 +104,9 @@ class ScriptedDecoding:
                 scripted = _ScriptedSteering.__new__(_ScriptedSteering)
                 scripted.__dict__.update(job.steering.__dict__)
                 scripted.script = deque([*tokenizer.encode(text, add_special_tokens=False), end])
+                # the script stands in for the model's choices, grammar or not (constrained decoding
+                # itself is tested on random models: tests/models/test_constrained_decoding.py)
+                scripted.constraint = None
                 job.steering = scripted
                 self.prefixes.append(prefix)
                 self.calls += 1

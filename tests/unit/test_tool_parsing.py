@@ -183,8 +183,11 @@ def render_with(template: str) -> Callable[..., str]:
 
 
 def test_probe_reads_the_call_layout_of_both_tool_templates() -> None:
-    assert probe_tool_template(render_with(hermes_template("<image>"))) == ToolTemplate('<tool_call>\n{"name": "', '", "arguments": ')
-    assert probe_tool_template(render_with(llama_json_template("<image>"))) == ToolTemplate('{"name": "', '", "parameters": ')
+    # call_close: what a constrained call ends with (the end of the turn is cut off, special token or not)
+    assert probe_tool_template(render_with(hermes_template("<image>"))) == ToolTemplate(
+        '<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>"
+    )
+    assert probe_tool_template(render_with(llama_json_template("<image>"))) == ToolTemplate('{"name": "', '", "parameters": ', "}")
 
 
 def test_probe_refuses_templates_without_tools_naming_the_fix() -> None:
