@@ -25,6 +25,7 @@ rows leave the batch at the next step.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +55,9 @@ from ..judges.guard import guard_image_side, load_if_guard, supports_answer_chec
 from ..judges.request import JudgeRequest, handed_off_verdict, judge_name
 from ..judges.runner import run_judge
 from ..judges.self_judge import SelfJudge
+from ..observability.audit import AuditLog
+from ..observability.records import RequestRecord
+from ..observability.tracing import judge_span, verdict_attributes
 from ..prompting import Conversation, parse_messages, render_prompt, template_joins
 from ..verdict import Verdict, validated_verdict
 from .adapters import detect_quirks, encode_rows
@@ -138,6 +142,9 @@ class SafeCoDe:
         self.image_side = max(image_working_side(processor, self.policy), guard_image_side(self.judge_impl, self.policy))
         """Longest image side worth keeping for this processor (and a guard judge's, which reads the
         same images): images shrink to it on decoding."""
+        self.audit_log: AuditLog | None = None
+        """Where each request's audit line goes (`safecode_guard.observability.AuditLog`); None: no audit
+        line, unless the caller's `request_scope` names a log (the server's does)."""
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -373,9 +380,14 @@ class SafeCoDe:
         defaults = {"max_new_tokens": 256, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
                     "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
                     "logit_bias": None}
-        with self.scheduler.preparing():  # a burst's first prefill may wait for this one
-            job, final, judge_s = self._prepare(messages, steered=True, control=control, **{**defaults, **options})
-            stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases)
+        options = {**defaults, **options}
+        # tracing / audit: None (nothing at all to do) unless a tracer records or an audit log is set
+        record = RequestRecord.start(self.model_name, messages, options, self.audit_log, self.config.steered_steps)
+        with self.scheduler.preparing(), (record.active() if record is not None else contextlib.nullcontext()):
+            job, final, judge_s = self._prepare(messages, steered=True, control=control, **options)
+            if record is not None:
+                record.decided(final)
+            stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases, record=record)
             control.check()  # cancelled or expired while preparing: never queued
             return stream.start() if start else stream
 
@@ -608,6 +620,13 @@ class SafeCoDe:
         return JudgeRequest.from_conversation(conv.with_joins(joins), threshold=self.config.threshold)
 
     def _judge(self, conv: Conversation) -> Verdict:
+        with judge_span(judge_name(self.judge_impl)) as span:  # None unless this request is traced
+            verdict = self._run_judge(conv)
+            if span is not None:
+                span.set_attributes(verdict_attributes(verdict))
+            return verdict
+
+    def _run_judge(self, conv: Conversation) -> Verdict:
         request = self.judge_request(conv)
         judge = self.judge_impl
         handed = handed_off_verdict(request, judge_name(judge))

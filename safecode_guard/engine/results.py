@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,6 +20,9 @@ from ..errors import RequestTimeoutError
 from ..verdict import Verdict
 from .jobs import DecodeJob
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from ..observability.records import RequestRecord
 
 __all__ = ["FinishReason", "SafeCoDeResult", "SafeCoDeStream", "Usage", "result_of"]
 
@@ -67,9 +70,12 @@ class SafeCoDeStream:
     """
 
     def __init__(
-        self, verdict: Verdict | None, job: DecodeJob, scheduler: Scheduler, judge_s: float, refusal_phrases: Sequence[str]
+        self, verdict: Verdict | None, job: DecodeJob, scheduler: Scheduler, judge_s: float, refusal_phrases: Sequence[str],
+        *, record: RequestRecord | None = None,
     ) -> None:
+        """`record` (tracing and audit) is finished when the stream ends, however it ends."""
         self.verdict = verdict
+        self._record = record
         self.result: SafeCoDeResult | None = None
         self._job = job
         self._scheduler = scheduler
@@ -152,24 +158,35 @@ class SafeCoDeStream:
             return value
         self._ended = True
         if kind == "error":
+            self._recorded(error=value)
             raise value
         if self._job.status == "cancelled":
+            self._recorded(cancelled=True)
             raise cancelled_error()
         self.result = result_of(self._job, self.verdict, self._judge_s, self._refusal_phrases)
+        self._recorded(result=self.result)
         raise StopIteration
+
+    def _recorded(self, result: SafeCoDeResult | None = None, error: BaseException | None = None,
+                  cancelled: bool = False) -> None:
+        if self._record is not None:
+            self._record.finish(self._job, result, error, cancelled)
 
     def _timed_out(self) -> RequestTimeoutError:
         """The deadline passed while this reader waited: the request ends here (its rows leave the batch)."""
         self._ended = True
         self._job.cancel()
         assert self._job.control is not None
-        return self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
+        error = self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
+        self._recorded(error=error)
+        return error
 
     def close(self) -> None:
         """Stop decoding this answer (no effect once it has ended; a stream never started is never queued)."""
         if not self._ended:
             self._ended = True
             self._job.cancel()
+            self._recorded(cancelled=True)
             if self._job.control is not None:
                 self._job.control.cancel()
             self._started = True
@@ -178,6 +195,9 @@ class SafeCoDeStream:
         job = getattr(self, "_job", None)
         if job is not None and not job.done:
             job.cancel()
+        record = getattr(self, "_record", None)
+        if record is not None:
+            record.finish(job, cancelled=True)  # no-op when the stream ended already
 
 
 def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_phrases: Sequence[str]) -> SafeCoDeResult:

@@ -646,6 +646,8 @@ class Scheduler:
     def _accept(self, job: DecodeJob, token: int, *, wake: bool = True) -> bool:
         """Record and emit `token`; True when the job has ended."""
         job.steering.accept(token)
+        if job.steering.t == job.steering.window:
+            job.t_window = time.perf_counter()  # one comparison per token: traces read the window's end
         piece = job.tracker.add(token)
         if piece:
             job.channel.put("piece", piece, wake=wake)
