@@ -153,6 +153,8 @@ class Scheduler:
         self._preparing = 0  # requests being prepared for this model right now
         self._burst_deadline: float | None = None
         self.steps = 0
+        self.step_rows: collections.Counter[int] = collections.Counter()
+        """Decode steps by batch size (rows): what `/metrics`' batch-size histogram reads."""
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_step: Callable[[int], None] | None = None
         """Test and metrics hook: called with the batch size before each decode step."""
@@ -168,6 +170,18 @@ class Scheduler:
     def active_rows(self) -> int:
         with self._cond:
             return len(self._owners)
+
+    @property
+    def preparing_requests(self) -> int:
+        """Requests being prepared for this model (images, prompt, judge), not queued yet."""
+        with self._cond:
+            return self._preparing
+
+    @property
+    def prefilling_requests(self) -> int:
+        """Requests admitted from the queue whose prompts are being prefilled (not decoding yet)."""
+        with self._cond:
+            return sum(isinstance(entry, DecodeJob) for group in self._groups for entry in group.entries)
 
     def submit(self, job: DecodeJob) -> DecodeJob:
         """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full."""
@@ -619,6 +633,7 @@ class Scheduler:
                 self._active, self._owners, self._rows = [], [], None
             return
         self.steps += 1
+        self.step_rows[len(self._owners)] += 1
         first_row: dict[int, int] = {}
         for i, job in enumerate(self._owners):
             first_row.setdefault(id(job), i)

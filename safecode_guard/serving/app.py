@@ -68,7 +68,9 @@ from ..judges import judge_error_code
 from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts
 from .body import parse_json_body
+from ..observability.audit import AuditLog, note_request_id
 from .metrics import Metrics
+from .observe import Observability
 from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -414,6 +416,7 @@ class ChatCompletions:
         safety = dict(first.response_metadata.get("safety") or {})
         headers = {VERDICT_HEADER: str(safety.get("verdict"))}
         cid = completion_id()
+        note_request_id(cid)  # the audit line and the trace name the id the client gets
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._events(cid, first, chunks, safety, include_usage, started, ttft, watcher)
@@ -537,6 +540,9 @@ def create_app(
     host = host or ModelHost(settings, judge=judge)
     metrics = Metrics()
     service = ChatCompletions(host, metrics)
+    audit = AuditLog(settings.audit_log, content=settings.audit_log_content) if settings.audit_log else None
+    if audit is not None:
+        metrics.watch_audit(audit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -546,12 +552,15 @@ def create_app(
         yield
         if loader is not None and not loader.done():
             loader.cancel()
+        if audit is not None:
+            audit.close()  # the lines still queued are written
 
     # The schema pages are off unless asked for, and then behind the key like the API (below).
     app = FastAPI(title="safecode-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.host = host
     app.state.metrics = metrics
+    app.state.audit = audit
     set_decode_memory_budget(settings.decode_budget_mb, settings.decode_wait_s)  # process-wide
     if host.ready:
         _watch(host, metrics)
@@ -670,6 +679,7 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=[VERDICT_HEADER])
+    app.add_middleware(Observability, metrics=metrics, audit=audit, keyed=settings.api_key is not None)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     if instance_id is not None:
         app.add_middleware(InstanceHeader, value=instance_id)
@@ -718,7 +728,7 @@ def _load_and_log(host: ModelHost, metrics: Metrics, on_ready: Callable[[], None
 
 def _watch(host: ModelHost, metrics: Metrics) -> None:
     scheduler = host.chat.engine.scheduler
-    metrics.watch_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.active_rows)
+    metrics.watch_engine(scheduler)
 
 
 def _version() -> str:
