@@ -189,5 +189,6 @@ class RequestRecord:
             if job.t_window or window == 0:
                 stages.append(("safecode.decode", job.t_window or job.t_first, end))
         for name, start, stop in stages:
-            attrs = {"safecode.batch_rows": job.rows} if name == "safecode.window" else None
+            # whether the window contrasted the real image with its noised copy (two rows) or not
+            attrs = {"safecode.contrastive": job.steering.contrastive} if name == "safecode.window" else None
             tracing.child_span(self.span, name, ns(start), ns(stop), attrs)
