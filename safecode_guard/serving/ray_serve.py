@@ -10,6 +10,10 @@ the model once, in its constructor, and serves the FastAPI app of
 `safety` object), with the model's own scheduler batching the requests that
 reach it. Ray Serve's proxy spreads requests over the replicas; every
 response names the replica that answered in `X-SafeCoDe-Instance`.
+Metrics: each replica copies its `/metrics` into Ray's metrics every 5 s
+(`ray_metrics.RayMetricsBridge`), so Ray's metrics export on every node has
+every replica's numbers with `replica` / `deployment` / `application` labels
+(`ray_safecode_...`): one scrape for the application.
 
 Health: a replica whose model failed to load never comes up (its constructor
 raises, and Serve replaces it); `check_health` fails while the model is not
@@ -146,6 +150,10 @@ class SafeCoDeServer:
             replica = "local"
         self.instance = f"{replica}@{os.getpid()}"
         self._asgi = create_app(settings, host=self.host, load=False, instance_id=self.instance)
+        # /metrics through the proxy is one replica's; Ray's metrics export carries every replica's
+        from .ray_metrics import RayMetricsBridge
+
+        self._metrics = RayMetricsBridge(self._asgi.state.metrics.registry).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._asgi
