@@ -13,7 +13,15 @@ it tracing is off and the rest works.
 
 from __future__ import annotations
 
-from .audit import AUDIT_LOGGER, AuditLog, RequestScope, content_sha256, key_id, note_request_id, request_scope
+from .audit import (
+    AUDIT_LOGGER,
+    AuditLog,
+    RequestScope,
+    content_sha256,
+    key_id,
+    note_request_id,
+    request_scope,
+)
 from .tracing import tracing_available, use_tracer_provider
 
 __all__ = [

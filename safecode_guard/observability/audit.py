@@ -214,13 +214,16 @@ def content_text(messages: Sequence[Any]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             text = content
         else:
-            parts = []
-            for part in content or []:
-                if isinstance(part, Mapping):
-                    parts.append(part["text"] if part.get("type") == "text" and isinstance(part.get("text"), str) else "[image]" if "image" in str(part.get("type")) else f"[{part.get('type')}]")
-            text = "\n".join(parts)
+            text = "\n".join(_part_text(part) for part in content or [] if isinstance(part, Mapping))
         out.append({"role": str(message.get("role")), "text": text})
     return out
+
+
+def _part_text(part: Mapping[str, Any]) -> str:
+    kind = str(part.get("type"))
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    return "[image]" if "image" in kind else f"[{kind}]"
 
 
 # --------------------------------------------------------------------------- the request's scope

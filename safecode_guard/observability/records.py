@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -96,8 +97,6 @@ class RequestRecord:
             for observe in self.scope.observers if self.scope is not None else ():
                 observe(summary)
         except Exception:  # observability must never fail the request it observes
-            import logging
-
             logging.getLogger("safecode_guard.observability").exception("recording a finished request failed")
 
     # -- what is recorded --------------------------------------------------------------------

@@ -65,10 +65,10 @@ from ..errors import (
 )
 from ..images.budget import set_decode_memory_budget
 from ..judges import judge_error_code
+from ..observability.audit import AuditLog, note_request_id
 from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts
 from .body import parse_json_body
-from ..observability.audit import AuditLog, note_request_id
 from .metrics import Metrics
 from .observe import Observability
 from .protocol import (

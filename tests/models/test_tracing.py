@@ -3,6 +3,7 @@ attributes, failures and cancellations, the library-level audit switch, and trac
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_a_request_is_one_span_with_its_stages_in_order_and_genai_attributes(tin
     order = [children[n] for n in ("safecode.queue", "safecode.prefill", "safecode.window")]
     if result.usage.completion_tokens > 3:
         order.append(children["safecode.decode"])
-    for earlier, later in zip(order, order[1:]):
+    for earlier, later in itertools.pairwise(order):
         assert earlier.end_time <= later.start_time + 1000  # ns: converted from the same perf_counter clock
     assert root.start_time <= children["safecode.judge"].start_time and order[-1].end_time <= root.end_time
     assert children["safecode.window"].attributes["safecode.contrastive"] is True  # real and noised rows

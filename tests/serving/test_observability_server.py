@@ -72,7 +72,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split("{")[0] == name:
+        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split("{")[0] == name):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
 

@@ -7,12 +7,18 @@ import errno
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
 from safecode_guard.observability import AUDIT_LOGGER, AuditLog, content_sha256, key_id
-from safecode_guard.observability.audit import RequestScope, content_text, current_scope, note_request_id, request_scope
+from safecode_guard.observability.audit import (
+    RequestScope,
+    content_text,
+    current_scope,
+    note_request_id,
+    request_scope,
+)
 from safecode_guard.serving.metrics import Metrics
 
 
@@ -150,7 +156,7 @@ def test_metrics_read_the_schedulers_batch_sizes_and_the_audit_errors_at_scrape_
 
     class FakeScheduler:
         queue_depth, active_rows, preparing_requests, prefilling_requests = 3, 4, 5, 6
-        step_rows = Counter({1: 2, 3: 1, 40: 1})
+        step_rows: ClassVar[Counter[int]] = Counter({1: 2, 3: 1, 40: 1})
 
     class FakeAudit:
         write_errors = 7
