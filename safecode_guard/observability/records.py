@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import tracing
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..engine.results import SafeCoDeResult
     from ..verdict import Verdict
 
-__all__ = ["RequestRecord"]
+__all__ = ["RequestRecord", "observed_check"]
 
 
 class RequestRecord:
@@ -35,8 +35,9 @@ class RequestRecord:
 
     def __init__(
         self, span: Any, audit: AuditLog | None, scope: RequestScope | None, model: str,
-        messages: Sequence[Any], steered_steps: int,
+        messages: Sequence[Any], steered_steps: int, kind: str = "chat",
     ) -> None:
+        self.kind = kind
         self.span = span
         self.audit = audit
         self.scope = scope
@@ -52,17 +53,20 @@ class RequestRecord:
 
     @classmethod
     def start(
-        cls, model: str, messages: Sequence[Any], options: Mapping[str, Any], audit: AuditLog | None, steered_steps: int
+        cls, model: str, messages: Sequence[Any], options: Mapping[str, Any], audit: AuditLog | None,
+        steered_steps: int, *, kind: str = "chat",
     ) -> RequestRecord | None:
+        """`kind`: "chat" (an answer) or "input_check" (a verdict only, e.g. a NeMo input rail)."""
         scope = current_scope()
         if scope is not None and scope.audit is not None:
             audit = scope.audit
-        span = tracing.start_span(f"chat {model}")
+        span = tracing.start_span(f"chat {model}" if kind == "chat" else f"safecode.{kind}")
         if span is None and audit is None and not (scope and scope.observers):
             return None  # tracing off, no audit log: nothing to do for this request
         if span is not None:
-            span.set_attributes(tracing.request_attributes(model, options))
-        return cls(span, audit, scope, model, messages, steered_steps)
+            span.set_attributes(tracing.request_attributes(model, options) if kind == "chat"
+                                else {"gen_ai.request.model": model})
+        return cls(span, audit, scope, model, messages, steered_steps, kind)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -104,7 +108,10 @@ class RequestRecord:
     def _summary(
         self, job: DecodeJob | None, result: SafeCoDeResult | None, error: BaseException | None, cancelled: bool
     ) -> dict[str, Any]:
-        outcome = "answered" if result is not None else "cancelled" if cancelled else "failed"
+        if self.kind != "chat":
+            outcome = "failed" if error is not None else "checked"
+        else:
+            outcome = "answered" if result is not None else "cancelled" if cancelled else "failed"
         timings = dict(result.timings) if result is not None else {}
         if result is None and job is not None and job.t_submit:
             timings["queue_s"] = max((job.t_start or job.t_end or time.perf_counter()) - job.t_submit, 0.0)
@@ -129,6 +136,7 @@ class RequestRecord:
         scope = self.scope
         line: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(self.clock.ns / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "kind": self.kind,
             "request_id": scope.request_id if scope is not None else None,
             "trace_id": format(span_context.trace_id, "032x") if span_context is not None else None,
             "api_key_id": scope.api_key_id if scope is not None else None,
@@ -191,3 +199,17 @@ class RequestRecord:
             # whether the window contrasted the real image with its noised copy (two rows) or not
             attrs = {"safecode.contrastive": job.steering.contrastive} if name == "safecode.window" else None
             tracing.child_span(self.span, name, ns(start), ns(stop), attrs)
+
+
+@contextlib.contextmanager
+def observed_check(model: str, messages: Sequence[Any], audit: AuditLog | None) -> Iterator[Callable[[Verdict], None]]:
+    """Trace and audit a decision that produces no answer (a rail's input check): call the yielded
+    function with the verdict. A `safecode.input_check` span (the judge's span inside it) and one
+    audit line of kind `input_check`; nothing when nobody listens."""
+    record = RequestRecord.start(model, messages, {}, audit, 0, kind="input_check")
+    if record is None:
+        yield lambda verdict: None
+        return
+    with record.active():
+        yield record.decided
+    record.finish(None)
