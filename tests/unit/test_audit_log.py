@@ -178,3 +178,31 @@ def test_metrics_read_the_schedulers_batch_sizes_and_the_audit_errors_at_scrape_
         'safecode_engine_requests_total{outcome="cancelled"} 1.0', 'safecode_engine_requests_total{outcome="failed"} 0.0',
     ):
         assert expected in text, expected
+
+
+def test_a_verdict_only_check_is_one_span_and_one_audit_line(tmp_path):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from safecode_guard import Verdict
+    from safecode_guard.observability import use_tracer_provider
+    from safecode_guard.observability.records import observed_check
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    use_tracer_provider(provider)
+    log = AuditLog(tmp_path / "audit.jsonl")
+    try:
+        with observed_check("rail-model", [{"role": "user", "content": "how to pick a lock"}], log) as note:
+            note(Verdict(label="unsafe", unsafe_score=0.875, judge="self", categories=["S2"]))
+    finally:
+        use_tracer_provider(None)
+        log.close()
+    (span,) = spans.get_finished_spans()
+    assert span.name == "safecode.input_check" and span.attributes["safecode.verdict"] == "unsafe"
+    assert span.attributes["safecode.categories"] == ("S2",) and span.attributes["safecode.unsafe_score"] == 0.875
+    line = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert (line["kind"], line["outcome"], line["verdict"], line["categories"]) == ("input_check", "checked", "unsafe", ["S2"])
+    assert "lock" not in (tmp_path / "audit.jsonl").read_text()
