@@ -63,6 +63,8 @@ def use_tracer_provider(provider: Any) -> None:
 def _tracer() -> Any:
     if otel_trace is None:
         return None
+    if _provider is None and isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider):
+        return None  # no provider configured (yet): the API's no-op, without building a span to find out
     key = id(_provider)
     tracer = _tracers.get(key)
     if tracer is None:
