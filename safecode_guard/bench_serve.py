@@ -15,8 +15,9 @@ p50 / p99 time to first token, and how many requests failed (by status).
 
 `--compare-tracing` (with `--model`) starts two servers, one with tracing
 off and one exporting every span over OTLP/HTTP (to a sink in this process
-that accepts and drops them), and runs each level on both, one after the
-other, so the rows marked `off` and `on` come from the same run.
+that accepts and drops them), and runs each level on both in alternating
+rounds (`--rounds`, off then on, each round a share of `--requests`), so a
+load that changes during the run weighs on both rows marked `off` and `on`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ class LevelResult:
     ttfts: list[float] = field(default_factory=list)
     tokens: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+    def merged(self, other: LevelResult) -> LevelResult:
+        """This level's numbers and `other`'s (a later round of the same level) as one."""
+        return LevelResult(
+            self.concurrency, self.requests + other.requests, self.wall_s + other.wall_s,
+            self.latencies + other.latencies, self.ttfts + other.ttfts, self.tokens + other.tokens,
+            self.errors + other.errors,
+        )
 
     def row(self) -> str:
         def pct(values: list[float], q: int) -> float:
@@ -146,6 +155,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-image", action="store_true", help="text-only requests")
     parser.add_argument("--compare-tracing", action="store_true",
                         help="with --model: each level on two servers, tracing off and on (OTLP/HTTP to a local sink), side by side")
+    parser.add_argument("--rounds", type=int, default=4, help="with --compare-tracing: alternating off/on rounds per level (default: 4)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -179,12 +189,18 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"[bench-serve] {', '.join(url for _, _, url in servers)}: {args.requests} streamed requests per level, "
               f"{args.max_tokens} tokens each", file=sys.stderr)
         print(("tracing " if label_width else "") + HEADER)
+        rounds = max(1, args.rounds) if args.compare_tracing else 1
         for level in levels:
-            for label, _, url in servers:
-                result = asyncio.run(run_load(
-                    url, concurrency=level, requests=args.requests, max_tokens=args.max_tokens,
-                    api_key=api_key, image=not args.no_image,
-                ))
+            merged: dict[str, LevelResult] = {}
+            for i in range(rounds):
+                share = args.requests // rounds + (1 if i < args.requests % rounds else 0)
+                for label, _, url in servers:
+                    result = asyncio.run(run_load(
+                        url, concurrency=level, requests=share, max_tokens=args.max_tokens,
+                        api_key=api_key, image=not args.no_image,
+                    ))
+                    merged[label] = merged[label].merged(result) if label in merged else result
+            for label, result in merged.items():
                 print((f"{label:>7} " if label_width else "") + result.row(), flush=True)
     finally:
         for _, proc, _ in servers:
