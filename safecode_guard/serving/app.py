@@ -70,7 +70,7 @@ from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts
 from .body import parse_json_body
 from .metrics import Metrics
-from .observe import Observability
+from .observe import Observability, fastapi_telemetry_off
 from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -557,7 +557,7 @@ def create_app(
 
     # The schema pages are off unless asked for, and then behind the key like the API (below).
     app = FastAPI(title="safecode-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, **fastapi_telemetry_off())
     app.state.host = host
     app.state.metrics = metrics
     app.state.audit = audit

@@ -20,7 +20,7 @@ from ..observability import tracing
 from ..observability.audit import AuditLog, RequestScope, key_id, request_scope
 from .metrics import Metrics
 
-__all__ = ["Observability", "configure_otlp"]
+__all__ = ["Observability", "configure_otlp", "fastapi_telemetry_off"]
 
 logger = logging.getLogger("safecode_guard.serving")
 
@@ -61,6 +61,23 @@ class Observability:
                 if status >= 500:
                     span.set_status(tracing.otel_trace.Status(tracing.otel_trace.StatusCode.ERROR))
                 span.end()
+
+
+def fastapi_telemetry_off() -> dict[str, Any]:
+    """`FastAPI(**...)` arguments that turn FastAPI's own OpenTelemetry instrumentation off (FastAPI
+    versions with `telemetry=`; older ones have none to turn off).
+
+    It would trace every route (health checks included) beside our SERVER span, and by default
+    records validation failures with the request's values and exception messages: user text.
+    Our middleware traces the chat route, with no user text.
+    """
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
 def _server_span(headers: dict[str, str]) -> Any:

@@ -210,3 +210,111 @@ def test_metrics_count_requests_being_judged_and_every_stage(tiny_model_dir):
     assert _metric(after, "safecode_decode_tokens_per_second_count") == 1
     assert _metric(after, "safecode_batch_rows_count") >= 1
     assert 'safecode_engine_requests_total{outcome="answered"} 1.0' in after
+
+
+class _OtlpSink:
+    """An OTLP/HTTP receiver on 127.0.0.1 keeping every span batch it is sent."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append((self.path, self.rfile.read(int(self.headers.get("content-length") or 0))))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def spans(self) -> list[Any]:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        out = []
+        for _, body in list(self.bodies):
+            for resource in ExportTraceServiceRequest.FromString(body).resource_spans:
+                for scope in resource.scope_spans:
+                    out.extend(scope.spans)
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_serve_otlp_endpoint_exports_the_span_tree_of_a_traced_request(tiny_model_dir, tmp_path, monkeypatch):
+    from server_support import ServerProcess
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export promptly
+    sink = _OtlpSink()
+    try:
+        proc = ServerProcess.start(["--model", str(tiny_model_dir("llava")), "--judge", "fixed:unsafe",
+                                    "--max-new-tokens", "4", "--otlp-endpoint", sink.url,
+                                    "--audit-log", str(tmp_path / "audit.jsonl")])
+        try:
+            response = httpx.post(
+                f"{proc.url}/v1/chat/completions", timeout=60,
+                headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+                json={"model": "llava", "messages": [_image_message(f"about {SECRET}")]},
+            )
+            assert response.status_code == 200
+            spans = _wait_for(lambda: (s := sink.spans()) and {x.name for x in s} >= {"POST /v1/chat/completions", "chat llava"} and s)
+        finally:
+            assert proc.stop() == 0
+    finally:
+        sink.close()
+    assert {path for path, _ in sink.bodies} == {"/v1/traces"}
+    names = {s.name for s in spans}
+    assert {"POST /v1/chat/completions", "chat llava", "safecode.judge", "safecode.window"} <= names
+    # only the chat route is traced (FastAPI's own instrumentation, which would trace health checks
+    # and record validation errors with the request's values, is off)
+    assert not any(name.startswith("GET ") for name in names)
+    assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
+    assert SECRET.encode() not in b"".join(body for _, body in sink.bodies)
+    (line,) = _lines(tmp_path / "audit.jsonl")  # written by the time the server exits
+    assert line["trace_id"] == TRACE_ID and line["request_id"] == response.json()["id"]
+
+
+def test_otlp_configuration_from_the_flag_the_environment_or_not_at_all():
+    script = """
+import os, sys
+from opentelemetry import trace
+from safecode_guard.serving.observe import configure_otlp
+assert configure_otlp(None) is False and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+try:
+    configure_otlp("localhost:4318")
+except SystemExit as exc:
+    print("refused:", exc)
+os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["OTEL_SERVICE_NAME"] = "my-guard"
+assert configure_otlp(None) is True
+provider = trace.get_tracer_provider()
+print(type(provider).__name__, provider.resource.attributes["service.name"])
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: --otlp-endpoint (='localhost:4318') must be an http(s) URL" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "TracerProvider my-guard"
+
+
+def test_serve_flags_reach_the_settings():
+    import argparse
+
+    from safecode_guard.serve_cli import configure_parser, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    settings = settings_from_args(parser.parse_args(["--audit-log", "-", "--audit-log-content"]))
+    assert settings.audit_log == "-" and settings.audit_log_content is True
+    assert settings_from_args(parser.parse_args([])).audit_log is None
