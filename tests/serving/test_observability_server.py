@@ -236,7 +236,9 @@ class _OtlpSink:
         self.thread.start()
 
     def spans(self) -> list[Any]:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
 
         out = []
         for _, body in list(self.bodies):
