@@ -1,5 +1,5 @@
 """The engine's spans and audit lines on a tiny real model: the span tree of a request, its
-attributes, failures and cancellations, the library-level audit switch, and tracing off (issue 22)."""
+attributes, failures and cancellations, the library-level audit switch, and tracing off."""
 
 from __future__ import annotations
 

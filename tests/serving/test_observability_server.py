@@ -1,5 +1,5 @@
 """Observability through `safecode-guard serve`'s app: a client's trace continues through the server,
-one audit line per request (no user text), and the metrics of every stage (issue 22, issue 18 item 16)."""
+one audit line per request (no user text), and the metrics of every stage."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`AuditLog` and what its lines hold: JSON lines through logging, failures counted and logged once,
-never raised; the content digest and the key identity (issue 22)."""
+never raised; the content digest and the key identity."""
 
 from __future__ import annotations
 

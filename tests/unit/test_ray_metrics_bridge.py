@@ -1,4 +1,4 @@
-"""`RayMetricsBridge`: a replica's Prometheus samples copied into Ray gauges (issue 18 item 16)."""
+"""`RayMetricsBridge`: a replica's Prometheus samples copied into Ray gauges."""
 
 from __future__ import annotations
 
