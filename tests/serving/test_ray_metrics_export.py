@@ -3,6 +3,7 @@ one scrape for the application (the proxy's `/metrics` is only the replica that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -39,3 +40,20 @@ def test_two_replicas_metrics_in_one_scrape_of_rays_export():
     # each replica's own count, labelled with its replica id and the application, in one scrape
     expected = {f"{replica}|200|safecode": float(n) for replica, n in served.items()}
     assert result["samples"] == expected
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")  # Serve's async __del__
+def test_a_replica_names_its_own_audit_file_and_copies_its_metrics(tiny_model_dir, tmp_path):
+    from safecode_guard.serving.ray_serve import SafeCoDeServer, settings_from_args
+
+    settings, _ = settings_from_args({"model": str(tiny_model_dir("llava")), "judge": "fixed:safe",
+                                      "audit_log": str(tmp_path / "audit-{replica}.jsonl")})
+    # the replica class outside Serve: Serve's ingress makes its __init__ a coroutine, which Serve awaits
+    replica = SafeCoDeServer.__new__(SafeCoDeServer)
+    asyncio.run(replica.__init__(settings.model_dump_json()))
+    try:
+        assert replica._asgi.state.audit.target == str(tmp_path / "audit-local.jsonl")  # "local": no replica id
+        assert replica._metrics.sync() > 0  # the bridge reads this replica's registry
+    finally:
+        replica._metrics.close()
+        replica._asgi.state.audit.close()

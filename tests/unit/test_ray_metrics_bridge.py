@@ -62,3 +62,11 @@ def test_the_copy_thread_runs_until_closed():
     count = len(calls)
     time.sleep(0.05)
     assert count >= 3 and len(calls) == count
+
+
+def test_app_builder_args_carry_the_audit_log_and_a_replica_placeholder():
+    from safecode_guard.serving.ray_serve import settings_from_args
+
+    settings, _ = settings_from_args({"model": "demo", "audit_log": "/var/log/safecode/{replica}.jsonl",
+                                      "audit_log_content": "true"})
+    assert settings.audit_log == "/var/log/safecode/{replica}.jsonl" and settings.audit_log_content is True
