@@ -386,7 +386,10 @@ class SafeCoDe:
         with self.scheduler.preparing(), (record.active() if record is not None else contextlib.nullcontext()):
             job, final, judge_s = self._prepare(messages, steered=True, control=control, **options)
             if record is not None:
-                record.decided(final)
+                # a Verdict object passed in is a decision carried over (e.g. a request asked again
+                # under its judge's verdict): recorded as its judge made it, not as an override
+                carried = options.get("verdict")
+                record.decided(carried if isinstance(carried, Verdict) else final)
             stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases, record=record)
             control.check()  # cancelled or expired while preparing: never queued
             return stream.start() if start else stream

@@ -186,7 +186,10 @@ class SafeCoDeStream:
         if not self._ended:
             self._ended = True
             self._job.cancel()
-            self._recorded(cancelled=True)
+            if self._started:
+                self._recorded(cancelled=True)
+            elif self._record is not None:
+                self._record.discard()  # never queued: no answer, no audit line (a caller re-asks or stops)
             if self._job.control is not None:
                 self._job.control.cancel()
             self._started = True
@@ -197,7 +200,10 @@ class SafeCoDeStream:
             job.cancel()
         record = getattr(self, "_record", None)
         if record is not None:
-            record.finish(job, cancelled=True)  # no-op when the stream ended already
+            if getattr(self, "_started", False):
+                record.finish(job, cancelled=True)  # no-op when the stream ended already
+            else:
+                record.discard()
 
 
 def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_phrases: Sequence[str]) -> SafeCoDeResult:

@@ -83,6 +83,17 @@ class RequestRecord:
         if self.span is not None and verdict is not None:
             self.span.set_attributes(tracing.verdict_attributes(verdict))
 
+    def discard(self) -> None:
+        """The request was dropped before it was queued (e.g. to be asked again under the same
+        verdict): its span ends marked `safecode.superseded`; no audit line, no observers."""
+        with self._done:
+            if self._finished:
+                return
+            self._finished = True
+        if self.span is not None:
+            self.span.set_attribute("safecode.superseded", True)
+            self.span.end()
+
     def finish(
         self, job: DecodeJob | None, result: SafeCoDeResult | None = None, error: BaseException | None = None,
         cancelled: bool = False,

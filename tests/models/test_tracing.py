@@ -161,3 +161,22 @@ def test_without_opentelemetry_installed_the_engine_works(tiny_model_dir):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] in ("stop", "length")
+
+
+def test_a_request_asked_again_under_its_verdict_is_one_audit_line_with_the_judges_source(
+    tiny_vlm, test_image, exporter, tmp_path
+):
+    # what ChatSafeCoDe does for an unsafe verdict on a JSON request: drop the unstarted stream,
+    # then decode under the verdict already decided (the judge does not run twice)
+    engine = SafeCoDe(*tiny_vlm, judge="fixed:unsafe")
+    engine.audit_log = AuditLog(tmp_path / "audit.jsonl")
+    first = engine.stream(_messages(test_image), max_new_tokens=3, start=False)
+    first.close()
+    engine.stream(_messages(test_image), max_new_tokens=3, verdict=first.verdict).consume()
+    engine.audit_log.close()
+    (line,) = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert (line["verdict"], line["source"], line["outcome"]) == ("unsafe", "judge", "answered")
+    superseded, answered = sorted((s for s in exporter.get_finished_spans() if s.name.startswith("chat ")),
+                                  key=lambda s: s.start_time)
+    assert superseded.attributes["safecode.superseded"] is True
+    assert answered.attributes["safecode.source"] == "judge" and "safecode.superseded" not in answered.attributes
