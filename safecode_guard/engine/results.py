@@ -95,7 +95,11 @@ class SafeCoDeStream:
         """
         if not self._started:
             self._started = True
-            self._scheduler.submit(self._job)
+            try:
+                self._scheduler.submit(self._job)
+            except Exception as exc:  # a full queue (or a request over the KV budget): this attempt ends here
+                self._recorded(error=exc)
+                raise
         return self
 
     # -- sync ------------------------------------------------------------------------------
