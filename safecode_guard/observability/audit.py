@@ -18,6 +18,7 @@ counted (`write_errors`, also on `/metrics`) and logged once on
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import hashlib
@@ -43,6 +44,7 @@ __all__ = [
     "key_id",
     "note_request_id",
     "request_scope",
+    "shared_audit_log",
 ]
 
 AUDIT_LOGGER = logging.getLogger("safecode_guard.audit")
@@ -157,6 +159,32 @@ class _CountingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def handleError(self, record: logging.LogRecord) -> None:
         self._owner._failed(sys.exc_info()[1])
+
+
+_SHARED: dict[str, AuditLog] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_audit_log(target: str | os.PathLike[str] | AuditLog, *, content: bool = False) -> AuditLog:
+    """The process's one `AuditLog` for a path (or "-"), opened on first use and closed at exit;
+    an `AuditLog` is returned as it is. Settings that name a path (a chat model's, a NeMo
+    config's) share one writer per file, so two of them never rotate the same file."""
+    if isinstance(target, AuditLog):
+        return target
+    key = str(target) if str(target) == "-" else str(Path(target).expanduser().resolve())
+    with _SHARED_LOCK:
+        log = _SHARED.get(key)
+        if log is None:
+            log = _SHARED[key] = AuditLog(key, content=content)
+            atexit.register(log.close)  # the lines still queued are written
+        elif log.content != content:
+            from ..errors import SafeCoDeInputError
+
+            raise SafeCoDeInputError(
+                f"The audit log {key} is already open with content={log.content}; one file takes one "
+                f"setting. Give the same `audit_log_content` everywhere, or another path."
+            )
+        return log
 
 
 # --------------------------------------------------------------------------- what a line holds

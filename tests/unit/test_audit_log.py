@@ -9,6 +9,7 @@ import logging
 import threading
 from typing import Any, ClassVar
 
+import pytest
 from PIL import Image
 
 from safecode_guard.observability import AUDIT_LOGGER, AuditLog, content_sha256, key_id
@@ -206,3 +207,13 @@ def test_a_verdict_only_check_is_one_span_and_one_audit_line(tmp_path):
     line = json.loads((tmp_path / "audit.jsonl").read_text())
     assert (line["kind"], line["outcome"], line["verdict"], line["categories"]) == ("input_check", "checked", "unsafe", ["S2"])
     assert "lock" not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_settings_naming_the_same_path_share_one_writer(tmp_path):
+    from safecode_guard.observability.audit import shared_audit_log
+
+    a = shared_audit_log(tmp_path / "shared.jsonl")
+    b = shared_audit_log(str(tmp_path / "." / "shared.jsonl"))
+    assert a is b and shared_audit_log(a) is a
+    with pytest.raises(ValueError, match="already open with content=False"):
+        shared_audit_log(tmp_path / "shared.jsonl", content=True)  # one file, one setting
