@@ -31,7 +31,6 @@ from .errors import (
 from .verdict import Verdict
 
 if TYPE_CHECKING:
-    from .chat_model import ChatSafeCoDe
     from .engine.core import SafeCoDe
     from .engine.results import SafeCoDeResult, SafeCoDeStream, Usage
     from .judges import (
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
         make_judge,
     )
     from .judges.guard import GuardJudge
+    from .langchain.chat_model import ChatSafeCoDe
 
 __version__ = "0.1.0"
 
@@ -62,7 +62,7 @@ _LAZY = {
     "ChatModelJudge": "judges",
     "GuardJudge": "judges",
     "make_judge": "judges",
-    "ChatSafeCoDe": "chat_model",
+    "ChatSafeCoDe": "langchain.chat_model",
 }
 
 __all__ = [

@@ -65,7 +65,7 @@ def tiny_llava(load_tiny_vlm: Callable[[str], tuple[Any, Any]]) -> tuple[Any, An
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_llava: tuple[Any, Any]) -> tuple[Any, Any]:
-    """Alias of `tiny_llava` (the name CONTRACT.md uses)."""
+    """Alias of `tiny_llava`: the tiny VLM a test uses when the family does not matter."""
     return tiny_llava
 
 
@@ -85,13 +85,13 @@ def other_image() -> Any:
     return stripes_image(48, 40)
 
 
-# -- tool calling: shared by test_tools.py and test_agents.py ----------------------------------
+# -- tool calling: shared by the tool-calling, prompting and agent tests ----------------------------------
 
 
 @pytest.fixture
 def chat(load_tiny_vlm, tiny_model_dir):
     """`chat(family="qwen2_5_vl", **fields)`: a ChatSafeCoDe on the shared tiny model with a tool-capable processor."""
-    from tool_support import tool_processor
+    from support.tools import tool_processor
 
     from safecode_guard import ChatSafeCoDe
 
@@ -107,7 +107,7 @@ def chat(load_tiny_vlm, tiny_model_dir):
 @pytest.fixture
 def script(monkeypatch):
     """Scripted token choice for tool tests (everything but `ops.select_token` runs for real)."""
-    from tool_support import ScriptedDecoding
+    from support.tools import ScriptedDecoding
 
     return ScriptedDecoding(monkeypatch)
 

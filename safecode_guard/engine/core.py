@@ -60,6 +60,7 @@ from ..observability.records import RequestRecord
 from ..observability.tracing import judge_span, verdict_attributes
 from ..prompting import Conversation, parse_messages, render_prompt, template_joins
 from ..verdict import Verdict, validated_verdict
+from . import loading
 from .adapters import detect_quirks, encode_rows
 from .decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS, Steering, TextTracker
 from .jobs import DecodeJob
@@ -167,12 +168,10 @@ class SafeCoDe:
         folder, a text-only checkpoint or an unreachable hub id fails at once
         with `ModelNotFoundError` / `UnsupportedModelError`.
         """
-        from .loading import load_pretrained
-
         if dtype is not None:
             model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         # Loading runs torch ops; in a thread of its own, so the caller's thread never joins OpenMP.
-        model, processor = run_briefly(lambda: load_pretrained(path_or_id, **model_kwargs))
+        model, processor = run_briefly(lambda: loading.load_pretrained(path_or_id, **model_kwargs))
         if device is not None:
             model = run_briefly(lambda: model.to(device))
         return cls(
@@ -188,6 +187,11 @@ class SafeCoDe:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value)
         return frozenset(ids)
+
+    @property
+    def specials(self) -> tuple[str, ...]:
+        """The special-token strings neutralized in user text (what `render_prompt` escapes)."""
+        return self._specials
 
     def _find_special_strings(self) -> tuple[str, ...]:
         specials = set(getattr(self.tokenizer, "all_special_tokens", []) or [])

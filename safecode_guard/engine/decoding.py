@@ -18,6 +18,7 @@ sees the model or the other rows:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -66,6 +67,8 @@ class Steering:
         self.generated: list[int] = []
         self.forced: list[int] = []
         self.counts: dict[int, int] = {}
+        self.window_closed_at = 0.0
+        """`time.perf_counter()` when the window's last token was accepted (0: not yet); traces read it."""
 
     @property
     def t(self) -> int:
@@ -112,6 +115,8 @@ class Steering:
         """Record the token actually emitted (chosen here, or the batch's argmax)."""
         self.generated.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
+        if len(self.generated) == self.window:  # one comparison per token
+            self.window_closed_at = time.perf_counter()
 
 
 class TextTracker:

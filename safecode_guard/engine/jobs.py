@@ -159,8 +159,6 @@ class DecodeJob:
     t_submit: float = 0.0
     t_start: float = 0.0
     t_first: float = 0.0
-    t_window: float = 0.0
-    """When the SafeCoDe window's last token was chosen (0: not reached); for traces."""
     t_end: float = 0.0
     _cancel: threading.Event = field(default_factory=threading.Event)
 

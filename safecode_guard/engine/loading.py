@@ -40,7 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..control import run_briefly
 from ..errors import HubUnreachableError, ModelNotFoundError, UnsupportedModelError, did_you_mean
+from . import demo_model
 
 __all__ = [
     "AUTO_CLASSES",
@@ -324,9 +326,7 @@ def check_model_source(path_or_id: str | os.PathLike[str]) -> ModelSource:
     if not text:
         raise ModelNotFoundError("The model is empty. Give a local model folder or a hub id.")
     if text == DEMO_MODEL:
-        from .demo_model import ensure_demo_model
-
-        return ModelSource("folder", str(ensure_demo_model()))
+        return ModelSource("folder", str(demo_model.ensure_demo_model()))
     if looks_local(text):
         path = Path(text).expanduser()
         _check_folder(text, path)
@@ -417,9 +417,7 @@ def chat_template_source(path_or_id: str) -> str | list[Any] | None:
 
     def read(name: str) -> str | None:
         if text == DEMO_MODEL:
-            from .demo_model import demo_model_dir, is_demo_model_ready
-
-            file = demo_model_dir() / name if is_demo_model_ready() else None
+            file = demo_model.demo_model_dir() / name if demo_model.is_demo_model_ready() else None
         elif looks_local(text):
             file = Path(text).expanduser() / name
         else:
@@ -492,9 +490,7 @@ def weights_key(
     """The identity of the weights `shared_model` would load (nothing is checked or loaded)."""
     text = os.fspath(path_or_id).strip()
     if text == DEMO_MODEL:
-        from .demo_model import demo_model_dir
-
-        location = str(demo_model_dir().resolve())
+        location = str(demo_model.demo_model_dir().resolve())
     elif looks_local(text):
         location = str(Path(text).expanduser().resolve())
     else:
@@ -553,9 +549,7 @@ def shared_model(
 
 
 def _load(path_or_id: str | os.PathLike[str], device: Any, dtype: Any, model_kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    import torch
-
-    from ..control import run_briefly
+    import torch  # torch loads with the first model: importing this module stays cheap
 
     if dtype is not None:
         model_kwargs = {**model_kwargs, "dtype": getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype}

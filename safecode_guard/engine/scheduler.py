@@ -153,8 +153,7 @@ class Scheduler:
         self._preparing = 0  # requests being prepared for this model right now
         self._burst_deadline: float | None = None
         self.steps = 0
-        self.step_rows: collections.Counter[int] = collections.Counter()
-        """Decode steps by batch size (rows): what `/metrics`' batch-size histogram reads."""
+        self.step_rows: collections.Counter[int] = collections.Counter()  # decode steps by batch size
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_step: Callable[[int], None] | None = None
         """Test and metrics hook: called with the batch size before each decode step."""
@@ -172,16 +171,12 @@ class Scheduler:
             return len(self._owners)
 
     @property
-    def preparing_requests(self) -> int:
-        """Requests being prepared for this model (images, prompt, judge), not queued yet."""
-        with self._cond:
-            return self._preparing
+    def preparing_requests(self) -> int:  # being prepared (images, prompt, judge), not queued yet
+        return self._preparing
 
     @property
-    def prefilling_requests(self) -> int:
-        """Requests admitted from the queue whose prompts are being prefilled (not decoding yet)."""
-        with self._cond:
-            return sum(isinstance(entry, DecodeJob) for group in self._groups for entry in group.entries)
+    def prefilling_requests(self) -> int:  # taken from the queue, prompts being prefilled
+        return sum(isinstance(entry, DecodeJob) for group in list(self._groups) for entry in group.entries)
 
     def submit(self, job: DecodeJob) -> DecodeJob:
         """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full."""
@@ -661,8 +656,6 @@ class Scheduler:
     def _accept(self, job: DecodeJob, token: int, *, wake: bool = True) -> bool:
         """Record and emit `token`; True when the job has ended."""
         job.steering.accept(token)
-        if job.steering.t == job.steering.window:
-            job.t_window = time.perf_counter()  # one comparison per token: traces read the window's end
         piece = job.tracker.add(token)
         if piece:
             job.channel.put("piece", piece, wake=wake)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli.args import add_safecode_arguments, config_from_args
 from ..errors import SafeCoDeInputError
 from .datasets import (
     FORMATS,
@@ -112,8 +113,6 @@ __all__ = [
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_safecode_arguments
-
     parser.add_argument("--model", required=True, help="local folder or hub id of an image-text-to-text model")
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --data")
     parser.add_argument(
@@ -144,7 +143,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ..cli import config_from_args
+    # torch loads when the command runs: the CLI's parser stays fast
     from ..engine.core import SafeCoDe
 
     if args.limit is not None and args.limit < 1:

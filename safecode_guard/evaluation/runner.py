@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import ResumeMismatchError, SafeCoDeInputError
+from ..images import load_image
 from .datasets import FORMATS, EvalItem, Format
 from .refusal import RefusalCheck, RefusalGrader, check_answer, make_grader
 from .scoring import plot_comparison, score_records, summary_table
@@ -183,8 +184,6 @@ def run_eval(
     the phrase decision when it gives a grade. The summary covers the items
     of `items` only; `stdout` (default `sys.stdout`) gets the table.
     """
-    from ..images import load_image
-
     if fmt not in FORMATS:
         raise SafeCoDeInputError(f"Unknown format {fmt!r}. Use one of {', '.join(FORMATS)}.")
     if refusal_check not in ("prefix", "contains"):

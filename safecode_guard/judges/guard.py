@@ -531,7 +531,7 @@ class GuardJudge:
     @property
     def cache_key(self) -> str:
         """What decides this judge's verdicts (the weights, dtype and prompt options), as a digest:
-        LangChain's cache may keep answers a guard judge decided (`chat_model.judge_fingerprint`)."""
+        LangChain's cache may keep answers a guard judge decided (`langchain.cache.judge_fingerprint`)."""
         import hashlib
 
         described = json.dumps(

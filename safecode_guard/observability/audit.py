@@ -34,6 +34,8 @@ from logging.handlers import QueueHandler, QueueListener, RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
+from ..errors import SafeCoDeInputError
+
 __all__ = [
     "AUDIT_LOGGER",
     "AuditLog",
@@ -178,8 +180,6 @@ def shared_audit_log(target: str | os.PathLike[str] | AuditLog, *, content: bool
             log = _SHARED[key] = AuditLog(key, content=content)
             atexit.register(log.close)  # the lines still queued are written
         elif log.content != content:
-            from ..errors import SafeCoDeInputError
-
             raise SafeCoDeInputError(
                 f"The audit log {key} is already open with content={log.content}; one file takes one "
                 f"setting. Give the same `audit_log_content` everywhere, or another path."

@@ -140,6 +140,7 @@ class RequestRecord:
         return summary
 
     def _line(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        # judges (and their guard models) load only when an audited request needs the code
         from ..judges import judge_error_code
 
         v = self.verdict
@@ -201,11 +202,12 @@ class RequestRecord:
         stages = [("safecode.queue", job.t_submit, job.t_start), ("safecode.prefill", job.t_start, job.t_first or end)]
         if job.t_first:
             window = job.steering.window
-            window_end = job.t_window or end
+            closed = job.steering.window_closed_at
+            window_end = closed or end
             if window > 0:
                 stages.append(("safecode.window", job.t_first, window_end))
-            if job.t_window or window == 0:
-                stages.append(("safecode.decode", job.t_window or job.t_first, end))
+            if closed or window == 0:
+                stages.append(("safecode.decode", closed or job.t_first, end))
         for name, start, stop in stages:
             # whether the window contrasted the real image with its noised copy (two rows) or not
             attrs = {"safecode.contrastive": job.steering.contrastive} if name == "safecode.window" else None

@@ -68,6 +68,7 @@ def _tracer() -> Any:
     key = id(_provider)
     tracer = _tracers.get(key)
     if tracer is None:
+        # the package's own __init__ may still be importing (the engine imports this module)
         from .. import __version__
 
         # the global provider's tracer is a proxy: it follows a provider configured later
@@ -140,6 +141,7 @@ def mark_error(span: Any, exc: BaseException) -> None:
 
 def verdict_attributes(verdict: Verdict) -> dict[str, Any]:
     """The `safecode.*` attributes of a verdict (no caption: it describes the user's image)."""
+    # judges (and their guard models) load only when a traced request needs the code
     from ..judges import judge_error_code
 
     attrs: dict[str, Any] = {

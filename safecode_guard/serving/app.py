@@ -53,7 +53,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import __version__
 from ..control import RequestControl, arun_briefly, use_control
+from ..engine import demo_model
+from ..engine.core import SafeCoDe
 from ..errors import (
     APIError,
     JSONBudgetError,
@@ -65,6 +68,8 @@ from ..errors import (
 )
 from ..images.budget import set_decode_memory_budget
 from ..judges import judge_error_code
+from ..langchain.chat_model import ChatSafeCoDe
+from ..langchain.chunks import replace_unsafe_answer
 from ..observability.audit import AuditLog, note_request_id
 from ..openai_messages import to_langchain, tool_calls_out
 from ..prompting import check_counts
@@ -124,16 +129,11 @@ class ModelHost:
         return self.chat is not None
 
     def load(self) -> None:
-        from ..chat_model import ChatSafeCoDe
-        from ..engine.core import SafeCoDe
-
         s = self.settings
         try:
             path = s.model
             if path == "demo":
-                from ..engine.demo_model import ensure_demo_model
-
-                path = str(ensure_demo_model())
+                path = str(demo_model.ensure_demo_model())
             engine = SafeCoDe.from_pretrained(
                 path, config=s.safecode, judge=self.judge, policy=s.policy, device=s.device, dtype=s.dtype,
                 batching=s.batching,
@@ -153,8 +153,6 @@ class ModelHost:
         """The chat model for a request: the served one, or a variant with the request's settings."""
         if extra is None or (extra.judge is None and not extra.config_updates()):
             return self.chat
-        from ..chat_model import ChatSafeCoDe
-
         config = self.settings.safecode.model_copy(update=extra.config_updates())
         config = type(config).model_validate(config.model_dump())  # validate the client's values
         judge = extra.judge or self.judge
@@ -429,8 +427,6 @@ class ChatCompletions:
             await chunks.aclose()
         # not shown yet: an answer the answer check found unsafe is replaced by the refusal
         from langchain_core.messages import message_chunk_to_message
-
-        from ..chat_model import replace_unsafe_answer
 
         message = replace_unsafe_answer(message_chunk_to_message(message), chat.safecode.answer_refusal)
         return JSONResponse(self._completion(cid, message, safety, started, ttft).model_dump(exclude_none=False), headers=headers)
@@ -732,7 +728,5 @@ def _watch(host: ModelHost, metrics: Metrics) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 

@@ -50,6 +50,7 @@ except ImportError as exc:  # the optional extra is missing
 
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig
 from ..errors import SafeCoDeInputError, did_you_mean
+from .app import ModelHost, create_app
 from .settings import ServerSettings
 
 __all__ = ["RayServeArgs", "SafeCoDeServer", "app_builder", "check_replica_health", "settings_from_args"]
@@ -144,8 +145,6 @@ class SafeCoDeServer:
     """One replica: the model loaded once, and the FastAPI app of `safecode_guard.serving.app`."""
 
     def __init__(self, settings_json: str) -> None:
-        from .app import ModelHost, create_app
-
         settings = ServerSettings.model_validate_json(settings_json)
         if settings.api_key is None and (key := os.environ.get("SAFECODE_API_KEY")):
             settings = settings.model_copy(update={"api_key": key})

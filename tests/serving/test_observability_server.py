@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from server_support import UNSAFE_WORD, ThreadServer, keyword_judge
+from support.servers import UNSAFE_WORD, ThreadServer, keyword_judge
 
 from safecode_guard.observability import key_id, use_tracer_provider
 from safecode_guard.testing import gradient_image
@@ -253,7 +253,7 @@ class _OtlpSink:
 
 
 def test_serve_otlp_endpoint_exports_the_span_tree_of_a_traced_request(tiny_model_dir, tmp_path, monkeypatch):
-    from server_support import ServerProcess
+    from support.servers import ServerProcess
 
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export promptly
     sink = _OtlpSink()

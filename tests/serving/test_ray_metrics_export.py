@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-SCENARIO = Path(__file__).with_name("ray_metrics_scenario.py")
+SCENARIO = Path(__file__).resolve().parents[1] / "support" / "ray_metrics_scenario.py"
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) for a loopback-only namespace")
