@@ -45,9 +45,9 @@ class RequestRecord:
         self.steered_steps = steered_steps
         self.clock = tracing.Clock()
         self.verdict: Verdict | None = None
-        # the digest is taken now: the caller may reuse its message objects after the call
-        self.digest = content_sha256(messages) if audit is not None else None
-        self.text = content_text(messages) if audit is not None and audit.content else None
+        self.digest: str | None = None
+        self.text: list[dict[str, Any]] | None = None
+        self.set_content(messages)  # now: the caller may reuse its message objects after the call
         self._done = threading.Lock()
         self._finished = False
 
@@ -67,6 +67,12 @@ class RequestRecord:
             span.set_attributes(tracing.request_attributes(model, options) if kind == "chat"
                                 else {"gen_ai.request.model": model})
         return cls(span, audit, scope, model, messages, steered_steps, kind)
+
+    def set_content(self, messages: Sequence[Any]) -> None:
+        """What the audit line says of the request's content: its digest (and text when opted in)."""
+        if self.audit is not None:
+            self.digest = content_sha256(messages)
+            self.text = content_text(messages) if self.audit.content else None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -218,11 +224,17 @@ class RequestRecord:
 def observed_check(model: str, messages: Sequence[Any], audit: AuditLog | None) -> Iterator[Callable[[Verdict], None]]:
     """Trace and audit a decision that produces no answer (a rail's input check): call the yielded
     function with the verdict. A `safecode.input_check` span (the judge's span inside it) and one
-    audit line of kind `input_check`; nothing when nobody listens."""
+    audit line of kind `input_check`; nothing when nobody listens. `messages` may be filled in
+    inside the block (they are read when the verdict is given)."""
     record = RequestRecord.start(model, messages, {}, audit, 0, kind="input_check")
     if record is None:
         yield lambda verdict: None
         return
+
+    def decided(verdict: Verdict) -> None:
+        record.set_content(messages)
+        record.decided(verdict)
+
     with record.active():
-        yield record.decided
+        yield decided
     record.finish(None)
