@@ -12,6 +12,12 @@ or the network; the client measures time to the first text event and to
 `[DONE]`, and reads the token counts from `stream_options.include_usage`.
 Printed per level: requests/s, completion tokens/s, p50 / p99 latency and
 p50 / p99 time to first token, and how many requests failed (by status).
+
+`--compare-tracing` (with `--model`) starts two servers, one with tracing
+off and one exporting every span over OTLP/HTTP (to a sink in this process
+that accepts and drops them), and runs each level on both in alternating
+rounds (`--rounds`, off then on, each round a share of `--requests`), so a
+load that changes during the run weighs on both rows marked `off` and `on`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ class LevelResult:
     ttfts: list[float] = field(default_factory=list)
     tokens: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+    def merged(self, other: LevelResult) -> LevelResult:
+        """This level's numbers and `other`'s (a later round of the same level) as one."""
+        return LevelResult(
+            self.concurrency, self.requests + other.requests, self.wall_s + other.wall_s,
+            self.latencies + other.latencies, self.ttfts + other.ttfts, self.tokens + other.tokens,
+            self.errors + other.errors,
+        )
 
     def row(self) -> str:
         def pct(values: list[float], q: int) -> float:
@@ -141,6 +155,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per level (default: 64)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default: 64)")
     parser.add_argument("--no-image", action="store_true", help="text-only requests")
+    parser.add_argument("--compare-tracing", action="store_true",
+                        help="with --model: each level on two servers, tracing off and on (OTLP/HTTP to a local sink), side by side")
+    parser.add_argument("--rounds", type=int, default=4, help="with --compare-tracing: alternating off/on rounds per level (default: 4)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -154,28 +171,83 @@ def run_command(args: argparse.Namespace) -> int:
         print("error: --concurrency takes counts like 1,8,32; --requests and --max-tokens must be at least 1", file=sys.stderr)
         return 2
     api_key = args.api_key or os.environ.get("SAFECODE_API_KEY")
-    server = None
-    if args.url is None:
-        server = _start_server(args.model or "demo", args.judge)
-        base_url = server[1]
-    else:
-        base_url = args.url.rstrip("/")
+    if args.compare_tracing and args.url is not None:
+        print("error: --compare-tracing starts its own two servers: give --model, not --url", file=sys.stderr)
+        return 2
+    servers: list[tuple[str, Any, str]] = []  # (label, process or None, base URL)
+    sink = None
     try:
-        print(f"[bench-serve] {base_url}: {args.requests} streamed requests per level, {args.max_tokens} tokens each", file=sys.stderr)
-        print(HEADER)
+        if args.url is not None:
+            servers.append(("", None, args.url.rstrip("/")))
+        elif args.compare_tracing:
+            sink = _SpanSink()
+            for label, extra in (("off", []), ("on", ["--otlp-endpoint", sink.url])):
+                proc, url = _start_server(args.model or "demo", args.judge, extra)
+                servers.append((label, proc, url))
+        else:
+            proc, url = _start_server(args.model or "demo", args.judge)
+            servers.append(("", proc, url))
+        label_width = 8 if args.compare_tracing else 0
+        print(f"[bench-serve] {', '.join(url for _, _, url in servers)}: {args.requests} streamed requests per level, "
+              f"{args.max_tokens} tokens each", file=sys.stderr)
+        print(("tracing " if label_width else "") + HEADER)
+        rounds = max(1, args.rounds) if args.compare_tracing else 1
         for level in levels:
-            result = asyncio.run(run_load(
-                base_url, concurrency=level, requests=args.requests, max_tokens=args.max_tokens,
-                api_key=api_key, image=not args.no_image,
-            ))
-            print(result.row(), flush=True)
+            merged: dict[str, LevelResult] = {}
+            for i in range(rounds):
+                share = args.requests // rounds + (1 if i < args.requests % rounds else 0)
+                for label, _, url in servers:
+                    result = asyncio.run(run_load(
+                        url, concurrency=level, requests=share, max_tokens=args.max_tokens,
+                        api_key=api_key, image=not args.no_image,
+                    ))
+                    merged[label] = merged[label].merged(result) if label in merged else result
+            for label, result in merged.items():
+                print((f"{label:>7} " if label_width else "") + result.row(), flush=True)
     finally:
-        if server is not None:
-            _stop_server(server[0])
+        for _, proc, _ in servers:
+            if proc is not None:
+                _stop_server(proc)
+        if sink is not None:
+            sink.close()
+            print(f"[bench-serve] the tracing server exported {sink.batches} OTLP batches ({sink.bytes} bytes)", file=sys.stderr)
     return 0
 
 
-def _start_server(model: str, judge: str) -> tuple[Any, str]:
+class _SpanSink:
+    """An OTLP/HTTP receiver on 127.0.0.1 that accepts span batches and drops them (for --compare-tracing)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.batches = self.bytes = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                sink.batches += 1
+                sink.bytes += len(body)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _start_server(model: str, judge: str, extra: list[str] | None = None) -> tuple[Any, str]:
     import socket
     import subprocess
 
@@ -185,7 +257,7 @@ def _start_server(model: str, judge: str) -> tuple[Any, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "safecode_guard.cli", "serve", "--model", model, "--judge", judge,
-               "--port", str(port), "--log-level", "warning"]
+               "--port", str(port), "--log-level", "warning", *(extra or [])]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()

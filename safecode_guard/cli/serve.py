@@ -53,6 +53,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     con.add_argument("--keep-alive", type=int, default=None, help="seconds an idle kept-alive connection stays open (default: 5)")
     con.add_argument("--max-header-kb", type=int, default=None, help="largest request line plus headers in KB (default: 64)")
     net.add_argument("--log-prompts", action="store_true", help="log each request's messages (default: off)")
+    obs = parser.add_argument_group("observability")
+    obs.add_argument("--audit-log", default=None, metavar="PATH|-", help="one JSON line per decision to PATH (rotated at 100 MB) or - for stdout; no user text (default: off)")
+    obs.add_argument("--audit-log-content", action="store_true", help="put each request's text parts in its audit line (default: only a SHA-256)")
+    obs.add_argument("--otlp-endpoint", default=None, metavar="URL", help="export OpenTelemetry traces over OTLP/HTTP to URL, e.g. http://localhost:4318 (default: the OTEL_EXPORTER_OTLP_* variables; unset: off)")
     net.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds requests in flight may take after SIGTERM (default: 30)")
     net.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     gen = parser.add_argument_group("generation defaults")
@@ -137,6 +141,8 @@ def settings_from_args(args: argparse.Namespace) -> object:
         cors_origins=tuple(args.cors_origin),
         max_body_bytes=int(args.max_body_mb * 2**20),
         log_prompts=args.log_prompts,
+        audit_log=args.audit_log,
+        audit_log_content=args.audit_log_content,
     )
 
 
@@ -157,6 +163,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # OpenTelemetry's SDK and exporter load only when traces are exported (the `otel` extra)
+    from ..serving.observe import configure_otlp
+
+    configure_otlp(args.otlp_endpoint)
     url = f"http://{args.host}:{args.port}"
 
     def ready() -> None:

@@ -27,6 +27,7 @@ rows leave the batch at the next step.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,9 @@ from ..judges.guard import guard_image_side, load_if_guard, supports_answer_chec
 from ..judges.request import JudgeRequest, handed_off_verdict, judge_name
 from ..judges.runner import run_judge
 from ..judges.self_judge import SelfJudge
+from ..observability.audit import AuditLog
+from ..observability.records import RequestRecord
+from ..observability.tracing import judge_span, verdict_attributes
 from ..prompting import Conversation, parse_messages, render_prompt, template_joins
 from ..sampling import SamplingParams, sampling_params
 from ..verdict import Verdict, validated_verdict
@@ -134,6 +138,9 @@ class SafeCoDe:
         self.image_side = max(image_working_side(processor, self.policy), guard_image_side(self.judge_impl, self.policy))
         """Longest image side worth keeping for this processor (and a guard judge's, which reads the
         same images): images shrink to it on decoding."""
+        self.audit_log: AuditLog | None = None
+        """Where each request's audit line goes (`safecode_guard.observability.AuditLog`); None: no audit
+        line, unless the caller's `request_scope` names a log (the server's does)."""
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -351,16 +358,16 @@ class SafeCoDe:
         request's control (`control.current_control()`) is the parent, so a call
         made inside a request shares its deadline and cancellation.
         """
-        params = sampling_params(sampling, {
+        fields = {
             "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
             "top_k": top_k, "stop": stop, "seed": seed, "presence_penalty": presence_penalty,
             "frequency_penalty": frequency_penalty, "logit_bias": logit_bias, "min_p": min_p,
             "repetition_penalty": repetition_penalty, "min_tokens": min_tokens, "logprobs": logprobs,
             "top_logprobs": top_logprobs,
-        })
+        }
         options = {
             "verdict": verdict, "tools": tools, "answer_prefix": answer_prefix, "constraint": constraint,
-            "sampling": params,
+            "sampling": sampling, "fields": fields,
         }
         call = self._call_control(timeout_s, control)
         return run_briefly(lambda: self._open(messages, start, options, call), control=call)
@@ -372,7 +379,8 @@ class SafeCoDe:
         start = kwargs.pop("start", True)
         call = self._call_control(kwargs.pop("timeout_s", None), kwargs.pop("control", None))
         options = {k: kwargs.pop(k) for k in ("verdict", "tools", "answer_prefix", "constraint") if k in kwargs}
-        options["sampling"] = sampling_params(kwargs.pop("sampling", None), kwargs)
+        options["sampling"] = kwargs.pop("sampling", None)
+        options["fields"] = kwargs  # the sampling options, checked in `_open` (a bad one is a traced failure)
         return await arun_briefly(lambda: self._open(messages, start, options, call), control=call)
 
     def _call_control(self, timeout_s: float | None, control: RequestControl | None) -> RequestControl:
@@ -394,9 +402,20 @@ class SafeCoDe:
     def _open(
         self, messages: Sequence[Mapping[str, Any]], start: bool, options: dict[str, Any], control: RequestControl
     ) -> SafeCoDeStream:
-        with self.scheduler.preparing():  # a burst's first prefill may wait for this one
-            job, final, judge_s = self._prepare(messages, steered=True, control=control, **options)
-            stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases)
+        fields, given = options.pop("fields"), options.pop("sampling")
+        named = {k: v for k, v in fields.items() if v is not None}
+        described = {**(given.model_dump() if isinstance(given, SamplingParams) else {}), **named}
+        # tracing / audit: None (nothing at all to do) unless a tracer records or an audit log is set
+        record = RequestRecord.start(self.model_name, messages, described, self.audit_log, self.config.steered_steps)
+        with self.scheduler.preparing(), (record.active() if record is not None else contextlib.nullcontext()):
+            params = sampling_params(given, fields)  # inside the record: a bad option ends its span as an error
+            job, final, judge_s = self._prepare(messages, steered=True, control=control, sampling=params, **options)
+            if record is not None:
+                # a Verdict object passed in is a decision carried over (e.g. a request asked again
+                # under its judge's verdict): recorded as its judge made it, not as an override
+                carried = options.get("verdict")
+                record.decided(carried if isinstance(carried, Verdict) else final)
+            stream = SafeCoDeStream(final, job, self.scheduler, judge_s, self.config.refusal_phrases, record=record)
             control.check()  # cancelled or expired while preparing: never queued
             return stream.start() if start else stream
 
@@ -573,6 +592,13 @@ class SafeCoDe:
         return JudgeRequest.from_conversation(conv.with_joins(joins), threshold=self.config.threshold)
 
     def _judge(self, conv: Conversation) -> Verdict:
+        with judge_span(judge_name(self.judge_impl)) as span:  # None unless this request is traced
+            verdict = self._run_judge(conv)
+            if span is not None:
+                span.set_attributes(verdict_attributes(verdict))
+            return verdict
+
+    def _run_judge(self, conv: Conversation) -> Verdict:
         request = self.judge_request(conv)
         judge = self.judge_impl
         handed = handed_off_verdict(request, judge_name(judge))

@@ -18,6 +18,7 @@ sees the model or the other rows:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
@@ -90,6 +91,8 @@ class Steering:
         self.generated: list[int] = []
         self.forced: list[int] = []
         self.counts: dict[int, int] = {}
+        self.window_closed_at = 0.0
+        """`time.perf_counter()` when the window's last token was accepted (0: not yet); traces read it."""
 
     @property
     def t(self) -> int:
@@ -159,6 +162,8 @@ class Steering:
             self._dist = None
         if self.constraint is not None:
             self.constraint.accept(token)
+        if len(self.generated) == self.window:  # one comparison per token
+            self.window_closed_at = time.perf_counter()
 
     @property
     def grammar_done(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,9 @@ from ..verdict import Verdict
 from .decoding import StepLogprob
 from .jobs import DecodeJob
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from ..observability.records import RequestRecord
 
 __all__ = [
     "FinishReason", "SafeCoDeResult", "SafeCoDeStream", "TokenLogprob", "TopLogprob", "Usage", "result_of", "token_logprobs",
@@ -93,9 +96,12 @@ class SafeCoDeStream:
     """
 
     def __init__(
-        self, verdict: Verdict | None, job: DecodeJob, scheduler: Scheduler, judge_s: float, refusal_phrases: Sequence[str]
+        self, verdict: Verdict | None, job: DecodeJob, scheduler: Scheduler, judge_s: float, refusal_phrases: Sequence[str],
+        *, record: RequestRecord | None = None,
     ) -> None:
+        """`record` (tracing and audit) is finished when the stream ends, however it ends."""
         self.verdict = verdict
+        self._record = record
         self.result: SafeCoDeResult | None = None
         self._job = job
         self._scheduler = scheduler
@@ -115,7 +121,11 @@ class SafeCoDeStream:
         """
         if not self._started:
             self._started = True
-            self._scheduler.submit(self._job)
+            try:
+                self._scheduler.submit(self._job)
+            except Exception as exc:  # a full queue (or a request over the KV budget): this attempt ends here
+                self._recorded(error=exc)
+                raise
         return self
 
     # -- sync ------------------------------------------------------------------------------
@@ -178,24 +188,38 @@ class SafeCoDeStream:
             return value
         self._ended = True
         if kind == "error":
+            self._recorded(error=value)
             raise value
         if self._job.status == "cancelled":
+            self._recorded(cancelled=True)
             raise cancelled_error()
         self.result = result_of(self._job, self.verdict, self._judge_s, self._refusal_phrases)
+        self._recorded(result=self.result)
         raise StopIteration
+
+    def _recorded(self, result: SafeCoDeResult | None = None, error: BaseException | None = None,
+                  cancelled: bool = False) -> None:
+        if self._record is not None:
+            self._record.finish(self._job, result, error, cancelled)
 
     def _timed_out(self) -> RequestTimeoutError:
         """The deadline passed while this reader waited: the request ends here (its rows leave the batch)."""
         self._ended = True
         self._job.cancel()
         assert self._job.control is not None
-        return self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
+        error = self._job.control.timeout_error(f"{self._job.steering.t} token(s) were generated")
+        self._recorded(error=error)
+        return error
 
     def close(self) -> None:
         """Stop decoding this answer (no effect once it has ended; a stream never started is never queued)."""
         if not self._ended:
             self._ended = True
             self._job.cancel()
+            if self._started:
+                self._recorded(cancelled=True)
+            elif self._record is not None:
+                self._record.discard()  # never queued: no answer, no audit line (a caller re-asks or stops)
             if self._job.control is not None:
                 self._job.control.cancel()
             self._started = True
@@ -204,6 +228,12 @@ class SafeCoDeStream:
         job = getattr(self, "_job", None)
         if job is not None and not job.done:
             job.cancel()
+        record = getattr(self, "_record", None)
+        if record is not None:
+            if getattr(self, "_started", False):
+                record.finish(job, cancelled=True)  # no-op when the stream ended already
+            else:
+                record.discard()
 
 
 def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_phrases: Sequence[str]) -> SafeCoDeResult:

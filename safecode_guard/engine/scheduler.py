@@ -153,6 +153,7 @@ class Scheduler:
         self._preparing = 0  # requests being prepared for this model right now
         self._burst_deadline: float | None = None
         self.steps = 0
+        self.step_rows: collections.Counter[int] = collections.Counter()  # decode steps by batch size
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_step: Callable[[int], None] | None = None
         """Test and metrics hook: called with the batch size before each decode step."""
@@ -168,6 +169,14 @@ class Scheduler:
     def active_rows(self) -> int:
         with self._cond:
             return len(self._owners)
+
+    @property
+    def preparing_requests(self) -> int:  # being prepared (images, prompt, judge), not queued yet
+        return self._preparing
+
+    @property
+    def prefilling_requests(self) -> int:  # taken from the queue, prompts being prefilled
+        return sum(isinstance(entry, DecodeJob) for group in list(self._groups) for entry in group.entries)
 
     def submit(self, job: DecodeJob) -> DecodeJob:
         """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full."""
@@ -619,6 +628,7 @@ class Scheduler:
                 self._active, self._owners, self._rows = [], [], None
             return
         self.steps += 1
+        self.step_rows[len(self._owners)] += 1
         first_row: dict[int, int] = {}
         for i, job in enumerate(self._owners):
             first_row.setdefault(id(job), i)

@@ -64,6 +64,7 @@ from ..engine.core import SafeCoDe
 from ..engine.loading import load_processor, loaded_model, public_name, shared_model, weights_key
 from ..errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
 from ..judges import ChatSafeCoDeJudge, make_judge
+from ..observability.audit import AuditLog, shared_audit_log
 from ..prompting import render_prompt
 from ..sampling import SamplingParams
 from ..verdict import Verdict
@@ -198,6 +199,9 @@ class ChatSafeCoDe(BaseChatModel):
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Accepted for LangChain's standard constructor (shared configs pass one) and unused: a
     model running in this process needs no key. Never logged, traced, cached or pickled."""
+
+    audit_log: AuditLog | str | None = Field(default=None, exclude=True)
+    """Audit log of this model's decisions: an `AuditLog`, or a path ("-": stdout) opened once per process."""
 
     _engines: Engines = PrivateAttr(default_factory=Engines)
 
@@ -465,7 +469,8 @@ class ChatSafeCoDe(BaseChatModel):
         """What an engine holds besides the weights: the judge (a spec by value, an object by
         identity; it is kept alive with the engine, so its id stays its own) and the settings."""
         judge = self.judge if isinstance(self.judge, str) else ("object", id(self.judge))
-        return (judge, self.safecode.model_dump_json(), self.policy.model_dump_json())
+        audit = self.audit_log if isinstance(self.audit_log, str | None) else id(self.audit_log)
+        return (judge, self.safecode.model_dump_json(), self.policy.model_dump_json(), audit)
 
     def _engine(self, model: str | None) -> SafeCoDe:
         """The engine for `model` (None: the configured one), loading its weights on first use.
@@ -482,6 +487,7 @@ class ChatSafeCoDe(BaseChatModel):
         else:
             weights = weights_key(name, device=self.device, dtype=self.dtype, **self.model_kwargs)
         judge, config, policy, shown = self.judge, self.safecode, self.policy, self.display_name(name)
+        audit = shared_audit_log(self.audit_log) if self.audit_log is not None else None
 
         def build() -> tuple[Any, SafeCoDe]:
             if hf_objects is not None:
@@ -491,6 +497,7 @@ class ChatSafeCoDe(BaseChatModel):
                 held = shared_model(name, device=self.device, dtype=self.dtype, **self.model_kwargs)
                 hf_model, processor = held.model, held.processor
             engine = SafeCoDe(hf_model, processor, config=config, judge=judge, policy=policy, model_name=shown)
+            engine.audit_log = audit
             return (held, judge), engine  # the engine keeps neither the registry's holder nor a judge's id
 
         engine = self._engines.get(override, (name, weights, self._settings_key()), build)

@@ -17,6 +17,8 @@ from ..errors import (
 from ..langchain.messages import to_hf_messages
 from ..langchain.settings import PROVIDER
 from ..langchain.tools import format_tools
+from ..observability.audit import shared_audit_log
+from ..observability.records import observed_check
 from ..openai_messages import to_langchain
 from ..prompting import parse_messages
 from ..verdict import Verdict, safety_metadata
@@ -197,21 +199,30 @@ def _check(
 
     spec = resolve_judge(judge) if judge is None or isinstance(judge, str) else judge
     judge_impl, config, policy = _judge_setup(llm, spec)
-    try:
-        lc_messages = _to_langchain(request_messages(user_message, conversation))
-        # The tools the request offers the model are judged with it (as ChatSafeCoDe formats them).
-        conv = parse_messages(to_hf_messages(lc_messages, policy), policy).with_request(tools=_request_tools())
-    except ValueError as exc:  # SafeCoDeInputError, and langchain-core rejecting a message shape
-        # Fail closed: content the judge cannot read, the model cannot answer either.
-        fallback = Verdict(
-            label="unsafe",
-            judge=getattr(judge_impl, "name", "unknown"),
-            source="fallback",
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        return fallback, None
-    request = JudgeRequest.from_conversation(conv, threshold=config.threshold)
-    return run_judge(judge_impl, request, config), request
+    # the rail model's audit log (`audit_log:` in its config.yml parameters) records each check
+    chat = as_chat_safecode(llm)
+    audit = shared_audit_log(chat.audit_log) if chat is not None and chat.audit_log is not None else None
+    hf_messages: list[Any] = []
+    with observed_check(chat.display_name() if chat is not None else "rail", hf_messages, audit) as decided:
+        try:
+            lc_messages = _to_langchain(request_messages(user_message, conversation))
+            hf_messages.extend(to_hf_messages(lc_messages, policy))
+            # The tools the request offers the model are judged with it (as ChatSafeCoDe formats them).
+            conv = parse_messages(hf_messages, policy).with_request(tools=_request_tools())
+        except ValueError as exc:  # SafeCoDeInputError, and langchain-core rejecting a message shape
+            # Fail closed: content the judge cannot read, the model cannot answer either.
+            fallback = Verdict(
+                label="unsafe",
+                judge=getattr(judge_impl, "name", "unknown"),
+                source="fallback",
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            decided(fallback)
+            return fallback, None
+        request = JudgeRequest.from_conversation(conv, threshold=config.threshold)
+        verdict = run_judge(judge_impl, request, config)
+        decided(verdict)
+        return verdict, request
 
 
 def _request_tools() -> list[dict[str, Any]] | None:

@@ -73,12 +73,14 @@ from ..errors import (
 from ..images.budget import set_decode_memory_budget
 from ..judges import judge_error_code
 from ..messages import check_counts
+from ..observability.audit import AuditLog, note_request_id
 from ..openai_format import to_hf_messages
 from ..verdict import Verdict
 from .answers import Answer, chain, collect, merged, wire_logprobs
 from .body import parse_json_body
 from .conformance import check_content_type, check_model, input_error_code, validation_error_fields
 from .metrics import Metrics
+from .observe import Observability, fastapi_telemetry_off
 from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -141,6 +143,8 @@ class ModelHost:
                 path, config=s.safecode, judge=self.judge, policy=s.policy, device=s.device, dtype=s.dtype,
                 batching=s.batching,
             )
+            # traces, audit lines and messages name the served model, never its local path
+            self.engine.model_name = s.name
         except Exception as exc:
             # kept for /ready and the logs; clients only ever see "not ready"
             self.error = f"{type(exc).__name__}: {exc}"
@@ -392,6 +396,7 @@ class ChatCompletions:
         # a constrained request under an unsafe verdict: the answer is a refusal, not JSON
         refusal = req.constrained and first.safety.get("verdict") == "unsafe"
         cid = completion_id()
+        note_request_id(cid)  # the audit line and the trace name the id the client gets
         # n > 1: the other choices share this one's verdict (the judge runs once) and decode alongside it,
         # each with its own sampler; each still prefills its own prompt (the images' features are cached)
 
@@ -544,6 +549,9 @@ def create_app(
     host = host or ModelHost(settings, judge=judge)
     metrics = Metrics()
     service = ChatCompletions(host, metrics)
+    audit = AuditLog(settings.audit_log, content=settings.audit_log_content) if settings.audit_log else None
+    if audit is not None:
+        metrics.watch_audit(audit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -553,12 +561,15 @@ def create_app(
         yield
         if loader is not None and not loader.done():
             loader.cancel()
+        if audit is not None:
+            audit.close()  # the lines still queued are written
 
     # The schema pages are off unless asked for, and then behind the key like the API (below).
     app = FastAPI(title="safecode-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, **fastapi_telemetry_off())
     app.state.host = host
     app.state.metrics = metrics
+    app.state.audit = audit
     set_decode_memory_budget(settings.decode_budget_mb, settings.decode_wait_s)  # process-wide
     if host.ready:
         _watch(host, metrics)
@@ -679,6 +690,7 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=[VERDICT_HEADER])
+    app.add_middleware(Observability, metrics=metrics, audit=audit, keyed=settings.api_key is not None)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     if instance_id is not None:
         app.add_middleware(InstanceHeader, value=instance_id)
@@ -727,8 +739,7 @@ def _load_and_log(host: ModelHost, metrics: Metrics, on_ready: Callable[[], None
 
 def _watch(host: ModelHost, metrics: Metrics) -> None:
     assert host.engine is not None
-    scheduler = host.engine.scheduler
-    metrics.watch_scheduler(lambda: scheduler.queue_depth, lambda: scheduler.active_rows)
+    metrics.watch_engine(host.engine.scheduler)
 
 
 def _version() -> str:

@@ -10,6 +10,10 @@ the model once, in its constructor, and serves the FastAPI app of
 `safety` object), with the model's own scheduler batching the requests that
 reach it. Ray Serve's proxy spreads requests over the replicas; every
 response names the replica that answered in `X-SafeCoDe-Instance`.
+Metrics: each replica copies its `/metrics` into Ray's metrics every 5 s
+(`ray_metrics.RayMetricsBridge`), so Ray's metrics export on every node has
+every replica's numbers with `replica` / `deployment` / `application` labels
+(`ray_safecode_...`): one scrape for the application.
 
 Health: a replica whose model failed to load never comes up (its constructor
 raises, and Serve replaces it); `check_health` fails while the model is not
@@ -20,7 +24,8 @@ later requests go to the other replicas while Serve starts a new one.
 `args` (strings from the command line, or YAML values): `model`, `judge`,
 `served_model_name`, `api_key`, `num_replicas` or `autoscaling_config`,
 `num_cpus`, `num_gpus`, `max_ongoing_requests`, `max_new_tokens`, `device`,
-`dtype`, `public_metrics`, `allow_request_settings`, every `SafeCoDeConfig`
+`dtype`, `public_metrics`, `allow_request_settings`, `audit_log` ("-" or a path with
+`{replica}`), `audit_log_content`, every `SafeCoDeConfig`
 field (`alpha=0.3`, ...) or a `safecode:` mapping, and `policy:` / `batching:`
 mappings. Unknown keys are refused, naming the closest valid one.
 
@@ -79,6 +84,10 @@ class RayServeArgs(BaseModel):
     dtype: str | None = None
     public_metrics: bool = False
     allow_request_settings: bool = False
+    audit_log: str | None = None
+    """Audit log per replica: "-" (the replica's stdout, in Ray's logs) or a path, where `{replica}`
+    becomes the replica's id (replicas on one node must not share a rotating file)."""
+    audit_log_content: bool = False
     safecode: dict[str, Any] = Field(default_factory=dict)
     policy: dict[str, Any] = Field(default_factory=dict)
     batching: dict[str, Any] = Field(default_factory=dict)
@@ -129,6 +138,8 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServerSettings, RayServeAr
             api_key=key,
             public_metrics=parsed.public_metrics,
             allow_request_settings=parsed.allow_request_settings,
+            audit_log=parsed.audit_log,
+            audit_log_content=parsed.audit_log_content,
         )
     except ValidationError as exc:
         raise SafeCoDeInputError(f"Invalid app_builder arguments: {exc}") from exc
@@ -148,7 +159,14 @@ class SafeCoDeServer:
         except Exception:  # outside a replica (tests of the class itself)
             replica = "local"
         self.instance = f"{replica}@{os.getpid()}"
+        if settings.audit_log is not None and "{replica}" in settings.audit_log:
+            # a plain string field: no validation to skip
+            settings = settings.model_copy(update={"audit_log": settings.audit_log.replace("{replica}", replica)})
         self._asgi = create_app(settings, host=self.host, load=False, instance_id=self.instance)
+        # /metrics through the proxy is one replica's; Ray's metrics export carries every replica's
+        from .ray_metrics import RayMetricsBridge
+
+        self._metrics = RayMetricsBridge(self._asgi.state.metrics.registry).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._asgi

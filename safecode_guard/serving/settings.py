@@ -86,6 +86,11 @@ class ServerSettings(BaseModel):
     when one is set. Off: those routes do not exist."""
     log_prompts: bool = False
     """Log each request's messages (off: one line per request without its text)."""
+    audit_log: str | None = None
+    """Audit log of every decision, one JSON line each (`safecode_guard.observability.AuditLog`): a file
+    path (rotated at 100 MB, 10 kept) or "-" for stdout; None: no audit log."""
+    audit_log_content: bool = False
+    """Put each request's text parts in its audit line (off: only their SHA-256)."""
 
     @field_validator("policy")
     @classmethod
