@@ -155,3 +155,23 @@ def test_an_unsafe_verdict_comes_back_as_a_refusal_with_null_content(tool_model)
         # a free request on the same server keeps its text in `content`
         free = client.chat.completions.create(model="x", messages=ASK, max_tokens=12)
         assert free.choices[0].message.content and free.choices[0].message.refusal is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "constrained"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}, True),
+        ({"response_format": {"type": "json_object"}}, True),
+        ({"response_format": {"type": "text"}}, False),
+        ({"tools": [WEATHER], "tool_choice": "required"}, True),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, True),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, False),
+        ({"tools": [WEATHER]}, False),
+        ({}, False),
+    ],
+)
+def test_which_requests_answer_with_message_refusal_when_unsafe(extra: dict, constrained: bool):
+    from safecode_guard.serving.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate({"model": "x", "messages": ASK, **extra})
+    assert req.constrained is constrained
