@@ -39,8 +39,28 @@ __all__ = [
     "neutralize_text_parts",
     "parse_messages",
     "render_prompt",
+    "special_strings",
     "template_joins",
 ]
+
+#: Processor attributes that hold marker strings (images, their boundaries, videos) a model reads as structure.
+PROCESSOR_MARKERS = ("image_token", "boi_token", "eoi_token", "video_token")
+
+
+def special_strings(processor: Any, tokenizer: Any = None, markers: Sequence[str] = PROCESSOR_MARKERS) -> tuple[str, ...]:
+    """The special-token strings to neutralize in user text: the tokenizer's special and added
+    special tokens, plus the processor's marker strings (`markers`). `tokenizer` defaults to the
+    processor's own (or the processor itself when it is a bare tokenizer)."""
+    tokenizer = getattr(processor, "tokenizer", processor) if tokenizer is None else tokenizer
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added.content))
+    for attr in markers:
+        value = getattr(processor, attr, None)
+        if isinstance(value, str):
+            specials.add(value)
+    return tuple(sorted(specials))
 
 
 def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:

@@ -62,7 +62,7 @@ from ..judges.self_judge import SelfJudge
 from ..observability.audit import AuditLog
 from ..observability.records import RequestRecord
 from ..observability.tracing import judge_span, verdict_attributes
-from ..prompting import Conversation, parse_messages, render_prompt, template_joins
+from ..prompting import Conversation, parse_messages, render_prompt, special_strings, template_joins
 from ..sampling import SamplingParams, sampling_params
 from ..verdict import Verdict, validated_verdict
 from . import loading
@@ -128,7 +128,7 @@ class SafeCoDe:
         self.scheduler: Scheduler = scheduler_for(model, self.quirks, batching)
         self._refusal_seqs = ops.refusal_sequences(self.tokenizer, self.config.refusal_phrases)
         self._eos_ids = self._find_eos_ids() if eos_token_ids is None else frozenset(eos_token_ids)
-        self._specials = self._find_special_strings()
+        self._specials = special_strings(self.processor, self.tokenizer)
         self.context_length = self._find_context_length()
         self._token_chars = self._find_token_chars()
         self._vocab_size = self._find_vocab_size()
@@ -187,17 +187,6 @@ class SafeCoDe:
     def specials(self) -> tuple[str, ...]:
         """The special-token strings neutralized in user text (what `render_prompt` escapes)."""
         return self._specials
-
-    def _find_special_strings(self) -> tuple[str, ...]:
-        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
-        for added in (getattr(self.tokenizer, "added_tokens_decoder", {}) or {}).values():
-            if getattr(added, "special", False):
-                specials.add(str(added.content))
-        for attr in ("image_token", "boi_token", "eoi_token", "video_token"):
-            value = getattr(self.processor, attr, None)
-            if isinstance(value, str):
-                specials.add(value)
-        return tuple(sorted(specials))
 
     def _find_vocab_size(self) -> int:
         """Rows of the logits (the output embedding), which may exceed the tokenizer's size."""

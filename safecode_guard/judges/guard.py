@@ -77,6 +77,7 @@ from ..engine.loading import (
 from ..engine.scheduler import Scheduler, scheduler_for
 from ..errors import SafeCoDeInputError, UnsupportedGuardError, UnsupportedModelError
 from ..images import image_working_side
+from ..prompting import special_strings
 from ..verdict import Verdict, label_from_score
 from .folding import delimit
 from .guard_prompts import (
@@ -100,6 +101,10 @@ from .runner import run_judge
 from .scoring import label_token_ids, unsafe_probability
 from .self_judge import NEAR_THRESHOLD
 from .view import DEFAULT_MAX_TRANSCRIPT_CHARS, check_transcript_budget, judge_view
+
+#: The marker strings guard processors carry (Idefics-style guards add a fake image token).
+GUARD_MARKERS = ("image_token", "boi_token", "eoi_token", "fake_image_token")
+
 
 __all__ = [
     "GUARD_SPEC_PREFIX",
@@ -243,18 +248,6 @@ def _chat_template(processor: Any) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _special_strings(processor: Any, tokenizer: Any) -> tuple[str, ...]:
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-        if getattr(added, "special", False):
-            specials.add(str(added.content))
-    for attr in ("image_token", "boi_token", "eoi_token", "fake_image_token"):
-        value = getattr(processor, attr, None)
-        if isinstance(value, str):
-            specials.add(value)
-    return tuple(sorted(specials))
-
-
 def _first_token_ids(tokenizer: Any, spellings: Sequence[str]) -> tuple[int, ...]:
     ids: list[int] = []
     for spelling in spellings:
@@ -307,7 +300,7 @@ class GuardModel:
             self.safe_ids, self.unsafe_ids = label_token_ids(self.tokenizer)
         self.model.eval()
         self.scheduler: Scheduler = scheduler_for(self.model, detect_quirks(self.model), None)
-        self.specials = _special_strings(processor, self.tokenizer)
+        self.specials = special_strings(processor, self.tokenizer, GUARD_MARKERS)
         self.stop_ids = frozenset(int(i) for i in (getattr(self.tokenizer, "all_special_ids", None) or []))
         adds_bos = self.tokenizer("x").input_ids[:1] == [self.tokenizer.bos_token_id]
         self.bos = "" if adds_bos or self.tokenizer.bos_token is None else self.tokenizer.bos_token

@@ -26,7 +26,7 @@ _LAZY = {
     "judge_fingerprint": "cache",
     "merge_turns": "calls",
     "retry_delay": "calls",
-    "special_strings": "calls",
+    "special_strings": "..prompting",
     "replace_unsafe_answer": "chunks",
     "answer_check_metadata": "..verdict",
     "safety_metadata": "..verdict",

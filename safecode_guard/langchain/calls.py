@@ -27,23 +27,6 @@ class Call(calls.Call):
     """What `response_metadata["model_name"]` reports (`ChatSafeCoDe.model_name` or the override's name)."""
 
 
-def special_strings(processor: Any) -> tuple[str, ...]:
-    """The special-token strings the engine neutralizes in user text, read from a processor alone.
-
-    (The same rule as `SafeCoDe`'s, for counting tokens before any weights are loaded.)
-    """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-        if getattr(added, "special", False):
-            specials.add(str(added.content))
-    for attr in ("image_token", "boi_token", "eoi_token", "video_token"):
-        value = getattr(processor, attr, None)
-        if isinstance(value, str):
-            specials.add(value)
-    return tuple(sorted(specials))
-
-
 def merge_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Consecutive same-role turns as one turn, as the engine merges them before rendering.
 

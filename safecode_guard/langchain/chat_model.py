@@ -65,12 +65,12 @@ from ..engine.loading import load_processor, loaded_model, public_name, shared_m
 from ..errors import SafeCoDeInputError, UnsupportedContentError, UnsupportedModelError
 from ..judges import ChatSafeCoDeJudge, make_judge
 from ..observability.audit import AuditLog, shared_audit_log
-from ..prompting import render_prompt
+from ..prompting import render_prompt, special_strings
 from ..sampling import SamplingParams
 from ..verdict import Verdict
 from . import tools as tools_mod
 from .cache import cache_view, judge_description
-from .calls import Call, Retry, check_conversation, merge_turns, refused_already, special_strings
+from .calls import Call, Retry, check_conversation, merge_turns, refused_already
 from .chunks import aanswer_chunks, answer_chunks, replace_unsafe_answer
 from .engines import Engines
 from .messages import to_hf_messages
