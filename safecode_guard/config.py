@@ -95,6 +95,12 @@ class SafeCoDeConfig(BaseModel):
     follows `on_judge_error` (an unsafe answer by default)."""
     answer_refusal: str = "I'm sorry, but I can't help with that."
     """What replaces an answer the answer check finds unsafe."""
+    close_constrained: bool = True
+    """Constrained answers (structured output, JSON mode, tool calls) end within `max_new_tokens`:
+    when the budget gets just big enough for the grammar's shortest completion, decoding follows it,
+    so the answer closes as a complete, valid instance (`SafeCoDeResult.closed_early`) instead of
+    being cut (`finish_reason="length"`, which stays where even that completion cannot fit).
+    False: cut at the limit."""
 
     @field_validator("alpha")
     @classmethod

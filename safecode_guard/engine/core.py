@@ -502,7 +502,9 @@ class SafeCoDe:
             generator = torch.Generator(device=device).manual_seed(secrets.randbits(63) if seed is None else seed)
         label = final.label if final is not None else "safe"
         # an unsafe verdict answers with a free-text refusal, never with schema-shaped text
-        row_constraint = self.grammars.row(compiled) if constraint is not None and label != "unsafe" else None
+        row_constraint = None
+        if constraint is not None and label != "unsafe":
+            row_constraint = self.grammars.row(compiled, max_new_tokens if cfg.close_constrained else None)
         steering = Steering(
             cfg, self._refusal_seqs, label, window, contrastive, decoding, generator,
             min_tokens=params.min_tokens, eos_ids=self._eos_ids,

@@ -56,7 +56,9 @@ class Steering:
     With a `constraint` (structured output, a forced tool call), tokens the
     grammar does not allow are set to -inf in the real row first, so the
     contrast, the refusal modulation, the penalties and sampling all choose
-    among allowed tokens only (a disallowed token stays at -inf through each).
+    among allowed tokens only (a disallowed token stays at -inf through each);
+    near the end of its budget the constraint may then swap the choice for
+    its grammar's way to close in time (`RowConstraint.settle`).
     """
 
     def __init__(
@@ -117,14 +119,19 @@ class Steering:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this step's logits for the request's rows, shape `(rows, V)`."""
-        cfg = self.config
-        t = self.t
         z_real = logits[0].float()
         if self.forced:
             self._note(z_real)  # a forced refusal token was not drawn: the model's own view at this step
             return self.forced.pop(0)
         if self.constraint is not None:
             z_real = self.constraint.apply(z_real)
+            # a budget running short may replace the choice with the grammar's way to close in time
+            return self.constraint.settle(self._choose(z_real, logits))
+        return self._choose(z_real, logits)
+
+    def _choose(self, z_real: torch.Tensor, logits: torch.Tensor) -> int:
+        cfg = self.config
+        t = self.t
         if t >= self.window:
             return self._select(z_real)
         z_cd = ops.contrast(z_real, logits[1].float() if self.rows == 2 else None, cfg.alpha, cfg.plausibility_beta)

@@ -85,6 +85,10 @@ class SafeCoDeResult(BaseModel):
     constrained: bool = False
     """Whether a grammar (`constraint=`) shaped the answer; False when none was given, or when an
     unsafe verdict dropped it for a free-text refusal."""
+    closed_early: bool = False
+    """Whether `max_new_tokens` was about to cut a constrained answer and the grammar's shortest
+    completion ended it instead (`SafeCoDeConfig.close_constrained`): the answer is complete and
+    valid, but its last values are the closing path's (empty strings, zeros), not the model's."""
 
 
 class SafeCoDeStream:
@@ -256,6 +260,7 @@ def result_of(job: DecodeJob, verdict: Verdict | None, judge_s: float, refusal_p
         refused=ops.opens_with_refusal(text, refusal_phrases),
         logprobs=token_logprobs(job.steering.logprobs, job.tracker.tokenizer) if job.steering.want_logprobs is not None else None,
         constrained=job.steering.constraint is not None,
+        closed_early=job.steering.constraint is not None and job.steering.constraint.closed,
     )
 
 

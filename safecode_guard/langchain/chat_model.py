@@ -424,7 +424,7 @@ class ChatSafeCoDe(BaseChatModel):
 
     def with_structured_output(
         self,
-        schema: Mapping[str, Any] | type,
+        schema: Mapping[str, Any] | type | None = None,
         *,
         include_raw: bool = False,
         method: Literal["function_calling", "json_schema", "json_mode"] = "json_schema",
@@ -435,8 +435,9 @@ class ChatSafeCoDe(BaseChatModel):
 
         `method="json_schema"` (default, as ChatOllama's): an answer decoded under
         the schema's grammar (any model); `"function_calling"`: a forced call of
-        `schema` as the one tool (tool-capable templates); `"json_mode"`: any JSON
-        object (see `constrained`). Parse errors raise `OutputParserException`
+        `schema` as the one tool (tool-capable templates); `"json_mode"`: JSON
+        under the schema's grammar too, or any JSON object when `schema` is None
+        (see `constrained`). Parse errors raise `OutputParserException`
         (a length cut its `StructuredOutputTruncatedError`); an unsafe verdict
         `ModelRefusalError`. With `include_raw=True` the result is
         `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` and nothing raises.

@@ -97,6 +97,8 @@ class ChunkBuilder:
             last[tools_mod.INVALID_CALL_ERRORS] = dict(event.invalid_call_errors)
         if result.logprobs is not None:
             last["logprobs"] = {"content": [_logprob(t) for t in result.logprobs]}
+        if result.closed_early:  # the budget ran short: the grammar's shortest completion ended the answer
+            last["closed_early"] = True
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content="", chunk_position="last", response_metadata=last, usage_metadata=usage_metadata(result)

@@ -65,7 +65,7 @@ def tool_calling_from_files(model: str) -> bool | None:
 
 def structured_output(
     chat: Any,
-    schema: Mapping[str, Any] | type,
+    schema: Mapping[str, Any] | type | None,
     *,
     include_raw: bool,
     method: str,
@@ -73,6 +73,11 @@ def structured_output(
 ) -> Runnable[Any, Any]:
     """`ChatSafeCoDe.with_structured_output`: `chat` bound for `schema` (a forced tool call or JSON
     mode), piped into the parser that reads the answer (see that method's docstring)."""
+    if schema is None and method != "json_mode":
+        raise SafeCoDeInputError(
+            f"with_structured_output(None, method={method!r}) needs a schema. Give a pydantic class, a TypedDict "
+            "or a JSON schema, or use method='json_mode' for any JSON object."
+        )
     if isinstance(schema, Mapping):
         tools_mod.check_nesting(schema, "The structured-output schema")
     is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
@@ -87,9 +92,9 @@ def structured_output(
         )
         parser: Runnable[Any, Any] = tools_mod.ToolsAnswerParser(inner=inner)
     elif method in ("json_schema", "json_mode"):
-        if method == "json_mode":
+        if schema is None:  # JSON mode without a schema: any JSON object
             response_format: dict[str, Any] = {"type": "json_object"}
-        else:
+        else:  # JSON mode with a schema is decoded under the schema's grammar too: valid for it
             response_format = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
         llm = chat.bind(response_format=response_format, **trace)
         inner = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()

@@ -433,6 +433,7 @@ class ChatCompletions:
         choices = [
             Choice(
                 index=i, finish_reason=a.finish_reason, logprobs=wire_logprobs(a.result),
+                closed_early=a.result.closed_early or None,
                 message=ChatMessage(content=None, refusal=a.text) if refusal else
                 ChatMessage(content=a.text or (None if a.tool_calls else ""), tool_calls=a.tool_calls or None),
             )
@@ -491,7 +492,7 @@ class ChatCompletions:
                 # logprobs of the whole answer ride on its last event (clients concatenate them)
                 last = ChatCompletionChunk(id=cid, model=name, choices=[ChunkChoice(
                     index=index, delta=Delta(), finish_reason="tool_calls" if index in called else result.finish_reason,
-                    logprobs=wire_logprobs(result),
+                    logprobs=wire_logprobs(result), closed_early=result.closed_early or None,
                 )])
                 extra = event.safety or {}
                 if extra.get("blocked_tool_calls"):

@@ -217,11 +217,17 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+#: An extension on a choice, present only when true: `max_tokens` was about to cut a constrained answer
+#: and its grammar's shortest completion ended it (complete and valid; `SafeCoDeConfig.close_constrained`).
+_CLOSED_EARLY = Field(None, exclude_if=lambda v: v is None)
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChoiceLogprobs | None = None
+    closed_early: bool | None = _CLOSED_EARLY
 
 
 class Usage(BaseModel):
@@ -265,6 +271,7 @@ class ChunkChoice(BaseModel):
     delta: Delta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChoiceLogprobs | None = None
+    closed_early: bool | None = _CLOSED_EARLY
 
 
 class ChatCompletionChunk(BaseModel):
