@@ -124,3 +124,45 @@ def test_a_token_limit_that_cuts_the_answer_is_a_typed_error(models):
     raw = llm.with_structured_output(Scene, include_raw=True).invoke(photo())
     assert raw["raw"].response_metadata["finish_reason"] == "length"
     assert isinstance(raw["parsing_error"], StructuredOutputTruncatedError)
+
+
+class Joke(BaseModel):
+    """LangChain's standard-suite Joke: unbounded strings."""
+
+    setup: str = Field(description="question to set up a joke")
+    punchline: str = Field(description="answer to resolve the joke")
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+def test_unbounded_strings_close_within_max_tokens(models, method):
+    llm = ChatSafeCoDe(model=models["qwen2_5_vl"], judge="fixed:safe", max_tokens=48)
+    raw = llm.with_structured_output(Joke, method=method, include_raw=True).invoke(photo("A joke about cats."))
+    assert isinstance(raw["parsed"], Joke) and raw["parsing_error"] is None
+    assert raw["raw"].response_metadata["closed_early"] is True  # said honestly: the budget ended it
+    assert raw["raw"].usage_metadata["output_tokens"] <= 48
+    streamed = list(llm.with_structured_output(Joke, method=method).stream(photo("Stream it.")))
+    assert streamed and isinstance(streamed[-1], Joke)
+
+
+def test_with_closing_off_the_same_answer_is_a_typed_truncation_error(models):
+    from safecode_guard import SafeCoDeConfig
+    from safecode_guard.langchain.tools import StructuredOutputTruncatedError
+
+    llm = ChatSafeCoDe(model=models["qwen2_5_vl"], judge="fixed:safe", max_tokens=48,
+                       safecode=SafeCoDeConfig(close_constrained=False))
+    with pytest.raises(StructuredOutputTruncatedError):
+        llm.with_structured_output(Joke).invoke(photo("A joke about cats."))
+
+
+def test_json_mode_with_a_schema_is_valid_for_it_and_without_one_any_object(models):
+    llm = ChatSafeCoDe(model=models["llava"], judge="fixed:safe", max_tokens=60)
+    for _ in range(2):
+        as_dict = llm.with_structured_output(Scene.model_json_schema(), method="json_mode").invoke(photo())
+        jsonschema.validate(as_dict, Scene.model_json_schema())
+        assert isinstance(llm.with_structured_output(Scene, method="json_mode").invoke(photo()), Scene)
+    anything = llm.with_structured_output(None, method="json_mode").invoke(photo())
+    assert isinstance(anything, dict)
+    from safecode_guard import SafeCoDeInputError
+
+    with pytest.raises(SafeCoDeInputError, match="needs a schema"):
+        llm.with_structured_output(None)

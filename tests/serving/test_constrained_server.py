@@ -175,3 +175,27 @@ def test_which_requests_answer_with_message_refusal_when_unsafe(extra: dict, con
 
     req = ChatCompletionRequest.model_validate({"model": "x", "messages": ASK, **extra})
     assert req.constrained is constrained
+
+
+JOKE = {
+    "type": "object",
+    "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
+    "required": ["setup", "punchline"],
+}
+
+
+def test_an_unbounded_schema_closes_within_max_tokens_and_says_so(safe_client):
+    """A random model loops inside the first string; the answer still ends valid within max_tokens
+    (`SafeCoDeConfig.close_constrained`), flagged `closed_early` on the choice (an extension field)."""
+    joke = {"type": "json_schema", "json_schema": {"name": "joke", "schema": JOKE}}
+    done = safe_client.chat.completions.create(model="x", messages=ASK, response_format=joke, max_tokens=40)
+    choice = done.choices[0]
+    jsonschema.validate(json.loads(choice.message.content), JOKE)
+    assert choice.finish_reason == "stop" and done.usage.completion_tokens <= 40
+    assert choice.model_extra == {"closed_early": True}
+    stream = safe_client.chat.completions.create(model="x", messages=ASK, response_format=joke, max_tokens=40, stream=True)
+    chunks = [c for c in stream if c.choices]
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), JOKE)
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].model_extra == {"closed_early": True}
+    plain = safe_client.chat.completions.create(model="x", messages=ASK, max_tokens=5)
+    assert "closed_early" not in (plain.choices[0].model_extra or {})  # only where it happened

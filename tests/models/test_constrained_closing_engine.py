@@ -1,0 +1,105 @@
+"""Constrained answers that close within `max_new_tokens`, through the real engine on tiny random models.
+
+A random model decoding greedily under a schema with unbounded strings loops
+inside the first string; with `SafeCoDeConfig.close_constrained` (the
+default) the answer still ends as a valid instance within its budget, says so
+(`closed_early`), and decodes in a batch exactly as alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from safecode_guard import SafeCoDe, SafeCoDeConfig
+from safecode_guard.constrained import json_schema_constraint, tool_call_constraint
+from safecode_guard.testing import build_tool_vlm, gradient_image, stripes_image
+
+pytest.importorskip("llguidance")
+
+FAMILIES = ("llava", "qwen2_5_vl")
+
+#: LangChain's standard-suite Joke: two unbounded strings.
+JOKE = {
+    "type": "object",
+    "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
+    "required": ["setup", "punchline"],
+}
+
+
+def user(text: str, *images: Any) -> list[dict]:
+    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def tool_models(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        path = build_tool_vlm(family, tmp_path_factory.mktemp("closing") / family)
+        out[family] = (AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path))
+    return out
+
+
+def engine(tool_models, family: str, **config: Any) -> SafeCoDe:
+    model, processor = tool_models[family]
+    return SafeCoDe(model, processor, config=SafeCoDeConfig(**config), judge="fixed:safe")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_unbounded_schema_closes_valid_within_the_budget(tool_models, family):
+    eng = engine(tool_models, family)
+    for max_new_tokens, kwargs in [(40, {}), (33, {"do_sample": True, "temperature": 1.2, "seed": 3}), (60, {})]:
+        result = eng.generate(user("A joke, please.", gradient_image()), constraint=json_schema_constraint(JOKE),
+                              max_new_tokens=max_new_tokens, **kwargs)
+        assert result.finish_reason == "stop" and len(result.token_ids) <= max_new_tokens
+        jsonschema.validate(json.loads(result.text), JOKE)
+        assert result.closed_early  # random weights never close a string on their own
+
+
+def test_without_closing_the_same_answer_is_cut_at_the_limit(tool_models):
+    eng = engine(tool_models, "qwen2_5_vl", close_constrained=False)
+    result = eng.generate(user("A joke, please."), constraint=json_schema_constraint(JOKE), max_new_tokens=40)
+    assert result.finish_reason == "length" and len(result.token_ids) == 40 and not result.closed_early
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.text)
+
+
+def test_a_free_answer_is_never_closed(tool_models):
+    result = engine(tool_models, "llava").generate(user("Hello"), max_new_tokens=12)
+    assert not result.constrained and not result.closed_early and result.finish_reason == "length"
+
+
+def test_a_forced_call_closes_with_valid_arguments(tool_models):
+    eng = engine(tool_models, "qwen2_5_vl")
+    tools = {"search": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}
+    constraint = tool_call_constraint(tools, name_to_args='", "arguments": ', call_close="}\n</tool_call>", named="search")
+    result = eng.generate(user("Find cats."), constraint=constraint, answer_prefix='<tool_call>\n{"name": "search", "arguments": ',
+                          max_new_tokens=40)
+    assert result.finish_reason == "stop" and result.closed_early and result.text.endswith("}\n</tool_call>")
+    jsonschema.validate(json.loads(result.text[: -len("}\n</tool_call>")]), tools["search"])
+
+
+def test_closing_rows_in_a_batch_get_the_tokens_they_get_alone(tool_models):
+    eng = engine(tool_models, "qwen2_5_vl")
+    requests = [
+        (user("A joke.", gradient_image()), {"constraint": json_schema_constraint(JOKE), "max_new_tokens": 36}),
+        (user("Describe the image.", stripes_image()), {"max_new_tokens": 30}),
+        (user("Another joke."), {"constraint": json_schema_constraint(JOKE), "max_new_tokens": 50, "do_sample": True, "seed": 4}),
+        (user("A third one."), {"constraint": json_schema_constraint(JOKE), "max_new_tokens": 200}),
+    ]
+    alone = [eng.generate(m, **kw) for m, kw in requests]
+    assert [r.closed_early for r in alone[:3]] == [True, False, True]  # the last one has room to spare
+    scheduler = eng.scheduler
+    before = scheduler.stats["shared_prefills"]
+    streams = [eng.stream(m, start=False, **kw) for m, kw in requests]
+    with scheduler._cond:  # the worker admits them in one round: one prefill, shared steps
+        for stream in streams:
+            stream.start()
+    together = [s.consume() for s in streams]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.closed_early for r in together] == [r.closed_early for r in alone]
+    assert scheduler.stats["shared_prefills"] == before + 1
