@@ -42,6 +42,7 @@ __all__ = [
     "CallPlan",
     "Event",
     "aevents",
+    "call_tags",
     "forced_call_grammar",
     "json_answer_plan",
     "open_call",
@@ -87,13 +88,46 @@ def tool_template(engine: SafeCoDe) -> tools_mod.ToolTemplate:
     return probed
 
 
+def call_tags(tokenizer: Any, template: tools_mod.ToolTemplate) -> dict[str, int]:
+    """The call layout's tags that `tokenizer` has as tokens of their own (Qwen's `<tool_call>`,
+    `</tool_call>`): tag text -> token id. Grammars let the model write them as those tokens."""
+    layout = (template.call_open or "") + (template.call_close or "")
+    try:
+        added = tokenizer.get_added_vocab()
+    except Exception:  # a tokenizer without added tokens
+        return {}
+    return {text: int(i) for text, i in added.items() if text.strip() and text in layout}
+
+
 def forced_call_grammar(
-    tools: Sequence[Mapping[str, Any]], choice: str, template: tools_mod.ToolTemplate
+    tools: Sequence[Mapping[str, Any]],
+    choice: str,
+    template: tools_mod.ToolTemplate,
+    tags: Mapping[str, int] | None = None,
+    *,
+    parallel: bool = True,
 ) -> constrained.Constraint | None:
-    """The grammar of the rest of a forced call (None: the model decides, or llguidance is missing)."""
+    """The grammar of the rest of a call: a forced one, or under `choice="auto"` the whole answer,
+    free text with calls whose JSON is constrained (None: the layout is unknown, or llguidance is missing)."""
     if not constrained.available():
         return None
-    return constrained.forced_call_constraint(tools, choice, name_to_args=template.name_to_args, close=template.call_close)
+    if choice == "auto":
+        if template.call_open is None or template.name_to_args is None or template.call_close is None:
+            return None
+        opening = template.call_open.lstrip()
+        if opening.startswith(tools_mod.CALL_OPEN):
+            marker: str | None = tools_mod.CALL_OPEN
+        elif opening[:1] in ("{", "["):
+            marker = None  # the answer reader takes an answer that opens with JSON for calls
+        else:
+            return None
+        return constrained.auto_call_constraint(
+            constrained.tool_parameters(tools), call_open=opening, name_to_args=template.name_to_args,
+            call_close=template.call_close, marker=marker, parallel=parallel, tags=tags,
+        )
+    return constrained.forced_call_constraint(
+        tools, choice, name_to_args=template.name_to_args, close=template.call_close, tags=tags
+    )
 
 
 def json_answer_plan(json_schema: Mapping[str, Any] | None) -> tuple[CallPlan, constrained.Constraint | None]:
@@ -243,10 +277,11 @@ def open_call(
     tool call's JSON or a JSON answer, so such a stream is closed before it
     decodes anything and reopened under the same verdict as plain text: no
     forced prefix, no JSON instruction, and no tools when a tool call was
-    forced. A forced call's rest and a JSON answer without tools are decoded
-    under a grammar (`constrained`, with llguidance installed): the call's
-    arguments validate against its tool's schema, the JSON answer against
-    `response_format`'s schema; the reopened refusal is free text. `retry` (`left()`, `judged(open)`, `queued(pieces, reopen)`) may
+    forced. A forced call's rest, an "auto" answer's calls and a JSON answer
+    without tools are decoded under a grammar (`constrained`, with llguidance
+    installed): a call's name is a bound tool's and its arguments validate
+    against that tool's schema ("auto": the text around calls stays free), the
+    JSON answer against `response_format`'s schema; the reopened refusal is free text. `retry` (`left()`, `judged(open)`, `queued(pieces, reopen)`) may
     retry what a local model fails for a moment; default one attempt.
     """
     retry = retry or NoRetry()
@@ -274,7 +309,10 @@ def open_call(
                 parse=True,
             )
             options["tools"] = formatted
-            constraint = forced_call_grammar(formatted, choice, template)
+            # "auto" with JSON mode stays free: its answer is JSON or calls, and the prompt says which
+            if choice != "auto" or not json_mode:
+                tags = call_tags(engine.tokenizer, template)
+                constraint = forced_call_grammar(formatted, choice, template, tags, parallel=plan.parallel)
         elif formatted:
             plan = CallPlan(names=tuple(names), parse=False)
     prompt_messages = hf_messages

@@ -23,6 +23,7 @@ from ..errors import UnsupportedSchemaError
 from .grammar import (
     JSON_SEPARATORS,
     Constraint,
+    auto_call_constraint,
     call_close,
     forced_call_constraint,
     json_object_constraint,
@@ -41,6 +42,7 @@ __all__ = [
     "GrammarCompiler",
     "RowConstraint",
     "UnsupportedSchemaError",
+    "auto_call_constraint",
     "available",
     "call_close",
     "forced_call_constraint",

@@ -28,6 +28,7 @@ from typing import Any, Literal
 __all__ = [
     "JSON_SEPARATORS",
     "Constraint",
+    "auto_call_constraint",
     "call_close",
     "closed_objects",
     "forced_call_constraint",
@@ -119,12 +120,41 @@ def json_object_constraint() -> Constraint:
     return Constraint(f"start: {_json_rule({'type': 'object'})}\n", "json_object")
 
 
+def _literal(text: str, tags: Mapping[str, int] | None = None) -> str:
+    """`text` as a Lark fragment in which each of `tags` (a call tag -> the id of the tokenizer's own
+    token for it) may be written either as that token or spelled out.
+
+    llguidance treats a tokenizer's added tokens (Qwen's `<tool_call>`, `</tool_call>`) as special:
+    a plain string literal could only be spelled byte by byte, never with the token a trained model
+    writes. Empty `text`: an empty fragment."""
+    if not text:
+        return ""
+    parts: list[str] = []
+    rest = text
+    while rest:
+        at, tag = min(((i, t) for t in (tags or {}) if t and (i := rest.find(t)) >= 0), default=(-1, ""))
+        if at < 0:
+            parts.append(_lark_literal(rest))
+            break
+        if at:
+            parts.append(_lark_literal(rest[:at]))
+        parts.append(f"(<[{int((tags or {})[tag])}]> | {_lark_literal(tag)})")
+        rest = rest[at + len(tag):]
+    return " ".join(parts)
+
+
+def _hex_regex(text: str) -> str:
+    """`text` as a regex matching it literally (every character as `\\x{..}`: nothing is a metacharacter)."""
+    return "".join(f"\\x{{{ord(c):X}}}" for c in text)
+
+
 def tool_call_constraint(
     tools: Mapping[str, Mapping[str, Any]],
     *,
     name_to_args: str,
     call_close: str,
     named: str | None = None,
+    tags: Mapping[str, int] | None = None,
 ) -> Constraint:
     """One tool call, written in the chat template's own layout, after the answer's forced opening.
 
@@ -134,20 +164,79 @@ def tool_call_constraint(
     `named`), `name_to_args` (e.g. `'", "arguments": '`), the arguments as a
     JSON object valid for that tool's parameter schema, and `call_close`
     (e.g. `'}\\n</tool_call>'`). `tools` maps each name to its parameters'
-    JSON schema (OpenAI's `function.parameters`).
+    JSON schema (OpenAI's `function.parameters`); `tags` the call tags the
+    tokenizer has as tokens of their own (see `_literal`).
     """
-    if not tools:
-        raise ValueError("a tool call constraint needs at least one tool")
     if named is not None and named not in tools:
         raise ValueError(f"tool {named!r} is not one of the tools given ({', '.join(tools)})")
-    close = _lark_literal(call_close) if call_close else ""
+    return Constraint(f"start: {_call_rest(tools, name_to_args, call_close, named, tags)}\n", "tool_call")
+
+
+def _call_rest(
+    tools: Mapping[str, Mapping[str, Any]],
+    name_to_args: str,
+    call_close: str,
+    named: str | None = None,
+    tags: Mapping[str, int] | None = None,
+) -> str:
+    """A call after its opening, as a Lark rule body: a tool's name (unless `named`), the text up to
+    its arguments, the arguments valid for that tool, the close."""
+    if not tools:
+        raise ValueError("a tool call constraint needs at least one tool")
+    close = _literal(call_close, tags)
     if named is not None:
-        return Constraint(f"start: {_json_rule(_arguments(tools[named]))} {close}\n", "tool_call")
+        return f"{_json_rule(_arguments(tools[named]))} {close}"
     calls = [
         f"{_lark_literal(name + name_to_args)} {_json_rule(_arguments(params))}"
         for name, params in tools.items()
     ]
-    return Constraint("start: (" + " | ".join(calls) + f") {close}\n", "tool_call")
+    return "(" + " | ".join(calls) + f") {close}"
+
+
+def auto_call_constraint(
+    tools: Mapping[str, Mapping[str, Any]],
+    *,
+    call_open: str,
+    name_to_args: str,
+    call_close: str,
+    marker: str | None,
+    parallel: bool = True,
+    tags: Mapping[str, int] | None = None,
+) -> Constraint:
+    """`tool_choice="auto"`: free text until the model opens a call, then the call's JSON under the
+    tools' grammar (a bound tool's name, arguments valid for its schema), then free again.
+
+    `marker` is the tag that opens a call inside running text (`<tool_call>` in the
+    Hermes/Qwen layout): text is anything without it, and once the model writes
+    it, `call_open` and the rest of a call follow; calls and text may alternate
+    (one call only unless `parallel`). `marker=None` is a layout whose call is
+    the whole answer (Llama 3.1's plain JSON, `call_open` `'{"name": "'`): the
+    answer is then text that does not open with `{` or `[` (the answer reader
+    takes those for calls), or one call. Special tokens never match text: the
+    end token ends the answer once the grammar allows it.
+    """
+    call = f"{_literal(call_open, tags)} {_call_rest(tools, name_to_args, call_close, None, tags)}"
+    if marker is None:
+        return Constraint(
+            "start: (TEXT | call)?\n"
+            "TEXT: /(.|\\n)+/ & ~/[ \\t\\r\\n]*[\\[{](.|\\n)*/\n"
+            f"call: {call}\n",
+            "tool_call",
+        )
+    if not call_open.startswith(marker):
+        raise ValueError(f"call_open ({call_open!r}) must start with the marker ({marker!r})")
+    # Text is PLAIN runs without the marker's first character, and MARK runs from that character up to
+    # its next occurrence that are not the marker: so the lexer can always end text where a call opens.
+    first = _hex_regex(marker[0])
+    calls = "(call text?)*" if parallel else "(call text?)?"
+    return Constraint(
+        f"start: text? {calls}\n"
+        "text: (PLAIN | MARK)+\n"
+        f"PLAIN: /[^{first}]+/\n"
+        f"MARK: /{first}[^{first}]*/ & ~/{_hex_regex(marker)}(.|\\n)*/\n"
+        f"call: {call}\n",
+        "tool_call",
+    )
 
 
 def _arguments(params: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -194,6 +283,7 @@ def forced_call_constraint(
     *,
     name_to_args: str | None,
     close: str | None,
+    tags: Mapping[str, int] | None = None,
 ) -> Constraint | None:
     """The grammar of a forced tool call (`choice`: "any" or a tool name), or None when the template's
     call layout is unknown (the call is then opened but not constrained). "any" with one tool is that tool,
@@ -202,4 +292,4 @@ def forced_call_constraint(
         return None
     params = tool_parameters(tools)
     named = choice if choice != "any" else (next(iter(params)) if len(params) == 1 else None)
-    return tool_call_constraint(params, name_to_args=name_to_args, call_close=close, named=named)
+    return tool_call_constraint(params, name_to_args=name_to_args, call_close=close, named=named, tags=tags)

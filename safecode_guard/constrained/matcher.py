@@ -304,9 +304,9 @@ class RowConstraint:
         return unpack_bitmask(self.matcher.compute_bitmask(), self.vocab_size)
 
     def settle(self, token: int) -> int:
-        """The token to emit, given the step chose `token`: `token` itself while the answer can still
-        close within its budget after it, else the first token of the closing path from here (and the
-        row follows that path from now on). Without a `closing`, or when no path fits, `token`."""
+        """The token to emit, given the step chose `token`: `token` itself while the answer is complete
+        after it or can still close within its budget, else the first token of the closing path from
+        here (and the row follows that path from now on). Without a `closing`, or when no path fits, `token`."""
         closing = self.closing
         if closing is None or self._path:
             return token  # a row on its closing path was offered only the path's next token
@@ -320,7 +320,9 @@ class RowConstraint:
             if left >= self._window:
                 return token
             after = self.matcher.deep_copy()
-            if after.consume_token(token) and closing_path(after, closing, left) is not None:
+            # complete after it (a cut leaves a valid answer: free text under "auto", a finished
+            # value), or still able to close in time: the model's choice stands
+            if after.consume_token(token) and (after.is_accepting() or closing_path(after, closing, left) is not None):
                 return token
             path = closing_path(self.matcher, closing, left + 1)
             if not path:

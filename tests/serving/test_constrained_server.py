@@ -199,3 +199,27 @@ def test_an_unbounded_schema_closes_within_max_tokens_and_says_so(safe_client):
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].model_extra == {"closed_early": True}
     plain = safe_client.chat.completions.create(model="x", messages=ASK, max_tokens=5)
     assert "closed_early" not in (plain.choices[0].model_extra or {})  # only where it happened
+
+
+def test_an_auto_call_the_model_opens_comes_back_valid(safe_client, tool_model, monkeypatch):
+    """`tool_choice` "auto" (the default with `tools`): free text until the model opens a call, then
+    the call's JSON under the tools' grammar. `nudge_to_call` stands in for a trained model's
+    decision to call (the opening only); the name and arguments are the random model's."""
+    from support.tools import nudge_to_call
+    from transformers import AutoProcessor
+
+    nudge_to_call(monkeypatch, AutoProcessor.from_pretrained(tool_model).tokenizer, '<tool_call>\n{"name": "', at=2)
+    for seed in range(3):
+        done = safe_client.chat.completions.create(
+            model="x", messages=ASK, tools=[WEATHER, IS_OPEN], temperature=1.0, seed=seed, max_tokens=96,
+        )
+        choice = done.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, (choice, done.usage)
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), ARGS[call.function.name])
+    stream = safe_client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER, IS_OPEN], max_tokens=96, stream=True)
+    chunks = [c for c in stream if c.choices]
+    calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert calls and chunks[-1].choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), ARGS[call.function.name])

@@ -172,3 +172,32 @@ def tool_processor_stub() -> Any:
     from safecode_guard.testing import make_tokenizer
 
     return make_tokenizer(chat_template=hermes_template("<image>"))
+
+
+def nudge_to_call(monkeypatch: pytest.MonkeyPatch, tokenizer: Any, opener: str, at: int = 0) -> None:
+    """Make random weights open a tool call: from the answer's token `at` on, the tokens of `opener`
+    (the template's call opening) get +1e4 on the model's logits until it is written; everything
+    else, the rest of the call included, is the model's own choice (under its grammar, if any). A
+    double of a trained model's decision to call. The opening starts at the first step from `at` on
+    where its first token is chosen (a grammar may rule it out in the middle of a character)."""
+    from safecode_guard.engine.decoding import Steering
+
+    ids = tokenizer.encode(opener, add_special_tokens=False)
+    real = Steering.choose
+
+    def choose(self: Steering, logits: Any) -> int:
+        start = self.__dict__.get("nudge_start")
+        t = len(self.generated)
+        if start is None and t >= at:
+            start = t  # try to open here
+        n = t - start if start is not None else -1
+        if 0 <= n < len(ids) and self.generated[start:] == ids[:n]:
+            logits = logits.clone()
+            logits[:, ids[n]] += 1e4
+        token = real(self, logits)
+        if start is not None and n == 0:
+            # opened here when its first token was taken; else try again at the next step
+            self.__dict__["nudge_start"] = start if token == ids[0] else None
+        return token
+
+    monkeypatch.setattr(Steering, "choose", choose)
