@@ -25,10 +25,13 @@ def add_safecode_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--check-answer", action="store_true", default=None,
                        help="the judge also classifies each finished answer (guard judges); an unsafe one is "
                             "replaced by a refusal when not streamed, flagged when streamed (off)")
+    group.add_argument("--close-constrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="a constrained answer (JSON, tool calls) that max_tokens would cut ends with its "
+                            "grammar's shortest completion instead, flagged closed_early (on)")
 
 
 def config_from_args(args: argparse.Namespace):
     """The `SafeCoDeConfig` the flags describe (validation errors name the flag's field)."""
     fields = ("alpha", "noise_std", "steered_steps", "unsafe_mode", "lambda_boost", "lambda_supp",
-              "plausibility_beta", "threshold", "on_judge_error", "seed", "check_answer")
+              "plausibility_beta", "threshold", "on_judge_error", "seed", "check_answer", "close_constrained")
     return SafeCoDeConfig(**{f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})

@@ -9,6 +9,10 @@ typed `UnsupportedSchemaError` naming the keyword -> each decode step, the
 request's `RowConstraint` masks that row's logits before SafeCoDe's contrast,
 refusal modulation and sampling act, so they choose among allowed tokens only
 -> the chosen token advances the grammar; a complete grammar ends the answer.
+Near the end of its token budget a row closes its answer by the grammar's
+shortest completion instead of being cut (`SafeCoDeConfig.close_constrained`,
+`matcher.closing_path`). Under `tool_choice="auto"` the grammar
+(`auto_call_constraint`) leaves text free and holds only the calls.
 
 An unsafe verdict drops the constraint: the answer is a free-text refusal,
 never schema-shaped text (`SafeCoDeResult.constrained` says which happened).

@@ -410,8 +410,10 @@ class ChatSafeCoDe(BaseChatModel):
         otherwise `UnsupportedModelError`. Under an unsafe verdict the answer
         carries no tool calls (see `response_metadata["safety"]["blocked_tool_calls"]`).
 
-        `strict` is accepted: forced calls are always constrained; with "auto"
-        calls are read and validated after decoding.
+        `strict` is accepted: calls are always constrained (forced ones from
+        their opening; under "auto" the text stays free until the model opens a
+        call, then the call follows the tools' grammar), and read and validated
+        after decoding as well.
         """
         del strict  # accepted for LangChain compatibility; see the docstring
         formatted = tools_mod.format_tools(tools)

@@ -31,9 +31,10 @@ Constrained decoding (`safecode_guard.constrained`, with llguidance
 installed): a forced `tool_choice` opens the call and a grammar holds the
 rest, so the tool's name is a bound tool's and its arguments validate against
 that tool's schema; the call ends with `ToolTemplate.call_close`, read from the
-template. `tool_choice="auto"` stays free text: the model decides whether to
-call, and its calls are read and validated afterwards (the parsers of
-`with_structured_output` validate too).
+template. Under `tool_choice="auto"` the model decides whether to call: the
+text stays free until it opens a call, and from there the call is held to the
+same grammar (`constrained.auto_call_constraint`); its calls are read and
+validated afterwards as well (the parsers of `with_structured_output` validate too).
 """
 
 from __future__ import annotations

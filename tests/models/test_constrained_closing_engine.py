@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import SafeCoDe, SafeCoDeConfig
-from safecode_guard.constrained import json_schema_constraint, tool_call_constraint
+from safecode_guard.constrained import auto_call_constraint, json_schema_constraint, tool_call_constraint
 from safecode_guard.testing import build_tool_vlm, gradient_image, stripes_image
 
 pytest.importorskip("llguidance")
@@ -29,6 +29,12 @@ JOKE = {
     "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
     "required": ["setup", "punchline"],
 }
+
+
+SEARCH = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
+SEARCH_TOOL = {"type": "function", "function": {"name": "search", "description": "Search.", "parameters": SEARCH}}
+AUTO = auto_call_constraint({"search": SEARCH}, call_open='<tool_call>\n{"name": "', name_to_args='", "arguments": ',
+                            call_close="}\n</tool_call>", marker="<tool_call>")
 
 
 def user(text: str, *images: Any) -> list[dict]:
@@ -90,9 +96,12 @@ def test_closing_rows_in_a_batch_get_the_tokens_they_get_alone(tool_models):
         (user("Describe the image.", stripes_image()), {"max_new_tokens": 30}),
         (user("Another joke."), {"constraint": json_schema_constraint(JOKE), "max_new_tokens": 50, "do_sample": True, "seed": 4}),
         (user("A third one."), {"constraint": json_schema_constraint(JOKE), "max_new_tokens": 200}),
+        # tool_choice="auto": free text (the row's grammar allows calls)
+        (user("Weather?"), {"constraint": AUTO, "tools": [SEARCH_TOOL], "max_new_tokens": 14}),
     ]
     alone = [eng.generate(m, **kw) for m, kw in requests]
-    assert [r.closed_early for r in alone[:3]] == [True, False, True]  # the last one has room to spare
+    assert [r.closed_early for r in alone[:3]] == [True, False, True]  # the fourth has room to spare
+    assert alone[4].constrained and not alone[4].closed_early and alone[4].finish_reason == "length"
     scheduler = eng.scheduler
     before = scheduler.stats["shared_prefills"]
     streams = [eng.stream(m, start=False, **kw) for m, kw in requests]

@@ -175,3 +175,15 @@ def test_closing_composes_with_the_window_contrast_and_sampling(bpe, compiler, s
             break
     assert len(ids) <= budget and row.closed
     jsonschema.validate(json.loads(decode(bpe, ids)), JOKE)
+
+
+def test_closing_is_on_by_default_and_serve_can_turn_it_off() -> None:
+    import argparse
+
+    from safecode_guard.serve_cli import configure_parser, settings_from_args
+
+    assert SafeCoDeConfig().close_constrained is True
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert settings_from_args(parser.parse_args([])).safecode.close_constrained is True
+    assert settings_from_args(parser.parse_args(["--no-close-constrained"])).safecode.close_constrained is False
