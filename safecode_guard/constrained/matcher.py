@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import collections
 import json
-from dataclasses import dataclass
 import re
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -293,6 +293,7 @@ class RowConstraint:
         """Whether the budget ran short and the row followed a closing path (`settle`)."""
         self._path: collections.deque[int] = collections.deque()
         self._window: int | None = None
+        self._accepting = False
 
     def allowed(self) -> torch.Tensor:
         """Bool `(vocab_size,)`: the tokens the grammar allows next (only the next closing token once
@@ -313,10 +314,14 @@ class RowConstraint:
         t0 = time.perf_counter()
         try:
             left = closing.budget - self.consumed - 1  # tokens the answer may add after this one
-            if self._window is None:
-                # the shortest answer from the start sizes how early a large schema must start watching
-                first = closing_path(self.matcher, closing, closing.budget)
-                self._window = max(CLOSE_WINDOW, 2 * len(first) if first is not None else closing.budget)
+            accepting = bool(self.matcher.is_accepting())
+            if self._window is None or (self._accepting and not accepting):
+                # The shortest completion from the start (and from where a call opens in free text)
+                # sizes how early a large schema must start watching; when none fits what is left,
+                # closing cannot help this request and is not tried.
+                first = closing_path(self.matcher, closing, closing.budget - self.consumed)
+                self._window = max(CLOSE_WINDOW, 2 * len(first)) if first is not None else 0
+            self._accepting = accepting
             if left >= self._window:
                 return token
             after = self.matcher.deep_copy()

@@ -16,7 +16,11 @@ import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_guard import SafeCoDe, SafeCoDeConfig
-from safecode_guard.constrained import auto_call_constraint, json_schema_constraint, tool_call_constraint
+from safecode_guard.constrained import (
+    auto_call_constraint,
+    json_schema_constraint,
+    tool_call_constraint,
+)
 from safecode_guard.testing import build_tool_vlm, gradient_image, stripes_image
 
 pytest.importorskip("llguidance")
