@@ -325,7 +325,10 @@ class SafeCoDe:
         its grammar; it is compiled before the judge runs (a schema the grammar
         library cannot compile raises `UnsupportedSchemaError`) and dropped under
         an unsafe verdict, whose answer is a free-text refusal
-        (`SafeCoDeResult.constrained` says whether it applied).
+        (`SafeCoDeResult.constrained` says whether it applied). With
+        `SafeCoDeConfig.close_constrained` (the default) an answer that
+        `max_new_tokens` would cut ends with its grammar's shortest completion
+        instead (`SafeCoDeResult.closed_early`).
 
         Every check (settings, images, prompt length, context) runs before the
         judge and before any model work. The request is queued for decoding at
