@@ -386,11 +386,12 @@ def test_exit_waits_for_a_worker_that_frees_its_scheduler_as_it_ends(tiny_model_
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from safecode_guard.engine import scheduler as S
         from safecode_guard.engine.adapters import detect_quirks
+        from safecode_guard.engine.registry import scheduler_for
 
         S.IDLE_EXIT_S = 0.5
         model = AutoModelForImageTextToText.from_pretrained({path!r}).eval()
         processor = AutoProcessor.from_pretrained({path!r})
-        sched = S.scheduler_for(model, detect_quirks(model))
+        sched = scheduler_for(model, detect_quirks(model))
         sched.prefill_logits(processor, "Hello there", [])
 
         class FreedSlowly:

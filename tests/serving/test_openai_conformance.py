@@ -136,8 +136,17 @@ def test_metadata_fields_are_accepted_and_ignored(client):
     assert tagged.choices[0].logprobs is None
 
 
+def shared_prefills() -> int:
+    """Answers so far that copied another answer's prefill instead of running their own (every model)."""
+    from safecode_guard.engine.registry import schedulers
+
+    return sum(s.stats["prefills_shared"] for s in schedulers())
+
+
 def test_n_choices_share_one_verdict_and_sample_each_their_own(client):
+    before = shared_prefills()
     answer = create(client, n=3, temperature=1.0, seed=5, max_completion_tokens=6)
+    assert shared_prefills() - before == 2  # one prefill for the three choices
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert answer.usage.completion_tokens == sum(
         create(client, temperature=1.0, seed=5 + i, max_completion_tokens=6).usage.completion_tokens for i in range(3)
