@@ -268,6 +268,7 @@ def open_call(
     response_format: Any = None,
     verdict: Verdict | str | None = None,
     retry: Any = None,
+    start: bool = True,
 ) -> Call:
     """Plan the call (tools, JSON mode), judge, and queue it for decoding: the verdict is known on return.
 
@@ -282,7 +283,8 @@ def open_call(
     installed): a call's name is a bound tool's and its arguments validate
     against that tool's schema ("auto": the text around calls stays free), the
     JSON answer against `response_format`'s schema; the reopened refusal is free text. `retry` (`left()`, `judged(open)`, `queued(pieces, reopen)`) may
-    retry what a local model fails for a moment; default one attempt.
+    retry what a local model fails for a moment; default one attempt. `start=False` leaves the stream
+    unqueued (`call.pieces.start(...)`, e.g. with the other choices of one request; no retry then).
     """
     retry = retry or NoRetry()
     formatted = tools_mod.checked_function_tools(tools) if tools else None
@@ -350,7 +352,7 @@ def open_call(
     if engine.config.check_answer:
         offered_tools = options.get("tools")
         check = lambda answer: engine.check_answer(prompt_messages, answer, tools=offered_tools)  # noqa: E731
-    return Call(engine, retry.queued(pieces, reopen), plan, decided, check)
+    return Call(engine, retry.queued(pieces, reopen) if start else pieces, plan, decided, check)
 
 
 # --------------------------------------------------------------------------- events

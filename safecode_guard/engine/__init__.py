@@ -5,6 +5,7 @@
 - `results`: the `SafeCoDeStream` a caller reads and the `SafeCoDeResult` it ends with;
 - `scheduler` + `jobs`: the worker thread that batches every request on a model
   (continuous batching, chunked prefill), and the request as it holds it;
+  `registry`: one scheduler per loaded model, every worker stopped at exit;
 - `decoding`: one request's token choice (contrast, refusal modulation,
   sampling) and its incremental text;
 - `adapters`: where model families differ (prompt rows, image features,

@@ -69,8 +69,9 @@ from . import loading
 from .adapters import detect_quirks, encode_rows
 from .decoding import Steering, TextTracker
 from .jobs import DecodeJob
+from .registry import scheduler_for
 from .results import SafeCoDeResult, SafeCoDeStream
-from .scheduler import Scheduler, scheduler_for
+from .scheduler import Scheduler
 
 __all__ = ["SafeCoDe"]
 

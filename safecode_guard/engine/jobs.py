@@ -20,11 +20,12 @@ from typing import Any, Literal
 import torch
 
 from ..control import RequestControl
-from ..errors import SafeCoDeError, StreamReaderError, UnsupportedContentError
+from ..errors import RequestTimeoutError, SafeCoDeError, StreamReaderError, UnsupportedContentError
 from .adapters import PromptRow
 from .decoding import Steering, TextTracker
+from .kv_rows import PER_TOKEN_KEYS
 
-__all__ = ["Channel", "DecodeJob", "PrefillJob", "Status", "prefill_error", "runs_alone"]
+__all__ = ["Channel", "DecodeJob", "PrefillJob", "Status", "prefill_error", "runs_alone", "same_prompt"]
 
 Status = Literal["waiting", "running", "finished", "cancelled", "failed"]
 
@@ -160,11 +161,19 @@ class DecodeJob:
     t_start: float = 0.0
     t_first: float = 0.0
     t_end: float = 0.0
+    followers: list[DecodeJob] = field(default_factory=list)
+    """Other answers to this very prompt (the n choices of one request) that take copies of this
+    job's prefilled rows instead of prefilling their own (`Scheduler.submit(job, followers)`)."""
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
     def rows(self) -> int:
         return self.steering.rows
+
+    @property
+    def all_rows(self) -> int:
+        """Rows this job and its followers take in the batch once prefilled."""
+        return self.rows * (1 + len(self.followers))
 
     @property
     def remaining(self) -> int:
@@ -188,6 +197,17 @@ class DecodeJob:
     def done(self) -> bool:
         return self.status in ("finished", "cancelled", "failed")
 
+    def timeout_error(self) -> RequestTimeoutError:
+        """The error for a job past its deadline, naming the deadline that ended it."""
+        own = None if self.timeout_s is None else self.t_submit + self.timeout_s
+        if self.control is not None and self.control.deadline is not None and (own is None or self.control.deadline <= own):
+            return self.control.timeout_error(f"{self.steering.t} token(s) were generated")
+        return RequestTimeoutError(
+            f"The request took longer than its timeout of {self.timeout_s:g} s (BatchingConfig.request_timeout_s, "
+            f"queue time included; {self.steering.t} token(s) were generated). Ask for fewer tokens, retry when "
+            "the model is less busy, or raise the timeout."
+        )
+
 
 @dataclass(eq=False)
 class PrefillJob:
@@ -206,6 +226,28 @@ class PrefillJob:
     @property
     def dropped(self) -> bool:
         return self.cancelled or (self.control is not None and self.control.done)
+
+
+def same_prompt(a: DecodeJob, b: DecodeJob) -> bool:
+    """Whether `b` would prefill exactly what `a` does: the same rows (token ids, per-token inputs,
+    images by their digest) and the same number of steered rows. Only then may `b` copy `a`'s rows."""
+    if a.rows != b.rows or len(a.prompt_rows) != len(b.prompt_rows):
+        return False
+    for ra, rb in zip(a.prompt_rows, b.prompt_rows, strict=True):
+        if ra.image_key != rb.image_key or ra.inputs.keys() != rb.inputs.keys():
+            return False
+        for key, va in ra.inputs.items():
+            vb = rb.inputs[key]
+            if ra.image_key is not None and key not in PER_TOKEN_KEYS and key != "input_ids":
+                continue  # what the vision tower reads: `image_key` is its digest
+            if isinstance(va, torch.Tensor) != isinstance(vb, torch.Tensor):
+                return False
+            if isinstance(va, torch.Tensor):
+                if not (va.shape == vb.shape and torch.equal(va, vb)):
+                    return False
+            elif type(va) is not type(vb) or repr(va) != repr(vb):
+                return False
+    return True
 
 
 def runs_alone(entry: DecodeJob | PrefillJob) -> bool:

@@ -118,17 +118,29 @@ class SafeCoDeStream:
             # stream, so that dropping the stream still cancels it)
             job.control.on_cancel(lambda: _wake_cancelled(job))
 
-    def start(self) -> SafeCoDeStream:
+    def start(self, *others: SafeCoDeStream) -> SafeCoDeStream:
         """Queue the request for decoding (`stream(..., start=False)` leaves that to you; idempotent).
 
-        Raises `OverloadedError` when the model's queue is full.
+        `others`: unstarted streams of other answers to the same request (the n choices of one
+        request, each with its own sampler): queued with this one in one step and prefilled once
+        with it (they take copies of its rows). Raises `OverloadedError` when the model's queue is full.
         """
+        if others and (self._started or any(o._started for o in others)):
+            raise RuntimeError("streams that share a prefill are started together, once")
+        if any(o._scheduler is not self._scheduler for o in others):
+            raise RuntimeError("streams that share a prefill must be on one model")
         if not self._started:
-            self._started = True
+            group = (self, *others)
+            for one in group:
+                one._started = True
             try:
-                self._scheduler.submit(self._job)
+                if others:
+                    self._scheduler.submit(self._job, [o._job for o in others])
+                else:
+                    self._scheduler.submit(self._job)
             except Exception as exc:  # a full queue (or a request over the KV budget): this attempt ends here
-                self._recorded(error=exc)
+                for one in group:
+                    one._recorded(error=exc)
                 raise
         return self
 

@@ -51,7 +51,6 @@ Limits and back-pressure (`BatchingConfig`, documented policy):
 
 from __future__ import annotations
 
-import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -73,7 +72,6 @@ from ..errors import (
     RequestCancelledError,
     RequestTimeoutError,
     SafeCoDeError,
-    SafeCoDeInputError,
 )
 from .adapters import (
     Decoder,
@@ -85,13 +83,17 @@ from .adapters import (
     chunk_cost,
     encode_rows,
 )
-from .jobs import DecodeJob, PrefillJob, prefill_error, runs_alone
+from .jobs import DecodeJob, PrefillJob, prefill_error, runs_alone, same_prompt
 from .kv_rows import RowBatch, kv_bytes_per_token, merge, unbatchable_reason
 
-__all__ = ["Scheduler", "scheduler_for"]
+__all__ = ["WORKERS", "Scheduler"]
 
 IDLE_EXIT_S = 2.0
 """Seconds an idle worker thread waits for new requests before it exits."""
+
+WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+"""Every worker thread started, until it is gone (threading holds a running one); stopped at exit
+(`registry`)."""
 
 PAD_SLACK = 1.25
 """Newcomers share a prefill while the padded group holds at most this many times their own tokens
@@ -114,7 +116,8 @@ class _Group:
 
     @property
     def rows(self) -> int:
-        return self.prefill.size
+        """Rows in the batch once prefilled: the prefill's, and copies of them for followers."""
+        return self.prefill.size + sum(len(e.followers) * e.rows for e in self.entries if isinstance(e, DecodeJob))
 
 
 _Item = tuple[DecodeJob | PrefillJob, list[ImageFeatures | None]]
@@ -163,7 +166,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         with self._cond:
-            return len(self._waiting)
+            return sum(1 + len(job.followers) for job in self._waiting)
 
     @property
     def active_rows(self) -> int:
@@ -176,36 +179,55 @@ class Scheduler:
 
     @property
     def prefilling_requests(self) -> int:  # taken from the queue, prompts being prefilled
-        return sum(isinstance(entry, DecodeJob) for group in list(self._groups) for entry in group.entries)
+        return sum(
+            1 + len(entry.followers) for group in list(self._groups) for entry in group.entries
+            if isinstance(entry, DecodeJob)
+        )
 
-    def submit(self, job: DecodeJob) -> DecodeJob:
-        """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full."""
-        if job.t_submit:
-            raise RuntimeError("this request was already queued once; a DecodeJob is decoded once")
+    def submit(self, job: DecodeJob, followers: Sequence[DecodeJob] = ()) -> DecodeJob:
+        """Queue `job` (never blocks). Raises `OverloadedError` when the queue is full.
+
+        `followers` are other answers to the same prompt (the n choices of one request): they
+        are queued with `job` in one step and prefilled once, with it; each takes a copy of its
+        rows and first logits and decodes on with its own sampler. A follower whose prompt is not
+        exactly `job`'s (`jobs.same_prompt`) is queued as a request of its own.
+        """
+        for one in (job, *followers):
+            if one.t_submit or one.followers:
+                raise RuntimeError("this request was already queued once; a DecodeJob is decoded once")
+        shared = [f for f in followers if same_prompt(job, f)]
+        alone = [f for f in followers if not any(f is g for g in shared)]
         s = self.settings
-        need = self.kv_token_bytes * job.rows * (job.prompt_len + job.max_new_tokens)
-        if s.kv_cache_budget_mb is not None and need > s.kv_cache_budget_mb * 2**20:
-            raise InputLimitError(
-                f"This request needs about {need / 2**20:.1f} MB of KV cache ({job.prompt_len} prompt tokens + "
-                f"{job.max_new_tokens} new, {job.rows} row(s)), more than the whole budget of "
-                f"{s.kv_cache_budget_mb:g} MB (BatchingConfig.kv_cache_budget_mb). Shorten the prompt, ask for "
-                "fewer tokens, or raise the budget."
-            )
+        for one, copies in ((job, 1 + len(shared)), *((f, 1) for f in alone)):
+            need = self.kv_token_bytes * one.rows * copies * (one.prompt_len + one.max_new_tokens)
+            if s.kv_cache_budget_mb is not None and need > s.kv_cache_budget_mb * 2**20:
+                answers = f"{copies} answers x " if copies > 1 else ""
+                raise InputLimitError(
+                    f"This request needs about {need / 2**20:.1f} MB of KV cache ({answers}{one.prompt_len} prompt "
+                    f"tokens + {one.max_new_tokens} new, {one.rows} row(s)), more than the whole budget of "
+                    f"{s.kv_cache_budget_mb:g} MB (BatchingConfig.kv_cache_budget_mb). Shorten the prompt, ask for "
+                    "fewer tokens or answers, or raise the budget."
+                )
+        queued = [job, *alone]
         with self._cond:
-            if len(self._waiting) >= s.max_queue:
+            if len(self._waiting) + len(queued) > s.max_queue:
                 self._expire_waiting()  # cancelled and expired requests give their places back first
-            if len(self._waiting) >= s.max_queue:
+            if len(self._waiting) + len(queued) > s.max_queue:
                 self.stats["overloaded"] += 1
                 raise OverloadedError(
                     f"The model's queue is full ({s.max_queue} requests waiting; BatchingConfig.max_queue). "
                     "Retry shortly, or raise max_queue."
                 )
-            job.t_submit = time.perf_counter()
-            self._waiting.append(job)
+            now = time.perf_counter()
+            for one in (job, *followers):
+                one.t_submit = now
+            job.followers = shared
+            self._waiting.extend(queued)
             self._ensure_worker()
             self._cond.notify_all()
-        if job.control is not None:
-            job.control.on_cancel(self._poke)  # a cancelled request leaves the queue without waiting for a step
+        for one in (job, *followers):
+            if one.control is not None:
+                one.control.on_cancel(self._poke)  # a cancelled request leaves the queue without waiting for a step
         return job
 
     def _poke(self) -> None:
@@ -289,9 +311,13 @@ class Scheduler:
             self._closing = True  # also catches jobs admitted but not yet running
             for job in list(self._waiting):
                 job.cancel()
+                for follower in job.followers:
+                    follower.cancel()
             for job in itertools.chain(self._active, *(g.entries for g in self._groups)):
                 if isinstance(job, DecodeJob):
                     job.cancel()
+                    for follower in job.followers:
+                        follower.cancel()
             self._cond.notify_all()
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout)
@@ -301,7 +327,7 @@ class Scheduler:
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._run, name="safecode-scheduler", daemon=True)
-            _WORKERS.add(self._worker)
+            WORKERS.add(self._worker)
             self._worker.start()
 
     # -- the worker ---------------------------------------------------------------------------
@@ -369,13 +395,39 @@ class Scheduler:
         now = time.perf_counter()
         keep: collections.deque[DecodeJob] = collections.deque()
         for job in self._waiting:
-            if job.cancelled:
-                self._end(job, "cancelled")
-            elif job.deadline is not None and now > job.deadline:
-                self._fail(job, self._timeout_error(job))
+            if job.cancelled or (job.deadline is not None and now > job.deadline):
+                heir = self._leader(job, now)
+                if heir is not None:
+                    keep.append(heir)
             else:
                 keep.append(job)
         self._waiting = keep
+
+    def _ended_early(self, job: DecodeJob, now: float) -> bool:
+        """End `job` if it was cancelled or ran past its deadline; True then."""
+        if self._closing:
+            job.cancel()
+        if job.cancelled:
+            self._end(job, "cancelled")
+        elif job.deadline is not None and now > job.deadline:
+            self._fail(job, job.timeout_error())
+        else:
+            return False
+        return True
+
+    def _leader(self, job: DecodeJob, now: float) -> DecodeJob | None:
+        """`job`, or when it has ended early the first of its followers still wanted, which takes its
+        place with the others (they share one prompt); None when none is left."""
+        if not self._ended_early(job, now):
+            return job
+        job.prompt_rows = []
+        rest = [f for f in job.followers if not self._ended_early(f, now)]
+        job.followers = []
+        if not rest:
+            return None
+        heir = rest[0]
+        heir.followers = rest[1:]
+        return heir
 
     def _admissible(self) -> list[DecodeJob]:
         """Waiting jobs that fit now, first come first served (called under the lock)."""
@@ -392,16 +444,16 @@ class Scheduler:
             busy = bool(self._active or prefilling or admitted)
             if one_at_a_time and busy:
                 break
-            if busy and rows + job.rows > s.max_batch_rows:
+            if busy and rows + job.all_rows > s.max_batch_rows:
                 break
             new_length = max(length, job.prompt_len + 1)
             new_remaining = max(remaining, job.max_new_tokens)
             if busy and s.kv_cache_budget_mb is not None:
-                projected = self.kv_token_bytes * (rows + job.rows) * (new_length + new_remaining)
+                projected = self.kv_token_bytes * (rows + job.all_rows) * (new_length + new_remaining)
                 if projected > s.kv_cache_budget_mb * 2**20:
                     break
             admitted.append(self._waiting.popleft())
-            rows, length, remaining = rows + job.rows, new_length, new_remaining
+            rows, length, remaining = rows + job.all_rows, new_length, new_remaining
         return admitted
 
     # -- prefill: newcomers and judges -------------------------------------------------------
@@ -411,19 +463,19 @@ class Scheduler:
         ready: list[_Item] = []
         for entry in entries:
             if isinstance(entry, DecodeJob):
-                if self._closing:
-                    entry.cancel()
-                if entry.cancelled:
-                    self._end(entry, "cancelled")
+                heir = self._leader(entry, time.perf_counter())
+                if heir is None:
                     continue
+                entry = heir
             try:
                 features = [self._image_features(row) for row in entry.prompt_rows]
             except Exception as exc:
                 self._entry_failed(entry, exc)
                 continue
             if isinstance(entry, DecodeJob):
-                entry.status = "running"
-                entry.t_start = time.perf_counter()
+                for job in (entry, *entry.followers):
+                    job.status = "running"
+                    job.t_start = time.perf_counter()
             ready.append((entry, features))
         for items in self._grouped(ready):
             self._open(items)
@@ -522,15 +574,10 @@ class Scheduler:
                     entry.prompt_rows = []
                     gone.add(i)
                 continue
-            if self._closing:
-                entry.cancel()
-            if entry.cancelled:
-                self._end(entry, "cancelled")
-            elif entry.deadline is not None and now > entry.deadline:
-                self._fail(entry, self._timeout_error(entry))
-            else:
+            heir = self._leader(entry, now)
+            if heir is not None:
+                group.entries[i] = heir  # a follower takes over its rows (the same prompt)
                 continue
-            entry.prompt_rows = []
             gone.add(i)
         if not gone:
             return True
@@ -561,8 +608,11 @@ class Scheduler:
         if isinstance(entry, PrefillJob):
             entry.future.set_exception(exc)
             return
-        entry.prompt_rows = []
-        self._fail(entry, prefill_error(exc, self.model, entry))
+        error = prefill_error(exc, self.model, entry)
+        for job in (entry, *entry.followers):  # the same prompt: the same failure
+            job.prompt_rows = []
+            self._fail(job, error)
+        entry.followers = []
 
     def _finish(self, group: _Group) -> None:
         """A group is prefilled: judges get their logits; requests choose their first tokens and join the batch."""
@@ -579,29 +629,36 @@ class Scheduler:
         keep: list[int] = []
         owners: list[DecodeJob] = []
         first = 0
+        now = time.perf_counter()
         for entry, n in zip(group.entries, group.counts, strict=True):
             entry.prompt_rows = []  # pixels are prefill-only: free them now
             if isinstance(entry, PrefillJob):
                 entry.future.set_result(logits[first].float().cpu())
                 first += n
                 continue
-            job = entry
-            job.t_first = time.perf_counter()
-            try:
-                token = job.steering.choose(logits[first : first + n])
-            except Exception as exc:
-                self._fail(job, exc)
-                first += n
-                continue
-            if not self._accept(job, token):
-                # the noised row leaves at once if the window is already over
-                keep += list(range(first, first + job.rows))
-                owners += [job] * job.rows
+            # followers (the other choices of one request) take copies of the leader's rows and
+            # logits, and draw their own first tokens; the leader goes last, with the originals
+            self.stats["prefills_shared"] += len(entry.followers)
+            for job in (*entry.followers, entry):
+                job.prompt_rows = []
+                job.t_first = now
+                if job is not entry and self._ended_early(job, now):
+                    continue
+                try:
+                    token = job.steering.choose(logits[first : first + n] if job is entry else logits[first : first + n].clone())
+                except Exception as exc:
+                    self._fail(job, exc)
+                    continue
+                if not self._accept(job, token):
+                    # the noised row leaves at once if the window is already over
+                    keep += list(range(first, first + job.rows))
+                    owners += [job] * job.rows
+            entry.followers = []  # on their own from here
             first += n
         if not keep:
             return
-        if len(keep) < rows.size:
-            rows.select(keep)
+        if keep != list(range(rows.size)):
+            rows.select(keep)  # a row kept twice is copied (batch_select_indices indexes)
             rows.trim()
         with self._cond:
             self._rows = rows if self._rows is None else merge(self._rows, rows)
@@ -678,7 +735,7 @@ class Scheduler:
                 self._end(job, "cancelled")
                 gone = True
             elif job.deadline is not None and now > job.deadline:
-                self._fail(job, self._timeout_error(job))
+                self._fail(job, job.timeout_error())
                 gone = True
         if gone:
             self._prune(force=True)
@@ -725,16 +782,6 @@ class Scheduler:
         self.stats["failed"] += 1
         job.channel.put("error", error)
 
-    @staticmethod
-    def _timeout_error(job: DecodeJob) -> RequestTimeoutError:
-        own = None if job.timeout_s is None else job.t_submit + job.timeout_s
-        if job.control is not None and job.control.deadline is not None and (own is None or job.control.deadline <= own):
-            return job.control.timeout_error(f"{job.steering.t} token(s) were generated")
-        return RequestTimeoutError(
-            f"The request took longer than its timeout of {job.timeout_s:g} s (BatchingConfig.request_timeout_s, "
-            f"queue time included; {job.steering.t} token(s) were generated). Ask for fewer tokens, retry when "
-            "the model is less busy, or raise the timeout."
-        )
 
 
 class _Preparing:
@@ -749,51 +796,3 @@ class _Preparing:
         with self.scheduler._cond:
             self.scheduler._preparing -= 1
             self.scheduler._cond.notify_all()
-
-
-# --------------------------------------------------------------------------- one scheduler per model
-
-# id(model) -> its scheduler, held weakly: the engines on a model hold its scheduler, and the
-# scheduler holds the model, so once the last engine is gone (and the worker has exited) the
-# weights are freed. (Keyed by the model itself, the scheduler's own reference to its key
-# would keep every model alive for good.) An id cannot be reused while its entry lives,
-# since the entry's scheduler holds the model.
-_SCHEDULERS: weakref.WeakValueDictionary[int, Scheduler] = weakref.WeakValueDictionary()
-_SCHEDULERS_GUARD = threading.Lock()
-
-# Every worker thread started, until it is gone (threading holds a running one).
-_WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    # A daemon worker killed inside a torch kernel at interpreter exit aborts the process
-    # ("terminate called without an active exception"): stop every worker first. A worker that
-    # has just left its loop may hold the last reference to its scheduler, and so free the model
-    # as its thread ends (its scheduler already gone from _SCHEDULERS): wait for those too.
-    with _SCHEDULERS_GUARD:
-        schedulers = list(_SCHEDULERS.values())
-    for scheduler in schedulers:
-        scheduler.close()
-    for worker in list(_WORKERS):
-        if worker is not threading.current_thread():
-            worker.join(10.0)
-
-
-def scheduler_for(model: Any, quirks: Quirks, settings: BatchingConfig | None = None) -> Scheduler:
-    """The scheduler that owns `model` (made on first use; every engine on the model shares it).
-
-    `settings` apply when the scheduler is made; later engines may pass None or
-    the same settings, and anything else is a typed error (one model, one set of limits).
-    """
-    with _SCHEDULERS_GUARD:
-        scheduler = _SCHEDULERS.get(id(model))
-        if scheduler is None or scheduler.model is not model:
-            scheduler = _SCHEDULERS[id(model)] = Scheduler(model, quirks, settings)
-        elif settings is not None and settings != scheduler.settings:
-            raise SafeCoDeInputError(
-                f"This model already has a scheduler with {scheduler.settings!r}; an engine asked for "
-                f"{settings!r}. One loaded model has one set of batching limits: pass the same "
-                "BatchingConfig (or none) to every engine on it, or load the model twice."
-            )
-        return scheduler

@@ -30,7 +30,7 @@ threshold.
 The guard runs on the same machinery as the answering model: loaded once per
 process for its weights and options (`loading.shared_model`; every engine,
 chat model, rail and server naming it shares one copy), its prefills queued
-on its own scheduler (`scheduler.scheduler_for`), so concurrent judgements
+on its own scheduler (`registry.scheduler_for`), so concurrent judgements
 are prefilled as one batch (Llama Guard 3 Vision's and 4's prompts with
 images whole, from raw pixel inputs: `adapters.Quirks.image_inputs`). A padded
 batch may move a score in its last float digits, so a prompt whose score is
@@ -74,7 +74,8 @@ from ..engine.loading import (
     shared_model,
     weights_key,
 )
-from ..engine.scheduler import Scheduler, scheduler_for
+from ..engine.registry import scheduler_for
+from ..engine.scheduler import Scheduler
 from ..errors import SafeCoDeInputError, UnsupportedGuardError, UnsupportedModelError
 from ..images import image_working_side
 from ..prompting import special_strings

@@ -44,7 +44,7 @@ import reprlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -356,10 +356,12 @@ class ChatCompletions:
         return payload, req, to_hf_messages(req.messages)
 
     def _open(
-        self, req: ChatCompletionRequest, messages: list[dict[str, Any]], index: int = 0, verdict: Verdict | None = None
+        self, req: ChatCompletionRequest, messages: list[dict[str, Any]], index: int = 0, verdict: Verdict | None = None,
+        *, start: bool = True,
     ) -> Call:
-        """Choice `index` of `req`, judged and queued (a preparation thread runs this). Later choices take
-        the first one's `verdict` (the judge runs once) and their own sampler (`seed + index`)."""
+        """Choice `index` of `req`, judged and queued (a preparation thread runs this; `start=False`: not
+        queued yet). Later choices take the first one's `verdict` (the judge runs once) and their own
+        sampler (`seed + index`)."""
         params = req.sampling(self.host.settings.max_new_tokens)
         if index and params.seed is not None:
             params = validated_copy(params, {"seed": (params.seed + index) % 2**63})
@@ -369,8 +371,24 @@ class ChatCompletions:
         return open_call(
             self.host.engine_for(req.safecode), messages, params, tools=req.tools or None,
             tool_choice=req.tool_choice if req.tools else None, parallel_tool_calls=req.parallel_tool_calls,
-            response_format=req.format, verdict=verdict if verdict is not None else pinned,
+            response_format=req.format, verdict=verdict if verdict is not None else pinned, start=start,
         )
+
+    def _open_choices(self, req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> list[Call]:
+        """Every choice of `req`, queued in one step: the first is judged, the others take its verdict,
+        and all are prefilled once (the others copy the first one's rows; each has its own sampler)."""
+        first = self._open(req, messages, start=req.n == 1)
+        if req.n == 1:
+            return [first]
+        calls = [first]
+        try:
+            calls += [self._open(req, messages, i, first.verdict, start=False) for i in range(1, req.n)]
+            first.pieces.start(*(c.pieces for c in calls[1:]))
+        except BaseException:
+            for call in calls:
+                call.pieces.close()  # never queued: nothing was decoded
+            raise
+        return calls
 
     async def create(
         self, req: ChatCompletionRequest, messages: list[dict[str, Any]], started: float,
@@ -383,12 +401,14 @@ class ChatCompletions:
                 "are the server's. Remove the `safecode` field, or start the server with --allow-request-settings.",
                 "invalid_request_error", param="safecode", code="request_settings_disabled",
             )
-        call = await arun_briefly(lambda: self._open(req, messages))
+        call, *others = await arun_briefly(lambda: self._open_choices(req, messages))
         events = aevents(call).__aiter__()
         try:
             first = await events.__anext__()  # the verdict, and errors found before any token
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
+            for other in others:
+                other.pieces.close()
             raise
         ttft = time.perf_counter() - started
         assert first.safety is not None
@@ -397,18 +417,18 @@ class ChatCompletions:
         refusal = req.constrained and first.safety.get("verdict") == "unsafe"
         cid = completion_id()
         note_request_id(cid)  # the audit line and the trace name the id the client gets
-        # n > 1: the other choices share this one's verdict (the judge runs once) and decode alongside it,
-        # each with its own sampler; each still prefills its own prompt (the images' features are cached)
+        # n > 1: the other choices share this one's verdict (the judge ran once) and its prefill, and
+        # decode alongside it, each with its own sampler
 
-        async def other_events(index: int) -> AsyncIterator[Event]:
-            other = await arun_briefly(lambda: self._open(req, messages, index, call.verdict))
-            async for event in aevents(other):
-                yield event
+        def other_events(index: int) -> AsyncIterator[Event]:
+            return aevents(others[index - 1])
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             choices = [chain(first, events), *(other_events(i) for i in range(1, req.n))]
-            stream = self._stream(cid, first, merged(choices), include_usage, started, ttft, watcher, refusal=refusal)
+            stream = self._stream(
+                cid, first, merged(choices), include_usage, started, ttft, watcher, refusal=refusal, others=others
+            )
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         answer_refusal = call.engine.config.answer_refusal
 
@@ -423,6 +443,9 @@ class ChatCompletions:
             for task in tasks:  # one choice failed (or the client left): the others stop decoding
                 task.cancel()
             raise
+        finally:
+            for other in others:  # also those whose task was cancelled before it began reading
+                other.pieces.close()
         completion = self._completion(cid, answers, started, ttft, refusal=refusal)
         return JSONResponse(completion.model_dump(exclude_none=False), headers=headers)
 
@@ -454,7 +477,7 @@ class ChatCompletions:
 
     async def _stream(
         self, cid: str, first: Event, events: AsyncIterator[tuple[int, Event]], include_usage: bool, started: float,
-        ttft: float, watcher: asyncio.Task[None] | None, *, refusal: bool = False,
+        ttft: float, watcher: asyncio.Task[None] | None, *, refusal: bool = False, others: Sequence[Call] = (),
     ) -> AsyncIterator[str]:
         """Server-sent events of one or more choices (`events` yields `(choice index, event)`); the
         `safety` object rides on the very first event, each choice ends with its own finish event."""
@@ -520,6 +543,8 @@ class ChatCompletions:
                 watcher.cancel()
             # a client that went away (or an error) stops decoding: its rows leave the batch
             await events.aclose()  # type: ignore[attr-defined]
+            for other in others:  # choices whose reader never began (no effect on finished ones)
+                other.pieces.close()
             if not finished:
                 logger.info("stream ended early (client gone or error); decoding cancelled")
 

@@ -334,6 +334,19 @@ def test_concurrent_self_judges_are_prefilled_together(fresh):
     msgs = [user_turn(f"Is request {i} safe?", gradient_image()) for i in range(6)]
     alone = [engine.judge(m) for m in msgs]
     before = engine.scheduler.stats["judge_batches"]
+    # the six judges reach the queue together, however the threads are scheduled on a loaded machine
+    staged: list[Any] = []
+    staging = threading.Lock()
+    enqueue = engine.scheduler._enqueue_prefills
+
+    def enqueue_together(jobs: list[Any]) -> None:
+        with staging:
+            staged.extend(jobs)
+            if len(staged) < 6:
+                return
+        enqueue(staged)
+
+    engine.scheduler._enqueue_prefills = enqueue_together
     results: dict[int, Any] = {}
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.judge(msgs[i]))) for i in range(6)]
     for t in threads:
@@ -386,11 +399,12 @@ def test_exit_waits_for_a_worker_that_frees_its_scheduler_as_it_ends(tiny_model_
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from safecode_guard.engine import scheduler as S
         from safecode_guard.engine.adapters import detect_quirks
+        from safecode_guard.engine.registry import scheduler_for
 
         S.IDLE_EXIT_S = 0.5
         model = AutoModelForImageTextToText.from_pretrained({path!r}).eval()
         processor = AutoProcessor.from_pretrained({path!r})
-        sched = S.scheduler_for(model, detect_quirks(model))
+        sched = scheduler_for(model, detect_quirks(model))
         sched.prefill_logits(processor, "Hello there", [])
 
         class FreedSlowly:

@@ -4,13 +4,15 @@ vLLM's `tests/entrypoints/openai/test_chat.py`, `test_chat_error.py` and
 `test_basic.py` check what any OpenAI-compatible server must do; the checks
 that exercise standard OpenAI behaviour (status codes, error bodies, the
 `model` name, media types, stream options, logprobs, `n`, response_format
-text, accepted metadata fields) are rewritten here against the app of
+text, accepted metadata fields, a failure while decoding: a 500 with OpenAI's
+error body, or mid-stream an error event and `[DONE]`) are rewritten here against the app of
 `safecode-guard serve` on a tiny model. vLLM-only extensions (custom roles,
 `continuous_usage_stats`, prompt logprobs, guided decoding) stay out.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,6 +126,48 @@ def test_library_input_errors_read_like_openai_codes(client):
     assert info.value.body["code"] == "invalid_value" and "safe_co_de" not in str(info.value.body)
 
 
+# -- a failure while decoding (vLLM test_chat_error.py) -----------------------------------------
+
+
+@pytest.fixture
+def failing_steps(monkeypatch) -> None:
+    """Every decode step after the first token fails (the first comes from the prefill)."""
+    from safecode_guard.engine.adapters import Decoder
+
+    def step(self: Any, rows: Any, tokens: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Decoder, "step", step)
+
+
+def test_a_decoding_failure_is_a_500_with_openais_error_body(client, failing_steps):
+    with pytest.raises(openai.InternalServerError) as info:
+        create(client)
+    error = info.value.body
+    assert info.value.status_code == 500
+    assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert "CUDA" not in error["message"]  # the details go to the log, not to the client
+
+
+def test_a_decoding_failure_mid_stream_ends_with_an_error_event_and_done(server, failing_steps):
+    body = {"model": NAME, "messages": MESSAGES, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as answer:
+        assert answer.status_code == 200  # the stream had begun: the failure comes as an event
+        events = [line for line in answer.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 2 and events[-1] == "data: [DONE]"
+    bodies = [json.loads(e[6:]) for e in events[:-1]]
+    assert "error" not in bodies[0] and bodies[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [i for i, b in enumerate(bodies) if "error" in b] == [len(bodies) - 1]  # last, then only [DONE]
+    assert bodies[-1]["error"]["type"] == "server_error" and "CUDA" not in bodies[-1]["error"]["message"]
+
+
+def test_the_server_answers_again_after_a_decoding_failure(client, failing_steps, monkeypatch):
+    with pytest.raises(openai.InternalServerError):
+        create(client)
+    monkeypatch.undo()
+    assert create(client).choices[0].finish_reason in ("stop", "length")
+
+
 # -- standard fields (vLLM test_chat.py; OpenAI's own defaults) ----------------------------------
 
 
@@ -136,8 +180,17 @@ def test_metadata_fields_are_accepted_and_ignored(client):
     assert tagged.choices[0].logprobs is None
 
 
+def shared_prefills() -> int:
+    """Answers so far that copied another answer's prefill instead of running their own (every model)."""
+    from safecode_guard.engine.registry import schedulers
+
+    return sum(s.stats["prefills_shared"] for s in schedulers())
+
+
 def test_n_choices_share_one_verdict_and_sample_each_their_own(client):
+    before = shared_prefills()
     answer = create(client, n=3, temperature=1.0, seed=5, max_completion_tokens=6)
+    assert shared_prefills() - before == 2  # one prefill for the three choices
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert answer.usage.completion_tokens == sum(
         create(client, temperature=1.0, seed=5 + i, max_completion_tokens=6).usage.completion_tokens for i in range(3)

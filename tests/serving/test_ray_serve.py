@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -82,7 +83,7 @@ def test_replica_health_follows_the_model_and_the_scheduler(tmp_path, tiny_model
     check_replica_health(host)  # healthy: no exception
     scheduler = host.engine.scheduler
     with scheduler._cond:
-        scheduler._waiting.append(object())  # a request waiting, and no worker to serve it
+        scheduler._waiting.append(SimpleNamespace(followers=[]))  # a request waiting, and no worker to serve it
         try:
             with pytest.raises(RuntimeError, match="scheduler"):
                 check_replica_health(host)
