@@ -199,6 +199,13 @@ def test_an_unbounded_schema_closes_within_max_tokens_and_says_so(safe_client):
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].model_extra == {"closed_early": True}
     plain = safe_client.chat.completions.create(model="x", messages=ASK, max_tokens=5)
     assert "closed_early" not in (plain.choices[0].model_extra or {})  # only where it happened
+    # n choices share one prefill; each closes in its own budget
+    several = safe_client.chat.completions.create(
+        model="x", messages=ASK, response_format=joke, max_tokens=40, n=3, temperature=1.0, seed=5
+    )
+    for choice in several.choices:
+        jsonschema.validate(json.loads(choice.message.content), JOKE)
+        assert choice.finish_reason == "stop" and choice.model_extra == {"closed_early": True}
 
 
 def test_an_auto_call_the_model_opens_comes_back_valid(safe_client, tool_model, monkeypatch):
