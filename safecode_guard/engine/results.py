@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .. import ops
 from ..control import cancelled_error
-from ..errors import RequestTimeoutError
+from ..errors import OverloadedError, RequestTimeoutError
 from ..verdict import Verdict
 from .decoding import StepLogprob
 from .jobs import DecodeJob
@@ -118,12 +118,15 @@ class SafeCoDeStream:
             # stream, so that dropping the stream still cancels it)
             job.control.on_cancel(lambda: _wake_cancelled(job))
 
-    def start(self, *others: SafeCoDeStream) -> SafeCoDeStream:
+    def start(self, *others: SafeCoDeStream, retry_follows: bool = False) -> SafeCoDeStream:
         """Queue the request for decoding (`stream(..., start=False)` leaves that to you; idempotent).
 
         `others`: unstarted streams of other answers to the same request (the n choices of one
         request, each with its own sampler): queued with this one in one step and prefilled once
         with it (they take copies of its rows). Raises `OverloadedError` when the model's queue is full.
+        `retry_follows`: the caller may ask again when the queue is full, so such a refusal is not
+        recorded yet: the caller then calls `abandon()` (asked again: no audit line for this attempt,
+        the one that ends the request writes it) or `abandon(error)` (the request ends here).
         """
         if others and (self._started or any(o._started for o in others)):
             raise RuntimeError("streams that share a prefill are started together, once")
@@ -139,8 +142,9 @@ class SafeCoDeStream:
                 else:
                     self._scheduler.submit(self._job)
             except Exception as exc:  # a full queue (or a request over the KV budget): this attempt ends here
-                for one in group:
-                    one._recorded(error=exc)
+                if not (retry_follows and isinstance(exc, OverloadedError)):
+                    for one in group:
+                        one._recorded(error=exc)
                 raise
         return self
 
@@ -212,6 +216,16 @@ class SafeCoDeStream:
         self.result = result_of(self._job, self.verdict, self._judge_s, self._refusal_phrases)
         self._recorded(result=self.result)
         raise StopIteration
+
+    def abandon(self, error: BaseException | None = None) -> None:
+        """End an attempt the full queue refused under `start(retry_follows=True)`: without `error`
+        it was superseded by the attempt asked next (its span ends so marked, no audit line); with
+        one, the request ends here and the attempt is recorded as failed with it."""
+        self._ended = True
+        if error is not None:
+            self._recorded(error=error)
+        elif self._record is not None:
+            self._record.discard()
 
     def _recorded(self, result: SafeCoDeResult | None = None, error: BaseException | None = None,
                   cancelled: bool = False) -> None:

@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from .. import calls
 from ..control import RequestControl, current_control
 from ..errors import JudgeBusyError, JudgeError, OverloadedError
+from ..observability.records import held_failures
 from ..verdict import Verdict
 from . import tools as tools_mod
 
@@ -111,13 +112,19 @@ class Retry:
     def judged(self, open_stream: Callable[[], SafeCoDeStream]) -> SafeCoDeStream:
         """`open_stream()` (which judges), again while a busy judge decided its verdict."""
         while True:
-            try:
-                pieces = open_stream()
-            except JudgeError as exc:
-                if self.attempt >= self.max_retries or not isinstance(exc.__cause__, JudgeBusyError):
-                    raise
-                self._pause(exc.__cause__)
-                continue
+            with held_failures() as held:  # an attempt asked again writes no audit line of its own
+                try:
+                    pieces = open_stream()
+                except JudgeError as exc:
+                    if self.attempt >= self.max_retries or not isinstance(exc.__cause__, JudgeBusyError):
+                        raise
+                    try:
+                        self._pause(exc.__cause__)
+                    except BaseException as stop:  # no time left (or cancelled): the request ends here
+                        held.failed(stop)
+                        raise
+                    held.superseded()
+                    continue
             if self.attempt >= self.max_retries or not busy_judge(pieces.verdict):
                 return pieces
             pieces.close()  # never queued
@@ -127,11 +134,16 @@ class Retry:
         """`pieces` queued for decoding; reopened with `reopen()` and queued again while the queue is full."""
         while True:
             try:
-                return pieces.start()
+                return pieces.start(retry_follows=self.attempt < self.max_retries)
             except OverloadedError as exc:
                 if self.attempt >= self.max_retries:
+                    raise  # recorded by `start`
+                try:
+                    self._pause(exc)
+                except BaseException as stop:  # no time left (or cancelled): this attempt is the request's last
+                    pieces.abandon(stop)
                     raise
-                self._pause(exc)
+                pieces.abandon()  # superseded: the next attempt writes the request's one audit line
                 pieces = reopen()
 
 

@@ -12,6 +12,7 @@ sets the outcome's attributes, writes the audit line and calls the observers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import logging
 import threading
@@ -27,7 +28,45 @@ if TYPE_CHECKING:
     from ..engine.results import SafeCoDeResult
     from ..verdict import Verdict
 
-__all__ = ["RequestRecord", "observed_check"]
+__all__ = ["HeldFailures", "RequestRecord", "held_failures", "observed_check"]
+
+
+class HeldFailures:
+    """Requests that failed while being prepared inside `held_failures()`, not recorded yet."""
+
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def superseded(self) -> None:
+        """They are asked again: each span ends marked superseded, no audit line."""
+        for record in self.records:
+            record.discard()
+        self.records.clear()
+
+    def failed(self, error: BaseException) -> None:
+        """The request ends with `error`: recorded (span and audit line) as its failure."""
+        for record in self.records:
+            record.finish(None, error=error)
+        self.records.clear()
+
+
+_HELD: contextvars.ContextVar[HeldFailures | None] = contextvars.ContextVar("safecode_held_failures", default=None)
+
+
+@contextlib.contextmanager
+def held_failures() -> Iterator[HeldFailures]:
+    """Within it, a request that fails while it is prepared (e.g. its judge is busy) is not recorded
+    at once: a caller that retries calls `superseded()` (one audit line per request, not per
+    attempt), one that gives up `failed(error)`. Whatever is still held at the end is recorded
+    with its own error."""
+    held = HeldFailures()
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+        for record in held.records:
+            record.finish(None, error=record.held_error)
 
 
 class RequestRecord:
@@ -50,6 +89,7 @@ class RequestRecord:
         self.set_content(messages)  # now: the caller may reuse its message objects after the call
         self._done = threading.Lock()
         self._finished = False
+        self.held_error: BaseException | None = None
 
     @classmethod
     def start(
@@ -81,7 +121,12 @@ class RequestRecord:
             with tracing.use_span(self.span):
                 yield
         except BaseException as exc:
-            self.finish(None, error=exc)
+            held = _HELD.get()
+            if held is None:
+                self.finish(None, error=exc)
+            else:
+                self.held_error = exc
+                held.records.append(self)
             raise
 
     def decided(self, verdict: Verdict | None) -> None:
