@@ -60,7 +60,7 @@ from ..judges.request import JudgeRequest, handed_off_verdict, judge_name
 from ..judges.runner import run_judge
 from ..judges.self_judge import SelfJudge
 from ..observability.audit import AuditLog
-from ..observability.records import RequestRecord
+from ..observability.records import RequestRecord, observed_check
 from ..observability.tracing import judge_span, verdict_attributes
 from ..prompting import Conversation, parse_messages, render_prompt, special_strings, template_joins
 from ..sampling import SamplingParams, sampling_params
@@ -264,7 +264,12 @@ class SafeCoDe:
         (a failed check gives an unsafe fallback verdict by default).
         """
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(tools=tools)
-        return answer_verdict(self.judge_impl, self.judge_request(conv), answer, self.config, control=control)
+        # its own audit line (kind "answer_check"): the request's line was written when its answer ended
+        checked = [*messages, {"role": "assistant", "content": answer}]
+        with observed_check(self.model_name, checked, self.audit_log, kind="answer_check") as decided:
+            verdict = answer_verdict(self.judge_impl, self.judge_request(conv), answer, self.config, control=control)
+            decided(verdict)
+        return verdict
 
     def _checked(self, messages: Sequence[Mapping[str, Any]], result: SafeCoDeResult, options: Mapping[str, Any]) -> SafeCoDeResult:
         """`result` after the answer check: replaced by `answer_refusal` when the answer is unsafe."""

@@ -266,12 +266,14 @@ class RequestRecord:
 
 
 @contextlib.contextmanager
-def observed_check(model: str, messages: Sequence[Any], audit: AuditLog | None) -> Iterator[Callable[[Verdict], None]]:
-    """Trace and audit a decision that produces no answer (a rail's input check): call the yielded
-    function with the verdict. A `safecode.input_check` span (the judge's span inside it) and one
-    audit line of kind `input_check`; nothing when nobody listens. `messages` may be filled in
+def observed_check(
+    model: str, messages: Sequence[Any], audit: AuditLog | None, kind: str = "input_check"
+) -> Iterator[Callable[[Verdict], None]]:
+    """Trace and audit a decision that produces no answer (a rail's input check, the answer check):
+    call the yielded function with the verdict. A `safecode.<kind>` span (the judge's span inside
+    it) and one audit line of that kind; nothing when nobody listens. `messages` may be filled in
     inside the block (they are read when the verdict is given)."""
-    record = RequestRecord.start(model, messages, {}, audit, 0, kind="input_check")
+    record = RequestRecord.start(model, messages, {}, audit, 0, kind=kind)
     if record is None:
         yield lambda verdict: None
         return

@@ -554,6 +554,29 @@ def test_the_answer_check_replaces_an_unsafe_answer_when_not_streamed(
     assert "answer_check" not in plain.response_metadata["safety"]
 
 
+def test_the_answer_check_writes_its_own_audit_line_after_the_requests(
+    guard_dir, tiny_model_dir, scripted: ScriptedGuard, tmp_path: Path
+) -> None:
+    import json
+
+    from safecode_guard.observability import AuditLog
+
+    scripted.add("safe", 0.1)
+    scripted.add("unsafe\nS9", 0.95, when=lambda p: "ONLY THE LAST Agent message" in p)
+    config = SafeCoDeConfig(check_answer=True, answer_refusal="No.")
+    engine = SafeCoDe.from_pretrained(str(tiny_model_dir("llava")), judge=f"guard:{guard_dir('mllama')}", config=config)
+    engine.audit_log = AuditLog(tmp_path / "audit.jsonl")
+    result = engine.generate(user("Describe it.", gradient_image()), max_new_tokens=4)
+    engine.audit_log.close()
+    chat, check = (json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines())
+    assert (chat["kind"], chat["verdict"], chat["outcome"]) == ("chat", "safe", "answered")
+    assert (check["kind"], check["verdict"], check["categories"], check["outcome"]) == (
+        "answer_check", "unsafe", ["S9"], "checked"
+    )
+    assert check["content_sha256"] != chat["content_sha256"]  # the answer is part of what was checked
+    assert result.text == "No." and "Describe" not in (tmp_path / "audit.jsonl").read_text()
+
+
 def test_the_answer_check_needs_a_judge_that_can_check_answers(tiny_llava) -> None:
     with pytest.raises(SafeCoDeInputError, match="guard judge"):
         check_answer(FixedJudge("safe"), request("Hi"), "Hello")
