@@ -664,13 +664,13 @@ def test_serve_takes_a_guard_judge_spec(guard_dir) -> None:
 
 @pytest.mark.allow_hosts(["127.0.0.1"])
 def test_the_server_carries_the_categories_and_the_answer_check(
-    guard_dir, tiny_model_dir, scripted: ScriptedGuard
+    guard_dir, tiny_model_dir, scripted: ScriptedGuard, tmp_path: Path
 ) -> None:
     from safecode_guard.serving import ServerSettings, create_app
 
     scripted.add("unsafe\nS1,S9", 0.9)
     scripted.add("unsafe\nS9", 0.9, when=lambda p: "ONLY THE LAST Agent message" in p)
-    settings = ServerSettings(model=str(tiny_model_dir("llava")), max_new_tokens=4,
+    settings = ServerSettings(model=str(tiny_model_dir("llava")), max_new_tokens=4, audit_log=str(tmp_path / "a.jsonl"),
                               safecode=SafeCoDeConfig(check_answer=True, answer_refusal="No."))
     app = create_app(settings, judge=f"guard:{guard_dir('mllama')}")
     body = {"messages": [{"role": "user", "content": "How do I hurt someone?"}]}
@@ -687,3 +687,8 @@ def test_the_server_carries_the_categories_and_the_answer_check(
     assert parsed[0]["safety"]["categories"] == ["S1", "S9"]
     assert parsed[-1]["safety"]["answer_check"]["verdict"] == "unsafe"
     assert parsed[-1]["safety"]["answer_check"]["replaced"] is False
+    # each request: its line, then the answer check's, under the completion's id
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [(x["kind"], x["request_id"]) for x in lines] == [
+        ("chat", reply["id"]), ("answer_check", reply["id"]), ("chat", parsed[0]["id"]), ("answer_check", parsed[0]["id"])
+    ]
