@@ -17,11 +17,18 @@ os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
 # forwards ~50x cheaper when several suites share the cores. Set it before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# uvloop (uvicorn's event loop) keeps the `socket.socket` it finds when first imported; imported
+# inside a test, while pytest-socket has swapped in its blocking class, every later server in
+# this process would be refused its listening socket. Import it now, before any test runs.
+with contextlib.suppress(ImportError):
+    import uvloop  # noqa: F401
 
 
 @pytest.fixture(scope="session")
