@@ -327,6 +327,8 @@ def open_call(
         prompt_messages = [{"role": "system", "content": [{"type": "text", "text": text}]}, *hf_messages]
     if plan is not None and plan.prefix:
         options["answer_prefix"] = plan.prefix
+        if constraint is not None and sampling.min_tokens:  # a forced call ends with its JSON
+            raise constrained.ended_by_grammar(sampling.min_tokens)
     if constraint is not None:
         options["constraint"] = constraint
     pieces = retry.judged(lambda: engine.stream(prompt_messages, start=False, **options, **retry.left()))

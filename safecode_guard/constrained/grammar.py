@@ -25,12 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import SafeCoDeInputError
+
 __all__ = [
     "JSON_SEPARATORS",
     "Constraint",
     "auto_call_constraint",
     "call_close",
     "closed_objects",
+    "ended_by_grammar",
     "forced_call_constraint",
     "json_object_constraint",
     "json_schema_constraint",
@@ -63,6 +66,17 @@ class Constraint:
 
     grammar: str
     kind: ConstraintKind
+
+
+def ended_by_grammar(min_tokens: int) -> SafeCoDeInputError:
+    """The error for `min_tokens` on an answer that ends when its JSON is complete (it cannot hold)."""
+    error = SafeCoDeInputError(
+        f"`min_tokens` (={min_tokens}) cannot hold for a JSON answer (a JSON schema, JSON mode or a "
+        "forced tool call): the answer ends as soon as its JSON is complete. Leave min_tokens out of "
+        "this request (it applies to free text, including text under tool_choice=\"auto\")."
+    )
+    error.param = "min_tokens"
+    return error
 
 
 def _lark_literal(text: str) -> str:

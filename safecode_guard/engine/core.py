@@ -37,7 +37,7 @@ import torch
 
 from .. import ops
 from ..config import BatchingConfig, InputPolicy, SafeCoDeConfig, validated_copy
-from ..constrained.grammar import Constraint
+from ..constrained.grammar import Constraint, ended_by_grammar
 from ..constrained.matcher import GrammarCompiler
 from ..control import (
     RequestControl,
@@ -479,6 +479,8 @@ class SafeCoDe:
                     f"`constraint` must be a safecode_guard.constrained.Constraint (e.g. "
                     f"json_schema_constraint(schema)); got a {type(constraint).__name__}."
                 )
+            if params.min_tokens and constraint.kind != "tool_call":
+                raise ended_by_grammar(params.min_tokens)
             compiled = self.grammars.compile(constraint)  # an uncompilable schema fails before any model work
         # One conversation object: the prompt below and the judge's request both come from it.
         conv = parse_messages(messages, self.policy, max_side=self.image_side).with_request(

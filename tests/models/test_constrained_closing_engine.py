@@ -116,3 +116,17 @@ def test_closing_rows_in_a_batch_get_the_tokens_they_get_alone(tool_models):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.closed_early for r in together] == [r.closed_early for r in alone]
     assert scheduler.stats["shared_prefills"] == before + 1
+
+
+def test_min_tokens_cannot_ask_a_json_answer_to_go_on_past_its_end(tool_models):
+    from safecode_guard import SafeCoDeInputError
+    from safecode_guard.constrained import json_object_constraint
+
+    eng = engine(tool_models, "llava")
+    for constraint in (json_schema_constraint(JOKE), json_object_constraint()):
+        with pytest.raises(SafeCoDeInputError, match="min_tokens") as info:
+            eng.generate(user("A joke?"), constraint=constraint, max_new_tokens=16, min_tokens=4)
+        assert info.value.param == "min_tokens"
+    # free text under the "auto" grammar takes it: no end token before the sixth
+    free = eng.generate(user("A joke?"), constraint=AUTO, max_new_tokens=6, min_tokens=6)
+    assert len(free.token_ids) == 6

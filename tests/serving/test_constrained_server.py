@@ -133,6 +133,23 @@ def test_an_unsupported_schema_keyword_is_a_400_naming_it(safe_client):
     jsonschema.validate(json.loads(ok.choices[0].message.content), SCHEMA)
 
 
+@pytest.mark.parametrize("extra", [
+    {"response_format": RESPONSE_FORMAT},
+    {"response_format": {"type": "json_object"}},
+    {"tools": [WEATHER], "tool_choice": "required"},
+])
+def test_min_tokens_on_an_answer_that_ends_with_its_json_is_a_400_naming_it(safe_client, extra: dict):
+    """A JSON answer ends when its JSON is complete: `min_tokens` could only be dropped silently."""
+    with pytest.raises(openai.BadRequestError) as info:
+        safe_client.chat.completions.create(model="x", messages=ASK, extra_body={"min_tokens": 5}, **extra)
+    assert info.value.body["param"] == "min_tokens" and "JSON" in info.value.message
+    # free text under tool_choice="auto" still takes it
+    done = safe_client.chat.completions.create(
+        model="x", messages=ASK, tools=[WEATHER], max_tokens=8, extra_body={"min_tokens": 8}
+    )
+    assert done.usage.completion_tokens == 8 or done.choices[0].finish_reason == "tool_calls"
+
+
 def test_an_unsafe_verdict_comes_back_as_a_refusal_with_null_content(tool_model):
     with serve(tool_model, "fixed:unsafe") as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
