@@ -32,3 +32,21 @@ def loaded(fresh: Callable[..., tuple[Any, Any]]) -> Callable[[str], tuple[Any, 
         return cache[family]
 
     return get
+
+
+
+@pytest.fixture(scope="module")
+def tool_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any]]:
+    """`tool_models[family] -> (model, processor)` saved with a tool-capable chat template, built on
+    first use (one model object per family and module)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from safecode_guard.testing import build_tool_vlm
+
+    class Built(dict[str, tuple[Any, Any]]):
+        def __missing__(self, family: str) -> tuple[Any, Any]:
+            path = build_tool_vlm(family, tmp_path_factory.mktemp("tool_models") / family)
+            self[family] = (AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path))
+            return self[family]
+
+    return Built()

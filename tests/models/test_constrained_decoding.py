@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from support.messages import user_turn
 
 from safecode_guard import SafeCoDe, SafeCoDeConfig
 from safecode_guard.constrained import (
@@ -22,7 +22,7 @@ from safecode_guard.constrained import (
     json_schema_constraint,
     tool_call_constraint,
 )
-from safecode_guard.testing import build_tool_vlm, gradient_image, stripes_image
+from safecode_guard.testing import gradient_image, stripes_image
 
 pytest.importorskip("llguidance")
 
@@ -70,20 +70,6 @@ LAYOUTS = {
 }
 
 
-def user(text: str, *images: Any) -> list[dict]:
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def tool_models(tmp_path_factory):
-    """family -> (model, processor) with a tool-capable chat template (one model object per module)."""
-    out = {}
-    for family in FAMILIES:
-        path = build_tool_vlm(family, tmp_path_factory.mktemp("constrained") / family)
-        out[family] = (AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path))
-    return out
-
-
 def engine(tool_models, family: str, judge: str = "fixed:safe", **config: Any) -> SafeCoDe:
     model, processor = tool_models[family]
     return SafeCoDe(model, processor, config=SafeCoDeConfig(**config), judge=judge)
@@ -94,11 +80,11 @@ def test_structured_output_from_a_random_model_validates_every_time(tool_models,
     eng = engine(tool_models, family)
     c = json_schema_constraint(FINITE)
     runs = [
-        (user("Describe the picture as JSON.", gradient_image()), {}),
-        (user("Describe the picture as JSON.", stripes_image()), {"do_sample": True, "temperature": 1.3, "seed": 1}),
-        (user("Answer in JSON."), {"do_sample": True, "seed": 2}),
-        (user("Answer in JSON."), {"do_sample": True, "temperature": 2.0, "top_p": 0.9, "seed": 3}),
-        (user("Answer in JSON.", gradient_image()), {"frequency_penalty": 2.0, "logit_bias": {"0": 100}}),
+        (user_turn("Describe the picture as JSON.", gradient_image()), {}),
+        (user_turn("Describe the picture as JSON.", stripes_image()), {"do_sample": True, "temperature": 1.3, "seed": 1}),
+        (user_turn("Answer in JSON."), {"do_sample": True, "seed": 2}),
+        (user_turn("Answer in JSON."), {"do_sample": True, "temperature": 2.0, "top_p": 0.9, "seed": 3}),
+        (user_turn("Answer in JSON.", gradient_image()), {"frequency_penalty": 2.0, "logit_bias": {"0": 100}}),
     ]
     for messages, kw in runs:
         result = eng.generate(messages, constraint=c, max_new_tokens=120, **kw)
@@ -122,7 +108,7 @@ def test_forced_tool_call_arguments_validate_against_the_tool_schema(tool_models
     c = tool_call_constraint(SCHEMAS, name_to_args=layout["name_to_args"], call_close=layout["call_close"], named=named)
     for seed in range(4):
         result = eng.generate(
-            user("What is the weather in Rome?", gradient_image()), tools=[WEATHER, IS_OPEN], answer_prefix=prefix,
+            user_turn("What is the weather in Rome?", gradient_image()), tools=[WEATHER, IS_OPEN], answer_prefix=prefix,
             constraint=c, max_new_tokens=60, do_sample=seed > 0, seed=seed,
         )
         parsed = parse_answer(prefix + result.text, list(SCHEMAS))
@@ -137,11 +123,11 @@ def test_constrained_and_free_requests_in_one_batch_get_the_tokens_they_get_alon
     unsafe = engine(tool_models, "qwen2_5_vl", judge="fixed:unsafe")
     other_schema = {"type": "object", "properties": {"yes": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}}, "required": ["yes", "n"]}
     requests = [
-        (eng, user("JSON please.", gradient_image()), {"constraint": json_schema_constraint(FINITE), "max_new_tokens": 80}),
-        (eng, user("Describe the image.", stripes_image()), {"max_new_tokens": 12}),
-        (eng, user("Another JSON."), {"constraint": json_schema_constraint(other_schema), "max_new_tokens": 30, "do_sample": True, "seed": 4}),
-        (unsafe, user("JSON please.", gradient_image()), {"constraint": json_schema_constraint(FINITE), "max_new_tokens": 10}),
-        (eng, user("Say something.", gradient_image()), {"max_new_tokens": 9, "do_sample": True, "seed": 5}),
+        (eng, user_turn("JSON please.", gradient_image()), {"constraint": json_schema_constraint(FINITE), "max_new_tokens": 80}),
+        (eng, user_turn("Describe the image.", stripes_image()), {"max_new_tokens": 12}),
+        (eng, user_turn("Another JSON."), {"constraint": json_schema_constraint(other_schema), "max_new_tokens": 30, "do_sample": True, "seed": 4}),
+        (unsafe, user_turn("JSON please.", gradient_image()), {"constraint": json_schema_constraint(FINITE), "max_new_tokens": 10}),
+        (eng, user_turn("Say something.", gradient_image()), {"max_new_tokens": 9, "do_sample": True, "seed": 5}),
     ]
     alone = [e.generate(m, **kw) for e, m, kw in requests]
     assert [r.constrained for r in alone] == [True, False, True, False, False]
@@ -158,7 +144,7 @@ def test_constrained_and_free_requests_in_one_batch_get_the_tokens_they_get_alon
 
 def test_an_unsafe_verdict_drops_the_constraint_for_a_free_text_refusal(tool_models):
     eng = engine(tool_models, "llava", judge="fixed:unsafe")
-    result = eng.generate(user("JSON please.", gradient_image()), constraint=json_schema_constraint(FINITE), max_new_tokens=12)
+    result = eng.generate(user_turn("JSON please.", gradient_image()), constraint=json_schema_constraint(FINITE), max_new_tokens=12)
     assert not result.constrained and result.refused
     assert result.verdict is not None and result.verdict.label == "unsafe"
     assert not result.text.startswith("{")
@@ -175,20 +161,20 @@ def test_an_uncompilable_schema_fails_before_the_judge_and_the_model_stays_usabl
     eng = SafeCoDe(model, processor, judge=judge)
     bad = {"type": "object", "properties": {"when": {"type": "string"}}, "dependentSchemas": {"when": {}}}
     with pytest.raises(UnsupportedSchemaError, match="`dependentSchemas`") as info:
-        eng.generate(user("JSON please."), constraint=json_schema_constraint(bad))
+        eng.generate(user_turn("JSON please."), constraint=json_schema_constraint(bad))
     assert info.value.keywords == ("dependentSchemas",) and calls == []
     with pytest.raises(ValueError, match="Constraint"):
-        eng.generate(user("JSON please."), constraint={"type": "object"})  # type: ignore[arg-type]
-    ok = eng.generate(user("JSON please."), constraint=json_schema_constraint({"enum": ["yes", "no"]}), max_new_tokens=5)
+        eng.generate(user_turn("JSON please."), constraint={"type": "object"})  # type: ignore[arg-type]
+    ok = eng.generate(user_turn("JSON please."), constraint=json_schema_constraint({"enum": ["yes", "no"]}), max_new_tokens=5)
     assert json.loads(ok.text) in ("yes", "no") and len(calls) == 1
 
 
 def test_max_new_tokens_cuts_a_constrained_answer_with_finish_reason_length(tool_models):
     eng = engine(tool_models, "qwen2_5_vl")
-    result = eng.generate(user("JSON please."), constraint=json_schema_constraint(FINITE), max_new_tokens=4)
+    result = eng.generate(user_turn("JSON please."), constraint=json_schema_constraint(FINITE), max_new_tokens=4)
     assert result.constrained and result.finish_reason == "length" and len(result.token_ids) == 4
     with pytest.raises(json.JSONDecodeError):
         json.loads(result.text)
     # JSON mode: any object; a random model fills it with keys, so only the opening is certain
-    mode = eng.generate(user("JSON please."), constraint=json_object_constraint(), max_new_tokens=6)
+    mode = eng.generate(user_turn("JSON please."), constraint=json_object_constraint(), max_new_tokens=6)
     assert mode.constrained and mode.text.startswith("{")
